@@ -1,0 +1,1 @@
+"""The packed expert store: one contiguous blob per expert, a manifest, dense weights."""

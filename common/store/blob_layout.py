@@ -1,0 +1,126 @@
+"""Where each tensor of an expert lives inside its one contiguous byte blob.
+
+One layout serves every expert of a model, so a transfer is one copy, a GPU cache slot is one
+preallocated buffer, and `views()` gives the expert's tensors over any buffer without copying.
+The expert's matrices, as Mixtral names them: w13 = [w1; w3] (gate and up, [2F, H]) and
+w2 (down, [H, F]); F = intermediate_size, H = hidden_size."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import StoreError
+from ..model_config import ModelConfig
+from ..quantization import QuantizedMatrix, QuantSpec, quantized_shapes
+
+ALIGN = 256  # every tensor starts on a 256-byte boundary: aligned vector loads, valid dtype views
+
+DTYPES = {
+    "uint8": torch.uint8,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for name, candidate in DTYPES.items():
+        if candidate == dtype:
+            return name
+    raise StoreError(f"dtype {dtype} cannot be stored")
+
+
+def _align(offset: int) -> int:
+    return (offset + ALIGN - 1) // ALIGN * ALIGN
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * torch.empty((), dtype=DTYPES[self.dtype]).element_size()
+
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    """An expert's two matrices: plain tensors (16-bit store) or QuantizedMatrix views."""
+
+    w13: torch.Tensor | QuantizedMatrix  # [2F, H]
+    w2: torch.Tensor | QuantizedMatrix  # [H, F]
+
+
+@dataclass(frozen=True)
+class BlobLayout:
+    slots: tuple[TensorSlot, ...]
+    nbytes: int
+    spec: QuantSpec
+    weight_dtype: str  # dtype of unquantized (16-bit) expert weights
+
+    @classmethod
+    def for_expert(cls, config: ModelConfig, spec: QuantSpec, weight_dtype: torch.dtype) -> "BlobLayout":
+        hidden, ffn = config.hidden_size, config.intermediate_size
+        matrices = {"w13": (2 * ffn, hidden), "w2": (hidden, ffn)}
+        spec.check_fits(hidden, what="w1/w3 (hidden_size)")
+        spec.check_fits(ffn, what="w2 (intermediate_size)")
+        slots, offset = [], 0
+        for prefix, (out_features, in_features) in matrices.items():
+            if spec.quantized:
+                parts = {f"{prefix}.{k}": v for k, v in quantized_shapes(out_features, in_features, spec).items()}
+            else:
+                parts = {f"{prefix}.weight": (weight_dtype, (out_features, in_features))}
+            for name, (dtype, shape) in parts.items():
+                slot = TensorSlot(name, dtype_name(dtype), tuple(shape), offset)
+                slots.append(slot)
+                offset = _align(offset + slot.nbytes)
+        return cls(tuple(slots), offset, spec, dtype_name(weight_dtype))
+
+    def pack(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Copy named tensors into one new uint8 blob of this layout (padding is zero)."""
+        blob = torch.zeros(self.nbytes, dtype=torch.uint8)
+        for slot in self.slots:
+            tensor = tensors[slot.name]
+            if tuple(tensor.shape) != slot.shape or dtype_name(tensor.dtype) != slot.dtype:
+                raise StoreError(f"tensor {slot.name}: got {tuple(tensor.shape)} {tensor.dtype}, layout wants {slot.shape} {slot.dtype}")
+            blob[slot.offset : slot.offset + slot.nbytes] = tensor.contiguous().view(-1).view(torch.uint8)
+        return blob
+
+    def views(self, blob: torch.Tensor) -> ExpertWeights:
+        """The expert's matrices as views over `blob` (any device); no copies."""
+        named = {
+            slot.name: blob[slot.offset : slot.offset + slot.nbytes].view(DTYPES[slot.dtype]).view(slot.shape)
+            for slot in self.slots
+        }
+        if self.spec.quantized:
+            return ExpertWeights(
+                QuantizedMatrix.from_tensors(named, "w13", self.spec),
+                QuantizedMatrix.from_tensors(named, "w2", self.spec),
+            )
+        return ExpertWeights(named["w13.weight"], named["w2.weight"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "nbytes": self.nbytes,
+            "align": ALIGN,
+            "quantization": self.spec.to_dict(),
+            "weight_dtype": self.weight_dtype,
+            "tensors": [
+                {"name": s.name, "dtype": s.dtype, "shape": list(s.shape), "offset": s.offset} for s in self.slots
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BlobLayout":
+        slots = tuple(TensorSlot(t["name"], t["dtype"], tuple(t["shape"]), t["offset"]) for t in data["tensors"])
+        spec = QuantSpec(**data["quantization"])
+        return cls(slots, data["nbytes"], spec, data["weight_dtype"])

@@ -1,0 +1,94 @@
+"""Reading a Hugging Face checkpoint folder (config.json, safetensors shards, tokenizer files).
+
+Only safetensors are read: a pickle (.bin) checkpoint is refused, never unpickled."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from common.errors import StoreError
+from common.model_config import ModelConfig
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
+
+class HFCheckpoint:
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise StoreError(f"{self.folder}: no such model folder")
+        config_path = self.folder / "config.json"
+        if not config_path.is_file():
+            raise StoreError(f"{config_path}: missing; a Hugging Face model folder has a config.json")
+        try:
+            self.hf_config = json.loads(config_path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise StoreError(f"{config_path}: not valid JSON ({err})") from None
+        self.config = ModelConfig.from_hf_dict(self.hf_config, source=str(config_path))
+        self._handles = {}
+        self._where: dict[str, str] = {}
+        shards = sorted(self.folder.glob("*.safetensors"))
+        if not shards:
+            pickles = sorted(p.name for p in self.folder.glob("*.bin"))
+            hint = f" (found {', '.join(pickles)}: pickle checkpoints are not read; convert them to safetensors)" if pickles else ""
+            raise StoreError(f"{self.folder}: no *.safetensors weights{hint}")
+        for shard in shards:
+            try:
+                handle = safe_open(str(shard), framework="pt")
+            except Exception as err:
+                raise StoreError(f"{shard}: unreadable safetensors file ({err})") from None
+            self._handles[shard.name] = handle
+            for name in handle.keys():
+                self._where[name] = shard.name
+
+    def has(self, name: str) -> bool:
+        return name in self._where
+
+    def tensor(self, name: str) -> torch.Tensor:
+        if name not in self._where:
+            raise StoreError(f"{self.folder}: tensor {name} is missing from the checkpoint")
+        try:
+            return self._handles[self._where[name]].get_tensor(name)
+        except Exception as err:
+            raise StoreError(f"{self.folder / self._where[name]}: cannot read {name} ({err})") from None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tensor("model.embed_tokens.weight").dtype
+
+    def expert_matrices(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(w1 [F, H], w3 [F, H], w2 [H, F]) from the per-expert names Mixtral checkpoints use,
+        or from transformers 5's fused in-memory names if a checkpoint was saved that way."""
+        prefix = f"model.layers.{layer}.block_sparse_moe.experts.{expert}"
+        if self.has(f"{prefix}.w1.weight"):
+            return tuple(self.tensor(f"{prefix}.{w}.weight") for w in ("w1", "w3", "w2"))
+        fused = f"model.layers.{layer}.mlp.experts"
+        if self.has(f"{fused}.gate_up_proj"):
+            gate_up = self.tensor(f"{fused}.gate_up_proj")[expert]
+            w1, w3 = gate_up.chunk(2, dim=0)
+            return w1, w3, self.tensor(f"{fused}.down_proj")[expert]
+        raise StoreError(f"{self.folder}: no weights for layer {layer} expert {expert} ({prefix}.w1.weight)")
+
+    def router(self, layer: int) -> torch.Tensor:
+        for name in (f"model.layers.{layer}.block_sparse_moe.gate.weight", f"model.layers.{layer}.mlp.gate.weight"):
+            if self.has(name):
+                return self.tensor(name)
+        return self.tensor(f"model.layers.{layer}.block_sparse_moe.gate.weight")  # raises, naming it
+
+    def tokenizer_files(self) -> list[Path]:
+        return [self.folder / name for name in TOKENIZER_FILES if (self.folder / name).is_file()]
+

@@ -1,0 +1,36 @@
+"""`python -m coordinator COMMAND`: thin entry points. Each command module adds its arguments
+and calls one typed function; errors of ours become one line on stderr and an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import generate_cmd, make_tiny_model_cmd, pack_cmd
+
+COMMANDS = [make_tiny_model_cmd, pack_cmd, generate_cmd]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m coordinator",
+        description="moe-edge coordinator: pack Mixtral-family checkpoints and generate with the experts off the GPU.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        command.register(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from common.errors import MoeEdgeError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except MoeEdgeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

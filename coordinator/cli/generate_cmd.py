@@ -1,0 +1,53 @@
+"""generate: stream text from a store to stdout."""
+
+import argparse
+import json
+import sys
+
+from .engine_args import add_engine_arguments, open_engine
+
+
+def register(commands) -> None:
+    parser = commands.add_parser(
+        "generate",
+        help="generate text from a store, streamed to stdout",
+        description="Generate from a packed store with the experts off the GPU, printing text as tokens are made.",
+    )
+    add_engine_arguments(parser)
+    parser.add_argument("--prompt", required=True, help="the prompt text")
+    parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate at most (default 64)")
+    sampling = parser.add_mutually_exclusive_group()
+    sampling.add_argument("--greedy", action="store_true", help="always take the most likely token (the default)")
+    sampling.add_argument("--temperature", type=float, metavar="T", help="sample at this temperature instead of greedy")
+    parser.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default 1.0)")
+    parser.add_argument("--seed", type=int, default=None, metavar="S", help="seed for sampling")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line: token_ids, text, stats")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    greedy = args.temperature is None
+    with open_engine(args, progress=sys.stderr.isatty()) as engine:
+        generation = engine.generate(
+            args.prompt,
+            max_new_tokens=args.max_new_tokens,
+            greedy=greedy,
+            temperature=args.temperature if not greedy else 1.0,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
+        for piece in generation:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        stats = generation.stats
+        if args.json:
+            print(json.dumps({"token_ids": generation.token_ids, "text": generation.text,
+                              "finish_reason": generation.finish_reason, "stats": stats.to_dict()}))
+        else:
+            print(
+                f"[{stats.new_tokens} tokens, {stats.tokens_per_s:.2f} tok/s decode, "
+                f"hits {stats.cache_hits} misses {stats.cache_misses} prefetch hits {stats.prefetch_hits}]",
+                file=sys.stderr,
+            )
+    return 0

@@ -1,0 +1,234 @@
+"""The GPU expert cache. Knows nothing about gRPC or files: it maps an expert to one of K
+preallocated device slots of its layer, fills slots through an ExpertLoader, evicts the least
+recently used expert that the current layer no longer needs, and counts what happened.
+
+All bookkeeping runs on the GPU loop's thread; only the byte moves run elsewhere (the loader)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from common.errors import ConfigError, HostError
+from common.expert_id import ExpertId
+from common.store.blob_layout import BlobLayout, ExpertWeights
+
+from .expert_loader import ExpertLoader
+
+
+@dataclass
+class CacheCounters:
+    """Per-layer counters. Every expert use is a hit (resident or already loading) or a miss;
+    prefetch_hits are the hits on experts a prefetch brought in and nothing had used yet."""
+
+    num_layers: int
+    hits: list[int] = field(default_factory=list)
+    misses: list[int] = field(default_factory=list)
+    prefetch_hits: list[int] = field(default_factory=list)
+    prefetch_issued: list[int] = field(default_factory=list)
+    prefetch_wasted: list[int] = field(default_factory=list)
+    bytes_loaded: list[int] = field(default_factory=list)
+    wait_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("hits", "misses", "prefetch_hits", "prefetch_issued", "prefetch_wasted", "bytes_loaded"):
+            setattr(self, name, [0] * self.num_layers)
+
+    def totals(self) -> dict[str, float]:
+        return {
+            "cache_hits": sum(self.hits),
+            "cache_misses": sum(self.misses),
+            "prefetch_hits": sum(self.prefetch_hits),
+            "prefetch_issued": sum(self.prefetch_issued),
+            "prefetch_wasted": sum(self.prefetch_wasted),
+            "bytes_fetched": sum(self.bytes_loaded),
+            "wait_s": self.wait_s,
+        }
+
+
+class _Slot:
+    __slots__ = ("expert", "ticket", "ready", "free", "prefetched_unused")
+
+    def __init__(self, cuda: bool) -> None:
+        self.expert: int | None = None
+        self.ticket: concurrent.futures.Future | None = None  # a load in flight
+        self.ready = torch.cuda.Event() if cuda else None  # recorded behind the copy into the slot
+        self.free = torch.cuda.Event() if cuda else None  # recorded behind the last compute reading it
+        self.prefetched_unused = False
+
+
+class _LayerSlots:
+    def __init__(self, count: int, cuda: bool) -> None:
+        self.slots = [_Slot(cuda) for _ in range(count)]
+        self.slot_of: dict[int, int] = {}
+        self.lru: OrderedDict[int, None] = OrderedDict()  # resident or loading experts, oldest first
+
+
+class ExpertCache:
+    def __init__(self, *, layout: BlobLayout, num_layers: int, slots_per_layer: int, device: torch.device,
+                 loader: ExpertLoader, load_timeout_s: float = 300.0) -> None:
+        if slots_per_layer < 1:
+            raise ConfigError(f"--cache-experts {slots_per_layer}: needs at least 1 slot per layer")
+        self.layout = layout
+        self.device = device
+        self.loader = loader
+        self.load_timeout_s = load_timeout_s
+        self.cuda = device.type == "cuda"
+        self.slots_per_layer = slots_per_layer
+        self.memory = torch.empty((num_layers, slots_per_layer, layout.nbytes), dtype=torch.uint8, device=device)
+        self._views = [[layout.views(self.memory[l, s]) for s in range(slots_per_layer)] for l in range(num_layers)]
+        self._layers = [_LayerSlots(slots_per_layer, self.cuda) for _ in range(num_layers)]
+        self._protected: set[int] = set()  # experts the current layer still needs
+        self._current_layer = -1
+        self.counters = CacheCounters(num_layers)
+
+    # --- the MoE block's side (ExpertProvider) ---------------------------------------------
+
+    def begin_layer(self, layer: int, needed: list[int]) -> list[int]:
+        state = self._layers[layer]
+        self._current_layer, self._protected = layer, set(needed)
+        resident = [e for e in needed if e in state.slot_of]
+        missing = [e for e in needed if e not in state.slot_of]
+        for expert in resident:
+            slot = state.slots[state.slot_of[expert]]
+            self.counters.hits[layer] += 1
+            if slot.prefetched_unused:
+                self.counters.prefetch_hits[layer] += 1
+                slot.prefetched_unused = False
+            state.lru.move_to_end(expert)
+        started = []
+        for expert in missing:
+            self.counters.misses[layer] += 1
+            self._start_load(layer, expert, wait_for_victim=False)
+            if expert in state.slot_of:
+                started.append(expert)
+        # Loaded experts first, then loading ones, then those still waiting for a slot: their
+        # compute overlaps the loads, and each `done` frees a slot for the ones behind.
+        loaded = [e for e in resident if state.slots[state.slot_of[e]].ticket is None]
+        loading = [e for e in resident if e not in loaded]
+        return loaded + loading + started + [e for e in missing if e not in started]
+
+    def get(self, layer: int, expert: int) -> ExpertWeights:
+        state = self._layers[layer]
+        if expert not in state.slot_of:  # it could not start in begin_layer: no slot was free then
+            self._start_load(layer, expert, wait_for_victim=True)
+        index = state.slot_of[expert]
+        slot = state.slots[index]
+        if slot.ticket is not None:
+            self._wait(layer, index)
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(slot.ready)
+        return self._views[layer][index]
+
+    def done(self, layer: int, expert: int) -> None:
+        self._protected.discard(expert)
+        if self.cuda:
+            state = self._layers[layer]
+            state.slots[state.slot_of[expert]].free.record(torch.cuda.current_stream(self.device))
+
+    def prefetch(self, layer: int, experts: list[int]) -> None:
+        state = self._layers[layer]
+        keep = set(experts)
+        for expert in experts:
+            if expert in state.slot_of:
+                state.lru.move_to_end(expert)
+                continue
+            index = self._victim(layer, keep, wait=False)
+            if index is None:
+                return
+            self._fill(layer, index, expert, prefetch=True)
+
+    # --- inside --------------------------------------------------------------------------
+
+    def _start_load(self, layer: int, expert: int, *, wait_for_victim: bool) -> None:
+        protected = self._protected if layer == self._current_layer else set()
+        index = self._victim(layer, protected | {expert}, wait=wait_for_victim)
+        if index is not None:
+            self._fill(layer, index, expert, prefetch=False)
+        elif wait_for_victim:
+            raise ConfigError(
+                f"--cache-experts {self.slots_per_layer}: no slot of layer {layer} is free for expert {expert}"
+            )
+
+    def _victim(self, layer: int, keep: set[int], *, wait: bool) -> int | None:
+        """A slot to (re)fill: an empty one, else the least recently used expert not in `keep`
+        and not loading; with `wait`, a loading one is waited for when nothing else is left."""
+        state = self._layers[layer]
+        for index, slot in enumerate(state.slots):
+            if slot.expert is None:
+                return index
+        loading = None
+        for expert in state.lru:
+            if expert in keep:
+                continue
+            index = state.slot_of[expert]
+            if state.slots[index].ticket is None or state.slots[index].ticket.done():
+                return self._evict(layer, index)
+            loading = index if loading is None else loading
+        if wait and loading is not None:
+            self._wait(layer, loading, quiet=True)
+            return self._evict(layer, loading) if state.slots[loading].expert is not None else loading
+        return None
+
+    def _evict(self, layer: int, index: int) -> int:
+        state = self._layers[layer]
+        slot = state.slots[index]
+        if slot.ticket is not None:
+            self._wait(layer, index, quiet=True)
+        if slot.expert is not None:
+            if slot.prefetched_unused:
+                self.counters.prefetch_wasted[layer] += 1
+            del state.slot_of[slot.expert]
+            del state.lru[slot.expert]
+        slot.expert, slot.prefetched_unused = None, False
+        return index
+
+    def _fill(self, layer: int, index: int, expert: int, *, prefetch: bool) -> None:
+        state = self._layers[layer]
+        slot = state.slots[index]
+        slot.expert, slot.prefetched_unused = expert, prefetch
+        state.slot_of[expert] = index
+        state.lru[expert] = None
+        slot.ticket = self.loader.load(ExpertId(layer, expert), self.memory[layer, index], slot.free, slot.ready)
+        self.counters.bytes_loaded[layer] += self.layout.nbytes
+        if prefetch:
+            self.counters.prefetch_issued[layer] += 1
+
+    def _wait(self, layer: int, index: int, *, quiet: bool = False) -> None:
+        """Wait for the load into a slot. A failed load empties the slot; unless `quiet`, the
+        error is raised (a failed prefetch is retried once as a demand load first)."""
+        state = self._layers[layer]
+        slot = state.slots[index]
+        started = time.perf_counter()
+        try:
+            slot.ticket.result(timeout=self.load_timeout_s)
+            slot.ticket = None
+        except concurrent.futures.TimeoutError:
+            error: Exception = HostError(f"{ExpertId(layer, slot.expert)}: not loaded after {self.load_timeout_s:.0f} s")
+        except Exception as err:  # the source's own error, naming the file or host
+            error = err
+        else:
+            return
+        finally:
+            self.counters.wait_s += time.perf_counter() - started
+        expert, was_prefetch = slot.expert, slot.prefetched_unused
+        slot.ticket = None
+        if expert is not None:
+            del state.slot_of[expert]
+            del state.lru[expert]
+        slot.expert, slot.prefetched_unused = None, False
+        if quiet:
+            return
+        if was_prefetch:
+            self._fill(layer, index, expert, prefetch=False)
+            self._wait(layer, index)
+            return
+        raise error
+
+    def resident(self, layer: int) -> list[int]:
+        """Experts of a layer that are resident or loading (for tests and the live view)."""
+        return list(self._layers[layer].lru)

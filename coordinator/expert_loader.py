@@ -1,0 +1,72 @@
+"""Moves an expert's bytes from a source into a device slot.
+
+source -> (pinned staging buffer, unless the source already holds the blob in pinned memory)
+-> slot, as an asynchronous copy on a dedicated copy stream that first waits until compute is
+done with the slot's previous expert. On a CPU run the same path is a plain copy.
+
+Staging buffers and the copy stream are made once; a load allocates nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+
+import torch
+
+from common.expert_id import ExpertId
+
+from .fetch_loop import FetchLoop
+from .sources.base import ExpertSource
+
+
+class ExpertLoader:
+    def __init__(self, source: ExpertSource, device: torch.device, fetch_loop: FetchLoop, *, staging_buffers: int = 4) -> None:
+        self.source = source
+        self.device = device
+        self.fetch_loop = fetch_loop
+        self.cuda = device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self._staging: asyncio.Queue[torch.Tensor] | None = None
+        self._staging_buffers = [
+            torch.empty(source.blob_nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(staging_buffers if self.cuda else 0)
+        ]
+
+    def load(self, eid: ExpertId, slot: torch.Tensor, slot_free: torch.cuda.Event | None,
+             slot_ready: torch.cuda.Event | None) -> concurrent.futures.Future[None]:
+        """Start filling `slot` with `eid`; the future resolves once the copy is issued (CUDA:
+        `slot_ready` is recorded behind it) or done (CPU)."""
+        return self.fetch_loop.submit(self._load(eid, slot, slot_free, slot_ready))
+
+    async def _load(self, eid: ExpertId, slot: torch.Tensor, slot_free, slot_ready) -> None:
+        if not self.cuda:
+            resident = self.source.resident_blob(eid)
+            if resident is not None:
+                slot.copy_(resident)
+            else:
+                await self.source.fetch_into(eid, slot)
+            return
+        resident = self.source.resident_blob(eid)
+        if resident is not None:
+            self._copy(resident, slot, slot_free, slot_ready)
+            return
+        staging = await self._take_staging()
+        try:
+            await self.source.fetch_into(eid, staging)
+            self._copy(staging, slot, slot_free, slot_ready)
+            # The staging buffer is free again only once the device has read it.
+            await asyncio.to_thread(slot_ready.synchronize)
+        finally:
+            self._staging.put_nowait(staging)
+
+    async def _take_staging(self) -> torch.Tensor:
+        if self._staging is None:  # made on the loop's own thread, where it is used
+            self._staging = asyncio.Queue()
+            for buffer in self._staging_buffers:
+                self._staging.put_nowait(buffer)
+        return await self._staging.get()
+
+    def _copy(self, host: torch.Tensor, slot: torch.Tensor, slot_free, slot_ready) -> None:
+        with torch.cuda.stream(self.copy_stream):
+            self.copy_stream.wait_event(slot_free)
+            slot.copy_(host, non_blocking=True)
+            slot_ready.record(self.copy_stream)

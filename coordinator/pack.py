@@ -1,0 +1,124 @@
+"""`pack`: a Hugging Face Mixtral checkpoint folder -> a moe-edge store (see DESIGN.md).
+
+Each expert is HQQ-quantized (or kept in the checkpoint's dtype at 16 bits) and written as one
+blob; attention projections are optionally quantized too; routers, norms, embeddings and the
+LM head stay in the checkpoint's dtype."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from common.errors import ConfigError
+from common.quantization import QuantSpec, quantize_matrix
+from common.store import dense_names
+from common.store.blob_layout import BlobLayout, dtype_name
+from common.store.manifest import Manifest
+from common.store.writer import StoreWriter
+
+from .checkpoint import HFCheckpoint
+
+
+@dataclass(frozen=True)
+class PackSummary:
+    out: Path
+    manifest: Manifest
+    expert_bytes: int
+    dense_bytes: int
+
+    def line(self) -> str:
+        model, layout = self.manifest.model, self.manifest.layout
+        bits = layout.nbytes * 8 / model.expert_parameters
+        quant = self.manifest.expert_quant
+        how = f"{quant.bits}-bit HQQ, group {quant.group_size}" if quant.quantized else self.manifest.dtype
+        return (
+            f"packed {model.num_layers} layers x {model.num_experts} experts into {self.out}: "
+            f"experts {_size(self.expert_bytes)} ({how}, {bits:.2f} bits/param, {_size(layout.nbytes)} each), "
+            f"dense {_size(self.dense_bytes)}"
+        )
+
+
+def _size(nbytes: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if nbytes < 1000 or unit == "GB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
+    raise AssertionError
+
+
+def expert_tensors(w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
+    """Named tensors of one expert for BlobLayout.pack: w13 = [w1; w3] and w2, quantized or not."""
+    w13 = torch.cat([w1, w3], dim=0)
+    if not spec.quantized:
+        return {"w13.weight": w13, "w2.weight": w2}
+    return {**quantize_matrix(w13, spec).tensors("w13"), **quantize_matrix(w2, spec).tensors("w2")}
+
+
+def dense_tensors(checkpoint: HFCheckpoint, spec: QuantSpec) -> dict[str, torch.Tensor]:
+    config = checkpoint.config
+    tensors = {
+        dense_names.EMBED: checkpoint.tensor("model.embed_tokens.weight"),
+        dense_names.FINAL_NORM: checkpoint.tensor("model.norm.weight"),
+    }
+    if not config.tie_word_embeddings:
+        tensors[dense_names.LM_HEAD] = checkpoint.tensor("lm_head.weight")
+    for layer in range(config.num_layers):
+        prefix = f"model.layers.{layer}"
+        tensors[dense_names.input_norm(layer)] = checkpoint.tensor(f"{prefix}.input_layernorm.weight")
+        tensors[dense_names.post_attention_norm(layer)] = checkpoint.tensor(f"{prefix}.post_attention_layernorm.weight")
+        tensors[dense_names.router(layer)] = checkpoint.router(layer)
+        for projection in dense_names.ATTENTION_PROJECTIONS:
+            weight = checkpoint.tensor(f"{prefix}.self_attn.{projection}.weight")
+            name = dense_names.attention(layer, projection)
+            if spec.quantized:
+                spec.check_fits(weight.shape[1], what=f"layer {layer} {projection}")
+                tensors.update(quantize_matrix(weight, spec).tensors(name))
+            else:
+                tensors[name] = weight
+    return tensors
+
+
+def pack_checkpoint(
+    *,
+    model_dir: str | Path,
+    out: str | Path,
+    expert_bits: int = 16,
+    dense_bits: int = 16,
+    group_size: int = 64,
+    progress: bool = True,
+) -> PackSummary:
+    checkpoint = HFCheckpoint(model_dir)
+    config = checkpoint.config
+    if dense_bits not in (16, 4):
+        raise ConfigError(f"--dense-bits {dense_bits}: choose 16 or 4")
+    expert_spec, dense_spec = QuantSpec(expert_bits, group_size), QuantSpec(dense_bits, group_size)
+    dtype = checkpoint.dtype
+    layout = BlobLayout.for_expert(config, expert_spec, dtype)
+    fields = dict(
+        model=config,
+        hf_config=checkpoint.hf_config,
+        dtype=dtype_name(dtype),
+        expert_quant=expert_spec,
+        dense_quant=dense_spec,
+        layout=layout,
+    )
+    with StoreWriter(out, fields) as writer:
+        total = config.num_layers * config.num_experts
+        with tqdm(total=total, desc="packing experts", unit="expert", disable=not progress) as bar:
+            for layer in range(config.num_layers):
+                blobs = []
+                for expert in range(config.num_experts):
+                    w1, w3, w2 = checkpoint.expert_matrices(layer, expert)
+                    blobs.append(layout.pack(expert_tensors(w1, w3, w2, expert_spec)))
+                    bar.update()
+                writer.write_layer(layer, blobs)
+        dense = dense_tensors(checkpoint, dense_spec)
+        writer.write_dense(dense)
+        for path in [checkpoint.folder / "config.json", *checkpoint.tokenizer_files()]:
+            writer.copy_file(path)
+        manifest = writer.finish()
+    dense_bytes = sum(t.numel() * t.element_size() for t in dense.values())
+    return PackSummary(Path(out), manifest, layout.nbytes * total, dense_bytes)

@@ -1,0 +1,77 @@
+"""Local sources: the store in host RAM (pinned, verified at load) or memory-mapped from disk.
+
+RamSource reads every blob once at start, checks its checksum, and keeps it in pinned memory so
+the device copies straight from it. DiskSource leaves the blobs in the page cache / on the SSD
+(safetensors memory-maps the files) and checks each blob the first time it is read."""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+from tqdm import tqdm
+
+from common.expert_id import ExpertId
+from common.store.reader import ExpertStore
+
+
+def _pinning_possible() -> bool:
+    return torch.cuda.is_available()
+
+
+class RamSource:
+    def __init__(self, store: ExpertStore, *, pin: bool | None = None, progress: bool = True) -> None:
+        self.name = "ram"
+        self.store = store
+        self.blob_nbytes = store.blob_nbytes
+        pin = _pinning_possible() if pin is None else pin
+        eids = sorted(store.manifest.experts)
+        # One allocation for all blobs: one pinned region, views per expert.
+        self._arena = torch.empty((len(eids), self.blob_nbytes), dtype=torch.uint8, pin_memory=pin)
+        self._index = {eid: i for i, eid in enumerate(eids)}
+        for eid in tqdm(eids, desc="loading experts into RAM", unit="expert", disable=not progress):
+            row = self._arena[self._index[eid]]
+            row.copy_(store.expert_blob(eid))
+            store.verify(eid, row)
+        self._delivered = 0
+
+    def resident_blob(self, eid: ExpertId) -> torch.Tensor:
+        self._delivered += self.blob_nbytes
+        return self._arena[self._index[eid]]
+
+    async def fetch_into(self, eid: ExpertId, out: torch.Tensor) -> None:
+        out.copy_(self.resident_blob(eid))
+
+    def bytes_by_origin(self) -> dict[str, int]:
+        return {"ram": self._delivered}
+
+    def close(self) -> None:
+        self._arena = None
+
+
+class DiskSource:
+    def __init__(self, store: ExpertStore) -> None:
+        self.name = "disk"
+        self.store = store
+        self.blob_nbytes = store.blob_nbytes
+        self._verified: set[ExpertId] = set()
+        self._delivered = 0
+
+    def resident_blob(self, eid: ExpertId) -> None:
+        return None
+
+    def _read(self, eid: ExpertId, out: torch.Tensor) -> None:
+        out.copy_(self.store.expert_blob(eid))
+        if eid not in self._verified:
+            self.store.verify(eid, out)
+            self._verified.add(eid)
+
+    async def fetch_into(self, eid: ExpertId, out: torch.Tensor) -> None:
+        await asyncio.to_thread(self._read, eid, out)
+        self._delivered += self.blob_nbytes
+
+    def bytes_by_origin(self) -> dict[str, int]:
+        return {"disk": self._delivered}
+
+    def close(self) -> None:
+        pass
