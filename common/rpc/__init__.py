@@ -1,10 +1,20 @@
-"""Generated gRPC code (from proto/ by setup.py's build step or `python -m common.rpc.generate`).
+"""Generated gRPC code (from proto/ by the install, or `python -m common.rpc.generate`).
 
-Import `expert_host_pb2` / `expert_host_pb2_grpc` from here; they are never edited by hand."""
+`from common.rpc import expert_host_pb2, expert_host_pb2_grpc`; never edited by hand."""
 
-try:
-    from . import expert_host_pb2, expert_host_pb2_grpc  # noqa: F401
-except ImportError as err:  # pragma: no cover - a checkout that was never installed
-    raise ImportError(
-        "the gRPC code is not generated yet: run `pip install -e .` or `python -m common.rpc.generate`"
-    ) from err
+import importlib
+
+_GENERATED = ("expert_host_pb2", "expert_host_pb2_grpc")
+
+
+def __getattr__(name: str):
+    if name in _GENERATED:
+        try:
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":
+                raise
+            raise ImportError(
+                f"{name} is not generated yet: run `pip install -e .` or `python -m common.rpc.generate`"
+            ) from None
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
