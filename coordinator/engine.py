@@ -123,7 +123,8 @@ class Engine:
         prefetch, prefetch_depth, prefetch_width, progress)."""
         if options.get("cache_experts", 1) < 1:
             raise ConfigError(f"--cache-experts {options['cache_experts']}: needs at least 1 slot per layer")
-        return cls(ExpertStore(store), EngineOptions(source=source if isinstance(source, str) else "custom", **options), source)
+        local = isinstance(source, str)  # remote sources need no expert files here
+        return cls(ExpertStore(store, with_experts=local), EngineOptions(source=source if isinstance(source, str) else "custom", **options), source)
 
     def _make_source(self, source: str | SourceFactory) -> ExpertSource:
         if callable(source):

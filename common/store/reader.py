@@ -29,11 +29,15 @@ def _open_safetensors(path: Path):
 class ExpertStore:
     """Read access to one store folder. Knows nothing of caches, GPUs or networks."""
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, *, with_experts: bool = True) -> None:
+        """`with_experts=False` reads only the manifest and dense weights: a coordinator whose
+        experts live on expert hosts needs no expert files of its own."""
         self.folder = Path(folder)
         self.manifest = Manifest.read(self.folder)
         self.layout = self.manifest.layout
         self._files = {}
+        if not with_experts:
+            return
         for name in sorted({rec.file for rec in self.manifest.experts.values()}):
             self._files[name] = _open_safetensors(self.folder / name)
         for eid, rec in self.manifest.experts.items():
@@ -64,6 +68,8 @@ class ExpertStore:
     def expert_blob(self, eid: ExpertId) -> torch.Tensor:
         """[blob bytes] uint8, memory-mapped from the file (not read until used)."""
         rec = self._record(eid)
+        if rec.file not in self._files:
+            raise StoreError(f"{eid}: this store was opened without its expert files")
         try:
             return self._files[rec.file].get_tensor(eid.tensor_name)
         except Exception as err:
