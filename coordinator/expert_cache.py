@@ -79,8 +79,11 @@ class ExpertCache:
         self.load_timeout_s = load_timeout_s
         self.cuda = device.type == "cuda"
         self.slots_per_layer = slots_per_layer
-        self.memory = torch.empty((num_layers, slots_per_layer, layout.nbytes), dtype=torch.uint8, device=device)
-        self._views = [[layout.views(self.memory[l, s]) for s in range(slots_per_layer)] for l in range(num_layers)]
+        # Normal tensors even if the engine is made under inference_mode: the loader writes them
+        # from other threads, where an inference tensor would refuse in-place updates.
+        with torch.inference_mode(False):
+            self.memory = torch.empty((num_layers, slots_per_layer, layout.nbytes), dtype=torch.uint8, device=device)
+            self._views = [[layout.views(self.memory[l, s]) for s in range(slots_per_layer)] for l in range(num_layers)]
         self._layers = [_LayerSlots(slots_per_layer, self.cuda) for _ in range(num_layers)]
         self._protected: set[int] = set()  # experts the current layer still needs
         self._current_layer = -1

@@ -27,9 +27,10 @@ class ExpertLoader:
         self.cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self._staging: asyncio.Queue[torch.Tensor] | None = None
-        self._staging_buffers = [
-            torch.empty(source.blob_nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(staging_buffers if self.cuda else 0)
-        ]
+        with torch.inference_mode(False):  # written from the fetch loop's thread
+            self._staging_buffers = [
+                torch.empty(source.blob_nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(staging_buffers if self.cuda else 0)
+            ]
 
     def load(self, eid: ExpertId, slot: torch.Tensor, slot_free: torch.cuda.Event | None,
              slot_ready: torch.cuda.Event | None) -> concurrent.futures.Future[None]:
