@@ -1,0 +1,102 @@
+"""`python -m expert_host COMMAND`: thin entry points. Each command adds its arguments and calls
+one typed function; errors of ours become one line on stderr and an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def _add_serve(commands) -> None:
+    parser = commands.add_parser(
+        "serve",
+        help="hold a shard of a store's experts and serve them over gRPC",
+        description="Hold some or all experts of a packed store in RAM (or memory-mapped) and stream them to "
+        "coordinators over gRPC (ExpertHost service, plus grpc.health.v1). Stops gracefully on SIGTERM/SIGINT.",
+    )
+    parser.add_argument("--store", required=True, metavar="STORE", help="the packed store folder (the same store as the coordinator's)")
+    parser.add_argument("--layers", default=None, metavar="SPEC", help="layers to hold, e.g. 0-15 or 0,2,5-7 (default: all)")
+    parser.add_argument("--experts", default=None, metavar="SPEC", help="experts of each held layer to hold, e.g. 0-3 (default: all)")
+    parser.add_argument("--listen", default="127.0.0.1:50051", metavar="ADDR",
+                        help="HOST:PORT or unix:PATH to listen on (default 127.0.0.1:50051; port 0: any free port)")
+    parser.add_argument("--mmap", action="store_true",
+                        help="serve the blobs memory-mapped from the store's files instead of reading them into RAM")
+    parser.add_argument("--tls-cert", type=Path, metavar="PEM", help="this host's certificate (with --tls-key: serve TLS)")
+    parser.add_argument("--tls-key", type=Path, metavar="PEM", help="the private key of --tls-cert")
+    parser.add_argument("--tls-client-ca", type=Path, metavar="PEM",
+                        help="CA certificate that client certificates must be signed by (mutual TLS)")
+    parser.add_argument("--token-file", type=Path, metavar="FILE",
+                        help="file holding the shared token that every call must carry (authorization: Bearer TOKEN)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow a non-loopback --listen address without TLS or a token (trusted networks only)")
+    parser.add_argument("--address-file", type=Path, metavar="FILE",
+                        help="once serving, write the bound address (with the real port when --listen ends in :0) to FILE")
+    parser.add_argument("--grace-period", type=float, default=5.0, metavar="S",
+                        help="on SIGTERM/SIGINT, seconds to let calls in flight finish (default 5)")
+    parser.add_argument("--exit-with-parent", action="store_true",
+                        help="stop when the process that started this one exits (the coordinator's --local-host uses it)")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
+                        help="what to log on stderr: info logs each client and every refused call (default info)")
+    # Test hooks (fault injection), hidden from --help: only the tests use them.
+    parser.add_argument("--test-fetch-delay", type=float, default=0.0, help=argparse.SUPPRESS)
+    parser.add_argument("--test-corrupt-chunks", action="store_true", help=argparse.SUPPRESS)
+    parser.set_defaults(run=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from common.errors import ConfigError
+
+    from .fault_injection import FaultInjection
+    from .server import TlsFiles, serve_expert_host
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key go together: give both, or neither")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+    tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert is not None else None
+    serve_expert_host(
+        store=args.store,
+        layers=args.layers,
+        experts=args.experts,
+        listen=args.listen,
+        mmap=args.mmap,
+        tls=tls,
+        token_file=args.token_file,
+        insecure=args.insecure,
+        address_file=args.address_file,
+        grace_period_s=args.grace_period,
+        exit_with_parent=args.exit_with_parent,
+        faults=FaultInjection(fetch_delay_s=args.test_fetch_delay, corrupt_chunks=args.test_corrupt_chunks),
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m expert_host",
+        description="moe-edge expert host: serve a shard of a packed store's experts to coordinators over gRPC.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_serve(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from common.errors import MoeEdgeError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(args, "log_level", "info").upper(),
+        format="%(asctime)s expert_host %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return args.run(args) or 0
+    except MoeEdgeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

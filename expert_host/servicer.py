@@ -1,0 +1,103 @@
+"""The ExpertHost service: one `async def` per RPC, each translating proto <-> the shard.
+
+FetchExpert's chunks go through common/rpc/chunk_codec.py instead of the generated ExpertChunk
+class (same wire bytes, fewer copies), so `add_to_server` registers the handlers itself
+rather than through the generated add_ExpertHostServicer_to_server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import AsyncIterator
+from importlib import metadata
+
+import grpc
+
+from common.errors import StoreError
+from common.rpc import expert_host_pb2 as pb
+from common.rpc.chunk_codec import Chunk, encode_chunk
+from common.store.manifest import FORMAT_VERSION
+
+from .fault_injection import FaultInjection
+from .request_checks import RequestRefused, plan_fetch
+from .shard import ExpertShard
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExpertHost"].full_name
+
+
+def _version() -> str:
+    try:
+        return metadata.version("moe-edge")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class ExpertHostServicer:
+    def __init__(self, shard: ExpertShard, *, memory_gbps: float, faults: FaultInjection = FaultInjection()) -> None:
+        self.shard = shard
+        self.memory_gbps = memory_gbps
+        self.faults = faults
+
+    async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoReply:
+        log.info("Info from %s", context.peer())
+        return pb.InfoReply(
+            format_version=FORMAT_VERSION,
+            model_id=self.shard.manifest.model_id,
+            experts=[pb.ExpertId(layer=eid.layer, expert=eid.expert) for eid in self.shard.experts],
+            blob_nbytes=self.shard.blob_nbytes,
+            ram_bytes=self.shard.ram_bytes,
+            memory_gbps=self.memory_gbps,
+            can_run_experts=False,
+            host_name=socket.gethostname(),
+            version=_version(),
+        )
+
+    async def FetchExpert(self, request: pb.FetchExpertRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[Chunk]:
+        try:
+            plan = plan_fetch(
+                self.shard, layer=request.id.layer, expert=request.id.expert, has_id=request.HasField("id"),
+                chunk_bytes=request.chunk_bytes, model_id=request.model_id,
+            )
+            blob = await self.shard.blob(plan.eid)
+        except RequestRefused as err:
+            await self._refuse(context, err.code, str(err))  # aborts the call: raises
+        except StoreError as err:  # a memory-mapped blob that fails its checksum
+            await self._refuse(context, grpc.StatusCode.DATA_LOSS, str(err))
+        log.debug("FetchExpert %s from %s", plan.eid, context.peer())
+        if self.faults.fetch_delay_s:
+            await asyncio.sleep(self.faults.fetch_delay_s)
+        for offset in range(0, len(blob), plan.chunk_bytes):
+            data = blob[offset : offset + plan.chunk_bytes]
+            if offset == 0:
+                if self.faults.corrupt_chunks:
+                    data = bytes([data[0] ^ 0xFF]) + bytes(data[1:])
+                yield Chunk(0, data, total_bytes=len(blob), checksum=self.shard.checksum_of(plan.eid))
+            else:
+                yield Chunk(offset, data)
+
+    async def RunExpert(self, request: pb.RunExpertRequest, context: grpc.aio.ServicerContext) -> pb.RunExpertReply:
+        await self._refuse(context, grpc.StatusCode.UNIMPLEMENTED,
+                           "RunExpert: this host does not run experts yet (its Info says can_run_experts: false)")
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+        log.warning("refused a request from %s: %s: %s", context.peer(), code.name, message)
+        await context.abort(code, message)
+
+
+def add_to_server(servicer: ExpertHostServicer, server: grpc.aio.Server) -> None:
+    handlers = {
+        "Info": grpc.unary_unary_rpc_method_handler(
+            servicer.Info, request_deserializer=pb.InfoRequest.FromString, response_serializer=pb.InfoReply.SerializeToString,
+        ),
+        "FetchExpert": grpc.unary_stream_rpc_method_handler(
+            servicer.FetchExpert, request_deserializer=pb.FetchExpertRequest.FromString, response_serializer=encode_chunk,
+        ),
+        "RunExpert": grpc.unary_unary_rpc_method_handler(
+            servicer.RunExpert, request_deserializer=pb.RunExpertRequest.FromString,
+            response_serializer=pb.RunExpertReply.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
