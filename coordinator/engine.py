@@ -247,3 +247,4 @@ class Engine:
                     origin: count - sources_before.get(origin, 0)
                     for origin, count in self.source.bytes_by_origin().items()
                 }
+                stats.fetches_by_source = {origin: count // self.source.blob_nbytes for origin, count in stats.bytes_by_source.items()}

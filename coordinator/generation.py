@@ -28,6 +28,7 @@ class GenerationStats:
     bytes_fetched: int = 0
     wait_s: float = 0.0  # time the token loop waited on expert loads
     bytes_by_source: dict[str, int] = field(default_factory=dict)
+    fetches_by_source: dict[str, int] = field(default_factory=dict)  # experts delivered (one blob each)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,8 +1,13 @@
-"""Arguments that open an engine, shared by every command that generates (generate, serve, bench)."""
+"""Arguments that open an engine, shared by every command that generates (generate, serve, bench).
+
+`source_from_args` is the one place that turns arguments into an expert source: an in-process
+source's name, or a factory for an ExpertPool of expert hosts (--hosts, --cluster, --local-host)."""
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
+from pathlib import Path
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,28 +23,101 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--source", choices=("ram", "disk"), default="ram",
-                        help="where experts live on this machine: ram (read once, pinned) or disk (memory-mapped) (default ram)")
+    parser.add_argument("--source", choices=("ram", "disk"), default=None,
+                        help="where experts live when no expert hosts are used: ram (read once, pinned) or disk "
+                        "(memory-mapped) (default ram)")
+    hosts = parser.add_argument_group(
+        "expert hosts", "fetch the experts from expert hosts (`python -m expert_host serve`) instead of this process's memory"
+    )
+    which = hosts.add_mutually_exclusive_group()
+    which.add_argument("--hosts", metavar="ADDR[,ADDR...]",
+                       help="expert hosts to use, as HOST:PORT or unix:PATH, comma-separated")
+    which.add_argument("--cluster", type=Path, metavar="TOML",
+                       help="a cluster.toml listing the hosts, token file and TLS files (see deploy/cluster.toml)")
+    hosts.add_argument("--local-host", action="store_true",
+                       help="start an expert host holding the whole store beside this process (on a private Unix "
+                       "socket) and stop it on exit")
+    hosts.add_argument("--token-file", type=Path, metavar="FILE",
+                       help="file holding the hosts' shared token (overrides token_file of --cluster)")
+    hosts.add_argument("--tls-ca", type=Path, metavar="PEM",
+                       help="CA certificate that signed the hosts' certificates: talk TLS to HOST:PORT hosts "
+                       "(with --tls-cert/--tls-key: replaces [tls] of --cluster)")
+    hosts.add_argument("--tls-cert", type=Path, metavar="PEM", help="this coordinator's certificate, for hosts that ask for mutual TLS")
+    hosts.add_argument("--tls-key", type=Path, metavar="PEM", help="the private key of --tls-cert")
+    hosts.add_argument("--fetch-deadline", type=float, default=None, metavar="S",
+                       help="seconds one fetch from one host may take before the next replica is tried (default 30)")
 
 
-def source_from_args(args: argparse.Namespace):
-    """The `source` argument of Engine.open: a name, or a factory for remote sources."""
-    return args.source
+def source_from_args(args: argparse.Namespace, *, local_host=None):
+    """The `source` argument of Engine.open: a name, or a factory for remote sources.
+    `local_host`: the HostAddress of a host started by --local-host, to add to the pool."""
+    from common.errors import ConfigError
+
+    client_options = [name for name in ("token_file", "tls_ca", "tls_cert", "tls_key", "fetch_deadline")
+                      if getattr(args, name) is not None]
+    if not (args.hosts or args.cluster or local_host is not None):
+        if client_options:
+            raise ConfigError(f"--{client_options[0].replace('_', '-')} applies to expert hosts: add --hosts, --cluster or --local-host")
+        return args.source or "ram"
+    if args.source is not None:
+        raise ConfigError(f"--source {args.source}: the experts come from expert hosts here; leave --source out")
+    return _pool_factory(_cluster_from_args(args, local_host))
+
+
+def _cluster_from_args(args: argparse.Namespace, local_host):
+    """--cluster's TOML (or --hosts), then the command line's token and TLS options over it."""
+    from common.errors import ConfigError
+    from coordinator.sources.cluster_config import ClientTls, ClusterConfig, parse_host_list, read_cluster_config
+
+    if args.cluster is not None:
+        cluster = read_cluster_config(args.cluster)
+    else:
+        cluster = ClusterConfig(hosts=parse_host_list(args.hosts) if args.hosts else ())
+    if args.token_file is not None:
+        cluster = replace(cluster, token_file=args.token_file)
+    if args.tls_ca is not None or args.tls_cert is not None or args.tls_key is not None:
+        if args.tls_ca is None:
+            raise ConfigError("--tls-cert/--tls-key need --tls-ca (the CA that signed the hosts' certificates)")
+        cluster = replace(cluster, tls=ClientTls(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key))
+    if args.fetch_deadline is not None:
+        cluster = replace(cluster, pool=replace(cluster.pool, fetch_deadline_s=args.fetch_deadline))
+    return cluster.with_hosts([local_host]) if local_host is not None else cluster
+
+
+def _pool_factory(cluster):
+    from coordinator.sources.expert_pool import ExpertPool
+
+    def open_pool(store, fetch_loop):
+        return ExpertPool.open(cluster, store.manifest, fetch_loop)
+
+    return open_pool
 
 
 def open_engine(args: argparse.Namespace, *, progress: bool = True):
     from coordinator.engine import Engine
+    from coordinator.local_host import LocalHost
     from common.store.manifest import Manifest
-    from pathlib import Path
 
     experts = Manifest.read(Path(args.store)).model.num_experts
-    return Engine.open(
-        args.store,
-        source=source_from_args(args),
-        device=args.device,
-        dtype=args.dtype,
-        cache_experts=min(args.cache_experts, experts) if args.cache_experts >= 1 else args.cache_experts,
-        prefetch=not args.no_prefetch,
-        prefetch_depth=args.prefetch_depth,
-        progress=progress,
-    )
+    local_host = LocalHost(args.store) if args.local_host else None
+    try:
+        source = source_from_args(args, local_host=local_host.address if local_host else None)  # checks the arguments
+        if local_host is not None:
+            local_host.start()
+        engine = Engine.open(
+            args.store,
+            source=source,
+            device=args.device,
+            dtype=args.dtype,
+            cache_experts=min(args.cache_experts, experts) if args.cache_experts >= 1 else args.cache_experts,
+            prefetch=not args.no_prefetch,
+            prefetch_depth=args.prefetch_depth,
+            progress=progress,
+        )
+    except BaseException:
+        if local_host is not None:
+            local_host.stop()
+        raise
+    if local_host is not None:
+        engine.add_closer(local_host.stop)
+    return engine

@@ -1,0 +1,258 @@
+"""ExpertPool: the expert source backed by one or more expert hosts.
+
+At open it asks every host's Info, checks that each serves our store (format version, model
+identity) and that every expert is held somewhere. A fetch goes to the replica with the fewest
+fetches in flight; a failure (an error, a missed deadline, a bad checksum) marks that host down
+and the fetch moves to another replica. A host marked down is probed again with Info after a
+backoff that doubles up to a bound; when it answers it takes fetches again. When no replica
+is up, the hosts marked down get one more direct try before the fetch fails with an
+ExpertUnavailableError naming the expert and every host tried.
+
+Knows nothing of caches or devices. All of it runs on the fetch loop, except the few
+read-only accessors for stats and metrics (bytes_by_origin, fetches_by_origin, host_status)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from common.errors import ConfigError, ExpertUnavailableError, HostError
+from common.expert_id import ExpertId
+from common.store.manifest import FORMAT_VERSION, Manifest
+
+from ..fetch_loop import FetchLoop
+from .cluster_config import ClusterConfig, PoolSettings
+from .host_client import ClientCredentials, HostCallError, HostClient, HostInfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Host:
+    client: HostClient
+    experts: frozenset[ExpertId] = frozenset()  # empty until it has answered Info
+    up: bool = False
+    in_flight: int = 0
+    fetches: int = 0
+    bytes: int = 0
+    failures: int = 0  # consecutive failed fetches and probes; a good fetch resets it
+    last_error: str = ""
+    prober: asyncio.Task | None = field(default=None, repr=False)
+
+    @property
+    def address(self) -> str:
+        return str(self.client.address)
+
+
+class ExpertPool:
+    name = "hosts"
+
+    def __init__(self, manifest: Manifest, fetch_loop: FetchLoop, settings: PoolSettings) -> None:
+        self.manifest = manifest
+        self.model_id = manifest.model_id
+        self.blob_nbytes = manifest.layout.nbytes
+        self.settings = settings
+        self.fetch_loop = fetch_loop
+        self._hosts: list[_Host] = []
+
+    @classmethod
+    def open(cls, cluster: ClusterConfig, manifest: Manifest, fetch_loop: FetchLoop) -> "ExpertPool":
+        """Connect to every host of `cluster` (on the fetch loop) and check what they hold."""
+        if not cluster.hosts:
+            raise ConfigError("no expert hosts given (--hosts, --cluster or --local-host)")
+        credentials = ClientCredentials.from_config(cluster)
+        pool = cls(manifest, fetch_loop, cluster.pool)
+        try:
+            fetch_loop.run(pool._connect(cluster, credentials))
+        except BaseException:
+            pool.close()
+            raise
+        return pool
+
+    # --- opening -------------------------------------------------------------------------
+
+    async def _connect(self, cluster: ClusterConfig, credentials: ClientCredentials) -> None:
+        self._hosts = [_Host(HostClient(address, credentials)) for address in cluster.hosts]
+        answers = await asyncio.gather(
+            *(host.client.info(timeout_s=self.settings.info_deadline_s) for host in self._hosts), return_exceptions=True
+        )
+        for host, answer in zip(self._hosts, answers):
+            if isinstance(answer, HostCallError) and answer.is_setup_mistake:
+                raise answer
+            if isinstance(answer, BaseException):
+                if not isinstance(answer, HostError):
+                    raise answer
+                log.warning("expert host %s does not answer (%s); it will be probed again", host.address, answer)
+                self._mark_down(host, answer)
+            else:
+                self._check_same_store(host, answer)
+                self._accept(host, answer)
+        missing = sorted(set(self.manifest.experts) - {eid for host in self._hosts for eid in host.experts})
+        if missing:
+            silent = [f"{host.address} ({host.last_error})" for host in self._hosts if not host.up]
+            raise HostError(
+                f"no expert host holds {len(missing)} of the model's {len(self.manifest.experts)} experts: "
+                f"{describe_experts(missing)}"
+                + (f"; hosts that did not answer: {'; '.join(silent)}" if silent else "")
+            )
+        log.info("expert pool: %s", ", ".join(f"{h.address} ({len(h.experts)} experts)" for h in self._hosts))
+
+    def _check_same_store(self, host: _Host, info: HostInfo) -> None:
+        """Raise HostError unless the host serves the store this coordinator opened."""
+        if info.format_version != FORMAT_VERSION:
+            raise HostError(
+                f"expert host {host.address} serves store format version {info.format_version}; this coordinator "
+                f"reads version {FORMAT_VERSION}: run the same moe-edge version on both"
+            )
+        if info.model_id != self.model_id or info.blob_nbytes != self.blob_nbytes:
+            raise HostError(
+                f"expert host {host.address} serves another store (model_id {info.model_id}, ours {self.model_id}): "
+                "start it with the same store as the coordinator's --store"
+            )
+        unknown = sorted(info.experts - set(self.manifest.experts))
+        if unknown:
+            raise HostError(f"expert host {host.address} claims experts the model does not have: {describe_experts(unknown)}")
+
+    def _accept(self, host: _Host, info: HostInfo) -> None:
+        host.experts = info.experts
+        host.up = True
+
+    # --- fetching ------------------------------------------------------------------------
+
+    def resident_blob(self, eid: ExpertId) -> None:
+        return None
+
+    async def fetch_into(self, eid: ExpertId, out: torch.Tensor) -> None:
+        view = memoryview(out.numpy())  # [blob bytes], written chunk by chunk
+        tried: list[tuple[_Host, str]] = []
+        while (host := self._choose(eid, exclude={h for h, _ in tried})) is not None:
+            if await self._fetch_from(host, eid, view, tried):
+                return
+        # No replica is up. Hosts marked down get one more direct try: one that came back since
+        # serves at once instead of at its next probe, and a dead one fails fast.
+        for host in [h for h in self._hosts if eid in h.experts and not h.up and h not in {t for t, _ in tried}]:
+            if await self._fetch_from(host, eid, view, tried):
+                return
+        raise ExpertUnavailableError(self._unavailable_message(eid, tried))
+
+    def _choose(self, eid: ExpertId, exclude: set[_Host]) -> _Host | None:
+        """The up replica with the fewest fetches in flight (then the fewest done): spreads load."""
+        candidates = [h for h in self._hosts if h.up and eid in h.experts and h not in exclude]
+        return min(candidates, key=lambda h: (h.in_flight, h.fetches), default=None)
+
+    async def _fetch_from(self, host: _Host, eid: ExpertId, view: memoryview, tried: list[tuple[_Host, str]]) -> bool:
+        host.in_flight += 1
+        try:
+            await host.client.fetch_into(
+                eid, view, checksum=self.manifest.experts[eid].checksum, model_id=self.model_id,
+                timeout_s=self.settings.fetch_deadline_s, chunk_bytes=self.settings.chunk_bytes,
+            )
+        except HostError as err:
+            tried.append((host, str(err)))
+            self._mark_down(host, err)
+            return False
+        finally:
+            host.in_flight -= 1
+        host.fetches += 1
+        host.bytes += len(view)
+        host.failures = 0
+        if not host.up:
+            self._mark_up(host, "a fetch from it succeeded")
+        return True
+
+    def _unavailable_message(self, eid: ExpertId, tried: list[tuple[_Host, str]]) -> str:
+        if tried:
+            attempts = "; ".join(f"{host.address}: {reason}" for host, reason in tried)
+            return f"{eid}: no expert host could deliver it; tried {len(tried)} host(s): {attempts}"
+        silent = [h.address for h in self._hosts if not h.experts]
+        return f"{eid}: no expert host that answered holds it" + (
+            f" (never answered: {', '.join(silent)})" if silent else ""
+        )
+
+    # --- host health ---------------------------------------------------------------------
+
+    def _mark_down(self, host: _Host, err: Exception) -> None:
+        if host.up:
+            log.warning("expert host %s marked down: %s", host.address, err)
+        host.up = False
+        host.failures += 1
+        host.last_error = str(err)
+        if host.prober is None or host.prober.done():
+            host.prober = asyncio.get_running_loop().create_task(self._probe_until_up(host))
+
+    def _mark_up(self, host: _Host, why: str) -> None:
+        host.up = True
+        log.info("expert host %s is up again (%s)", host.address, why)
+        if host.prober is not None and host.prober is not asyncio.current_task():
+            host.prober.cancel()
+        host.prober = None
+
+    def _backoff_s(self, host: _Host) -> float:
+        doublings = min(max(host.failures - 1, 0), 30)
+        return min(self.settings.probe_max_s, self.settings.probe_min_s * 2**doublings)
+
+    async def _probe_until_up(self, host: _Host) -> None:
+        while not host.up:
+            await asyncio.sleep(self._backoff_s(host))
+            try:
+                info = await host.client.info(timeout_s=self.settings.info_deadline_s)
+                self._check_same_store(host, info)
+            except HostError as err:
+                host.failures += 1
+                host.last_error = str(err)
+                log.debug("expert host %s still down: %s", host.address, err)
+                continue
+            self._accept(host, info)
+            self._mark_up(host, "it answered Info")
+
+    # --- stats and closing ---------------------------------------------------------------
+
+    def bytes_by_origin(self) -> dict[str, int]:
+        return {host.address: host.bytes for host in self._hosts}
+
+    def fetches_by_origin(self) -> dict[str, int]:
+        return {host.address: host.fetches for host in self._hosts}
+
+    def host_status(self) -> dict[str, bool]:
+        """Up (True) or marked down (False), per host address; safe to read from any thread."""
+        return {host.address: host.up for host in self._hosts}
+
+    def close(self) -> None:
+        if not self._hosts:
+            return
+        hosts, self._hosts = self._hosts, []
+
+        async def close_all() -> None:
+            for host in hosts:
+                if host.prober is not None:
+                    host.prober.cancel()
+            await asyncio.gather(*(host.client.close() for host in hosts), return_exceptions=True)
+
+        try:
+            self.fetch_loop.run(close_all(), timeout=5.0)
+        except (concurrent.futures.TimeoutError, RuntimeError):
+            pass  # the loop is gone already: nothing left to close on it
+
+
+def describe_experts(experts: list[ExpertId]) -> str:
+    """`layer 0 experts 3-5; layer 2 experts 0,7` for a sorted list of experts."""
+    by_layer: dict[int, list[int]] = {}
+    for eid in experts:
+        by_layer.setdefault(eid.layer, []).append(eid.expert)
+    return "; ".join(f"layer {layer} experts {_ranges(indices)}" for layer, indices in by_layer.items())
+
+
+def _ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5": the form --layers and --experts take."""
+    parts, start = [], None
+    for i, index in enumerate(indices):
+        if start is None:
+            start = index
+        if i + 1 == len(indices) or indices[i + 1] != index + 1:
+            parts.append(str(start) if start == index else f"{start}-{index}")
+            start = None
+    return ",".join(parts)

@@ -1,0 +1,170 @@
+"""One expert host as the coordinator sees it: a grpc.aio channel, Info, and FetchExpert
+streamed straight into a caller's buffer with its checksum verified.
+
+Knows nothing of replicas or failover (expert_pool.py does that): every failure becomes one
+HostError that names the host, what we were doing and, where it helps, what to check. Made
+and used on the fetch loop only (a grpc.aio channel belongs to the event loop it was made on)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+from common.credential_files import read_pem, read_token
+from common.errors import HostError
+from common.expert_id import ExpertId
+from common.host_address import HostAddress
+from common.rpc import expert_host_pb2 as pb
+from common.rpc import expert_host_pb2_grpc as pb_grpc
+from common.rpc.chunk_codec import FETCH_EXPERT_METHOD, decode_chunk
+from common.rpc.wire_limits import AUTHORIZATION_KEY, channel_options
+from common.store.checksum import StreamingChecksum
+
+from .cluster_config import ClusterConfig
+
+
+class HostCallError(HostError):
+    """A call to a host failed; `code` is the gRPC status (None: the host answered wrongly)."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+    @property
+    def is_setup_mistake(self) -> bool:
+        """A wrong token or certificate: retrying elsewhere or later will not mend it."""
+        return self.code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    format_version: int
+    model_id: str
+    experts: frozenset[ExpertId]
+    blob_nbytes: int
+    ram_bytes: int
+    memory_gbps: float
+    host_name: str
+    version: str
+
+
+@dataclass(frozen=True)
+class ClientCredentials:
+    """The token and TLS material, read once from their files."""
+
+    token: str | None = None
+    root_ca: bytes | None = None  # None: plaintext
+    cert_chain: bytes | None = None
+    private_key: bytes | None = None
+
+    @classmethod
+    def from_config(cls, cluster: ClusterConfig) -> "ClientCredentials":
+        tls = cluster.tls
+        return cls(
+            token=read_token(cluster.token_file) if cluster.token_file else None,
+            root_ca=read_pem(tls.ca, what="TLS CA") if tls else None,
+            cert_chain=read_pem(tls.cert, what="TLS client certificate") if tls and tls.cert else None,
+            private_key=read_pem(tls.key, what="TLS client key") if tls and tls.key else None,
+        )
+
+
+class HostClient:
+    def __init__(self, address: HostAddress, credentials: ClientCredentials) -> None:
+        self.address = address
+        self.tls = credentials.root_ca is not None and not address.is_unix  # a Unix socket is local: no TLS
+        if self.tls:
+            channel_credentials = grpc.ssl_channel_credentials(
+                root_certificates=credentials.root_ca, private_key=credentials.private_key,
+                certificate_chain=credentials.cert_chain,
+            )
+            self._channel = grpc.aio.secure_channel(address.grpc_target, channel_credentials, options=channel_options())
+        else:
+            self._channel = grpc.aio.insecure_channel(address.grpc_target, options=channel_options())
+        self._metadata = ((AUTHORIZATION_KEY, f"Bearer {credentials.token}"),) if credentials.token else ()
+        self._info = pb_grpc.ExpertHostStub(self._channel).Info
+        self._fetch = self._channel.unary_stream(
+            FETCH_EXPERT_METHOD, request_serializer=pb.FetchExpertRequest.SerializeToString, response_deserializer=decode_chunk,
+        )
+
+    def __str__(self) -> str:
+        return str(self.address)
+
+    async def info(self, *, timeout_s: float) -> HostInfo:
+        try:
+            reply = await self._info(pb.InfoRequest(), timeout=timeout_s, metadata=self._metadata)
+        except grpc.aio.AioRpcError as err:
+            raise self._call_error(err, "asking for its Info", timeout_s) from None
+        return HostInfo(
+            format_version=reply.format_version,
+            model_id=reply.model_id,
+            experts=frozenset(ExpertId(e.layer, e.expert) for e in reply.experts),
+            blob_nbytes=reply.blob_nbytes,
+            ram_bytes=reply.ram_bytes,
+            memory_gbps=reply.memory_gbps,
+            host_name=reply.host_name,
+            version=reply.version,
+        )
+
+    async def fetch_into(self, eid: ExpertId, out: memoryview, *, checksum: str, model_id: str,
+                         timeout_s: float, chunk_bytes: int = 0) -> None:
+        """Fill `out` (writable, the blob's size) with the expert's bytes; raise HostCallError
+        unless every byte arrived in order and the whole matches `checksum`."""
+        request = pb.FetchExpertRequest(
+            id=pb.ExpertId(layer=eid.layer, expert=eid.expert), chunk_bytes=chunk_bytes, model_id=model_id,
+        )
+        call = self._fetch(request, timeout=timeout_s, metadata=self._metadata)
+        digest = StreamingChecksum()
+        received = 0
+        try:
+            async for chunk in call:
+                if chunk.offset != received:
+                    raise HostCallError(f"{self}: sent {eid} out of order (offset {chunk.offset}, expected {received})")
+                if received == 0:
+                    self._check_first_chunk(eid, chunk.total_bytes, chunk.checksum, len(out), checksum)
+                end = received + len(chunk.data)
+                if end > len(out):
+                    raise HostCallError(f"{self}: sent more than the {len(out)} bytes of {eid}")
+                out[received:end] = chunk.data
+                digest.update(chunk.data)
+                received = end
+        except grpc.aio.AioRpcError as err:
+            raise self._call_error(err, f"fetching {eid}", timeout_s) from None
+        finally:
+            call.cancel()  # no-op once the stream is done; stops it after an error of ours
+        if received != len(out):
+            raise HostCallError(f"{self}: the stream of {eid} ended after {received} of {len(out)} bytes")
+        if digest.hexdigest() != checksum:
+            raise HostCallError(
+                f"{self}: {eid} arrived corrupted (checksum {digest.hexdigest()}, the manifest says {checksum})"
+            )
+
+    def _check_first_chunk(self, eid: ExpertId, total_bytes: int, host_checksum: str, size: int, checksum: str) -> None:
+        if total_bytes != size:
+            raise HostCallError(f"{self}: {eid} is {total_bytes} bytes there and {size} here: does it serve another store?")
+        if host_checksum != checksum:
+            raise HostCallError(
+                f"{self}: {eid} has checksum {host_checksum} there and {checksum} in our manifest: does it serve another store?"
+            )
+
+    def _call_error(self, err: grpc.aio.AioRpcError, doing: str, timeout_s: float) -> HostCallError:
+        code, details = err.code(), err.details() or ""
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            message = f"{self}: no answer within {timeout_s:g} s while {doing}"
+        elif code == grpc.StatusCode.UNAUTHENTICATED:
+            message = f"{self}: refused our token while {doing} ({details}); check the token file (--token-file / token_file)"
+        elif code == grpc.StatusCode.UNAVAILABLE:
+            if self.tls:
+                hint = ("is it up, does it serve TLS, and is its certificate signed by our CA (--tls-ca) "
+                        "and made out to this address?")
+            elif self.address.is_unix:
+                hint = "is it up?"
+            else:
+                hint = "is it up? If it serves TLS, give its CA (--tls-ca, or [tls] ca in cluster.toml)"
+            message = f"{self}: unreachable while {doing} ({details}); {hint}"
+        else:
+            message = f"{self}: {code.name} while {doing}: {details}"
+        return HostCallError(message, code)
+
+    async def close(self) -> None:
+        await self._channel.close()
