@@ -3,15 +3,15 @@
 It listens on a Unix socket in a private temporary folder (mode 0700: only this user can
 connect, so it needs no token or TLS), is waited for through its grpc.health.v1 check, and is
 stopped (SIGTERM, then SIGKILL after a grace period) when the engine closes, at interpreter
-exit, or by itself when this process dies (`--exit-with-parent`): it is never left behind."""
+exit, or by itself when this process dies (`--parent-pid`): it is never left behind."""
 
 from __future__ import annotations
 
 import atexit
 import logging
+import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.errors import HostError
 from common.host_address import HostAddress
+from common.python_module import module_command
 from common.rpc.wire_limits import channel_options
 
 log = logging.getLogger(__name__)
@@ -39,12 +40,12 @@ class LocalHost:
 
     def start(self, *, startup_timeout_s: float = 600.0) -> None:
         """Start `python -m expert_host serve` on the whole store; return once it is healthy."""
-        command = [
-            sys.executable, "-m", "expert_host", "serve", "--store", str(self.store), "--listen", str(self.address),
-            "--exit-with-parent", "--log-level", "warning", *(["--mmap"] if self.mmap else []),
-        ]
+        command, env = module_command(
+            "expert_host", "serve", "--store", self.store, "--listen", self.address,
+            "--parent-pid", os.getpid(), "--log-level", "warning", *(["--mmap"] if self.mmap else []),
+        )
         # Its own session: a Ctrl-C in the terminal reaches the coordinator, which stops it in order.
-        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
         self._wait_until_serving(startup_timeout_s)
         log.info("local expert host (pid %d) serving on %s", self.process.pid, self.address)
 

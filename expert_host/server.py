@@ -1,5 +1,5 @@
 """`serve`: load the shard, then run the gRPC server (ExpertHost + grpc.health.v1) until
-SIGTERM/SIGINT (or the parent's exit, with --exit-with-parent), then stop gracefully.
+SIGTERM/SIGINT (or its parent's exit, with --parent-pid), then stop gracefully.
 
 Binds to localhost unless told otherwise, and refuses a non-loopback address without TLS or a
 token unless `insecure` is set."""
@@ -22,6 +22,7 @@ from common.errors import ConfigError
 from common.expert_id import ExpertId
 from common.host_address import HostAddress
 from common.index_spec import parse_index_spec
+from common.malloc_tuning import keep_freed_buffers_for_reuse
 from common.rpc.wire_limits import server_options
 from common.store.reader import ExpertStore
 
@@ -68,7 +69,7 @@ def serve_expert_host(
     insecure: bool = False,
     address_file: str | Path | None = None,
     grace_period_s: float = 5.0,
-    exit_with_parent: bool = False,
+    parent_pid: int | None = None,
     faults: FaultInjection = FaultInjection(),
 ) -> None:
     address = HostAddress.parse(listen, what="--listen", allow_any_port=True)
@@ -86,13 +87,14 @@ def serve_expert_host(
     servicer = ExpertHostServicer(shard, memory_gbps=measure_memory_gbps(), faults=faults)
     if faults.active:
         log.warning("test hooks are on: %s", faults)
+    keep_freed_buffers_for_reuse()  # a fresh buffer per chunk would otherwise be faulted in page by page
     tls_mode = "off" if tls is None else ("mutual" if tls.client_ca else "on")
     asyncio.run(_serve(servicer, address, credentials=credentials, tls_mode=tls_mode, token=token, address_file=address_file,
-                       grace_period_s=grace_period_s, exit_with_parent=exit_with_parent))
+                       grace_period_s=grace_period_s, parent_pid=parent_pid))
 
 
 async def _serve(servicer: ExpertHostServicer, address: HostAddress, *, credentials: grpc.ServerCredentials | None,
-                 tls_mode: str, token: str | None, address_file: str | Path | None, grace_period_s: float, exit_with_parent: bool) -> None:
+                 tls_mode: str, token: str | None, address_file: str | Path | None, grace_period_s: float, parent_pid: int | None) -> None:
     interceptors = [TokenAuthInterceptor(token)] if token else []
     server = grpc.aio.server(options=server_options(), interceptors=interceptors)
     add_to_server(servicer, server)
@@ -120,7 +122,7 @@ async def _serve(servicer: ExpertHostServicer, address: HostAddress, *, credenti
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    watcher = asyncio.create_task(_watch_parent(stop)) if exit_with_parent else None
+    watcher = asyncio.create_task(_watch_parent(parent_pid, stop)) if parent_pid is not None else None
     await stop.wait()
     log.info("stopping: finishing calls in flight (grace period %.1f s)", grace_period_s)
     await health.enter_graceful_shutdown()
@@ -134,9 +136,9 @@ async def _serve(servicer: ExpertHostServicer, address: HostAddress, *, credenti
     log.info("stopped")
 
 
-async def _watch_parent(stop: asyncio.Event, every_s: float = 0.5) -> None:
-    """Stop once the process that started us is gone (we were re-parented)."""
-    parent = os.getppid()
+async def _watch_parent(parent: int, stop: asyncio.Event, every_s: float = 0.5) -> None:
+    """Stop once `parent`, the process that started us, is gone: we were re-parented (perhaps
+    already while loading, so its pid comes from the command line, not from getppid at start)."""
     while os.getppid() == parent:
         await asyncio.sleep(every_s)
     log.info("the parent process %d exited", parent)

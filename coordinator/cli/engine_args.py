@@ -61,7 +61,9 @@ def source_from_args(args: argparse.Namespace, *, local_host=None):
         return args.source or "ram"
     if args.source is not None:
         raise ConfigError(f"--source {args.source}: the experts come from expert hosts here; leave --source out")
-    return _pool_factory(_cluster_from_args(args, local_host))
+    from coordinator.sources.expert_pool import ExpertPool
+
+    return ExpertPool.source_factory(_cluster_from_args(args, local_host))
 
 
 def _cluster_from_args(args: argparse.Namespace, local_host):
@@ -82,15 +84,6 @@ def _cluster_from_args(args: argparse.Namespace, local_host):
     if args.fetch_deadline is not None:
         cluster = replace(cluster, pool=replace(cluster.pool, fetch_deadline_s=args.fetch_deadline))
     return cluster.with_hosts([local_host]) if local_host is not None else cluster
-
-
-def _pool_factory(cluster):
-    from coordinator.sources.expert_pool import ExpertPool
-
-    def open_pool(store, fetch_loop):
-        return ExpertPool.open(cluster, store.manifest, fetch_loop)
-
-    return open_pool
 
 
 def open_engine(args: argparse.Namespace, *, progress: bool = True):

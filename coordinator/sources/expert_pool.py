@@ -22,6 +22,7 @@ import torch
 
 from common.errors import ConfigError, ExpertUnavailableError, HostError
 from common.expert_id import ExpertId
+from common.malloc_tuning import keep_freed_buffers_for_reuse
 from common.store.manifest import FORMAT_VERSION, Manifest
 
 from ..fetch_loop import FetchLoop
@@ -65,6 +66,7 @@ class ExpertPool:
         if not cluster.hosts:
             raise ConfigError("no expert hosts given (--hosts, --cluster or --local-host)")
         credentials = ClientCredentials.from_config(cluster)
+        keep_freed_buffers_for_reuse()  # gRPC's fresh buffer per chunk would otherwise be faulted in page by page
         pool = cls(manifest, fetch_loop, cluster.pool)
         try:
             fetch_loop.run(pool._connect(cluster, credentials))
@@ -72,6 +74,15 @@ class ExpertPool:
             pool.close()
             raise
         return pool
+
+    @classmethod
+    def source_factory(cls, cluster: ClusterConfig):
+        """The `source` argument of Engine.open for this cluster."""
+
+        def open_pool(store, fetch_loop: FetchLoop) -> "ExpertPool":
+            return cls.open(cluster, store.manifest, fetch_loop)
+
+        return open_pool
 
     # --- opening -------------------------------------------------------------------------
 
@@ -91,13 +102,14 @@ class ExpertPool:
             else:
                 self._check_same_store(host, answer)
                 self._accept(host, answer)
+        silent = "; ".join(host.last_error for host in self._hosts if not host.up)
+        if not any(host.up for host in self._hosts):
+            raise HostError(f"no expert host answered: {silent}")
         missing = sorted(set(self.manifest.experts) - {eid for host in self._hosts for eid in host.experts})
         if missing:
-            silent = [f"{host.address} ({host.last_error})" for host in self._hosts if not host.up]
             raise HostError(
                 f"no expert host holds {len(missing)} of the model's {len(self.manifest.experts)} experts: "
-                f"{describe_experts(missing)}"
-                + (f"; hosts that did not answer: {'; '.join(silent)}" if silent else "")
+                f"{describe_experts(missing)}" + (f"; hosts that did not answer: {silent}" if silent else "")
             )
         log.info("expert pool: %s", ", ".join(f"{h.address} ({len(h.experts)} experts)" for h in self._hosts))
 
@@ -166,7 +178,7 @@ class ExpertPool:
 
     def _unavailable_message(self, eid: ExpertId, tried: list[tuple[_Host, str]]) -> str:
         if tried:
-            attempts = "; ".join(f"{host.address}: {reason}" for host, reason in tried)
+            attempts = "; ".join(reason for _, reason in tried)  # each reason names its host
             return f"{eid}: no expert host could deliver it; tried {len(tried)} host(s): {attempts}"
         silent = [h.address for h in self._hosts if not h.experts]
         return f"{eid}: no expert host that answered holds it" + (

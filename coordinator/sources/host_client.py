@@ -159,8 +159,10 @@ class HostClient:
                         "and made out to this address?")
             elif self.address.is_unix:
                 hint = "is it up?"
+            elif "Socket closed" in details:  # what a TLS server does to a plaintext client
+                hint = "it closed the connection at once, as a host that serves TLS does: give its CA (--tls-ca, or [tls] ca in cluster.toml)"
             else:
-                hint = "is it up? If it serves TLS, give its CA (--tls-ca, or [tls] ca in cluster.toml)"
+                hint = "is it up and listening there? If it serves TLS, give its CA (--tls-ca, or [tls] ca in cluster.toml)"
             message = f"{self}: unreachable while {doing} ({details}); {hint}"
         else:
             message = f"{self}: {code.name} while {doing}: {details}"
