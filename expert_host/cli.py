@@ -35,8 +35,8 @@ def _add_serve(commands) -> None:
                         help="once serving, write the bound address (with the real port when --listen ends in :0) to FILE")
     parser.add_argument("--grace-period", type=float, default=5.0, metavar="S",
                         help="on SIGTERM/SIGINT, seconds to let calls in flight finish (default 5)")
-    parser.add_argument("--exit-with-parent", action="store_true",
-                        help="stop when the process that started this one exits (the coordinator's --local-host uses it)")
+    parser.add_argument("--parent-pid", type=int, default=None, metavar="PID",
+                        help="PID of the process that starts this host: stop when it exits (the coordinator's --local-host uses it)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
                         help="what to log on stderr: info logs each client and every refused call (default info)")
     # Test hooks (fault injection), hidden from --help: only the tests use them.
@@ -67,9 +67,39 @@ def _run_serve(args: argparse.Namespace) -> int:
         insecure=args.insecure,
         address_file=args.address_file,
         grace_period_s=args.grace_period,
-        exit_with_parent=args.exit_with_parent,
+        parent_pid=args.parent_pid,
         faults=FaultInjection(fetch_delay_s=args.test_fetch_delay, corrupt_chunks=args.test_corrupt_chunks),
     )
+    return 0
+
+
+def _add_bench_fetch(commands) -> None:
+    parser = commands.add_parser(
+        "bench-fetch",
+        help="measure fetch throughput of one host over loopback against a raw socket copy",
+        description="Start an expert host and a raw socket sender on 127.0.0.1, fetch experts through the "
+        "coordinator's gRPC client (checksums verified) and through the raw socket, with one stream and with "
+        "several in parallel, and print GB/s and the ratio to the raw copy. A benchmark, not a test.",
+    )
+    parser.add_argument("--store", required=True, metavar="STORE", help="the packed store (bigger experts measure better)")
+    parser.add_argument("--streams", type=int, default=4, metavar="N", help="parallel streams of the second round (default 4)")
+    parser.add_argument("--seconds", type=float, default=3.0, metavar="S", help="seconds per measurement (default 3)")
+    parser.add_argument("--chunk-bytes", type=int, default=0, metavar="B", help="chunk size to ask the host for (default: its default)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(run=_run_bench_fetch, log_level="warning")
+
+
+def _run_bench_fetch(args: argparse.Namespace) -> int:
+    from common.errors import ConfigError
+    from common.store.manifest import Manifest
+
+    from .bench_fetch import bench_fetch, report
+
+    if args.streams < 1 or args.seconds <= 0:
+        raise ConfigError("--streams must be at least 1 and --seconds positive")
+    streams = [1] if args.streams == 1 else [1, args.streams]
+    measurements = bench_fetch(store=args.store, streams=streams, seconds=args.seconds, chunk_bytes=args.chunk_bytes)
+    print(report(measurements, blob_nbytes=Manifest.read(Path(args.store)).layout.nbytes, as_json=args.json))
     return 0
 
 
@@ -80,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_serve(commands)
+    _add_bench_fetch(commands)
     return parser
 
 
