@@ -1,0 +1,107 @@
+"""The coordinator's command line with expert hosts: `generate --local-host` (the README's
+single-machine command) and `--cluster cluster.toml` give the in-process tokens, and a local
+host never outlives its coordinator. Plus the argument checks of source_from_args."""
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from common.errors import ConfigError
+from conftest import ROOT, run_module
+from coordinator.cli.engine_args import add_engine_arguments, source_from_args
+from coordinator.engine import Engine
+from expert_host_processes import expert_hosts  # noqa: F401  (fixture)
+
+PROMPT = "The quick brown fox"
+
+
+def generate_json(store, *args):
+    done = run_module("coordinator", "generate", "--store", store, "--prompt", PROMPT, "--max-new-tokens", "12",
+                      "--cache-experts", "2", "--json", *args, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def expert_host_processes_of(store):
+    """expert_host processes serving `store` (a path unique to this test session)."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if "expert_host" in cmdline and str(store) in cmdline:
+            found.append(process)
+    return found
+
+
+@pytest.fixture(scope="module")
+def reference(store4):
+    """The in-process (RAM) source's tokens, with generate's settings."""
+    with Engine.open(store4, source="ram", cache_experts=2) as engine:
+        generation = engine.generate(PROMPT, max_new_tokens=12)
+        list(generation)
+    return generation.token_ids
+
+
+def test_generate_with_local_host_gives_the_in_process_tokens_and_leaves_no_host(store4, reference):
+    result = generate_json(store4, "--local-host")
+    assert result["token_ids"] == reference
+    (origin,) = result["stats"]["bytes_by_source"]
+    assert origin.startswith("unix:")
+    assert result["stats"]["fetches_by_source"][origin] > 0
+    assert expert_host_processes_of(store4) == []
+
+
+def test_generate_with_a_cluster_file_gives_the_in_process_tokens(expert_hosts, store4, reference, tmp_path):  # noqa: F811
+    low, high = expert_hosts.start_many([(store4, "--layers", "0-1"), (store4, "--layers", "2-3")])
+    cluster = tmp_path / "cluster.toml"
+    cluster.write_text(f'[pool]\nfetch_deadline_s = 10\n\n[[hosts]]\naddress = "{low.address}"\n\n[[hosts]]\naddress = "{high.address}"\n')
+    result = generate_json(store4, "--cluster", cluster)
+    assert result["token_ids"] == reference
+    assert set(result["stats"]["fetches_by_source"]) == {low.address, high.address}
+
+
+def test_a_killed_coordinator_takes_its_local_host_with_it(store2):
+    coordinator = subprocess.Popen(
+        [sys.executable, "-m", "coordinator", "generate", "--store", str(store2), "--local-host", "--prompt", PROMPT,
+         "--max-new-tokens", "1000", "--cache-experts", "1"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (hosts := expert_host_processes_of(store2)):
+            assert coordinator.poll() is None and time.monotonic() < deadline, "no local host started"
+            time.sleep(0.1)
+        coordinator.send_signal(signal.SIGKILL)
+        coordinator.wait(10)
+        gone, alive = psutil.wait_procs(hosts, timeout=10)
+        assert alive == [], "the local expert host outlived its coordinator"
+    finally:
+        if coordinator.poll() is None:
+            coordinator.kill()
+        for host in expert_host_processes_of(store2):
+            host.kill()
+
+
+def parse(*argv):
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    return parser.parse_args(["--store", "S", *argv])
+
+
+def test_source_arguments_turn_into_a_source_or_a_clear_error():
+    assert source_from_args(parse()) == "ram"
+    assert source_from_args(parse("--source", "disk")) == "disk"
+    assert callable(source_from_args(parse("--hosts", "127.0.0.1:50051,[::1]:50052")))
+    with pytest.raises(ConfigError, match="--token-file applies to expert hosts"):
+        source_from_args(parse("--token-file", "t"))
+    with pytest.raises(ConfigError, match="--source disk: the experts come from expert hosts"):
+        source_from_args(parse("--source", "disk", "--hosts", "127.0.0.1:50051"))
+    with pytest.raises(ConfigError, match="expected HOST:PORT"):
+        source_from_args(parse("--hosts", "ram-pc-1"))
+    with pytest.raises(ConfigError, match="--tls-cert/--tls-key need --tls-ca"):
+        source_from_args(parse("--hosts", "127.0.0.1:50051", "--tls-cert", "c.pem", "--tls-key", "k.pem"))
