@@ -1,5 +1,5 @@
 """Greedy tokens through expert hosts equal the in-process source's: one host holding every
-expert, and three hosts each holding a third of them. Real hosts on 127.0.0.1; chunks of
+expert (in RAM, or memory-mapped), and three hosts each holding a third of them. Real hosts on 127.0.0.1; chunks of
 64 KiB so every expert really streams in several chunks."""
 
 import pytest
@@ -35,13 +35,16 @@ def reference(store16):
 
 @pytest.fixture(scope="module")
 def hosts(module_expert_hosts, store16):  # noqa: F811
-    whole, *thirds = module_expert_hosts.start_many([(store16,)] + [(store16, "--experts", third) for third in THIRDS])
-    return whole, thirds
+    whole, mapped, *thirds = module_expert_hosts.start_many(
+        [(store16,), (store16, "--mmap")] + [(store16, "--experts", third) for third in THIRDS]
+    )
+    return {"in RAM": whole, "memory-mapped": mapped}, thirds
 
 
 @pytest.mark.parametrize("prefetch", [True, False])
-def test_greedy_tokens_through_one_host_equal_the_in_process_source(store16, reference, hosts, prefetch):
-    whole, _ = hosts
+@pytest.mark.parametrize("holding", ["in RAM", "memory-mapped"])
+def test_greedy_tokens_through_one_host_equal_the_in_process_source(store16, reference, hosts, holding, prefetch):
+    whole = hosts[0][holding]
     generation = greedy(store16, pool_of(whole), cache_experts=2, prefetch=prefetch)
     assert generation.token_ids == reference
     stats = generation.stats
