@@ -50,10 +50,6 @@ class CacheCounters:
         }
 
 
-def _failed(ticket: concurrent.futures.Future | None) -> bool:
-    return ticket is not None and ticket.done() and not ticket.cancelled() and ticket.exception() is not None
-
-
 class _Slot:
     __slots__ = ("expert", "ticket", "ready", "free", "prefetched_unused")
 
@@ -98,10 +94,6 @@ class ExpertCache:
     def begin_layer(self, layer: int, needed: list[int]) -> list[int]:
         state = self._layers[layer]
         self._current_layer, self._protected = layer, set(needed)
-        for expert in needed:  # a load that failed earlier (a generation ended by its error) is retried, not re-raised
-            index = state.slot_of.get(expert)
-            if index is not None and _failed(state.slots[index].ticket):
-                self._evict(layer, index)
         resident = [e for e in needed if e in state.slot_of]
         missing = [e for e in needed if e not in state.slot_of]
         for expert in resident:
