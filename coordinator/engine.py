@@ -23,6 +23,7 @@ from common.store.reader import ExpertStore
 from .expert_cache import ExpertCache
 from .expert_loader import ExpertLoader
 from .fetch_loop import FetchLoop
+from .kernels import quantized_linear_for
 from .generation import AsyncGeneration, Generation
 from .model import DenseWeights, KVCache, Transformer
 from .moe import MoEBlock
@@ -44,6 +45,7 @@ class EngineOptions:
     prefetch_depth: int = 1  # layers ahead
     prefetch_width: int | None = None  # experts guessed per layer ahead; default: the model's top-k
     source: str = "ram"  # ram | disk (or a SourceFactory given to Engine.open)
+    fused_kernels: bool = True  # Triton dequantize+matmul on CUDA (ignored elsewhere)
     progress: bool = False
 
 
@@ -109,7 +111,8 @@ class Engine:
                 width = options.prefetch_width or self.config.top_k
                 predictor = RouterLookahead(routers, norms, self.config.rms_norm_eps,
                                             depth=options.prefetch_depth, experts_per_layer=min(width, self.config.num_experts))
-            moe = MoEBlock(self.config, routers, norms, self.cache, predictor)
+            moe = MoEBlock(self.config, routers, norms, self.cache, predictor,
+                           quantized_linear_for(self.device, fused=options.fused_kernels))
             self.model = Transformer(self.config, dense, moe, self.device, self.dtype)
         except BaseException:
             self.close()
@@ -120,7 +123,7 @@ class Engine:
     @classmethod
     def open(cls, store: str | Path, *, source: str | SourceFactory = "ram", **options) -> "Engine":
         """Open a packed store. Options are EngineOptions' fields (device, dtype, cache_experts,
-        prefetch, prefetch_depth, prefetch_width, progress)."""
+        prefetch, prefetch_depth, prefetch_width, fused_kernels, progress)."""
         if options.get("cache_experts", 1) < 1:
             raise ConfigError(f"--cache-experts {options['cache_experts']}: needs at least 1 slot per layer")
         local = isinstance(source, str)  # remote sources need no expert files here

@@ -123,6 +123,7 @@ class Transformer:
         self.dtype = dtype
         self.rotary = RotaryEmbedding(config, device, dtype)
         self.scale = config.head_dim**-0.5
+        self.clock = None  # a PhaseClock while the benchmark profiles; None otherwise
 
     def attention(self, x: torch.Tensor, layer: int, start: int, kv: KVCache) -> torch.Tensor:
         """x [T, H] (normed) -> [T, H]."""
@@ -163,9 +164,15 @@ class Transformer:
         """tokens [T] at positions start.. -> logits [T, V] (all_logits) or [1, V] (last), float32."""
         c, w = self.config, self.weights
         x = F.embedding(tokens, w.embed)  # [T, H]
+        clock = self.clock
         for layer, lw in enumerate(w.layers):
             h = x + self.attention(rms_norm(x, lw.input_norm, c.rms_norm_eps), layer, start, kv)
+            if clock:
+                clock.mark("attention")
             x = h + self.moe.forward(layer, h)
         if not all_logits:
             x = x[-1:]
-        return F.linear(rms_norm(x, w.norm, c.rms_norm_eps), w.lm_head).float()
+        logits = F.linear(rms_norm(x, w.norm, c.rms_norm_eps), w.lm_head).float()
+        if clock:
+            clock.mark("other")
+        return logits

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from common.expert_ffn import expert_forward
+from common.expert_ffn import Linear, dequantize_linear, expert_forward
 from common.model_config import ModelConfig
 from common.store.blob_layout import ExpertWeights
 
@@ -50,12 +50,15 @@ def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.
 
 class MoEBlock:
     def __init__(self, config: ModelConfig, routers: list[torch.Tensor], post_attention_norms: list[torch.Tensor],
-                 provider: ExpertProvider, predictor: ExpertPredictor | None) -> None:
+                 provider: ExpertProvider, predictor: ExpertPredictor | None,
+                 quantized_linear: Linear = dequantize_linear) -> None:
         self.config = config
         self.routers = routers  # per layer [E, H]
         self.norms = post_attention_norms  # per layer [H]
         self.provider = provider
         self.predictor = predictor
+        self.quantized_linear = quantized_linear  # fused CUDA kernels, or plain dequantize+matmul
+        self.clock = None  # a PhaseClock while the benchmark profiles; None otherwise
 
     def forward(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [T, H]: the residual stream after attention -> the MoE output [T, H]."""
@@ -71,19 +74,27 @@ class MoEBlock:
             count = predicted.numel()
             self.provider.prefetch(later_layer, flat[:count])
             flat = flat[count:]
+        clock = self.clock
+        if clock:
+            clock.mark("routing")
         out = torch.zeros_like(x)
         if x.shape[0] == 1:  # decode: one token, no gather/scatter
             for expert in order:
                 position = chosen.index(expert)
-                ys = expert_forward(x, self.provider.get(layer, expert))  # [1, H]
+                expert_weights = self.provider.get(layer, expert)
+                if clock:
+                    clock.mark("waiting on copies")
+                ys = expert_forward(x, expert_weights, self.quantized_linear)  # [1, H]
                 out += (ys * weights[:, position : position + 1]).to(out.dtype)
                 self.provider.done(layer, expert)
+                if clock:
+                    clock.mark("expert compute")
             return out
         tokens_of = _tokens_per_expert(chosen, self.config.top_k)
         for expert in order:
             token_index, slot_index = tokens_of[expert]
             rows = torch.tensor(token_index, device=x.device)
-            ys = expert_forward(x[rows], self.provider.get(layer, expert))  # [t, H]
+            ys = expert_forward(x[rows], self.provider.get(layer, expert), self.quantized_linear)  # [t, H]
             ys = ys * weights[rows, torch.tensor(slot_index, device=x.device), None]
             out.index_add_(0, rows, ys.to(out.dtype))
             self.provider.done(layer, expert)
