@@ -45,8 +45,11 @@ fi
 
 if [[ $steps == *bench* ]]; then
   S=/tmp/moe-edge-synthetic
-  [[ -f $S/manifest.json ]] || /usr/bin/time -f "make-synthetic: %e s, max RSS %M KB" \
+  if [[ ! -f $S/manifest.json ]]; then
+    started=$SECONDS
     python3 -m coordinator make-synthetic --shape mixtral-8x7b --expert-bits 2 --dense-bits 4 --out $S --quiet 2>&1 | tee "$OUT/synthetic.log"
+    echo "make-synthetic took $((SECONDS - started)) s" | tee -a "$OUT/synthetic.log"
+  fi
   python3 -m coordinator bench --store $S --device cuda --cache-experts 4 --json "$@" > "$OUT/bench.json" 2> "$OUT/bench.err"
   tail -5 "$OUT/bench.err"
   python3 - "$OUT/bench.json" <<'PY' | tee "$OUT/bench.txt"
