@@ -28,6 +28,7 @@ from common.store.reader import ExpertStore
 from .engine import resolve_device, resolve_dtype
 from .expert_cache import ExpertCache
 from .expert_loader import CopyTimer, ExpertLoader
+from .decode_graphs import GraphedDecoder
 from .fetch_loop import FetchLoop
 from .kernels import quantized_linear_for
 from .model import DenseWeights, KVCache, Transformer
@@ -74,6 +75,7 @@ class BenchReport:
     tokens: int
     pinned_peak_gbps: float
     results: list[ModeResult]
+    cuda_graphs: bool = False
     host_peak_rss_gb: float = 0.0
     routing: str = "random weights (synthetic or untrained): hit rates and prefetch recall are not a trained model's"
 
@@ -120,7 +122,8 @@ def measure_pinned_peak(device: torch.device, nbytes: int = 1 << 30, repeats: in
 
 
 class _Bench:
-    def __init__(self, store: str | Path, device: torch.device, dtype: torch.dtype, progress: bool) -> None:
+    def __init__(self, store: str | Path, device: torch.device, dtype: torch.dtype, progress: bool, cuda_graphs: bool) -> None:
+        self.cuda_graphs = cuda_graphs and device.type == "cuda"
         self.store = ExpertStore(store)
         self.config = self.store.config
         self.device, self.dtype = device, dtype
@@ -180,10 +183,15 @@ class _Bench:
             int(logits.argmax())
             result.prefill_tokens_per_s = prompt.numel() / (time.perf_counter() - started)
             position = prompt.numel()
+            decoder = GraphedDecoder(model, kv) if self.cuda_graphs else None
+            tokens_in = stream.tolist()
 
             def step(index: int) -> None:
                 nonlocal position
-                logits = model.forward(stream[index : index + 1], position, kv)
+                if decoder is not None:
+                    logits = decoder.step(tokens_in[index], position)
+                else:
+                    logits = model.forward(stream[index : index + 1], position, kv)
                 int(logits.argmax())  # the sampler's sync, as in the engine; the stream gives the next token
                 position += 1
 
@@ -214,6 +222,7 @@ class _Bench:
             result.host_rss_gb = psutil.Process().memory_info().rss / 1e9
         finally:
             del cache, model, moe, kv
+            decoder = None
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -248,7 +257,7 @@ def cache_experts_for_budget(budget_gb: float, *, dense_bytes: int, blob_bytes: 
 def run_bench(*, store: str | Path, device: str = "cuda", dtype: str | None = None, cache_experts: int | None = None,
               gpu_budget_gb: float | None = None, tokens: int = 32, prompt_tokens: int = 16, warmup_tokens: int = 4,
               profile_tokens: int = 8, prefetch_depth: int = 1, modes: tuple[str, ...] = MODES, seed: int = 0,
-              progress: bool = True) -> BenchReport:
+              cuda_graphs: bool = True, progress: bool = True) -> BenchReport:
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     unknown = [m for m in modes if m not in MODES]
@@ -256,7 +265,7 @@ def run_bench(*, store: str | Path, device: str = "cuda", dtype: str | None = No
         raise ConfigError(f"--modes {','.join(unknown)}: choose from {', '.join(MODES)}")
     if tokens < 1 or prompt_tokens < 1:
         raise ConfigError("--tokens and --prompt-tokens must be at least 1")
-    bench = _Bench(store, torch_device, torch_dtype, progress)
+    bench = _Bench(store, torch_device, torch_dtype, progress, cuda_graphs)
     try:
         c = bench.config
         if gpu_budget_gb is not None:
@@ -293,6 +302,7 @@ def run_bench(*, store: str | Path, device: str = "cuda", dtype: str | None = No
             tokens=tokens,
             pinned_peak_gbps=peak,
             results=results,
+            cuda_graphs=bench.cuda_graphs,
             host_peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
         )
     finally:

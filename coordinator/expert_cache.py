@@ -119,6 +119,11 @@ class ExpertCache:
         return loaded + loading + started + [e for e in missing if e not in started]
 
     def get(self, layer: int, expert: int) -> ExpertWeights:
+        return self._views[layer][self.acquire(layer, expert)]
+
+    def acquire(self, layer: int, expert: int) -> int:
+        """The slot that holds the expert, once its bytes are there for the compute stream
+        (on CUDA the stream waits on the copy's event; the host does not)."""
         state = self._layers[layer]
         if expert not in state.slot_of:  # it could not start in begin_layer: no slot was free then
             self._start_load(layer, expert, wait_for_victim=True)
@@ -128,6 +133,10 @@ class ExpertCache:
             self._wait(layer, index)
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_event(slot.ready)
+        return index
+
+    def slot_weights(self, layer: int, index: int) -> ExpertWeights:
+        """Views over one slot's memory (fixed addresses: CUDA graphs can read them)."""
         return self._views[layer][index]
 
     def done(self, layer: int, expert: int) -> None:

@@ -1,8 +1,9 @@
 """Where the time of a token goes, for the benchmark's breakdown. Off (None) in normal runs.
 
-Each `mark(phase)` charges the time since the previous mark to `phase`. On CUDA it first
-synchronizes the device, so the time is the GPU's as well as the CPU's; that serializes what
-normally overlaps, so the breakdown comes from a separate instrumented pass."""
+Each `mark(phase)` charges the time since the previous mark to `phase`. On CUDA it first waits
+for the compute stream (not the copy stream: copies run on), so the time is the GPU's as well
+as the CPU's; that serializes compute that normally overlaps with the host's work, so the
+breakdown comes from a separate instrumented pass."""
 
 from __future__ import annotations
 
@@ -21,14 +22,16 @@ class PhaseClock:
         self.seconds: dict[str, float] = defaultdict(float)
         self._last = time.perf_counter()
 
-    def start(self) -> None:
+    def _wait(self) -> None:
         if self.cuda:
-            torch.cuda.synchronize(self.device)
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def start(self) -> None:
+        self._wait()
         self._last = time.perf_counter()
 
     def mark(self, phase: str) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
+        self._wait()
         now = time.perf_counter()
         self.seconds[phase] += now - self._last
         self._last = now

@@ -50,3 +50,12 @@ def test_fused_kernels_change_no_greedy_token(store4, dtype):
     fused = tokens(store4, device="cuda", dtype=dtype, cache_experts=2)
     plain = tokens(store4, device="cuda", dtype=dtype, cache_experts=2, fused_kernels=False)
     assert fused == plain
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("store_name", ["store16", "store4"])
+def test_cuda_graphs_change_no_greedy_token(request, store_name, dtype):
+    store = request.getfixturevalue(store_name)
+    graphed = tokens(store, device="cuda", dtype=dtype, cache_experts=2)
+    eager = tokens(store, device="cuda", dtype=dtype, cache_experts=2, cuda_graphs=False)
+    assert graphed == eager

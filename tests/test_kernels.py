@@ -5,6 +5,7 @@ import importlib.util
 import os
 
 import pytest
+import torch
 
 from conftest import requires_cuda, run_module
 
@@ -12,6 +13,7 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, re
 
 
 @needs_triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test below runs the real kernels here")
 def test_fused_kernels_match_dequantize_matmul_in_the_cpu_interpreter():
     result = run_module("tests.kernel_check", "cpu", env_extra={"TRITON_INTERPRET": "1"}, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr

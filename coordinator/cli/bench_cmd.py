@@ -28,6 +28,7 @@ def register(commands) -> None:
     parser.add_argument("--modes", default="naive,lru,lru+prefetch,resident",
                         help="comma-separated subset of naive,lru,lru+prefetch,resident")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt and token stream (default 0)")
+    parser.add_argument("--eager", action="store_true", help="decode without CUDA graphs (to compare)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     parser.set_defaults(run=run)
 
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         store=args.store, device=args.device, dtype=args.dtype, cache_experts=args.cache_experts,
         gpu_budget_gb=args.gpu_budget_gb, tokens=args.tokens, prompt_tokens=args.prompt_tokens,
         warmup_tokens=args.warmup_tokens, profile_tokens=args.profile_tokens, prefetch_depth=args.prefetch_depth,
-        modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()), seed=args.seed,
+        modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()), seed=args.seed, cuda_graphs=not args.eager,
         progress=sys.stderr.isatty(),
     )
     print(json.dumps(report.to_dict(), indent=1) if args.json else render(report))
