@@ -5,6 +5,7 @@ is the one that answers."""
 from __future__ import annotations
 
 import ipaddress
+import signal
 import socket
 import threading
 import time
@@ -59,16 +60,31 @@ def _config(app, *, log_level: str, access_log: bool) -> uvicorn.Config:
                           timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
 
 
+class _Terminated(Exception):
+    """SIGTERM, re-raised by uvicorn after its graceful shutdown."""
+
+
+def _terminated(signum, frame) -> None:
+    raise _Terminated
+
+
 def run_server(app, *, host: str, port: int, on_listening: Callable[[str], None] | None = None,
                log_level: str = "info") -> None:
-    """Serve until Ctrl-C or SIGTERM (uvicorn stops gracefully). on_listening(url) once the socket
-    is bound: connections made from then on wait in its backlog until uvicorn accepts them."""
+    """Serve until Ctrl-C or SIGTERM, then return once uvicorn has stopped gracefully (open
+    streams get GRACEFUL_SHUTDOWN_S seconds). on_listening(url) once the socket is bound:
+    connections made from then on wait in its backlog until uvicorn accepts them."""
     sock = bind_socket(host, port)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     try:
         if on_listening is not None:
             on_listening(url_of(sock))
         uvicorn.Server(_config(app, log_level=log_level, access_log=True)).run(sockets=[sock])
+    except (KeyboardInterrupt, _Terminated):
+        pass  # uvicorn re-raises the signal it stopped on; stopping was the point
     finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
         sock.close()
 
 

@@ -55,3 +55,4 @@ def serve(*, engine, listen: str = DEFAULT_LISTEN, api_key: str | None = None, m
         print(f"moe-edge: serving {name} on {url} (OpenAI API at {url}/v1, metrics at {url}/metrics)", flush=True)
 
     run_server(app, host=host, port=port, on_listening=announce)
+    print("moe-edge: stopped", flush=True)
