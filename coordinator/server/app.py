@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from .api_errors import error_response, install_error_handlers
+from .api_errors import describe_error, error_response, install_error_handlers
 from .api_key import ApiKeyMiddleware
 from .chat_template import build_chat_prompt
 from .jobs import Jobs
@@ -57,7 +57,11 @@ def build_app(engine, *, model_name: str, api_key: str | None = None, max_queue:
     async def respond(request: Request, body: SamplingRequest, job, reply) -> Response:
         if body.stream:
             return EventStreamResponse(stream_events(job, reply, include_usage=body.include_usage()), job)
-        text = await collect_text(job, request)
+        try:
+            text = await collect_text(job, request)
+        except Exception as err:  # the job counted it; answer here so the handlers do not count it again
+            status, error = describe_error(err)
+            return JSONResponse(error, status_code=status)
         if text is None:  # the client is gone; nobody reads this
             return error_response(499, "the client closed the request", type="invalid_request_error")
         return JSONResponse(reply.whole(text, job.finish_reason, usage(job.prompt_tokens, job.completion_tokens)))
