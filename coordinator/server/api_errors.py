@@ -23,7 +23,11 @@ from .openai_format import error_body
 
 log = logging.getLogger("moe_edge.server")
 
-OUTCOME_OF_STATUS = {400: "invalid_request", 401: "unauthorized", 429: "queue_full"}
+def outcome_of(status: int) -> str:
+    """The `outcome` label of moe_edge_requests_total for a refused or failed request."""
+    if status in (401, 429):
+        return {401: "unauthorized", 429: "queue_full"}[status]
+    return "invalid_request" if status < 500 else "error"
 
 
 def error_response(status: int, message: str, *, type: str, param: str | None = None,
@@ -70,7 +74,7 @@ def install_error_handlers(app: FastAPI, *, count_request, endpoints: tuple[str,
 
     def answer(request: Request, status: int, body: dict, headers: dict | None = None) -> JSONResponse:
         if request.url.path in endpoints:
-            count_request(request.url.path, OUTCOME_OF_STATUS.get(status, "error"))
+            count_request(request.url.path, outcome_of(status))
         return JSONResponse(body, status_code=status, headers=headers)
 
     @app.exception_handler(RequestValidationError)

@@ -45,7 +45,6 @@ def build_app(engine, *, model_name: str, api_key: str | None = None, max_queue:
     started = int(time.time())
 
     app = FastAPI(title="moe-edge", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.engine, app.state.queue, app.state.metrics = engine, queue, metrics
     install_error_handlers(app, count_request=metrics.count_request, endpoints=(COMPLETIONS, CHAT_COMPLETIONS))
     if api_key is not None:
         def refused(path: str) -> None:
