@@ -220,6 +220,7 @@ class Engine:
     def _token_loop(self, gen: Generation, prompt_ids: list[int], max_new_tokens: int,
                     sampling: SamplingParams, stop_at_eos: bool) -> Iterator[int]:
         with self._lock:
+            self.cache.drop_failed_loads()  # left by a generation that ended on a source error
             sampler = Sampler(sampling)
             kv = self._kv_cache(len(prompt_ids) + max_new_tokens)
             before = self.cache.counters.totals()

@@ -259,6 +259,15 @@ class ExpertCache:
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
+    def drop_failed_loads(self) -> None:
+        """Empty the slots whose load failed and was never waited for (their generation ended on
+        an error first), so that a later generation loads those experts afresh instead of
+        raising the old error."""
+        for layer, state in enumerate(self._layers):
+            for index, slot in enumerate(state.slots):
+                if slot.ticket is not None and slot.ticket.done() and slot.ticket.exception() is not None:
+                    self._wait(layer, index, quiet=True)
+
     def resident(self, layer: int) -> list[int]:
         """Experts of a layer that are resident or loading (for tests and the live view)."""
         return list(self._layers[layer].lru)
