@@ -29,3 +29,18 @@ class HostError(MoeEdgeError):
 
 class ExpertUnavailableError(HostError):
     """No source could deliver an expert: every host that holds it failed."""
+
+
+class ServerError(MoeEdgeError):
+    """Our HTTP server could not be reached, or answered a request with an error. `status` is the
+    HTTP status when there was an answer."""
+
+    exit_code = 5
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class QueueFullError(ServerError):
+    """The server's waiting queue is at its bound (HTTP 429): retry later."""

@@ -41,7 +41,7 @@ class HFCheckpoint:
         self.config = ModelConfig.from_hf_dict(self.hf_config, source=str(config_path))
         self._handles = {}
         self._where: dict[str, str] = {}
-        shards = sorted(self.folder.glob("*.safetensors"))
+        shards = self._shards()
         if not shards:
             pickles = sorted(p.name for p in self.folder.glob("*.bin"))
             hint = f" (found {', '.join(pickles)}: pickle checkpoints are not read; convert them to safetensors)" if pickles else ""
@@ -54,6 +54,20 @@ class HFCheckpoint:
             self._handles[shard.name] = handle
             for name in handle.keys():
                 self._where[name] = shard.name
+
+    def _shards(self) -> list[Path]:
+        """The shards the index file names (each must exist), else every *.safetensors file."""
+        index = self.folder / "model.safetensors.index.json"
+        if not index.is_file():
+            return sorted(self.folder.glob("*.safetensors"))
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise StoreError(f"{index}: not a safetensors index ({type(err).__name__}: {err})") from None
+        missing = [name for name in names if not (self.folder / name).is_file()]
+        if missing:
+            raise StoreError(f"{self.folder / missing[0]}: missing, but {index.name} lists it")
+        return [self.folder / name for name in names]
 
     def has(self, name: str) -> bool:
         return name in self._where

@@ -26,6 +26,13 @@ class IncrementalDetokenizer:
             return after[len(before) :]
         return ""
 
+    def flush(self) -> str:
+        """At the end: whatever was held back waiting for a character to complete."""
+        before = self._decode(self.ids[self._prefix_offset : self._read_offset])
+        after = self._decode(self.ids[self._prefix_offset :])
+        self._prefix_offset = self._read_offset = len(self.ids)
+        return after[len(before) :]
+
 
 class StopMatcher:
     """Holds back just enough text to catch a stop string that spans pieces."""

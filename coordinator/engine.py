@@ -21,8 +21,10 @@ from common.errors import ConfigError, StoreError
 from common.store.reader import ExpertStore
 
 from .expert_cache import ExpertCache
+from .decode_graphs import GraphedDecoder
 from .expert_loader import ExpertLoader
 from .fetch_loop import FetchLoop
+from .kernels import quantized_linear_for
 from .generation import AsyncGeneration, Generation
 from .model import DenseWeights, KVCache, Transformer
 from .moe import MoEBlock
@@ -44,6 +46,8 @@ class EngineOptions:
     prefetch_depth: int = 1  # layers ahead
     prefetch_width: int | None = None  # experts guessed per layer ahead; default: the model's top-k
     source: str = "ram"  # ram | disk (or a SourceFactory given to Engine.open)
+    fused_kernels: bool = True  # Triton dequantize+matmul on CUDA (ignored elsewhere)
+    cuda_graphs: bool = True  # decode steps as CUDA graphs (ignored off CUDA)
     progress: bool = False
 
 
@@ -109,18 +113,20 @@ class Engine:
                 width = options.prefetch_width or self.config.top_k
                 predictor = RouterLookahead(routers, norms, self.config.rms_norm_eps,
                                             depth=options.prefetch_depth, experts_per_layer=min(width, self.config.num_experts))
-            moe = MoEBlock(self.config, routers, norms, self.cache, predictor)
+            moe = MoEBlock(self.config, routers, norms, self.cache, predictor,
+                           quantized_linear_for(self.device, fused=options.fused_kernels))
             self.model = Transformer(self.config, dense, moe, self.device, self.dtype)
         except BaseException:
             self.close()
             raise
         self._kv: KVCache | None = None
+        self._decoder: GraphedDecoder | None = None
         self._lock = threading.Lock()
 
     @classmethod
     def open(cls, store: str | Path, *, source: str | SourceFactory = "ram", **options) -> "Engine":
         """Open a packed store. Options are EngineOptions' fields (device, dtype, cache_experts,
-        prefetch, prefetch_depth, prefetch_width, progress)."""
+        prefetch, prefetch_depth, prefetch_width, fused_kernels, cuda_graphs, progress)."""
         if options.get("cache_experts", 1) < 1:
             raise ConfigError(f"--cache-experts {options['cache_experts']}: needs at least 1 slot per layer")
         local = isinstance(source, str)  # remote sources need no expert files here
@@ -198,13 +204,23 @@ class Engine:
     def _kv_cache(self, length: int) -> KVCache:
         if self._kv is None or self._kv.capacity < length:
             capacity = min(self.config.max_position_embeddings, (length + 255) // 256 * 256)
-            self._kv = None  # free the old one first
+            self._kv = self._decoder = None  # free the old ones first
             self._kv = KVCache(self.config, capacity, self.device, self.dtype)
         return self._kv
+
+    def _decode_step(self, token: int, position: int, kv: KVCache, step_input: torch.Tensor) -> torch.Tensor:
+        """Logits [1, V] of one new token: through CUDA graphs where they apply, else eagerly."""
+        if self.device.type == "cuda" and self.options.cuda_graphs:
+            if self._decoder is None or self._decoder.kv is not kv:
+                self._decoder = GraphedDecoder(self.model, kv)
+            return self._decoder.step(token, position)
+        step_input.fill_(token)
+        return self.model.forward(step_input, position, kv)
 
     def _token_loop(self, gen: Generation, prompt_ids: list[int], max_new_tokens: int,
                     sampling: SamplingParams, stop_at_eos: bool) -> Iterator[int]:
         with self._lock:
+            self.cache.drop_failed_loads()  # left by a generation that ended on a source error
             sampler = Sampler(sampling)
             kv = self._kv_cache(len(prompt_ids) + max_new_tokens)
             before = self.cache.counters.totals()
@@ -232,8 +248,7 @@ class Engine:
                         break
                     if produced == max_new_tokens:
                         break
-                    step_input.fill_(token)
-                    logits = self.model.forward(step_input, position, kv)
+                    logits = self._decode_step(token, position, kv, step_input)
                     position += 1
                     token = sampler(logits[-1])
                     stats.decode_s = time.perf_counter() - decode_started

@@ -70,7 +70,9 @@ class _LayerSlots:
 
 class ExpertCache:
     def __init__(self, *, layout: BlobLayout, num_layers: int, slots_per_layer: int, device: torch.device,
-                 loader: ExpertLoader, load_timeout_s: float = 300.0) -> None:
+                 loader: ExpertLoader, load_timeout_s: float = 300.0, forget_after_use: bool = False) -> None:
+        """`forget_after_use` empties a slot as soon as its expert is used: no caching at all,
+        every use a fresh copy (the naive baseline of the benchmark)."""
         if slots_per_layer < 1:
             raise ConfigError(f"--cache-experts {slots_per_layer}: needs at least 1 slot per layer")
         self.layout = layout
@@ -79,6 +81,7 @@ class ExpertCache:
         self.load_timeout_s = load_timeout_s
         self.cuda = device.type == "cuda"
         self.slots_per_layer = slots_per_layer
+        self.forget_after_use = forget_after_use
         # Normal tensors even if the engine is made under inference_mode: the loader writes them
         # from other threads, where an inference tensor would refuse in-place updates.
         with torch.inference_mode(False):
@@ -116,6 +119,11 @@ class ExpertCache:
         return loaded + loading + started + [e for e in missing if e not in started]
 
     def get(self, layer: int, expert: int) -> ExpertWeights:
+        return self._views[layer][self.acquire(layer, expert)]
+
+    def acquire(self, layer: int, expert: int) -> int:
+        """The slot that holds the expert, once its bytes are there for the compute stream
+        (on CUDA the stream waits on the copy's event; the host does not)."""
         state = self._layers[layer]
         if expert not in state.slot_of:  # it could not start in begin_layer: no slot was free then
             self._start_load(layer, expert, wait_for_victim=True)
@@ -125,13 +133,20 @@ class ExpertCache:
             self._wait(layer, index)
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_event(slot.ready)
+        return index
+
+    def slot_weights(self, layer: int, index: int) -> ExpertWeights:
+        """Views over one slot's memory (fixed addresses: CUDA graphs can read them)."""
         return self._views[layer][index]
 
     def done(self, layer: int, expert: int) -> None:
         self._protected.discard(expert)
+        state = self._layers[layer]
+        index = state.slot_of[expert]
         if self.cuda:
-            state = self._layers[layer]
-            state.slots[state.slot_of[expert]].free.record(torch.cuda.current_stream(self.device))
+            state.slots[index].free.record(torch.cuda.current_stream(self.device))
+        if self.forget_after_use:
+            self._evict(layer, index)
 
     def prefetch(self, layer: int, experts: list[int]) -> None:
         state = self._layers[layer]
@@ -231,6 +246,27 @@ class ExpertCache:
             self._wait(layer, index)
             return
         raise error
+
+    def load_all(self) -> None:
+        """Fill every slot in order and wait (to start from a warm cache, e.g. all resident)."""
+        for layer, state in enumerate(self._layers):
+            self.prefetch(layer, list(range(len(state.slots))))
+        for layer, state in enumerate(self._layers):
+            for index, slot in enumerate(state.slots):
+                if slot.ticket is not None:
+                    self._wait(layer, index)
+                slot.prefetched_unused = False
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def drop_failed_loads(self) -> None:
+        """Empty the slots whose load failed and was never waited for (their generation ended on
+        an error first), so that a later generation loads those experts afresh instead of
+        raising the old error."""
+        for layer, state in enumerate(self._layers):
+            for index, slot in enumerate(state.slots):
+                if slot.ticket is not None and slot.ticket.done() and slot.ticket.exception() is not None:
+                    self._wait(layer, index, quiet=True)
 
     def resident(self, layer: int) -> list[int]:
         """Experts of a layer that are resident or loading (for tests and the live view)."""

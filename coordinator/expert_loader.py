@@ -2,14 +2,17 @@
 
 source -> (pinned staging buffer, unless the source already holds the blob in pinned memory)
 -> slot, as an asynchronous copy on a dedicated copy stream that first waits until compute is
-done with the slot's previous expert. On a CPU run the same path is a plain copy.
+done with the slot's previous expert. A blob already in pinned RAM is copied straight from the
+calling thread (no hop through the fetch loop); anything that needs I/O runs on the fetch loop.
+On a CPU run the same paths are plain copies.
 
-Staging buffers and the copy stream are made once; a load allocates nothing."""
+Staging buffers and the copy stream are made once; a load allocates nothing but its future."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import time
 
 import torch
 
@@ -19,6 +22,28 @@ from .fetch_loop import FetchLoop
 from .sources.base import ExpertSource
 
 
+class CopyTimer:
+    """Optional: times every device copy (CUDA events on the copy stream; wall time on CPU), so
+    a benchmark can say how busy the link was. Off in normal runs."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.cpu_seconds = 0.0
+        self.bytes = 0
+
+    def busy_seconds(self) -> float:
+        """Total copy time so far (synchronizes with the copies it timed)."""
+        total = self.cpu_seconds
+        for start, end in self.events:
+            end.synchronize()
+            total += start.elapsed_time(end) / 1000
+        return total
+
+    def reset(self) -> None:
+        self.events.clear()
+        self.cpu_seconds, self.bytes = 0.0, 0
+
+
 class ExpertLoader:
     def __init__(self, source: ExpertSource, device: torch.device, fetch_loop: FetchLoop, *, staging_buffers: int = 4) -> None:
         self.source = source
@@ -26,6 +51,7 @@ class ExpertLoader:
         self.fetch_loop = fetch_loop
         self.cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.timer: CopyTimer | None = None
         self._staging: asyncio.Queue[torch.Tensor] | None = None
         with torch.inference_mode(False):  # written from the fetch loop's thread
             self._staging_buffers = [
@@ -33,22 +59,28 @@ class ExpertLoader:
             ]
 
     def load(self, eid: ExpertId, slot: torch.Tensor, slot_free: torch.cuda.Event | None,
-             slot_ready: torch.cuda.Event | None) -> concurrent.futures.Future[None]:
-        """Start filling `slot` with `eid`; the future resolves once the copy is issued (CUDA:
-        `slot_ready` is recorded behind it) or done (CPU)."""
+             slot_ready: torch.cuda.Event | None) -> concurrent.futures.Future[None] | None:
+        """Start filling `slot` with `eid`. Returns None when the copy is already issued (CUDA,
+        blob in pinned RAM: `slot_ready` is recorded behind it); else a future that resolves
+        once the copy is issued (CUDA: `slot_ready` recorded) or done (CPU)."""
+        if self.cuda:
+            resident = self.source.resident_blob(eid)
+            if resident is not None:
+                self._copy(resident, slot, slot_free, slot_ready)
+                return None
         return self.fetch_loop.submit(self._load(eid, slot, slot_free, slot_ready))
 
     async def _load(self, eid: ExpertId, slot: torch.Tensor, slot_free, slot_ready) -> None:
         if not self.cuda:
+            started = time.perf_counter()
             resident = self.source.resident_blob(eid)
             if resident is not None:
                 slot.copy_(resident)
             else:
                 await self.source.fetch_into(eid, slot)
-            return
-        resident = self.source.resident_blob(eid)
-        if resident is not None:
-            self._copy(resident, slot, slot_free, slot_ready)
+            if self.timer is not None:
+                self.timer.cpu_seconds += time.perf_counter() - started
+                self.timer.bytes += slot.numel()
             return
         staging = await self._take_staging()
         try:
@@ -69,5 +101,12 @@ class ExpertLoader:
     def _copy(self, host: torch.Tensor, slot: torch.Tensor, slot_free, slot_ready) -> None:
         with torch.cuda.stream(self.copy_stream):
             self.copy_stream.wait_event(slot_free)
+            if self.timer is not None:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record(self.copy_stream)
             slot.copy_(host, non_blocking=True)
             slot_ready.record(self.copy_stream)
+            if self.timer is not None:
+                end.record(self.copy_stream)
+                self.timer.events.append((start, end))
+                self.timer.bytes += slot.numel()

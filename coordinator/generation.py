@@ -66,7 +66,12 @@ class Generation:
             if self._stop.stopped:
                 self.finish_reason = "stop"
                 self.cancel()
-        tail = self._stop.flush()
+        if self._detokenizer is not None and not self._stop.stopped:
+            held = self._stop.feed(self._detokenizer.flush())
+            if held:
+                self.text += held
+                yield held
+        tail = "" if self._stop.stopped else self._stop.flush()
         if tail:
             self.text += tail
             yield tail

@@ -35,10 +35,14 @@ class RotaryEmbedding:
         self.cos = angles.cos().to(device=device, dtype=dtype)
         self.sin = angles.sin().to(device=device, dtype=dtype)
 
-    def apply(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """x [heads, T, D] at positions start..start+T-1."""
-        length = x.shape[-2]
-        cos, sin = self.cos[start : start + length], self.sin[start : start + length]  # [T, D]
+    def apply(self, x: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
+        """x [heads, T, D] at positions start..start+T-1 (or one token at a position held in a
+        device tensor [1], for CUDA graphs)."""
+        if isinstance(start, torch.Tensor):
+            cos, sin = self.cos.index_select(0, start), self.sin.index_select(0, start)  # [1, D]
+        else:
+            length = x.shape[-2]
+            cos, sin = self.cos[start : start + length], self.sin[start : start + length]  # [T, D]
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
@@ -53,8 +57,14 @@ class KVCache:
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.capacity = capacity
 
-    def update(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor):
-        """Store [K, T, D] at positions start.., return all [K, start+T, D] so far."""
+    def update(self, layer: int, start: int | torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
+        """Store [K, T, D] at positions start.., return all [K, start+T, D] so far. With a device
+        position [1] (CUDA graphs: one token), return the whole capacity [K, S, D]; the caller
+        masks what lies past the position."""
+        if isinstance(start, torch.Tensor):
+            self.keys[layer].index_copy_(1, start, keys)
+            self.values[layer].index_copy_(1, start, values)
+            return self.keys[layer], self.values[layer]
         end = start + keys.shape[1]
         self.keys[layer, :, start:end] = keys
         self.values[layer, :, start:end] = values
@@ -123,9 +133,10 @@ class Transformer:
         self.dtype = dtype
         self.rotary = RotaryEmbedding(config, device, dtype)
         self.scale = config.head_dim**-0.5
+        self.clock = None  # a PhaseClock while the benchmark profiles; None otherwise
 
-    def attention(self, x: torch.Tensor, layer: int, start: int, kv: KVCache) -> torch.Tensor:
-        """x [T, H] (normed) -> [T, H]."""
+    def attention(self, x: torch.Tensor, layer: int, start: int | torch.Tensor, kv: KVCache) -> torch.Tensor:
+        """x [T, H] (normed) -> [T, H]. `start` may be a device tensor [1] (one token, CUDA graphs)."""
         c, w = self.config, self.weights.layers[layer]
         length = x.shape[0]
         q = F.linear(x, w.q_proj).view(length, c.num_heads, c.head_dim).transpose(0, 1)  # [Q, T, D]
@@ -145,12 +156,13 @@ class Transformer:
         out = out.view(c.num_heads, length, c.head_dim).transpose(0, 1).reshape(length, -1)  # [T, Q*D]
         return F.linear(out, w.o_proj)
 
-    def _mask(self, start: int, length: int, total: int) -> torch.Tensor | None:
+    def _mask(self, start: int | torch.Tensor, length: int, total: int) -> torch.Tensor | None:
         """Additive [T, S] mask: causal, and Mistral's sliding window if the model has one."""
         window = self.config.sliding_window
-        if length == 1 and (window is None or total <= window):
+        static = isinstance(start, torch.Tensor)  # the whole KV capacity is attended: mask past `start`
+        if length == 1 and not static and (window is None or total <= window):
             return None
-        query_pos = torch.arange(start, start + length, device=self.device)[:, None]
+        query_pos = (start if static else torch.arange(start, start + length, device=self.device))[:, None]
         key_pos = torch.arange(total, device=self.device)[None, :]
         allowed = key_pos <= query_pos
         if window is not None:
@@ -163,9 +175,15 @@ class Transformer:
         """tokens [T] at positions start.. -> logits [T, V] (all_logits) or [1, V] (last), float32."""
         c, w = self.config, self.weights
         x = F.embedding(tokens, w.embed)  # [T, H]
+        clock = self.clock
         for layer, lw in enumerate(w.layers):
             h = x + self.attention(rms_norm(x, lw.input_norm, c.rms_norm_eps), layer, start, kv)
+            if clock:
+                clock.mark("attention")
             x = h + self.moe.forward(layer, h)
         if not all_logits:
             x = x[-1:]
-        return F.linear(rms_norm(x, w.norm, c.rms_norm_eps), w.lm_head).float()
+        logits = F.linear(rms_norm(x, w.norm, c.rms_norm_eps), w.lm_head).float()
+        if clock:
+            clock.mark("other")
+        return logits

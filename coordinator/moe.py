@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from common.expert_ffn import expert_forward
+from common.expert_ffn import Linear, dequantize_linear, expert_forward
 from common.model_config import ModelConfig
 from common.store.blob_layout import ExpertWeights
 
@@ -36,8 +36,13 @@ class ExpertProvider(Protocol):
 
 
 class ExpertPredictor(Protocol):
-    def predict(self, layer: int, hidden: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-        """(later layer, predicted expert indices on the device) for the layers ahead of `layer`."""
+    width: int  # experts guessed per layer ahead
+
+    def layers_ahead(self, layer: int) -> list[int]:
+        """The later layers that `predict` guesses for, in order."""
+
+    def predict(self, layer: int, hidden: torch.Tensor) -> list[torch.Tensor]:
+        """Guessed expert indices [width] (on the device) for each of layers_ahead(layer)."""
 
 
 def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,40 +55,66 @@ def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.
 
 class MoEBlock:
     def __init__(self, config: ModelConfig, routers: list[torch.Tensor], post_attention_norms: list[torch.Tensor],
-                 provider: ExpertProvider, predictor: ExpertPredictor | None) -> None:
+                 provider: ExpertProvider, predictor: ExpertPredictor | None,
+                 quantized_linear: Linear = dequantize_linear) -> None:
         self.config = config
         self.routers = routers  # per layer [E, H]
         self.norms = post_attention_norms  # per layer [H]
         self.provider = provider
         self.predictor = predictor
+        self.quantized_linear = quantized_linear  # fused CUDA kernels, or plain dequantize+matmul
+        self.clock = None  # a PhaseClock while the benchmark profiles; None otherwise
 
-    def forward(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [T, H]: the residual stream after attention -> the MoE output [T, H]."""
+    def route(self, layer: int, hidden: torch.Tensor):
+        """Device work only (a CUDA graph can hold it): hidden [T, H] after attention ->
+        (x [T, H] normed MoE input, weights [T, k] float32, plan [T*k + guesses] int64: the chosen
+        experts, then the lookahead guesses for the layers ahead)."""
         x = rms_norm(hidden, self.norms[layer], self.config.rms_norm_eps)
         weights, experts = route(torch.nn.functional.linear(x, self.routers[layer]), self.config.top_k)
         predictions = self.predictor.predict(layer, hidden) if self.predictor is not None else []
-        # One device->host sync for this layer: the routing and every prediction together.
-        flat = torch.cat([experts.view(-1)] + [p.view(-1) for _, p in predictions]).tolist()
-        chosen, flat = flat[: experts.numel()], flat[experts.numel() :]
-        needed = sorted(set(chosen))
-        order = self.provider.begin_layer(layer, needed)
-        for later_layer, predicted in predictions:
-            count = predicted.numel()
-            self.provider.prefetch(later_layer, flat[:count])
-            flat = flat[count:]
+        plan = torch.cat([experts.view(-1), *predictions]) if predictions else experts.view(-1)
+        return x, weights, plan
+
+    def dispatch(self, layer: int, plan: list[int], tokens: int) -> tuple[list[int], list[int]]:
+        """Host side of a layer, from the plan read back in one sync: start the loads this layer
+        needs, then the prefetches for the layers ahead. Returns (experts in compute order,
+        each token's chosen experts flattened [T*k])."""
+        count = tokens * self.config.top_k
+        chosen = plan[:count]
+        order = self.provider.begin_layer(layer, sorted(set(chosen)))
+        guesses = plan[count:]
+        if guesses:
+            width = self.predictor.width
+            for n, later_layer in enumerate(self.predictor.layers_ahead(layer)):
+                self.provider.prefetch(later_layer, guesses[n * width : (n + 1) * width])
+        return order, chosen
+
+    def forward(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [T, H]: the residual stream after attention -> the MoE output [T, H]."""
+        x, weights, plan = self.route(layer, hidden)
+        # One device->host sync for this layer: the routing and every guess together.
+        order, chosen = self.dispatch(layer, plan.tolist(), x.shape[0])
+        clock = self.clock
+        if clock:
+            clock.mark("routing")
         out = torch.zeros_like(x)
         if x.shape[0] == 1:  # decode: one token, no gather/scatter
             for expert in order:
                 position = chosen.index(expert)
-                ys = expert_forward(x, self.provider.get(layer, expert))  # [1, H]
+                expert_weights = self.provider.get(layer, expert)
+                if clock:
+                    clock.mark("waiting on copies")
+                ys = expert_forward(x, expert_weights, self.quantized_linear)  # [1, H]
                 out += (ys * weights[:, position : position + 1]).to(out.dtype)
                 self.provider.done(layer, expert)
+                if clock:
+                    clock.mark("expert compute")
             return out
         tokens_of = _tokens_per_expert(chosen, self.config.top_k)
         for expert in order:
             token_index, slot_index = tokens_of[expert]
             rows = torch.tensor(token_index, device=x.device)
-            ys = expert_forward(x[rows], self.provider.get(layer, expert))  # [t, H]
+            ys = expert_forward(x[rows], self.provider.get(layer, expert), self.quantized_linear)  # [t, H]
             ys = ys * weights[rows, torch.tensor(slot_index, device=x.device), None]
             out.index_add_(0, rows, ys.to(out.dtype))
             self.provider.done(layer, expert)

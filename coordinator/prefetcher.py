@@ -23,12 +23,15 @@ class RouterLookahead:
         self.depth = depth
         self.width = experts_per_layer
 
-    def predict(self, layer: int, hidden: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-        """hidden [T, H] after layer `layer`'s attention -> [(later layer, [N] expert indices)].
-        With several tokens (prefill), the guess is the experts with the most routing mass."""
+    def layers_ahead(self, layer: int) -> list[int]:
+        return list(range(layer + 1, min(layer + 1 + self.depth, len(self.routers))))
+
+    def predict(self, layer: int, hidden: torch.Tensor) -> list[torch.Tensor]:
+        """hidden [T, H] after layer `layer`'s attention -> [N] expert indices for each layer
+        ahead. With several tokens (prefill), the guess is the experts with the most routing mass."""
         guesses = []
-        for later in range(layer + 1, min(layer + 1 + self.depth, len(self.routers))):
+        for later in self.layers_ahead(layer):
             x = rms_norm(hidden, self.norms[later], self.eps)
             probs = torch.softmax(torch.nn.functional.linear(x, self.routers[later]).float(), dim=-1)  # [T, E]
-            guesses.append((later, torch.topk(probs.sum(dim=0), self.width).indices))  # [N]
+            guesses.append(torch.topk(probs.sum(dim=0), self.width).indices)  # [N]
         return guesses

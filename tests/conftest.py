@@ -47,9 +47,10 @@ def store2(tmp_path_factory, tiny_model_dir) -> Path:
     return _pack(tmp_path_factory, tiny_model_dir, "store2", expert_bits=2, dense_bits=16)
 
 
-def run_module(module: str, *args: str, timeout: float = 300, cwd: Path | None = None, **kwargs) -> subprocess.CompletedProcess:
+def run_module(module: str, *args: str, timeout: float = 300, cwd: Path | None = None,
+               env_extra: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
     """Run `python -m MODULE ARGS...` as a user would, capturing its output."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
     return subprocess.run(
         [sys.executable, "-m", module, *map(str, args)],
         capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT, env=env, **kwargs,

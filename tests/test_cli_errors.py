@@ -120,3 +120,31 @@ def test_generate_json_reports_new_tokens_and_stats(run_coordinator, store16):
     assert result.stdout.startswith(report["text"])
     for key in ("tokens_per_s", "cache_hits", "cache_misses", "prefetch_hits", "prefetch_wasted", "bytes_fetched"):
         assert key in report["stats"]
+
+
+@pytest.fixture(scope="module")
+def sharded_model(tiny_model_dir, tmp_path_factory):
+    """The tiny checkpoint saved again in several shards with an index file."""
+    from transformers import MixtralForCausalLM
+
+    out = tmp_path_factory.mktemp("sharded") / "model"
+    MixtralForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(out, max_shard_size="4MB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, out)
+    assert (out / "model.safetensors.index.json").is_file()
+    return out
+
+
+def test_a_sharded_checkpoint_packs_to_the_same_store(run_coordinator, sharded_model, store16, tmp_path):
+    result = run_coordinator("pack", "--model", sharded_model, "--out", tmp_path / "s", "--expert-bits", "16", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert Manifest.read(tmp_path / "s").model_id == Manifest.read(store16).model_id
+
+
+def test_a_shard_missing_from_the_index_is_named(run_coordinator, sharded_model, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(sharded_model, model)
+    victim = sorted(model.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    result = run_coordinator("pack", "--model", model, "--out", tmp_path / "s")
+    assert_one_line_error(result, victim.name, "missing")

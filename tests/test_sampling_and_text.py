@@ -55,3 +55,15 @@ def test_text_that_only_looks_like_a_stop_start_is_released():
     matcher = StopMatcher(["STOP"])
     out = matcher.feed("abc ST") + matcher.feed("ART")
     assert not matcher.stopped and out + matcher.flush() == "abc START"
+
+
+def test_streamed_pieces_of_any_token_sequence_join_to_the_whole_decode(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    generator = torch.Generator().manual_seed(5)
+    for _ in range(20):  # random ids include lone UTF-8 continuation bytes, as sampling can give
+        ids = torch.randint(3, len(tokenizer), (40,), generator=generator).tolist()
+        detokenizer = IncrementalDetokenizer(tokenizer)
+        text = "".join(detokenizer.add(i) for i in ids) + detokenizer.flush()
+        assert text == tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)

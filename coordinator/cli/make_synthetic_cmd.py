@@ -1,0 +1,32 @@
+"""make-synthetic: a store of real model shapes with random weights, for benchmarks."""
+
+import argparse
+
+
+def register(commands) -> None:
+    from coordinator.synthetic import SHAPES
+
+    parser = commands.add_parser(
+        "make-synthetic",
+        help="write a store of real shapes (e.g. Mixtral-8x7B) with random weights, for benchmarks",
+        description="Write a store in exactly the layout `pack` writes, with random quantized codes and plausible "
+        "scales: timing does not depend on weight values (routing does, and comes from these random weights).",
+    )
+    parser.add_argument("--shape", required=True, choices=sorted(SHAPES), help="model shape")
+    parser.add_argument("--out", required=True, metavar="STORE", help="store folder to create")
+    parser.add_argument("--expert-bits", type=int, choices=(16, 4, 3, 2), default=2, help="bits per expert weight (default 2)")
+    parser.add_argument("--dense-bits", type=int, choices=(16, 4), default=4, help="bits of attention projections (default 4)")
+    parser.add_argument("--group-size", type=int, default=64, help="quantization group size (default 64)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from coordinator.synthetic import make_synthetic_store
+
+    summary = make_synthetic_store(shape=args.shape, out=args.out, expert_bits=args.expert_bits,
+                                   dense_bits=args.dense_bits, group_size=args.group_size, seed=args.seed,
+                                   progress=not args.quiet)
+    print(summary.line())
+    return 0

@@ -1,0 +1,149 @@
+"""CUDA graphs for the decode step: one token through every layer with few kernel launches.
+
+Eagerly, a decode step launches some sixty small kernels per layer, and on a fast GPU their
+launch cost, not the GPU, bounds the speed. Here each layer's fixed part (residual add,
+attention, router, lookahead guesses) is one graph, and the expert FFN on each (cache slot,
+top-k position) is one graph that reads the slot at its fixed address. Between them Python does
+only what must be decided per token: read the layer's plan back (one sync), start loads, and
+replay the graphs of the slots that hold the chosen experts.
+
+It reuses the model's own functions for the math, on static buffers, so it computes what the
+eager path computes (attention runs over the whole KV capacity, masked past the position). Off
+CUDA the same steps run directly, without capture: that is its CPU twin in the tests.
+
+Dimension legend: H = hidden size, V = vocabulary, k = experts per token."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from common.expert_ffn import expert_forward
+
+from .model import KVCache, Transformer
+from .rms_norm import rms_norm
+
+
+class _Direct:
+    """Stands in for a CUDA graph off CUDA: `replay()` just runs the work."""
+
+    def __init__(self, work) -> None:
+        self.replay = work
+
+
+class GraphedDecoder:
+    def __init__(self, model: Transformer, kv: KVCache) -> None:
+        self.model, self.kv = model, kv
+        self.capture = model.device.type == "cuda"
+        self.moe, self.cache = model.moe, model.moe.provider
+        c, device, dtype = model.config, model.device, model.dtype
+        self.config = c
+        self.token = torch.zeros(1, dtype=torch.long, device=device)
+        self.position = torch.full((1,), kv.capacity - 1, dtype=torch.long, device=device)  # scratch while capturing
+        self.x = torch.zeros(1, c.hidden_size, dtype=dtype, device=device)  # residual stream entering a layer
+        self.h = torch.zeros_like(self.x)  # residual after attention
+        self.moe_in = torch.zeros_like(self.x)  # normed input of the experts
+        self.out = torch.zeros_like(self.x)  # sum of the experts' weighted outputs
+        self.weights = torch.zeros(1, c.top_k, dtype=torch.float32, device=device)
+        self.logits = torch.zeros(1, c.vocab_size, dtype=torch.float32, device=device)
+        self.plans: list[torch.Tensor] = []
+        self._pool = torch.cuda.graph_pool_handle() if self.capture else None
+        with torch.inference_mode():
+            self._capture_all()
+
+    # --- what the graphs hold --------------------------------------------------------------
+
+    def _embed(self) -> None:
+        self.x.copy_(F.embedding(self.token, self.model.weights.embed))
+
+    def _layer(self, layer: int) -> None:
+        if layer > 0:
+            torch.add(self.h, self.out, out=self.x)
+        weights = self.model.weights.layers[layer]
+        normed = rms_norm(self.x, weights.input_norm, self.config.rms_norm_eps)
+        self.h.copy_(self.x + self.model.attention(normed, layer, self.position, self.kv))
+        moe_in, route_weights, plan = self.moe.route(layer, self.h)
+        self.moe_in.copy_(moe_in)
+        self.weights.copy_(route_weights)
+        self.plans[layer].copy_(plan)
+        self.out.zero_()
+
+    def _expert(self, layer: int, slot: int, position: int) -> None:
+        ys = expert_forward(self.moe_in, self.cache.slot_weights(layer, slot), self.moe.quantized_linear)  # [1, H]
+        self.out.add_((ys * self.weights[:, position : position + 1]).to(self.out.dtype))
+
+    def _head(self) -> None:
+        torch.add(self.h, self.out, out=self.x)
+        normed = rms_norm(self.x, self.model.weights.norm, self.config.rms_norm_eps)
+        self.logits.copy_(F.linear(normed, self.model.weights.lm_head).float())
+
+    # --- capture ---------------------------------------------------------------------------
+
+    def _capture_all(self) -> None:
+        c = self.config
+        for layer in range(c.num_layers):  # plan buffers, sized by a dry run of the router
+            self.plans.append(torch.zeros_like(self.moe.route(layer, self.h)[2]))
+        if self.capture:
+            self._warm_up()
+        self.embed_graph = self._graph(self._embed)
+        self.layer_graphs = [self._graph(lambda l=layer: self._layer(l)) for layer in range(c.num_layers)]
+        slots = self.cache.slots_per_layer
+        self.expert_graphs = [
+            [[self._graph(lambda l=layer, s=slot, p=position: self._expert(l, s, p)) for position in range(c.top_k)]
+             for slot in range(slots)]
+            for layer in range(c.num_layers)
+        ]
+        self.head_graph = self._graph(self._head)
+        if self.capture:
+            torch.cuda.synchronize(self.model.device)
+
+    def _warm_up(self) -> None:
+        """Run each kind of work once off the main stream: Triton compiles, cuBLAS picks kernels."""
+        c = self.config
+        side = torch.cuda.Stream(self.model.device)
+        side.wait_stream(torch.cuda.current_stream(self.model.device))
+        with torch.cuda.stream(side):  # warm up (Triton compiles, cuBLAS picks kernels) off the main stream
+            self._embed()
+            for layer in range(c.num_layers):
+                self._layer(layer)
+                self._expert(layer, 0, 0)
+            self._head()
+        torch.cuda.current_stream(self.model.device).wait_stream(side)
+
+    def _graph(self, work):
+        if not self.capture:
+            return _Direct(work)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            work()
+        return graph
+
+    # --- one token ---------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self, token: int, position: int) -> torch.Tensor:
+        """Logits [1, V] float32 of the token at `position` (a static buffer: read it before the
+        next step)."""
+        clock = self.model.clock
+        self.token.fill_(token)
+        self.position.fill_(position)
+        self.embed_graph.replay()
+        for layer in range(self.config.num_layers):
+            self.layer_graphs[layer].replay()
+            if clock:
+                clock.mark("attention")
+            order, chosen = self.moe.dispatch(layer, self.plans[layer].tolist(), 1)
+            if clock:
+                clock.mark("routing")
+            for expert in order:
+                slot = self.cache.acquire(layer, expert)
+                if clock:
+                    clock.mark("waiting on copies")
+                self.expert_graphs[layer][slot][chosen.index(expert)].replay()
+                self.cache.done(layer, expert)
+                if clock:
+                    clock.mark("expert compute")
+        self.head_graph.replay()
+        if clock:
+            clock.mark("other")
+        return self.logits

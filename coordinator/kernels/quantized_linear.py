@@ -1,0 +1,135 @@
+"""x @ W.T for an HQQ-quantized W kept in our planar bit-plane layout (common/quantization.py).
+
+Decode (few tokens): one fused kernel reads the packed codes once, dequantizes in registers and
+accumulates in float32; per group it uses
+    sum_i W[o,i] x[i] = scale[o,g] * (sum_i code[o,i] x[i] - zero[o,g] * sum_i x[i]),
+so the zero point costs one multiply per group, not per weight. The bytes it must read are the
+codes plus the scales and zeros: 2.5 bits per weight at 2-bit, group 64.
+Prefill (many tokens): a kernel dequantizes into a reused scratch buffer, then one matmul.
+
+Legend: T = tokens, O = output features, I = input features, P = packed bytes per row of a
+plane (I / codes-per-byte), G = groups per row, BO/BJ = block sizes over O and over P."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from common.quantization import QuantizedMatrix
+
+DECODE_MAX_TOKENS = 4  # up to this many tokens, the fused GEMV per token beats dequantize+matmul
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, codes_ptr, scale_ptr, zero_ptr, out_ptr,
+    O, P, NG,
+    WIDTH: tl.constexpr, GROUP: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    PER_BYTE: tl.constexpr = 8 // WIDTH
+    MASK: tl.constexpr = (1 << WIDTH) - 1
+    GROUPS_PER_BLOCK: tl.constexpr = BLOCK_J // GROUP
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_O + tl.arange(0, BLOCK_O)  # [BO]
+    row_ok = rows < O
+    acc = tl.zeros([BLOCK_O], dtype=tl.float32)
+    for j0 in range(0, P, BLOCK_J):
+        cols = j0 + tl.arange(0, BLOCK_J)  # [BJ]
+        packed = tl.load(codes_ptr + rows[:, None] * P + cols[None, :], mask=row_ok[:, None], other=0)  # [BO, BJ]
+        for k in tl.static_range(PER_BYTE):
+            codes = ((packed >> (8 - WIDTH * (k + 1))) & MASK).to(tl.float32)  # [BO, BJ]
+            xk = tl.load(x_ptr + k * P + cols).to(tl.float32)  # [BJ]
+            partial = tl.sum(tl.reshape(codes * xk[None, :], [BLOCK_O, GROUPS_PER_BLOCK, GROUP]), axis=2)
+            x_sum = tl.sum(tl.reshape(xk, [GROUPS_PER_BLOCK, GROUP]), axis=1)  # [BO/G]
+            groups = (k * P + j0) // GROUP + tl.arange(0, GROUPS_PER_BLOCK)
+            meta = rows[:, None] * NG + groups[None, :]
+            scale = tl.load(scale_ptr + meta, mask=row_ok[:, None], other=0).to(tl.float32)
+            zero = tl.load(zero_ptr + meta, mask=row_ok[:, None], other=0).to(tl.float32)
+            acc += tl.sum(scale * (partial - zero * x_sum[None, :]), axis=1)
+    tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _dequantize_kernel(
+    codes_ptr, scale_ptr, zero_ptr, out_ptr,
+    O, P, NG,
+    WIDTH: tl.constexpr, GROUP: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    PER_BYTE: tl.constexpr = 8 // WIDTH
+    MASK: tl.constexpr = (1 << WIDTH) - 1
+    rows = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
+    cols = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    row_ok = rows < O
+    packed = tl.load(codes_ptr + rows[:, None] * P + cols[None, :], mask=row_ok[:, None], other=0)
+    for k in tl.static_range(PER_BYTE):
+        columns = k * P + cols  # [BJ] input-feature index of this plane slice
+        meta = rows[:, None] * NG + (columns // GROUP)[None, :]
+        scale = tl.load(scale_ptr + meta, mask=row_ok[:, None], other=0).to(tl.float32)
+        zero = tl.load(zero_ptr + meta, mask=row_ok[:, None], other=0).to(tl.float32)
+        codes = ((packed >> (8 - WIDTH * (k + 1))) & MASK).to(tl.float32)
+        value = (codes - zero) * scale
+        tl.store(out_ptr + rows[:, None] * (P * PER_BYTE) + columns[None, :], value.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None])
+
+
+def _block_j(packed_bytes: int, group: int) -> int:
+    """Bytes of a row per step: a multiple of the group that divides the plane's width."""
+    for block in (256, 128, 64, 32, 16, 8):
+        if block % group == 0 and packed_bytes % block == 0:
+            return block
+    return 0
+
+
+def supports(weight: QuantizedMatrix) -> bool:
+    """Single-plane codes (2 or 4 bits) whose planes split into whole groups per block."""
+    if len(weight.planes) != 1 or weight.bits not in (2, 4):
+        return False
+    per_byte = 8 // weight.bits
+    packed_bytes = weight.shape[1] // per_byte
+    return packed_bytes % weight.group_size == 0 and _block_j(packed_bytes, weight.group_size) > 0
+
+
+def gemv(x: torch.Tensor, weight: QuantizedMatrix, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [I] -> [O] in x's dtype."""
+    rows, _ = weight.shape
+    codes = weight.planes[0]
+    packed_bytes = codes.shape[1]
+    out = torch.empty(rows, dtype=x.dtype, device=x.device) if out is None else out
+    block_o = 16 if rows <= 8192 else 32
+    _gemv_kernel[(triton.cdiv(rows, block_o),)](
+        x, codes, weight.scale, weight.zero, out,
+        rows, packed_bytes, weight.scale.shape[1],
+        WIDTH=weight.bits, GROUP=weight.group_size, BLOCK_O=block_o,
+        BLOCK_J=_block_j(packed_bytes, weight.group_size), num_warps=4,
+    )
+    return out
+
+
+def dequantize(weight: QuantizedMatrix, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """[O, I] weight in `dtype`, written by one kernel."""
+    rows, columns = weight.shape
+    codes = weight.planes[0]
+    packed_bytes = codes.shape[1]
+    out = torch.empty(rows, columns, dtype=dtype, device=codes.device) if out is None else out
+    block_o, block_j = 32, _block_j(packed_bytes, weight.group_size)
+    grid = (triton.cdiv(rows, block_o), packed_bytes // block_j)
+    _dequantize_kernel[grid](
+        codes, weight.scale, weight.zero, out,
+        rows, packed_bytes, weight.scale.shape[1],
+        WIDTH=weight.bits, GROUP=weight.group_size, BLOCK_O=block_o, BLOCK_J=block_j, num_warps=4,
+    )
+    return out
+
+
+def quantized_linear(x: torch.Tensor, weight: QuantizedMatrix) -> torch.Tensor:
+    """x [T, I] @ W.T -> [T, O] in x's dtype; the fused path for few tokens."""
+    if not supports(weight):
+        return torch.nn.functional.linear(x, weight.dequantize(x.dtype))
+    x = x.contiguous()
+    if x.shape[0] <= DECODE_MAX_TOKENS:
+        out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+        for t in range(x.shape[0]):
+            gemv(x[t], weight, out[t])
+        return out
+    return torch.nn.functional.linear(x, dequantize(weight, x.dtype))

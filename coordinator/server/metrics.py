@@ -1,0 +1,93 @@
+"""What GET /metrics shows, in Prometheus' text format, from a registry of our own (never the
+process-global one, so two servers in one process do not mix their numbers).
+
+Two kinds of numbers:
+- per request, counted by the server as generations run: requests by outcome, tokens generated
+  (as they are made, so a live view sees them move), decode speed, time to first token (queueing
+  included), queue wait;
+- the engine's lifetime counters, read at each scrape: expert cache hits / misses / prefetches
+  and bytes loaded per layer, bytes delivered per source (file tier or expert host), and whether
+  each expert host is up (when the source can tell).
+
+Metric names start with `moe_edge_`; `layer`, `source` and `host` are the label names."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+# engine.cache.counters field -> (metric name, help)
+LAYER_COUNTERS = {
+    "hits": ("moe_edge_expert_cache_hits", "Expert uses served by an expert already in (or loading into) the device cache."),
+    "misses": ("moe_edge_expert_cache_misses", "Expert uses that had to wait for a load."),
+    "prefetch_hits": ("moe_edge_expert_prefetch_hits", "Cache hits on experts that a prefetch brought in."),
+    "prefetch_issued": ("moe_edge_expert_prefetch_issued", "Expert loads started by the prefetcher."),
+    "prefetch_wasted": ("moe_edge_expert_prefetch_wasted", "Prefetched experts evicted before any use."),
+    "bytes_loaded": ("moe_edge_expert_bytes_loaded", "Bytes copied into the device expert cache."),
+}
+
+
+class EngineCollector(Collector):
+    """Reads the engine's lifetime counters at scrape time (plain reads, no locks: a scrape during
+    a token may see one layer a step ahead of another, which a counter tolerates)."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def describe(self):
+        return []  # collected at scrape time only
+
+    def collect(self):
+        counters = self.engine.cache.counters
+        for field, (name, documentation) in LAYER_COUNTERS.items():
+            family = CounterMetricFamily(name, documentation, labels=["layer"])
+            for layer, value in enumerate(getattr(counters, field)):
+                family.add_metric([str(layer)], value)
+            yield family
+        yield CounterMetricFamily("moe_edge_expert_wait_seconds", "Time the token loop waited on expert loads.",
+                                  value=counters.wait_s)
+        by_source = CounterMetricFamily("moe_edge_source_bytes",
+                                        "Expert bytes delivered per source: ram, disk, or an expert host's address.",
+                                        labels=["source"])
+        for origin, count in sorted(self.engine.source.bytes_by_origin().items()):
+            by_source.add_metric([origin], count)
+        yield by_source
+        host_status = getattr(self.engine.source, "host_status", None)
+        if callable(host_status):
+            up = GaugeMetricFamily("moe_edge_host_up", "1 if the expert host answers, 0 if not.", labels=["host"])
+            for host, is_up in sorted(host_status().items()):
+                up.add_metric([host], 1.0 if is_up else 0.0)
+            yield up
+
+
+class ServerMetrics:
+    def __init__(self, engine, *, model_name: str, queue_length: Callable[[], int], generating: Callable[[], int]) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.requests = Counter("moe_edge_requests", "Requests by endpoint and outcome.", ["endpoint", "outcome"], registry=registry)
+        self.tokens_generated = Counter("moe_edge_tokens_generated", "Tokens generated, counted as they are made.", registry=registry)
+        self.prompt_tokens = Counter("moe_edge_prompt_tokens", "Prompt tokens read (prefill).", registry=registry)
+        self.decode_seconds = Counter("moe_edge_decode_seconds", "Time spent in decode steps (after the first token).", registry=registry)
+        self.tokens_per_second = Gauge("moe_edge_tokens_per_second", "Decode speed of the last finished generation.", registry=registry)
+        self.time_to_first_token = Histogram("moe_edge_time_to_first_token_seconds",
+                                             "From a request's arrival to its first token, queueing included.",
+                                             buckets=LATENCY_BUCKETS, registry=registry)
+        self.queue_wait = Histogram("moe_edge_queue_wait_seconds", "Time requests waited for their turn.",
+                                    buckets=LATENCY_BUCKETS, registry=registry)
+        Gauge("moe_edge_queue_length", "Requests waiting for their turn.", registry=registry).set_function(queue_length)
+        Gauge("moe_edge_generating", "1 while a request is generating.", registry=registry).set_function(generating)
+        info = Gauge("moe_edge_model_info", "The model this server runs (always 1).", ["model", "model_id"], registry=registry)
+        info.labels(model=model_name, model_id=engine.store.manifest.model_id).set(1)
+        registry.register(EngineCollector(engine))
+
+    def count_request(self, endpoint: str, outcome: str) -> None:
+        """outcome: completed, client_disconnected, invalid_request, unauthorized, queue_full, error."""
+        self.requests.labels(endpoint=endpoint, outcome=outcome).inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (the `device` tool): install the carried wheels (.whl/: hqq and
+# termcolor, which that image lacks), run the CUDA tests, check the CLI on the tiny model on CPU
+# vs CUDA, then make the synthetic Mixtral-8x7B store and benchmark it. Logs go to $OUT.
+#   usage: scripts/gpu_session.sh [tests] [cli] [bench] [bench-args...]   (default: all three)
+set -uo pipefail
+OUT=${OUT:-/tmp/moe-edge-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+steps=${1:-tests,cli,bench}
+shift || true
+python3 - <<'PY' | tee "$OUT/env.txt"
+import torch, triton, transformers, google.protobuf, platform
+print("python", platform.python_version(), "torch", torch.__version__, "triton", triton.__version__,
+      "transformers", transformers.__version__, "protobuf", google.protobuf.__version__)
+print("gpu", torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0).total_memory / 2**30, "GiB")
+PY
+date -u | tee -a "$OUT/env.txt"
+
+if [[ $steps == *tests* ]]; then
+  python3 -m pytest -q -p no:cacheprovider -o asyncio_mode=strict tests/test_kernels.py tests/test_cuda_engine.py \
+    tests/test_matches_transformers.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+fi
+
+if [[ $steps == *cli* ]]; then
+  T=$(mktemp -d)
+  {
+    python3 -m coordinator make-tiny-model "$T/model"
+    python3 -m coordinator pack --model "$T/model" --out "$T/s16" --expert-bits 16 --quiet
+    python3 -m coordinator pack --model "$T/model" --out "$T/s4" --expert-bits 4 --dense-bits 4 --quiet
+    for dev in cpu cuda; do
+      echo "== s16 float32 $dev"
+      python3 -m coordinator generate --store "$T/s16" --prompt "Hello world" --max-new-tokens 24 --greedy \
+        --device $dev --dtype float32 --cache-experts 2 --json | tail -1 | python3 -c "import json,sys; r=json.load(sys.stdin); print(r['token_ids'])"
+    done
+    for dt in float16 bfloat16; do
+      echo "== s4 $dt cuda"
+      python3 -m coordinator generate --store "$T/s4" --prompt "Hello world" --max-new-tokens 24 --greedy \
+        --device cuda --dtype $dt --cache-experts 2 --json | tail -1 | python3 -c "import json,sys; r=json.load(sys.stdin); print(r['token_ids'], round(r['stats']['tokens_per_s'],1), 'tok/s')"
+    done
+  } 2>&1 | tee "$OUT/cli.log"
+fi
+
+if [[ $steps == *bench* ]]; then
+  S=/tmp/moe-edge-synthetic
+  if [[ ! -f $S/manifest.json ]]; then
+    started=$SECONDS
+    python3 -m coordinator make-synthetic --shape mixtral-8x7b --expert-bits 2 --dense-bits 4 --out $S --quiet 2>&1 | tee "$OUT/synthetic.log"
+    echo "make-synthetic took $((SECONDS - started)) s" | tee -a "$OUT/synthetic.log"
+  fi
+  python3 -m coordinator bench --store $S --device cuda --cache-experts 4 --json "$@" > "$OUT/bench.json" 2> "$OUT/bench.err"
+  tail -5 "$OUT/bench.err"
+  python3 - "$OUT/bench.json" <<'PY' | tee "$OUT/bench.txt"
+import json, sys
+from coordinator.bench import BenchReport, ModeResult
+from coordinator.bench_report import render
+data = json.load(open(sys.argv[1]))
+data.pop("copy_bound_tokens_per_s", None)
+data["results"] = [ModeResult(**r) for r in data["results"]]
+print(render(BenchReport(**data)))
+PY
+fi
