@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,21 +84,20 @@ def serve_expert_host(
         for layer in parse_index_spec(layers, model.num_layers, what="layers")
         for expert in parse_index_spec(experts, model.num_experts, what="experts")
     ]
-    shard = ExpertShard(opened, held, mmap=mmap)
-    servicer = ExpertHostServicer(shard, memory_gbps=measure_memory_gbps(), faults=faults)
     if faults.active:
         log.warning("test hooks are on: %s", faults)
     keep_freed_buffers_for_reuse()  # a fresh buffer per chunk would otherwise be faulted in page by page
     tls_mode = "off" if tls is None else ("mutual" if tls.client_ca else "on")
-    asyncio.run(_serve(servicer, address, credentials=credentials, tls_mode=tls_mode, token=token, address_file=address_file,
-                       grace_period_s=grace_period_s, parent_pid=parent_pid))
+    asyncio.run(_serve(lambda: ExpertShard(opened, held, mmap=mmap), address, faults=faults, credentials=credentials,
+                       tls_mode=tls_mode, token=token, address_file=address_file, grace_period_s=grace_period_s,
+                       parent_pid=parent_pid))
 
 
-async def _serve(servicer: ExpertHostServicer, address: HostAddress, *, credentials: grpc.ServerCredentials | None,
-                 tls_mode: str, token: str | None, address_file: str | Path | None, grace_period_s: float, parent_pid: int | None) -> None:
+async def _serve(load_shard: Callable[[], ExpertShard], address: HostAddress, *, faults: FaultInjection,
+                 credentials: grpc.ServerCredentials | None, tls_mode: str, token: str | None,
+                 address_file: str | Path | None, grace_period_s: float, parent_pid: int | None) -> None:
     interceptors = [TokenAuthInterceptor(token)] if token else []
     server = grpc.aio.server(options=server_options(), interceptors=interceptors)
-    add_to_server(servicer, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     try:
@@ -108,6 +108,9 @@ async def _serve(servicer: ExpertHostServicer, address: HostAddress, *, credenti
     except RuntimeError as err:
         raise ConfigError(f"--listen {address}: cannot listen there ({err}); is another host using it?") from None
     bound = address if address.is_unix else address.with_port(port)
+    # The address is taken (a clash fails before a long load); the shard loads, then we serve.
+    servicer = ExpertHostServicer(await asyncio.to_thread(load_shard), memory_gbps=measure_memory_gbps(), faults=faults)
+    add_to_server(servicer, server)
     await server.start()
     await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     log.info(

@@ -152,3 +152,9 @@ def test_listen_policy_wants_tls_or_a_token_beyond_loopback(listen, tls, token, 
     else:
         with pytest.raises(ConfigError, match="--insecure"):
             check_listen_allowed(address, tls=tls, token=token, insecure=insecure)
+
+
+def test_a_second_host_on_a_taken_address_fails_instead_of_sharing_it(partial_host, store16):
+    done = run_module("expert_host", "serve", "--store", store16, "--listen", partial_host.address, timeout=60)
+    assert done.returncode == ConfigError.exit_code
+    assert f"error: --listen {partial_host.address}: cannot listen there" in done.stderr

@@ -20,6 +20,7 @@ AUTHORIZATION_KEY = "authorization"  # call metadata: ("authorization", "Bearer 
 
 def server_options() -> list[tuple[str, int]]:
     return [
+        ("grpc.so_reuseport", 0),  # a second host on a taken port fails instead of sharing it
         ("grpc.max_send_message_length", MAX_CHUNK_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
         # Accept the client's keepalive pings (the default would answer them with GOAWAY).

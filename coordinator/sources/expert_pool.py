@@ -102,6 +102,9 @@ class ExpertPool:
             else:
                 self._check_same_store(host, answer)
                 self._accept(host, answer)
+                log.info("expert host %s (%s, moe-edge %s): %d experts, %.1f GB in RAM, memory copy %.1f GB/s",
+                         host.address, answer.host_name, answer.version, len(answer.experts), answer.ram_bytes / 1e9,
+                         answer.memory_gbps)
         silent = "; ".join(host.last_error for host in self._hosts if not host.up)
         if not any(host.up for host in self._hosts):
             raise HostError(f"no expert host answered: {silent}")
@@ -111,7 +114,6 @@ class ExpertPool:
                 f"no expert host holds {len(missing)} of the model's {len(self.manifest.experts)} experts: "
                 f"{describe_experts(missing)}" + (f"; hosts that did not answer: {silent}" if silent else "")
             )
-        log.info("expert pool: %s", ", ".join(f"{h.address} ({len(h.experts)} experts)" for h in self._hosts))
 
     def _check_same_store(self, host: _Host, info: HostInfo) -> None:
         """Raise HostError unless the host serves the store this coordinator opened."""
