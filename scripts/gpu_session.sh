@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (the `device` tool): install the carried wheels (.whl/: hqq and
-# termcolor, which that image lacks), run the CUDA tests, check the CLI on the tiny model on CPU
-# vs CUDA, then make the synthetic Mixtral-8x7B store and benchmark it. Logs go to $OUT.
-#   usage: scripts/gpu_session.sh [tests] [cli] [bench] [bench-args...]   (default: all three)
+# termcolor, which that image lacks; grpcio 1.85 to match the generated code, which the call
+# carries too), run the CUDA tests, check the CLI on the tiny model (CPU vs CUDA, in-process vs
+# a local expert host), measure gRPC fetch against a raw socket copy, then make the synthetic
+# Mixtral-8x7B store and benchmark it. Logs go to $OUT.
+#   usage: scripts/gpu_session.sh [tests,cli,fetch,bench] [bench-args...]   (default: all)
 set -uo pipefail
 OUT=${OUT:-/tmp/moe-edge-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD
-steps=${1:-tests,cli,bench}
+steps=${1:-tests,cli,fetch,bench}
 shift || true
 python3 - <<'PY' | tee "$OUT/env.txt"
 import torch, triton, transformers, google.protobuf, platform
@@ -40,7 +42,18 @@ if [[ $steps == *cli* ]]; then
       python3 -m coordinator generate --store "$T/s4" --prompt "Hello world" --max-new-tokens 24 --greedy \
         --device cuda --dtype $dt --cache-experts 2 --json | tail -1 | python3 -c "import json,sys; r=json.load(sys.stdin); print(r['token_ids'], round(r['stats']['tokens_per_s'],1), 'tok/s')"
     done
+    echo "== s4 bfloat16 cuda, experts from a local expert host over gRPC"
+    python3 -m coordinator generate --store "$T/s4" --prompt "Hello world" --max-new-tokens 24 --greedy \
+      --device cuda --dtype bfloat16 --cache-experts 2 --local-host --json | tail -1 | python3 -c "import json,sys; r=json.load(sys.stdin); print(r['token_ids'], round(r['stats']['tokens_per_s'],1), 'tok/s', r['stats']['bytes_by_source'])"
   } 2>&1 | tee "$OUT/cli.log"
+fi
+
+if [[ $steps == *fetch* ]]; then
+  F=$(mktemp -d)
+  python3 -c "from coordinator.tiny_model import make_tiny_model; make_tiny_model('$F/model', hidden_size=1024, intermediate_size=4096, num_layers=2, num_heads=8, num_kv_heads=2)" >/dev/null 2>&1
+  python3 -m coordinator pack --model "$F/model" --out "$F/store16" --expert-bits 16 --quiet
+  python3 -m expert_host bench-fetch --store "$F/store16" --seconds 4 --streams 4 2>&1 | tee "$OUT/fetch.txt"
+  python3 -m expert_host bench-fetch --store "$F/store16" --seconds 4 --streams 8 2>&1 | tee -a "$OUT/fetch.txt"
 fi
 
 if [[ $steps == *bench* ]]; then
