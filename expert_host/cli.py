@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common.errors import MoeEdgeError
+    from common.cli_errors import run_command
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -123,11 +123,4 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s expert_host %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    try:
-        return args.run(args) or 0
-    except MoeEdgeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_command(args)

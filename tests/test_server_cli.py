@@ -77,7 +77,7 @@ def test_serve_refuses_a_non_loopback_address_without_a_key(run_coordinator, sto
 
 @pytest.mark.parametrize("args, message", [
     (["--listen", "localhost"], "expected HOST:PORT"),
-    (["--listen", "127.0.0.1:99999"], "expected HOST:PORT"),
+    (["--listen", "127.0.0.1:99999"], "outside 0-65535"),
     (["--max-queue", "-1"], "--max-queue"),
     (["--api-key-file", "/nonexistent/key"], "cannot read it"),
 ])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
+from flaky_source import FlakySource
 from http_server_fixtures import MODEL_NAME, metric, running_server
 
 KEY = "s3cret-key-for-tests"
@@ -114,36 +115,6 @@ def test_health_needs_no_key_and_the_openai_package_works_with_it(keyed_server):
         stream = sdk.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "Hi"}],
                                              max_tokens=4, temperature=0, stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-
-
-class FlakySource:
-    """RAM blobs, except that while `failing` is set every fetch fails as a dead expert host would."""
-
-    failing = False
-
-    def __init__(self, store, fetch_loop) -> None:
-        from common.store.reader import ExpertStore
-        from coordinator.sources.local import RamSource
-
-        self.inner = RamSource(ExpertStore(store.folder), pin=False, progress=False)
-        self.name = "flaky"
-        self.blob_nbytes = self.inner.blob_nbytes
-
-    def resident_blob(self, eid):
-        return None
-
-    async def fetch_into(self, eid, out) -> None:
-        from common.errors import HostError
-
-        if FlakySource.failing:
-            raise HostError(f"10.0.0.9:50051: no answer for {eid}")
-        await self.inner.fetch_into(eid, out)
-
-    def bytes_by_origin(self) -> dict[str, int]:
-        return self.inner.bytes_by_origin()
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 def test_an_expert_source_failure_mid_request_is_reported_and_the_server_keeps_serving(store16):

@@ -4,7 +4,6 @@ and calls one typed function; errors of ours become one line on stderr and an ex
 from __future__ import annotations
 
 import argparse
-import sys
 
 from . import bench_cmd, generate_cmd, make_synthetic_cmd, make_tiny_model_cmd, pack_cmd, serve_cmd, top_cmd
 
@@ -23,14 +22,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common.errors import MoeEdgeError
+    from common.cli_errors import run_command
 
-    args = build_parser().parse_args(argv)
-    try:
-        return args.run(args) or 0
-    except MoeEdgeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_command(build_parser().parse_args(argv))

@@ -4,7 +4,6 @@ is the one that answers."""
 
 from __future__ import annotations
 
-import ipaddress
 import signal
 import socket
 import threading
@@ -16,24 +15,6 @@ import uvicorn
 from common.errors import ConfigError
 
 GRACEFUL_SHUTDOWN_S = 5
-
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    """"HOST:PORT" (IPv6 as "[::1]:8000") -> (host, port). Port 0 asks the system for a free one."""
-    host, sep, port = listen.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"--listen {listen}: expected HOST:PORT, for example 127.0.0.1:8000")
-    return host, int(port)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
