@@ -51,14 +51,15 @@ class CacheCounters:
 
 
 class _Slot:
-    __slots__ = ("expert", "ticket", "ready", "free", "prefetched_unused")
+    __slots__ = ("expert", "ticket", "ready", "free", "prefetched_unused", "loading_for_prefetch")
 
     def __init__(self, cuda: bool) -> None:
         self.expert: int | None = None
         self.ticket: concurrent.futures.Future | None = None  # a load in flight
         self.ready = torch.cuda.Event() if cuda else None  # recorded behind the copy into the slot
         self.free = torch.cuda.Event() if cuda else None  # recorded behind the last compute reading it
-        self.prefetched_unused = False
+        self.prefetched_unused = False  # for the counters: brought in by a prefetch, not used yet
+        self.loading_for_prefetch = False  # the load in flight was started by a prefetch
 
 
 class _LayerSlots:
@@ -208,7 +209,7 @@ class ExpertCache:
     def _fill(self, layer: int, index: int, expert: int, *, prefetch: bool) -> None:
         state = self._layers[layer]
         slot = state.slots[index]
-        slot.expert, slot.prefetched_unused = expert, prefetch
+        slot.expert, slot.prefetched_unused, slot.loading_for_prefetch = expert, prefetch, prefetch
         state.slot_of[expert] = index
         state.lru[expert] = None
         slot.ticket = self.loader.load(ExpertId(layer, expert), self.memory[layer, index], slot.free, slot.ready)
@@ -224,7 +225,7 @@ class ExpertCache:
         started = time.perf_counter()
         try:
             slot.ticket.result(timeout=self.load_timeout_s)
-            slot.ticket = None
+            slot.ticket, slot.loading_for_prefetch = None, False
         except concurrent.futures.TimeoutError:
             error: Exception = HostError(f"{ExpertId(layer, slot.expert)}: not loaded after {self.load_timeout_s:.0f} s")
         except Exception as err:  # the source's own error, naming the file or host
@@ -233,7 +234,7 @@ class ExpertCache:
             return
         finally:
             self.counters.wait_s += time.perf_counter() - started
-        expert, was_prefetch = slot.expert, slot.prefetched_unused
+        expert, was_prefetch = slot.expert, slot.loading_for_prefetch
         slot.ticket = None
         if expert is not None:
             del state.slot_of[expert]

@@ -2,6 +2,7 @@
 current layer still needs, failed loads, counters. No model, no files."""
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -136,5 +137,9 @@ def test_a_failed_prefetch_is_retried_as_a_demand_load(cache_of):
     cache, source = cache_of(2)
     source.failing.add(ExpertId(1, 2))
     cache.prefetch(1, [2])
+    deadline = time.monotonic() + 5
+    while ExpertId(1, 2) not in source.fetched and time.monotonic() < deadline:  # the prefetch has failed
+        time.sleep(0.001)
     source.failing.clear()
     assert use(cache, 1, [2]) == {2: 18}
+    assert source.fetched.count(ExpertId(1, 2)) == 2
