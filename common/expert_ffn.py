@@ -1,7 +1,7 @@
 """The expert FFN of Mixtral: (SiLU(x W1) * (x W3)) W2, on plain or HQQ-quantized weights.
 
 `linear` is the plain path: dequantize, then matmul. The coordinator passes its fused CUDA
-kernels instead where it has them (coordinator/kernels); this path is their reference and what
+kernels instead where it has them (coordinator/runtime/kernels); this path is their reference and what
 the CPU runs.
 
 Shapes: T = tokens routed to this expert, H = hidden size, F = expert FFN width."""

@@ -13,7 +13,7 @@ __all__ = ["Engine", "Generation", "GenerationStats"]
 def __getattr__(name: str):
     # Imported lazily so that `python -m coordinator --help` answers without loading torch.
     if name in __all__:
-        from . import engine
+        from .runtime import engine
 
         return getattr(engine, name)
     raise AttributeError(f"module 'coordinator' has no attribute {name!r}")

@@ -50,10 +50,10 @@ fi
 
 if [[ $steps == *fetch* ]]; then
   F=$(mktemp -d)
-  python3 -c "from coordinator.tiny_model import make_tiny_model; make_tiny_model('$F/model', hidden_size=1024, intermediate_size=4096, num_layers=2, num_heads=8, num_kv_heads=2)" >/dev/null 2>&1
+  python3 -c "from coordinator.tools.tiny_model import make_tiny_model; make_tiny_model('$F/model', hidden_size=1024, intermediate_size=4096, num_layers=2, num_heads=8, num_kv_heads=2)" >/dev/null 2>&1
   python3 -m coordinator pack --model "$F/model" --out "$F/store16" --expert-bits 16 --quiet
-  python3 -m expert_host bench-fetch --store "$F/store16" --seconds 4 --streams 4 2>&1 | tee "$OUT/fetch.txt"
-  python3 -m expert_host bench-fetch --store "$F/store16" --seconds 4 --streams 8 2>&1 | tee -a "$OUT/fetch.txt"
+  python3 -m coordinator bench-fetch --store "$F/store16" --seconds 4 --streams 4 2>&1 | tee "$OUT/fetch.txt"
+  python3 -m coordinator bench-fetch --store "$F/store16" --seconds 4 --streams 8 2>&1 | tee -a "$OUT/fetch.txt"
 fi
 
 if [[ $steps == *bench* ]]; then
@@ -67,8 +67,8 @@ if [[ $steps == *bench* ]]; then
   tail -5 "$OUT/bench.err"
   python3 - "$OUT/bench.json" <<'PY' | tee "$OUT/bench.txt"
 import json, sys
-from coordinator.bench import BenchReport, ModeResult
-from coordinator.bench_report import render
+from coordinator.bench.decode import BenchReport, ModeResult
+from coordinator.bench.report import render
 data = json.load(open(sys.argv[1]))
 data.pop("copy_bound_tokens_per_s", None)
 data["results"] = [ModeResult(**r) for r in data["results"]]

@@ -8,7 +8,7 @@ import torch
 import triton
 
 from common.quantization import QuantizedMatrix, QuantSpec, quantized_shapes
-from coordinator.kernels import quantized_linear as ql
+from coordinator.runtime.kernels import quantized_linear as ql
 
 
 def random_matrix(rows, cols, bits, group, device):

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from coordinator.kernels import quantized_linear as ql
+from coordinator.runtime.kernels import quantized_linear as ql
 from scripts.kernel_bench import random_matrix
 
 

@@ -16,13 +16,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from coordinator.tiny_model import make_tiny_model
+    from coordinator.tools.tiny_model import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-mixtral", seed=0)
 
 
 def _pack(tmp_path_factory, model_dir: Path, name: str, **kwargs) -> Path:
-    from coordinator.pack import pack_checkpoint
+    from coordinator.tools.pack import pack_checkpoint
 
     out = tmp_path_factory.mktemp("stores") / name
     pack_checkpoint(model_dir=model_dir, out=out, progress=False, **kwargs)

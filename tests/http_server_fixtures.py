@@ -28,7 +28,7 @@ class RunningServer:
 
 @contextmanager
 def running_server(store, *, source="ram", **app_options):
-    from coordinator.engine import Engine
+    from coordinator.runtime.engine import Engine
     from coordinator.server import BackgroundServer, build_app
 
     engine = Engine.open(store, source=source, device="cpu", cache_experts=2)

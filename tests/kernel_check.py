@@ -7,7 +7,7 @@ import sys
 import torch
 
 from common.quantization import QuantSpec, quantize_matrix
-from coordinator.kernels import quantized_linear as kernels
+from coordinator.runtime.kernels import quantized_linear as kernels
 
 BOUND = 1e-2  # relative L2 error in fp16/bf16 (fp32 lands far below it)
 

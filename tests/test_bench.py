@@ -7,12 +7,12 @@ import pytest
 
 from common.errors import ConfigError
 from common.store.manifest import Manifest
-from coordinator.bench import cache_experts_for_budget
+from coordinator.bench.decode import cache_experts_for_budget
 
 
 @pytest.fixture(scope="module")
 def synthetic_store(tmp_path_factory):
-    from coordinator.synthetic import make_synthetic_store
+    from coordinator.tools.synthetic import make_synthetic_store
 
     out = tmp_path_factory.mktemp("synthetic") / "small"
     make_synthetic_store(shape="small", out=out, expert_bits=2, dense_bits=4, progress=False)

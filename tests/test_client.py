@@ -1,4 +1,4 @@
-"""coordinator.client.Client against a real server: streamed pieces join to the whole reply,
+"""coordinator.server.client.Client against a real server: streamed pieces join to the whole reply,
 settings reach the server, and failures come back as clear ServerErrors."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 from http_server_fixtures import closed_port_url, metric, running_server
 
 from common.errors import QueueFullError, ServerError
-from coordinator.client import Client
+from coordinator.server.client import Client
 
 KEY = "client-test-key"
 MESSAGES = [{"role": "user", "content": "Hello world"}]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import requires_cuda
-from coordinator.engine import Engine
+from coordinator.runtime.engine import Engine
 
 pytestmark = requires_cuda
 PROMPT = "A small cache on the graphics card keeps the experts"
@@ -44,7 +44,7 @@ def test_quantized_store_generates_in_half_precision_on_cuda(request, store_name
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_fused_kernels_change_no_greedy_token(store4, dtype):
-    from coordinator import kernels
+    from coordinator.runtime import kernels
 
     assert kernels.available()
     fused = tokens(store4, device="cuda", dtype=dtype, cache_experts=2)

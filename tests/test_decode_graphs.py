@@ -4,9 +4,9 @@
 import pytest
 import torch
 
-from coordinator.decode_graphs import GraphedDecoder
-from coordinator.engine import Engine
-from coordinator.model import KVCache
+from coordinator.runtime.decoder import GraphedDecoder
+from coordinator.runtime.engine import Engine
+from coordinator.runtime.model import KVCache
 
 
 @pytest.mark.parametrize("store_name,cache_experts,prefetch", [("store16", 1, True), ("store16", 2, False), ("store4", 3, True)])

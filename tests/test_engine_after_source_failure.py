@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from common.errors import HostError
-from coordinator.engine import Engine
+from coordinator.runtime.engine import Engine
 from flaky_source import FlakySource
 
 

@@ -12,9 +12,9 @@ from common.expert_id import ExpertId
 from common.model_config import ModelConfig
 from common.quantization import QuantSpec
 from common.store.blob_layout import BlobLayout
-from coordinator.expert_cache import ExpertCache
-from coordinator.expert_loader import ExpertLoader
-from coordinator.fetch_loop import FetchLoop
+from coordinator.runtime.expert_cache import ExpertCache
+from coordinator.runtime.expert_loader import ExpertLoader
+from coordinator.runtime.fetch_loop import FetchLoop
 
 CONFIG = ModelConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2, num_kv_heads=1,
                      head_dim=4, num_experts=4, top_k=2, rms_norm_eps=1e-5, rope_theta=1e4,

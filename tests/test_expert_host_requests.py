@@ -15,7 +15,7 @@ from common.store.checksum import blob_checksum
 from common.store.manifest import FORMAT_VERSION
 from common.store.reader import ExpertStore
 from conftest import run_module
-from coordinator.fetch_loop import FetchLoop
+from coordinator.runtime.fetch_loop import FetchLoop
 from coordinator.sources.cluster_config import ClusterConfig
 from coordinator.sources.expert_pool import ExpertPool
 from expert_host.server import check_listen_allowed

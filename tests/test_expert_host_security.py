@@ -15,7 +15,7 @@ from common.host_address import HostAddress
 from common.rpc import expert_host_pb2 as pb
 from common.rpc import expert_host_pb2_grpc as pb_grpc
 from common.store.reader import ExpertStore
-from coordinator.fetch_loop import FetchLoop
+from coordinator.runtime.fetch_loop import FetchLoop
 from coordinator.sources.cluster_config import ClientTls, ClusterConfig
 from coordinator.sources.expert_pool import ExpertPool
 from conftest import ROOT

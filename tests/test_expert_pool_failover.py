@@ -13,8 +13,8 @@ from common.expert_id import ExpertId
 from common.host_address import HostAddress
 from common.rpc.wire_limits import MIN_CHUNK_BYTES
 from common.store.reader import ExpertStore
-from coordinator.engine import Engine
-from coordinator.fetch_loop import FetchLoop
+from coordinator.runtime.engine import Engine
+from coordinator.runtime.fetch_loop import FetchLoop
 from coordinator.sources.cluster_config import ClusterConfig, PoolSettings
 from coordinator.sources.expert_pool import ExpertPool
 from expert_host_processes import expert_hosts  # noqa: F401  (fixture)

@@ -6,7 +6,7 @@ import pytest
 
 from common.host_address import HostAddress
 from common.rpc.wire_limits import MIN_CHUNK_BYTES
-from coordinator.engine import Engine
+from coordinator.runtime.engine import Engine
 from coordinator.sources.cluster_config import ClusterConfig, PoolSettings
 from coordinator.sources.expert_pool import ExpertPool
 from expert_host_processes import module_expert_hosts  # noqa: F401  (fixture)

@@ -15,7 +15,7 @@ import pytest
 from common.errors import ConfigError
 from conftest import ROOT, run_module
 from coordinator.cli.engine_args import add_engine_arguments, source_from_args
-from coordinator.engine import Engine
+from coordinator.runtime.engine import Engine
 from expert_host_processes import expert_hosts  # noqa: F401  (fixture)
 
 PROMPT = "The quick brown fox"

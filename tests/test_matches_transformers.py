@@ -4,8 +4,8 @@ MixtralForCausalLM's logits and greedy tokens on the same tiny checkpoint."""
 import pytest
 import torch
 
-from coordinator.engine import Engine
-from coordinator.model import KVCache
+from coordinator.runtime.engine import Engine
+from coordinator.runtime.model import KVCache
 
 PROMPT_TOKENS = 32
 DECODE_STEPS = 16

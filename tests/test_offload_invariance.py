@@ -3,7 +3,7 @@ cache's counters add up."""
 
 import pytest
 
-from coordinator.engine import Engine
+from coordinator.runtime.engine import Engine
 
 PROMPT = "A small cache on the graphics card keeps the experts"
 

@@ -6,8 +6,8 @@ logits. Bounds (relative L2 error of the last prompt position's logits, random w
 import pytest
 import torch
 
-from coordinator.engine import Engine
-from coordinator.model import KVCache
+from coordinator.runtime.engine import Engine
+from coordinator.runtime.model import KVCache
 
 RELATIVE_ERROR_BOUND = {"store4": 0.35, "store2": 0.35}
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from common.errors import ConfigError
-from coordinator.detokenizer import IncrementalDetokenizer, StopMatcher
-from coordinator.sampler import Sampler, SamplingParams
+from coordinator.runtime.detokenizer import IncrementalDetokenizer, StopMatcher
+from coordinator.runtime.sampler import Sampler, SamplingParams
 
 
 def test_greedy_takes_the_most_likely_token():

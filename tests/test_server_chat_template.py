@@ -7,7 +7,7 @@ import pytest
 
 from common.errors import ConfigError
 from coordinator.server.chat_template import build_chat_prompt, fallback_chat_text
-from coordinator.tiny_model import build_tokenizer
+from coordinator.tools.tiny_model import build_tokenizer
 
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
             "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}"

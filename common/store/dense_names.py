@@ -23,3 +23,8 @@ def post_attention_norm(layer: int) -> str:
 
 def router(layer: int) -> str:
     return f"layers.{layer}.router"
+
+
+def is_attention(name: str) -> bool:
+    """Whether a dense tensor name is one of the attention projections (the ones pack may quantize)."""
+    return name.startswith("layers.") and ".attn." in name

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 
-from . import bench_cmd, generate_cmd, make_synthetic_cmd, make_tiny_model_cmd, pack_cmd, serve_cmd, top_cmd
+from . import bench_cmd, bench_fetch_cmd, generate_cmd, make_synthetic_cmd, make_tiny_model_cmd, pack_cmd, serve_cmd, top_cmd
 
-COMMANDS = [make_tiny_model_cmd, pack_cmd, generate_cmd, serve_cmd, top_cmd, make_synthetic_cmd, bench_cmd]
+COMMANDS = [make_tiny_model_cmd, pack_cmd, generate_cmd, serve_cmd, top_cmd, make_synthetic_cmd, bench_cmd, bench_fetch_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:

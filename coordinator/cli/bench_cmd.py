@@ -34,8 +34,8 @@ def register(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from coordinator.bench import run_bench
-    from coordinator.bench_report import render
+    from coordinator.bench.decode import run_bench
+    from coordinator.bench.report import render
 
     report = run_bench(
         store=args.store, device=args.device, dtype=args.dtype, cache_experts=args.cache_experts,

@@ -87,8 +87,8 @@ def _cluster_from_args(args: argparse.Namespace, local_host):
 
 
 def open_engine(args: argparse.Namespace, *, progress: bool = True):
-    from coordinator.engine import Engine
-    from coordinator.local_host import LocalHost
+    from coordinator.runtime.engine import Engine
+    from coordinator.sources.local_host import LocalHost
     from common.store.manifest import Manifest
 
     experts = Manifest.read(Path(args.store)).model.num_experts

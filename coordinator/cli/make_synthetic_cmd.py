@@ -4,7 +4,7 @@ import argparse
 
 
 def register(commands) -> None:
-    from coordinator.synthetic import SHAPES
+    from coordinator.tools.synthetic import SHAPES
 
     parser = commands.add_parser(
         "make-synthetic",
@@ -23,7 +23,7 @@ def register(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from coordinator.synthetic import make_synthetic_store
+    from coordinator.tools.synthetic import make_synthetic_store
 
     summary = make_synthetic_store(shape=args.shape, out=args.out, expert_bits=args.expert_bits,
                                    dense_bits=args.dense_bits, group_size=args.group_size, seed=args.seed,

@@ -17,7 +17,7 @@ def register(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from coordinator.tiny_model import make_tiny_model
+    from coordinator.tools.tiny_model import make_tiny_model
 
     out = make_tiny_model(args.out, seed=args.seed, num_layers=args.layers, num_experts=args.experts)
     print(f"wrote a tiny random Mixtral ({args.layers} layers x {args.experts} experts) to {out}")

@@ -23,7 +23,7 @@ def register(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from coordinator.pack import pack_checkpoint
+    from coordinator.tools.pack import pack_checkpoint
 
     summary = pack_checkpoint(
         model_dir=args.model,

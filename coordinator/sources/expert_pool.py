@@ -25,7 +25,7 @@ from common.expert_id import ExpertId
 from common.malloc_tuning import keep_freed_buffers_for_reuse
 from common.store.manifest import FORMAT_VERSION, Manifest
 
-from ..fetch_loop import FetchLoop
+from ..runtime.fetch_loop import FetchLoop
 from .cluster_config import ClusterConfig, PoolSettings
 from .host_client import ClientCredentials, HostCallError, HostClient, HostInfo
 

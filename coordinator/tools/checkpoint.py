@@ -1,4 +1,5 @@
 """Reading a Hugging Face checkpoint folder (config.json, safetensors shards, tokenizer files).
+Which tensors mean what is the model family's business (coordinator/families/).
 
 Only safetensors are read: a pickle (.bin) checkpoint is refused, never unpickled."""
 
@@ -12,6 +13,8 @@ from safetensors import safe_open
 
 from common.errors import StoreError
 from common.model_config import ModelConfig
+
+from ..families import family_for
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -38,7 +41,8 @@ class HFCheckpoint:
             self.hf_config = json.loads(config_path.read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise StoreError(f"{config_path}: not valid JSON ({err})") from None
-        self.config = ModelConfig.from_hf_dict(self.hf_config, source=str(config_path))
+        self.family = family_for(self.hf_config, source=str(config_path))
+        self.config: ModelConfig = self.family.model_config(self.hf_config, source=str(config_path))
         self._handles = {}
         self._where: dict[str, str] = {}
         shards = self._shards()
@@ -83,25 +87,6 @@ class HFCheckpoint:
     @property
     def dtype(self) -> torch.dtype:
         return self.tensor("model.embed_tokens.weight").dtype
-
-    def expert_matrices(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(w1 [F, H], w3 [F, H], w2 [H, F]) from the per-expert names Mixtral checkpoints use,
-        or from transformers 5's fused in-memory names if a checkpoint was saved that way."""
-        prefix = f"model.layers.{layer}.block_sparse_moe.experts.{expert}"
-        if self.has(f"{prefix}.w1.weight"):
-            return tuple(self.tensor(f"{prefix}.{w}.weight") for w in ("w1", "w3", "w2"))
-        fused = f"model.layers.{layer}.mlp.experts"
-        if self.has(f"{fused}.gate_up_proj"):
-            gate_up = self.tensor(f"{fused}.gate_up_proj")[expert]
-            w1, w3 = gate_up.chunk(2, dim=0)
-            return w1, w3, self.tensor(f"{fused}.down_proj")[expert]
-        raise StoreError(f"{self.folder}: no weights for layer {layer} expert {expert} ({prefix}.w1.weight)")
-
-    def router(self, layer: int) -> torch.Tensor:
-        for name in (f"model.layers.{layer}.block_sparse_moe.gate.weight", f"model.layers.{layer}.mlp.gate.weight"):
-            if self.has(name):
-                return self.tensor(name)
-        return self.tensor(f"model.layers.{layer}.block_sparse_moe.gate.weight")  # raises, naming it
 
     def tokenizer_files(self) -> list[Path]:
         return [self.folder / name for name in TOKENIZER_FILES if (self.folder / name).is_file()]

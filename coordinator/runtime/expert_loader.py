@@ -19,7 +19,7 @@ import torch
 from common.expert_id import ExpertId
 
 from .fetch_loop import FetchLoop
-from .sources.base import ExpertSource
+from ..sources.base import ExpertSource
 
 
 class CopyTimer:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .bench import BenchReport
-from .phase_clock import PHASES
+from .decode import BenchReport
+from ..runtime.phase_clock import PHASES
 
 
 def _pct(value: float | None) -> str:

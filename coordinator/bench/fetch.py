@@ -29,7 +29,7 @@ from common.host_address import HostAddress
 from common.python_module import module_command
 from common.store.reader import ExpertStore
 
-from . import raw_copy
+from expert_host import raw_copy
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ async def _measure_raw(store: ExpertStore, sender: psutil.Process, raw_address: 
 def _measure_all(store: ExpertStore, host: psutil.Process, grpc_address: str, raw: psutil.Process, raw_address: str,
                  streams: list[int], seconds: float, chunk_bytes: int) -> list[Measurement]:
     """Both paths on a FetchLoop, the gRPC one through an ExpertPool: the coordinator's own fetch path."""
-    from coordinator.fetch_loop import FetchLoop
+    from coordinator.runtime.fetch_loop import FetchLoop
     from coordinator.sources.cluster_config import ClusterConfig, PoolSettings
     from coordinator.sources.expert_pool import ExpertPool
 

@@ -25,6 +25,8 @@ from common.store import dense_names
 from common.store.blob_layout import BlobLayout, dtype_name
 from common.store.writer import StoreWriter
 
+from ..families import mixtral
+
 SHAPES = {
     # Mixtral-8x7B: 32 layers x 8 experts, hidden 4096, expert FFN 14336, 32 heads / 8 KV heads.
     "mixtral-8x7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -87,7 +89,7 @@ def random_plain(shape: tuple[int, ...], std: float, dtype: torch.dtype, generat
 def make_synthetic_store(*, shape: str, out: str | Path, expert_bits: int = 2, dense_bits: int = 4,
                          group_size: int = 64, seed: int = 0, progress: bool = True) -> SyntheticSummary:
     hf_config = hf_config_for(shape)
-    config = ModelConfig.from_hf_dict(hf_config, source=f"--shape {shape}")
+    config = mixtral.model_config(hf_config, source=f"--shape {shape}")
     if dense_bits not in (16, 4):
         raise ConfigError(f"--dense-bits {dense_bits}: choose 16 or 4")
     expert_spec, dense_spec = QuantSpec(expert_bits, group_size), QuantSpec(dense_bits, group_size)

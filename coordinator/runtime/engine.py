@@ -21,7 +21,7 @@ from common.errors import ConfigError, StoreError
 from common.store.reader import ExpertStore
 
 from .expert_cache import ExpertCache
-from .decode_graphs import GraphedDecoder
+from .decoder import GraphedDecoder
 from .expert_loader import ExpertLoader
 from .fetch_loop import FetchLoop
 from .kernels import quantized_linear_for
@@ -30,8 +30,8 @@ from .model import DenseWeights, KVCache, Transformer
 from .moe import MoEBlock
 from .prefetcher import RouterLookahead
 from .sampler import Sampler, SamplingParams
-from .sources.base import ExpertSource
-from .sources.local import DiskSource, RamSource
+from ..sources.base import ExpertSource
+from ..sources.local import DiskSource, RamSource
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SourceFactory = Callable[[ExpertStore, FetchLoop], ExpertSource]

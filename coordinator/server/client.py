@@ -1,7 +1,7 @@
 """A small client of `python -m coordinator serve` (or any OpenAI-compatible server) for programs
 that do not want the OpenAI SDK. Built on httpx; knows nothing about the engine.
 
-    from coordinator.client import Client
+    from coordinator.server.client import Client
 
     client = Client("http://127.0.0.1:8000", api_key=None)
     async for piece in client.stream("Once upon a time", max_tokens=64):

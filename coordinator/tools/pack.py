@@ -1,4 +1,4 @@
-"""`pack`: a Hugging Face Mixtral checkpoint folder -> a moe-edge store (see DESIGN.md).
+"""`pack`: a Hugging Face checkpoint folder -> a moe-edge store (docs/architecture.md, "The store").
 
 Each expert is HQQ-quantized (or kept in the checkpoint's dtype at 16 bits) and written as one
 blob; attention projections are optionally quantized too; routers, norms, embeddings and the
@@ -58,26 +58,14 @@ def expert_tensors(w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, spec: Q
 
 
 def dense_tensors(checkpoint: HFCheckpoint, spec: QuantSpec) -> dict[str, torch.Tensor]:
-    config = checkpoint.config
-    tensors = {
-        dense_names.EMBED: checkpoint.tensor("model.embed_tokens.weight"),
-        dense_names.FINAL_NORM: checkpoint.tensor("model.norm.weight"),
-    }
-    if not config.tie_word_embeddings:
-        tensors[dense_names.LM_HEAD] = checkpoint.tensor("lm_head.weight")
-    for layer in range(config.num_layers):
-        prefix = f"model.layers.{layer}"
-        tensors[dense_names.input_norm(layer)] = checkpoint.tensor(f"{prefix}.input_layernorm.weight")
-        tensors[dense_names.post_attention_norm(layer)] = checkpoint.tensor(f"{prefix}.post_attention_layernorm.weight")
-        tensors[dense_names.router(layer)] = checkpoint.router(layer)
-        for projection in dense_names.ATTENTION_PROJECTIONS:
-            weight = checkpoint.tensor(f"{prefix}.self_attn.{projection}.weight")
-            name = dense_names.attention(layer, projection)
-            if spec.quantized:
-                spec.check_fits(weight.shape[1], what=f"layer {layer} {projection}")
-                tensors.update(quantize_matrix(weight, spec).tensors(name))
-            else:
-                tensors[name] = weight
+    """The family's dense tensors, with the attention projections quantized when `spec` says so."""
+    tensors = {}
+    for name, weight in checkpoint.family.dense_tensors(checkpoint).items():
+        if spec.quantized and dense_names.is_attention(name):
+            spec.check_fits(weight.shape[1], what=name)
+            tensors.update(quantize_matrix(weight, spec).tensors(name))
+        else:
+            tensors[name] = weight
     return tensors
 
 
@@ -111,7 +99,7 @@ def pack_checkpoint(
             for layer in range(config.num_layers):
                 blobs = []
                 for expert in range(config.num_experts):
-                    w1, w3, w2 = checkpoint.expert_matrices(layer, expert)
+                    w1, w3, w2 = checkpoint.family.expert_matrices(checkpoint, layer, expert)
                     blobs.append(layout.pack(expert_tensors(w1, w3, w2, expert_spec)))
                     bar.update()
                 writer.write_layer(layer, blobs)

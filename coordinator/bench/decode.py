@@ -25,17 +25,17 @@ import torch
 from common.errors import ConfigError
 from common.store.reader import ExpertStore
 
-from .engine import resolve_device, resolve_dtype
-from .expert_cache import ExpertCache
-from .expert_loader import CopyTimer, ExpertLoader
-from .decode_graphs import GraphedDecoder
-from .fetch_loop import FetchLoop
-from .kernels import quantized_linear_for
-from .model import DenseWeights, KVCache, Transformer
-from .moe import MoEBlock
-from .phase_clock import PHASES, PhaseClock
-from .prefetcher import RouterLookahead
-from .sources.local import RamSource
+from ..runtime.engine import resolve_device, resolve_dtype
+from ..runtime.expert_cache import ExpertCache
+from ..runtime.expert_loader import CopyTimer, ExpertLoader
+from ..runtime.decoder import GraphedDecoder
+from ..runtime.fetch_loop import FetchLoop
+from ..runtime.kernels import quantized_linear_for
+from ..runtime.model import DenseWeights, KVCache, Transformer
+from ..runtime.moe import MoEBlock
+from ..runtime.phase_clock import PHASES, PhaseClock
+from ..runtime.prefetcher import RouterLookahead
+from ..sources.local import RamSource
 
 MODES = ("naive", "lru", "lru+prefetch", "resident")
 

@@ -1,0 +1,95 @@
+"""Mixtral (Mixtral-8x7B, -8x22B and models saved in its layout): its config and its tensor names.
+
+Config parsing goes through transformers' own `MixtralConfig`, so defaults and legacy keys (a
+top-level `rope_theta`) mean exactly what they mean to transformers. On disk, experts are
+`model.layers.L.block_sparse_moe.experts.E.w1/w2/w3.weight`; a checkpoint saved from
+transformers 5's fused in-memory form (`mlp.experts.gate_up_proj` / `down_proj`) is read too."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from common.errors import ConfigError, StoreError
+from common.model_config import ModelConfig
+from common.store import dense_names
+
+MODEL_TYPE = "mixtral"
+
+
+def model_config(hf: dict[str, Any], *, source: str = "config.json") -> ModelConfig:
+    from transformers import MixtralConfig
+
+    try:
+        config = MixtralConfig(**{k: v for k, v in hf.items() if k not in ("architectures", "transformers_version")})
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{source}: not a valid Mixtral config: {err}") from None
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ConfigError(f"{source}: rope_type {rope_type!r} is not supported (only 'default')")
+    rope_theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
+    if rope_theta is None:
+        raise ConfigError(f"{source}: no rope_theta")
+    eos = config.eos_token_id
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return ModelConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_layers=config.num_hidden_layers,
+        num_heads=config.num_attention_heads,
+        num_kv_heads=config.num_key_value_heads,
+        head_dim=head_dim,
+        num_experts=config.num_local_experts,
+        top_k=config.num_experts_per_tok,
+        rms_norm_eps=float(config.rms_norm_eps),
+        rope_theta=float(rope_theta),
+        max_position_embeddings=config.max_position_embeddings,
+        sliding_window=config.sliding_window,
+        tie_word_embeddings=bool(config.tie_word_embeddings),
+        bos_token_id=config.bos_token_id,
+        eos_token_id=eos,
+    )
+
+
+def dense_tensors(checkpoint) -> dict[str, torch.Tensor]:
+    """The store's dense tensors (dense_names) from the checkpoint, unquantized."""
+    config = checkpoint.config
+    tensors = {
+        dense_names.EMBED: checkpoint.tensor("model.embed_tokens.weight"),
+        dense_names.FINAL_NORM: checkpoint.tensor("model.norm.weight"),
+    }
+    if not config.tie_word_embeddings:
+        tensors[dense_names.LM_HEAD] = checkpoint.tensor("lm_head.weight")
+    for layer in range(config.num_layers):
+        prefix = f"model.layers.{layer}"
+        tensors[dense_names.input_norm(layer)] = checkpoint.tensor(f"{prefix}.input_layernorm.weight")
+        tensors[dense_names.post_attention_norm(layer)] = checkpoint.tensor(f"{prefix}.post_attention_layernorm.weight")
+        tensors[dense_names.router(layer)] = _router(checkpoint, layer)
+        for projection in dense_names.ATTENTION_PROJECTIONS:
+            tensors[dense_names.attention(layer, projection)] = checkpoint.tensor(f"{prefix}.self_attn.{projection}.weight")
+    return tensors
+
+
+def expert_matrices(checkpoint, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(w1 [F, H], w3 [F, H], w2 [H, F]) of one expert."""
+    prefix = f"model.layers.{layer}.block_sparse_moe.experts.{expert}"
+    if checkpoint.has(f"{prefix}.w1.weight"):
+        return tuple(checkpoint.tensor(f"{prefix}.{w}.weight") for w in ("w1", "w3", "w2"))
+    fused = f"model.layers.{layer}.mlp.experts"
+    if checkpoint.has(f"{fused}.gate_up_proj"):
+        gate_up = checkpoint.tensor(f"{fused}.gate_up_proj")[expert]
+        w1, w3 = gate_up.chunk(2, dim=0)
+        return w1, w3, checkpoint.tensor(f"{fused}.down_proj")[expert]
+    raise StoreError(f"{checkpoint.folder}: no weights for layer {layer} expert {expert} ({prefix}.w1.weight)")
+
+
+def _router(checkpoint, layer: int) -> torch.Tensor:
+    for name in (f"model.layers.{layer}.block_sparse_moe.gate.weight", f"model.layers.{layer}.mlp.gate.weight"):
+        if checkpoint.has(name):
+            return checkpoint.tensor(name)
+    return checkpoint.tensor(f"model.layers.{layer}.block_sparse_moe.gate.weight")  # raises, naming it
