@@ -1,5 +1,5 @@
 """The coordinator: runs on the GPU machine. Dense part on the device, the token loop, the KV
-cache, the GPU expert cache, the prefetcher and the client API.
+cache, the GPU expert cache, the prefetcher and the client API. Map of the code: docs/architecture.md.
 
     from coordinator import Engine
     with Engine.open("STORE", device="cpu") as engine:

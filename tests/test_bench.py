@@ -7,7 +7,7 @@ import pytest
 
 from common.errors import ConfigError
 from common.store.manifest import Manifest
-from coordinator.bench.decode import cache_experts_for_budget
+from coordinator.runtime.engine_options import cache_experts_for_budget
 
 
 @pytest.fixture(scope="module")

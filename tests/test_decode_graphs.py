@@ -1,28 +1,30 @@
-"""The graphed decode step computes what the eager step computes. On CUDA it replays graphs
-(tests/test_cuda_engine.py); here, its CPU twin runs the very same steps without capture."""
+"""The decode path (decoder.py: CUDA graphs on CUDA, the same steps run directly here) gives, token
+by token, the logits the prompt path gives for the whole sequence at once, for several cache sizes
+and quantized stores. test_matches_transformers.py checks both paths against transformers; on
+CUDA, tests/test_cuda_engine.py checks captured graphs against the same steps run directly."""
 
 import pytest
 import torch
 
-from coordinator.runtime.decoder import GraphedDecoder
 from coordinator.runtime.engine import Engine
 from coordinator.runtime.model import KVCache
 
+STEPS = 10
+
 
 @pytest.mark.parametrize("store_name,cache_experts,prefetch", [("store16", 1, True), ("store16", 2, False), ("store4", 3, True)])
-def test_static_decode_steps_give_the_eager_logits_and_tokens(request, store_name, cache_experts, prefetch):
+def test_decode_steps_give_the_prompt_paths_logits_and_tokens(request, store_name, cache_experts, prefetch):
     store = request.getfixturevalue(store_name)
     with Engine.open(store, cache_experts=cache_experts, prefetch=prefetch) as engine, torch.inference_mode():
-        prompt = torch.tensor(engine.encode("The quick brown fox"))
-        eager_kv = KVCache(engine.config, 64, torch.device("cpu"), torch.float32)
-        static_kv = KVCache(engine.config, 64, torch.device("cpu"), torch.float32)
-        eager = engine.model.forward(prompt, 0, eager_kv)
-        static = engine.model.forward(prompt, 0, static_kv)
-        decoder = GraphedDecoder(engine.model, static_kv)
-        position = prompt.numel()
-        for _ in range(10):
-            token = int(eager[-1].argmax())
-            eager = engine.model.forward(torch.tensor([token]), position, eager_kv)
-            static = decoder.step(int(static[-1].argmax()), position)
-            assert (eager - static).abs().max().item() < 1e-5
-            position += 1
+        prompt = engine.encode("The quick brown fox")
+        kv = KVCache(engine.config, 64, torch.device("cpu"), torch.float32)
+        logits = engine._prefill(prompt, kv)
+        tokens, stepped = list(prompt), []
+        for _ in range(STEPS):
+            tokens.append(int(logits[-1].argmax()))
+            logits = engine._decode_step(tokens[-1], len(tokens) - 1, kv).clone()
+            stepped.append(logits[0])
+        whole = KVCache(engine.config, 64, torch.device("cpu"), torch.float32)
+        at_once = engine.model.forward(torch.tensor(tokens), 0, whole, all_logits=True)[len(prompt):]  # [STEPS, V]
+        assert (torch.stack(stepped) - at_once).abs().max().item() < 1e-4
+        assert [int(row.argmax()) for row in stepped[:-1]] == tokens[len(prompt) + 1:]

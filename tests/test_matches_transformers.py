@@ -29,12 +29,12 @@ def prompt_ids():
 def test_logits_match_transformers_for_prompt_and_each_decode_step(store16, reference, prompt_ids):
     with Engine.open(store16, cache_experts=2) as engine:
         kv = KVCache(engine.config, PROMPT_TOKENS + DECODE_STEPS, torch.device("cpu"), torch.float32)
-        ours = engine.model.forward(prompt_ids, 0, kv, all_logits=True)
+        ours = engine.model.forward(prompt_ids, 0, kv, all_logits=True)  # the prompt path
         theirs = reference(prompt_ids[None], use_cache=True)
         assert (ours - theirs.logits[0]).abs().max().item() < 1e-4
         past, token, position = theirs.past_key_values, int(theirs.logits[0, -1].argmax()), PROMPT_TOKENS
         for _ in range(DECODE_STEPS):
-            ours = engine.model.forward(torch.tensor([token]), position, kv)
+            ours = engine._decode_step(token, position, kv)  # the decode path (decoder.py)
             theirs = reference(torch.tensor([[token]]), past_key_values=past, use_cache=True)
             assert (ours[0] - theirs.logits[0, -1]).abs().max().item() < 1e-4
             past, token, position = theirs.past_key_values, int(theirs.logits[0, -1].argmax()), position + 1

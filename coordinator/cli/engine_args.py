@@ -1,4 +1,6 @@
-"""Arguments that open an engine, shared by every command that generates (generate, serve, bench).
+"""Arguments that open an engine, shared by every command that runs one (generate, serve, bench):
+they become one EngineOptions (coordinator/runtime/engine_options.py), which holds the defaults
+and the checks.
 
 `source_from_args` is the one place that turns arguments into an expert source: an in-process
 source's name, or a factory for an ExpertPool of expert hosts (--hosts, --cluster, --local-host)."""
@@ -10,16 +12,55 @@ from dataclasses import replace
 from pathlib import Path
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+def _default(name: str):
+    from coordinator.runtime.engine_options import EngineOptions
+
+    return EngineOptions.__dataclass_fields__[name].default
+
+
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    """The options of EngineOptions that every engine command takes (generate, serve, bench),
+    with EngineOptions' defaults; the checks happen when EngineOptions is built."""
+    from coordinator.runtime.engine_options import DTYPE_NAMES
+
     parser.add_argument("--store", required=True, metavar="STORE", help="a store made by `pack` (or `make-synthetic`)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+    parser.add_argument("--device", default=_default("device"), help=f"cpu or cuda (default {_default('device')})")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                         help="compute dtype (default float32 on cpu, bfloat16 on cuda)")
-    parser.add_argument("--cache-experts", type=int, default=4, metavar="K",
-                        help="GPU expert slots per layer (default 4; at most the experts per layer)")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--cache-experts", type=int, default=_default("cache_experts"), metavar="K",
+                        help=f"GPU expert slots per layer (default {_default('cache_experts')}; at most the experts per layer)")
+    budget.add_argument("--gpu-budget-gb", type=float, metavar="G",
+                        help="derive the slots per layer from a GPU memory budget in GB instead of --cache-experts")
+    parser.add_argument("--prefetch-depth", type=int, default=_default("prefetch_depth"), metavar="D",
+                        help=f"layers ahead to prefetch (default {_default('prefetch_depth')})")
+    parser.add_argument("--no-cuda-graphs", "--eager", dest="cuda_graphs", action="store_false",
+                        help="decode without capturing CUDA graphs (the same steps, run directly; to compare)")
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Everything that opens an engine for generating (generate, serve): engine options, prefetch
+    on/off and where the experts come from."""
+    add_engine_options(parser)
     parser.add_argument("--no-prefetch", action="store_true", help="turn speculative expert loading off")
-    parser.add_argument("--prefetch-depth", type=int, default=1, metavar="D", help="layers ahead to prefetch (default 1)")
     add_source_arguments(parser)
+
+
+def engine_options_from_args(args: argparse.Namespace, *, source: str = "ram", progress: bool = False):
+    """The EngineOptions the arguments describe (checked as it is made)."""
+    from coordinator.runtime.engine_options import EngineOptions
+
+    return EngineOptions(
+        device=args.device,
+        dtype=args.dtype,
+        cache_experts=args.cache_experts,
+        gpu_budget_gb=args.gpu_budget_gb,
+        prefetch=not getattr(args, "no_prefetch", False),
+        prefetch_depth=args.prefetch_depth,
+        source=source,
+        cuda_graphs=args.cuda_graphs,
+        progress=progress,
+    )
 
 
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,24 +130,14 @@ def _cluster_from_args(args: argparse.Namespace, local_host):
 def open_engine(args: argparse.Namespace, *, progress: bool = True):
     from coordinator.runtime.engine import Engine
     from coordinator.sources.local_host import LocalHost
-    from common.store.manifest import Manifest
 
-    experts = Manifest.read(Path(args.store)).model.num_experts
     local_host = LocalHost(args.store) if args.local_host else None
     try:
         source = source_from_args(args, local_host=local_host.address if local_host else None)  # checks the arguments
+        options = engine_options_from_args(args, source=source if isinstance(source, str) else "custom", progress=progress)
         if local_host is not None:
             local_host.start()
-        engine = Engine.open(
-            args.store,
-            source=source,
-            device=args.device,
-            dtype=args.dtype,
-            cache_experts=min(args.cache_experts, experts) if args.cache_experts >= 1 else args.cache_experts,
-            prefetch=not args.no_prefetch,
-            prefetch_depth=args.prefetch_depth,
-            progress=progress,
-        )
+        engine = Engine.from_options(args.store, options, None if isinstance(source, str) else source)
     except BaseException:
         if local_host is not None:
             local_host.stop()

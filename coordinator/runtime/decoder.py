@@ -1,15 +1,18 @@
-"""CUDA graphs for the decode step: one token through every layer with few kernel launches.
+"""The decode step: one token through every layer. The one decode path of the engine, on every
+device: captured as CUDA graphs on CUDA, run directly (the same steps, uncaptured) elsewhere or
+with `cuda_graphs=False`. The prompt path is `Transformer.forward`.
 
-Eagerly, a decode step launches some sixty small kernels per layer, and on a fast GPU their
+Run eagerly, a decode step launches some sixty small kernels per layer, and on a fast GPU their
 launch cost, not the GPU, bounds the speed. Here each layer's fixed part (residual add,
 attention, router, lookahead guesses) is one graph, and the expert FFN on each (cache slot,
 top-k position) is one graph that reads the slot at its fixed address. Between them Python does
-only what must be decided per token: read the layer's plan back (one sync), start loads, and
-replay the graphs of the slots that hold the chosen experts.
+only what must be decided per token: read the layer's routing plan back (one sync), hand it to
+the MoE block's dispatcher (loads, prefetches), and replay the graphs of the slots that hold the
+chosen experts.
 
-It reuses the model's own functions for the math, on static buffers, so it computes what the
-eager path computes (attention runs over the whole KV capacity, masked past the position). Off
-CUDA the same steps run directly, without capture: that is its CPU twin in the tests.
+It reuses the model's own functions for the math, on static buffers (attention runs over the
+whole KV capacity, masked past the position). Timing for the benchmark's breakdown lives here
+too: `clock`, a PhaseClock, is None except while bench profiles.
 
 Dimension legend: H = hidden size, V = vocabulary, k = experts per token."""
 
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 from common.expert_ffn import expert_forward
 
 from .model import KVCache, Transformer
+from .phase_clock import PhaseClock
 from .rms_norm import rms_norm
 
 
@@ -31,10 +35,11 @@ class _Direct:
         self.replay = work
 
 
-class GraphedDecoder:
-    def __init__(self, model: Transformer, kv: KVCache) -> None:
+class Decoder:
+    def __init__(self, model: Transformer, kv: KVCache, *, cuda_graphs: bool = True) -> None:
         self.model, self.kv = model, kv
-        self.capture = model.device.type == "cuda"
+        self.capture = cuda_graphs and model.device.type == "cuda"
+        self.clock: PhaseClock | None = None
         self.moe, self.cache = model.moe, model.moe.provider
         c, device, dtype = model.config, model.device, model.dtype
         self.config = c
@@ -124,7 +129,7 @@ class GraphedDecoder:
     def step(self, token: int, position: int) -> torch.Tensor:
         """Logits [1, V] float32 of the token at `position` (a static buffer: read it before the
         next step)."""
-        clock = self.model.clock
+        clock = self.clock  # started by whoever set it; each mark charges the time since the last
         self.token.fill_(token)
         self.position.fill_(position)
         self.embed_graph.replay()
@@ -132,14 +137,15 @@ class GraphedDecoder:
             self.layer_graphs[layer].replay()
             if clock:
                 clock.mark("attention")
-            order, chosen = self.moe.dispatch(layer, self.plans[layer].tolist(), 1)
+            plan = self.moe.read_plan(layer, self.plans[layer], 1)
+            order = self.moe.dispatcher.dispatch(plan)
             if clock:
                 clock.mark("routing")
             for expert in order:
                 slot = self.cache.acquire(layer, expert)
                 if clock:
                     clock.mark("waiting on copies")
-                self.expert_graphs[layer][slot][chosen.index(expert)].replay()
+                self.expert_graphs[layer][slot][plan.chosen.index(expert)].replay()
                 self.cache.done(layer, expert)
                 if clock:
                     clock.mark("expert compute")

@@ -1,18 +1,23 @@
 """The engine: opens a store, puts the dense weights on the device, wires the expert cache to a
-source and a prefetcher, and runs the token loop (prefill, then one decode step per token).
+source and a prefetcher, and runs the token loop (prefill on the prompt path, then one decode
+step per token on the decode path, decoder.py).
 
     with Engine.open("STORE", device="cuda", cache_experts=4) as engine:
         for piece in engine.generate("Hello", max_new_tokens=32):
             print(piece, end="", flush=True)
 
-One generation runs at a time; others wait for the engine's lock."""
+Every entry point (generate, serve, bench, the Python API) builds an Engine from EngineOptions
+(engine_options.py) and reads its counters through `snapshot()`. One generation runs at a time;
+others wait for the engine's lock. See docs/architecture.md for the whole map."""
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -20,51 +25,23 @@ import torch
 from common.errors import ConfigError, StoreError
 from common.store.reader import ExpertStore
 
+from ..sources.base import ExpertSource
+from ..sources.local import DiskSource, RamSource
+from .counters import EngineSnapshot, ExpertCounters
+from .decoder import Decoder
+from .engine_options import GPU_RESERVE_BYTES, EngineOptions, cache_experts_for_budget
 from .expert_cache import ExpertCache
-from .decoder import GraphedDecoder
 from .expert_loader import ExpertLoader
 from .fetch_loop import FetchLoop
-from .kernels import quantized_linear_for
 from .generation import AsyncGeneration, Generation
+from .kernels import quantized_linear_for
 from .model import DenseWeights, KVCache, Transformer
 from .moe import MoEBlock
 from .prefetcher import RouterLookahead
 from .sampler import Sampler, SamplingParams
-from ..sources.base import ExpertSource
-from ..sources.local import DiskSource, RamSource
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SourceFactory = Callable[[ExpertStore, FetchLoop], ExpertSource]
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    device: str = "cpu"
-    dtype: str | None = None  # default: float32 on CPU, bfloat16 on CUDA
-    cache_experts: int = 2  # GPU slots per layer
-    prefetch: bool = True
-    prefetch_depth: int = 1  # layers ahead
-    prefetch_width: int | None = None  # experts guessed per layer ahead; default: the model's top-k
-    source: str = "ram"  # ram | disk (or a SourceFactory given to Engine.open)
-    fused_kernels: bool = True  # Triton dequantize+matmul on CUDA (ignored elsewhere)
-    cuda_graphs: bool = True  # decode steps as CUDA graphs (ignored off CUDA)
-    progress: bool = False
-
-
-def resolve_device(name: str) -> torch.device:
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise ConfigError(f"--device {name}: choose cpu or cuda")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: no CUDA GPU is visible to torch here; use --device cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    if name is None:
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
-    if name not in DTYPES:
-        raise ConfigError(f"--dtype {name}: choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+CACHE_MODES = ("naive", "lru", "lru+prefetch", "resident")  # bench's side-by-side modes
 
 
 def load_tokenizer(folder: Path):
@@ -82,64 +59,106 @@ def load_tokenizer(folder: Path):
 class Engine:
     def __init__(self, store: ExpertStore, options: EngineOptions, source: str | SourceFactory) -> None:
         self.store = store
-        self.options = options
         self.config = store.config
-        self.device = resolve_device(options.device)
-        self.dtype = resolve_dtype(options.dtype, self.device)
-        if options.prefetch_depth < 1:
-            raise ConfigError(f"--prefetch-depth {options.prefetch_depth}: must be at least 1")
+        self.options = options.for_model(self.config)
+        self.device = self.options.torch_device()
+        self.dtype = self.options.torch_dtype(self.device)
         self._closers: list[Callable[[], None]] = []
         self.fetch_loop = FetchLoop()
         self._closers.append(self.fetch_loop.close)
+        self.counters = ExpertCounters(self.config.num_layers)  # lifetime counts, across cache rebuilds
+        self.cache: ExpertCache | None = None
+        self._kv: KVCache | None = None
+        self._decoder: Decoder | None = None
+        self._lock = threading.Lock()
         try:
             self.source = self._make_source(source)
             self._closers.insert(0, self.source.close)
             self.tokenizer = load_tokenizer(store.folder)
-            dense = DenseWeights.from_store_tensors(
+            self.dense = DenseWeights.from_store_tensors(
                 store.load_dense(), self.config, store.manifest.dense_quant, self.device, self.dtype
             )
             self.loader = ExpertLoader(self.source, self.device, self.fetch_loop)
-            self.cache = ExpertCache(
-                layout=store.layout,
-                num_layers=self.config.num_layers,
-                slots_per_layer=options.cache_experts,
-                device=self.device,
-                loader=self.loader,
-            )
-            routers = [layer.router for layer in dense.layers]
-            norms = [layer.post_attention_norm for layer in dense.layers]
-            predictor = None
-            if options.prefetch:
-                width = options.prefetch_width or self.config.top_k
-                predictor = RouterLookahead(routers, norms, self.config.rms_norm_eps,
-                                            depth=options.prefetch_depth, experts_per_layer=min(width, self.config.num_experts))
-            moe = MoEBlock(self.config, routers, norms, self.cache, predictor,
-                           quantized_linear_for(self.device, fused=options.fused_kernels))
-            self.model = Transformer(self.config, dense, moe, self.device, self.dtype)
+            self.quantized_linear = quantized_linear_for(self.device, fused=self.options.fused_kernels)
+            if self.options.gpu_budget_gb is not None:
+                slots = cache_experts_for_budget(self.options.gpu_budget_gb, dense_bytes=self.dense.nbytes(),
+                                                 blob_bytes=store.blob_nbytes, layers=self.config.num_layers,
+                                                 experts=self.config.num_experts)
+                self.options = replace(self.options, cache_experts=slots)
+            self._build(slots=self.options.cache_experts, prefetch=self.options.prefetch)
         except BaseException:
             self.close()
             raise
-        self._kv: KVCache | None = None
-        self._decoder: GraphedDecoder | None = None
-        self._lock = threading.Lock()
 
     @classmethod
     def open(cls, store: str | Path, *, source: str | SourceFactory = "ram", **options) -> "Engine":
         """Open a packed store. Options are EngineOptions' fields (device, dtype, cache_experts,
-        prefetch, prefetch_depth, prefetch_width, fused_kernels, cuda_graphs, progress)."""
-        if options.get("cache_experts", 1) < 1:
-            raise ConfigError(f"--cache-experts {options['cache_experts']}: needs at least 1 slot per layer")
-        local = isinstance(source, str)  # remote sources need no expert files here
-        return cls(ExpertStore(store, with_experts=local), EngineOptions(source=source if isinstance(source, str) else "custom", **options), source)
+        gpu_budget_gb, prefetch, prefetch_depth, prefetch_width, fused_kernels, cuda_graphs,
+        progress); `source` is "ram", "disk" or a factory for remote sources."""
+        engine_options = EngineOptions(source=source if isinstance(source, str) else "custom", **options)  # checks first
+        return cls.from_options(store, engine_options, None if isinstance(source, str) else source)
+
+    @classmethod
+    def from_options(cls, store: str | Path, options: EngineOptions, source_factory: SourceFactory | None = None) -> "Engine":
+        """Open a store with options already made (the CLI's way); `source_factory` for remote
+        sources, else options.source names a local one."""
+        local = source_factory is None  # remote sources need no expert files here
+        return cls(ExpertStore(store, with_experts=local), options, options.source if local else source_factory)
 
     def _make_source(self, source: str | SourceFactory) -> ExpertSource:
         if callable(source):
             return source(self.store, self.fetch_loop)
         if source == "ram":
             return RamSource(self.store, pin=self.device.type == "cuda", progress=self.options.progress)
-        if source == "disk":
-            return DiskSource(self.store)
-        raise ConfigError(f"--source {source}: choose ram or disk")
+        return DiskSource(self.store)
+
+    def _build(self, *, slots: int, prefetch: bool, forget_after_use: bool = False) -> None:
+        """(Re)make the expert cache, the MoE block and the model around the loaded dense weights.
+        The old cache is freed first, so device memory never holds two."""
+        self.cache = self.moe = self.model = self._decoder = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        c = self.config
+        self.cache = ExpertCache(layout=self.store.layout, num_layers=c.num_layers, slots_per_layer=slots,
+                                 device=self.device, loader=self.loader, forget_after_use=forget_after_use,
+                                 counters=self.counters)
+        routers = [layer.router for layer in self.dense.layers]
+        norms = [layer.post_attention_norm for layer in self.dense.layers]
+        predictor = None
+        if prefetch:
+            predictor = RouterLookahead(routers, norms, c.rms_norm_eps, depth=self.options.prefetch_depth,
+                                        experts_per_layer=self.options.prefetch_width)
+        self.moe = MoEBlock(c, routers, norms, self.cache, predictor, self.quantized_linear)
+        self.model = Transformer(c, self.dense, self.moe, self.device, self.dtype)
+
+    def use_cache_mode(self, mode: str) -> None:
+        """Rebuild the cache as one of bench's modes (the engine's own options give K and depth):
+        naive (no caching, every use a copy), lru, lru+prefetch, resident (every expert on the
+        device, loaded now). Raises ConfigError if resident does not fit in device memory."""
+        c = self.config
+        if mode not in CACHE_MODES:
+            raise ConfigError(f"--modes {mode}: choose from {', '.join(CACHE_MODES)}")
+        with self._lock:
+            if mode == "resident" and self.device.type == "cuda":
+                self.cache = self.moe = self.model = self._decoder = None
+                gc.collect()
+                torch.cuda.empty_cache()
+                need = c.num_layers * c.num_experts * self.store.blob_nbytes
+                free, _ = torch.cuda.mem_get_info(self.device)
+                if need > free - GPU_RESERVE_BYTES:
+                    self._build(slots=self.options.cache_experts, prefetch=self.options.prefetch)
+                    raise ConfigError(f"needs {need / 1e9:.1f} GB of expert slots, {free / 1e9:.1f} GB free")
+            slots = {"naive": c.top_k, "resident": c.num_experts}.get(mode, self.options.cache_experts)
+            self._build(slots=slots, prefetch=mode == "lru+prefetch", forget_after_use=mode == "naive")
+            if mode == "resident":
+                self.cache.load_all()
+
+    def snapshot(self) -> EngineSnapshot:
+        """The lifetime counters, bytes per source and host health, now (any thread)."""
+        host_status = getattr(self.source, "host_status", None)  # sources of expert hosts report health
+        return EngineSnapshot.take(self.counters, self.source.bytes_by_origin(), self.source.blob_nbytes,
+                                   host_status() if callable(host_status) else {})
 
     def add_closer(self, closer: Callable[[], None]) -> None:
         """Something to stop when the engine closes (a local expert host, say)."""
@@ -176,6 +195,8 @@ class Engine:
         stop_at_eos: bool = True,
     ) -> Generation:
         """A Generation: iterate it for text pieces as tokens are made."""
+        if isinstance(prompt, str) and not prompt:
+            raise ConfigError("the prompt is empty")
         prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not prompt_ids:
             raise ConfigError("the prompt is empty")
@@ -208,14 +229,16 @@ class Engine:
             self._kv = KVCache(self.config, capacity, self.device, self.dtype)
         return self._kv
 
-    def _decode_step(self, token: int, position: int, kv: KVCache, step_input: torch.Tensor) -> torch.Tensor:
-        """Logits [1, V] of one new token: through CUDA graphs where they apply, else eagerly."""
-        if self.device.type == "cuda" and self.options.cuda_graphs:
-            if self._decoder is None or self._decoder.kv is not kv:
-                self._decoder = GraphedDecoder(self.model, kv)
-            return self._decoder.step(token, position)
-        step_input.fill_(token)
-        return self.model.forward(step_input, position, kv)
+    def _prefill(self, prompt_ids: list[int], kv: KVCache) -> torch.Tensor:
+        """The prompt path: logits [1, V] of the last prompt token."""
+        return self.model.forward(torch.tensor(prompt_ids, device=self.device), 0, kv)
+
+    def _decode_step(self, token: int, position: int, kv: KVCache) -> torch.Tensor:
+        """The decode path: logits [1, V] of one new token (a static buffer: read it before the
+        next step). The decoder is made once per KV cache and cache."""
+        if self._decoder is None or self._decoder.kv is not kv:
+            self._decoder = Decoder(self.model, kv, cuda_graphs=self.options.cuda_graphs)
+        return self._decoder.step(token, position)
 
     def _token_loop(self, gen: Generation, prompt_ids: list[int], max_new_tokens: int,
                     sampling: SamplingParams, stop_at_eos: bool) -> Iterator[int]:
@@ -223,20 +246,17 @@ class Engine:
             self.cache.drop_failed_loads()  # left by a generation that ended on a source error
             sampler = Sampler(sampling)
             kv = self._kv_cache(len(prompt_ids) + max_new_tokens)
-            before = self.cache.counters.totals()
-            sources_before = dict(self.source.bytes_by_origin())
+            before = self.snapshot()
             stats = gen.stats
             stats.prompt_tokens = len(prompt_ids)
             eos = self.config.eos_token_id if stop_at_eos else None
             started = time.perf_counter()
             try:
-                logits = self.model.forward(torch.tensor(prompt_ids, device=self.device), 0, kv)
-                token = sampler(logits[-1])
+                token = sampler(self._prefill(prompt_ids, kv)[-1])
                 stats.prefill_s = stats.time_to_first_token_s = time.perf_counter() - started
                 position = len(prompt_ids)
                 decode_started = time.perf_counter()
                 gen.finish_reason = "length"
-                step_input = torch.empty(1, dtype=torch.long, device=self.device)
                 for produced in range(1, max_new_tokens + 1):
                     stats.new_tokens = produced
                     yield token
@@ -248,18 +268,43 @@ class Engine:
                         break
                     if produced == max_new_tokens:
                         break
-                    logits = self._decode_step(token, position, kv, step_input)
+                    logits = self._decode_step(token, position, kv)
                     position += 1
                     token = sampler(logits[-1])
                     stats.decode_s = time.perf_counter() - decode_started
             finally:
                 if stats.decode_s > 0 and stats.new_tokens > 1:
                     stats.tokens_per_s = (stats.new_tokens - 1) / stats.decode_s
-                after = self.cache.counters.totals()
-                for key in ("cache_hits", "cache_misses", "prefetch_hits", "prefetch_issued", "prefetch_wasted", "bytes_fetched", "wait_s"):
-                    setattr(stats, key, type(getattr(stats, key))(after[key] - before[key]))
-                stats.bytes_by_source = {
-                    origin: count - sources_before.get(origin, 0)
-                    for origin, count in self.source.bytes_by_origin().items()
-                }
-                stats.fetches_by_source = {origin: count // self.source.blob_nbytes for origin, count in stats.bytes_by_source.items()}
+                stats.record(self.snapshot().since(before))
+
+    # --- bench's decode ------------------------------------------------------------------
+
+    @contextmanager
+    def forced_decode(self, prompt_ids: list[int], steps: int) -> Iterator["ForcedDecode"]:
+        """Decode fed with given tokens instead of sampled ones (teacher forcing), through the
+        same prompt and decode paths as generate: what bench times."""
+        with self._lock:
+            self.cache.drop_failed_loads()
+            kv = self._kv_cache(len(prompt_ids) + steps + 1)
+            yield ForcedDecode(self, kv, prompt_ids)
+
+
+class ForcedDecode:
+    def __init__(self, engine: Engine, kv: KVCache, prompt_ids: list[int]) -> None:
+        self.engine, self.kv, self.prompt_ids = engine, kv, prompt_ids
+        self.position = 0
+
+    def prefill(self) -> None:
+        logits = self.engine._prefill(self.prompt_ids, self.kv)
+        int(logits.argmax())  # the sampler's sync, as in generate
+        self.position = len(self.prompt_ids)
+
+    def step(self, token: int) -> None:
+        logits = self.engine._decode_step(token, self.position, self.kv)
+        int(logits.argmax())  # the sampler's sync, as in generate; the caller gives the next token
+        self.position += 1
+
+    @property
+    def decoder(self) -> Decoder:
+        """The decoder in use (made by the first step): bench sets its clock."""
+        return self.engine._decoder

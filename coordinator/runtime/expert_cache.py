@@ -1,6 +1,7 @@
 """The GPU expert cache. Knows nothing about gRPC or files: it maps an expert to one of K
 preallocated device slots of its layer, fills slots through an ExpertLoader, evicts the least
-recently used expert that the current layer no longer needs, and counts what happened.
+recently used expert that the current layer no longer needs, and counts what happened
+(counters.py).
 
 All bookkeeping runs on the GPU loop's thread; only the byte moves run elsewhere (the loader)."""
 
@@ -9,7 +10,6 @@ from __future__ import annotations
 import concurrent.futures
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
 
 import torch
 
@@ -17,37 +17,8 @@ from common.errors import ConfigError, HostError
 from common.expert_id import ExpertId
 from common.store.blob_layout import BlobLayout, ExpertWeights
 
+from .counters import ExpertCounters
 from .expert_loader import ExpertLoader
-
-
-@dataclass
-class CacheCounters:
-    """Per-layer counters. Every expert use is a hit (resident or already loading) or a miss;
-    prefetch_hits are the hits on experts a prefetch brought in and nothing had used yet."""
-
-    num_layers: int
-    hits: list[int] = field(default_factory=list)
-    misses: list[int] = field(default_factory=list)
-    prefetch_hits: list[int] = field(default_factory=list)
-    prefetch_issued: list[int] = field(default_factory=list)
-    prefetch_wasted: list[int] = field(default_factory=list)
-    bytes_loaded: list[int] = field(default_factory=list)
-    wait_s: float = 0.0
-
-    def __post_init__(self) -> None:
-        for name in ("hits", "misses", "prefetch_hits", "prefetch_issued", "prefetch_wasted", "bytes_loaded"):
-            setattr(self, name, [0] * self.num_layers)
-
-    def totals(self) -> dict[str, float]:
-        return {
-            "cache_hits": sum(self.hits),
-            "cache_misses": sum(self.misses),
-            "prefetch_hits": sum(self.prefetch_hits),
-            "prefetch_issued": sum(self.prefetch_issued),
-            "prefetch_wasted": sum(self.prefetch_wasted),
-            "bytes_fetched": sum(self.bytes_loaded),
-            "wait_s": self.wait_s,
-        }
 
 
 class _Slot:
@@ -71,9 +42,11 @@ class _LayerSlots:
 
 class ExpertCache:
     def __init__(self, *, layout: BlobLayout, num_layers: int, slots_per_layer: int, device: torch.device,
-                 loader: ExpertLoader, load_timeout_s: float = 300.0, forget_after_use: bool = False) -> None:
+                 loader: ExpertLoader, load_timeout_s: float = 300.0, forget_after_use: bool = False,
+                 counters: ExpertCounters | None = None) -> None:
         """`forget_after_use` empties a slot as soon as its expert is used: no caching at all,
-        every use a fresh copy (the naive baseline of the benchmark)."""
+        every use a fresh copy (the naive baseline of the benchmark). `counters`: where to
+        count (the engine's lifetime counters, kept across caches); a fresh set by default."""
         if slots_per_layer < 1:
             raise ConfigError(f"--cache-experts {slots_per_layer}: needs at least 1 slot per layer")
         self.layout = layout
@@ -91,7 +64,7 @@ class ExpertCache:
         self._layers = [_LayerSlots(slots_per_layer, self.cuda) for _ in range(num_layers)]
         self._protected: set[int] = set()  # experts the current layer still needs
         self._current_layer = -1
-        self.counters = CacheCounters(num_layers)
+        self.counters = counters if counters is not None else ExpertCounters(num_layers)
 
     # --- the MoE block's side (ExpertProvider) ---------------------------------------------
 
@@ -213,7 +186,7 @@ class ExpertCache:
         state.slot_of[expert] = index
         state.lru[expert] = None
         slot.ticket = self.loader.load(ExpertId(layer, expert), self.memory[layer, index], slot.free, slot.ready)
-        self.counters.bytes_loaded[layer] += self.layout.nbytes
+        self.counters.bytes_fetched[layer] += self.layout.nbytes
         if prefetch:
             self.counters.prefetch_issued[layer] += 1
 

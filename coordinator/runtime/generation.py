@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
+from .counters import EngineSnapshot
 from .detokenizer import IncrementalDetokenizer, StopMatcher
 
 
@@ -29,6 +30,18 @@ class GenerationStats:
     wait_s: float = 0.0  # time the token loop waited on expert loads
     bytes_by_source: dict[str, int] = field(default_factory=dict)
     fetches_by_source: dict[str, int] = field(default_factory=dict)  # experts delivered (one blob each)
+
+    def record(self, delta: EngineSnapshot) -> None:
+        """Take the engine's counts of this generation (a later snapshot minus an earlier one)."""
+        self.cache_hits = delta.total("hits")
+        self.cache_misses = delta.total("misses")
+        self.prefetch_hits = delta.total("prefetch_hits")
+        self.prefetch_issued = delta.total("prefetch_issued")
+        self.prefetch_wasted = delta.total("prefetch_wasted")
+        self.bytes_fetched = delta.total("bytes_fetched")
+        self.wait_s = delta.wait_s
+        self.bytes_by_source = delta.bytes_by_source
+        self.fetches_by_source = delta.fetches_by_source
 
     def to_dict(self) -> dict:
         return asdict(self)

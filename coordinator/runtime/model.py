@@ -3,7 +3,8 @@ heads and a static KV cache, the sparse MoE block, final norm and LM head.
 
 It holds only the dense weights (on the device). Experts come from an ExpertProvider (the GPU
 expert cache), so this file knows nothing of slots, sources or prefetching; `moe.py` is where
-routing meets the cache.
+routing meets the cache. `Transformer.forward` is the prompt path (many tokens at once); the
+decode step (one token) is decoder.py, which reuses `attention` and the MoE block's routing.
 
 Dimension legend: T = tokens in this step, S = positions held in the KV cache, H = hidden size,
 Q = query heads, K = key/value heads, D = head dim, V = vocabulary."""
@@ -123,6 +124,14 @@ class DenseWeights:
         ]
         return cls(embed, plain(dense_names.FINAL_NORM), lm_head, layers)
 
+    def nbytes(self) -> int:
+        """Device bytes of the dense weights (the tied LM head counted once)."""
+        tensors = [self.embed, self.norm] + ([] if self.lm_head is self.embed else [self.lm_head])
+        for layer in self.layers:
+            tensors += [layer.input_norm, layer.post_attention_norm, layer.q_proj, layer.k_proj, layer.v_proj,
+                        layer.o_proj, layer.router]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
 
 class Transformer:
     def __init__(self, config: ModelConfig, weights: DenseWeights, moe: MoEBlock, device: torch.device, dtype: torch.dtype) -> None:
@@ -133,7 +142,6 @@ class Transformer:
         self.dtype = dtype
         self.rotary = RotaryEmbedding(config, device, dtype)
         self.scale = config.head_dim**-0.5
-        self.clock = None  # a PhaseClock while the benchmark profiles; None otherwise
 
     def attention(self, x: torch.Tensor, layer: int, start: int | torch.Tensor, kv: KVCache) -> torch.Tensor:
         """x [T, H] (normed) -> [T, H]. `start` may be a device tensor [1] (one token, CUDA graphs)."""
@@ -172,18 +180,13 @@ class Transformer:
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start: int, kv: KVCache, *, all_logits: bool = False) -> torch.Tensor:
-        """tokens [T] at positions start.. -> logits [T, V] (all_logits) or [1, V] (last), float32."""
+        """The prompt path: tokens [T] at positions start.. -> logits [T, V] (all_logits) or
+        [1, V] (last), float32. Decode steps go through decoder.py instead."""
         c, w = self.config, self.weights
         x = F.embedding(tokens, w.embed)  # [T, H]
-        clock = self.clock
         for layer, lw in enumerate(w.layers):
             h = x + self.attention(rms_norm(x, lw.input_norm, c.rms_norm_eps), layer, start, kv)
-            if clock:
-                clock.mark("attention")
             x = h + self.moe.forward(layer, h)
         if not all_logits:
             x = x[-1:]
-        logits = F.linear(rms_norm(x, w.norm, c.rms_norm_eps), w.lm_head).float()
-        if clock:
-            clock.mark("other")
-        return logits
+        return F.linear(rms_norm(x, w.norm, c.rms_norm_eps), w.lm_head).float()

@@ -3,8 +3,9 @@
 Routing is exactly Mixtral's (softmax in float32 over all experts, top-k, renormalise). The
 experts come from an ExpertProvider (the cache); this block only says which experts it needs,
 in what order it will use them, and when it is done with each. Predictions for the layers ahead
-are made here too, from the same hidden state, so that one device->host sync per layer serves
-both the routing and the prefetcher.
+are made here too, from the same hidden state, so that one device->host sync per layer (the
+routing plan, routing_plan.py) serves both the routing and the prefetcher. What to do about the
+plan is the LayerDispatcher's decision; today's is CacheDispatcher.
 
 Dimension legend: T = tokens, H = hidden size, E = experts per layer, k = experts per token."""
 
@@ -18,7 +19,9 @@ from common.expert_ffn import Linear, dequantize_linear, expert_forward
 from common.model_config import ModelConfig
 from common.store.blob_layout import ExpertWeights
 
+from . import routing_plan
 from .rms_norm import rms_norm
+from .routing_plan import LayerDispatcher, RoutingPlan
 
 
 class ExpertProvider(Protocol):
@@ -53,6 +56,22 @@ def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.
     return weights, experts
 
 
+class CacheDispatcher:
+    """The LayerDispatcher of today's placement: every expert a layer needs is brought into the
+    device cache (a hit is used where it lies, a miss is copied in), and the guesses for later
+    layers become prefetches."""
+
+    def __init__(self, provider: ExpertProvider, predictor: ExpertPredictor | None) -> None:
+        self.provider = provider
+        self.predictor = predictor
+
+    def dispatch(self, plan: RoutingPlan) -> list[int]:
+        order = self.provider.begin_layer(plan.layer, plan.needed)
+        for later_layer, experts in plan.guesses.items():
+            self.provider.prefetch(later_layer, experts)
+        return order
+
+
 class MoEBlock:
     def __init__(self, config: ModelConfig, routers: list[torch.Tensor], post_attention_norms: list[torch.Tensor],
                  provider: ExpertProvider, predictor: ExpertPredictor | None,
@@ -62,55 +81,33 @@ class MoEBlock:
         self.norms = post_attention_norms  # per layer [H]
         self.provider = provider
         self.predictor = predictor
+        self.dispatcher: LayerDispatcher = CacheDispatcher(provider, predictor)
         self.quantized_linear = quantized_linear  # fused CUDA kernels, or plain dequantize+matmul
-        self.clock = None  # a PhaseClock while the benchmark profiles; None otherwise
 
     def route(self, layer: int, hidden: torch.Tensor):
         """Device work only (a CUDA graph can hold it): hidden [T, H] after attention ->
-        (x [T, H] normed MoE input, weights [T, k] float32, plan [T*k + guesses] int64: the chosen
-        experts, then the lookahead guesses for the layers ahead)."""
+        (x [T, H] normed MoE input, weights [T, k] float32, plan tensor: see routing_plan.py)."""
         x = rms_norm(hidden, self.norms[layer], self.config.rms_norm_eps)
         weights, experts = route(torch.nn.functional.linear(x, self.routers[layer]), self.config.top_k)
-        predictions = self.predictor.predict(layer, hidden) if self.predictor is not None else []
-        plan = torch.cat([experts.view(-1), *predictions]) if predictions else experts.view(-1)
-        return x, weights, plan
+        guesses = self.predictor.predict(layer, hidden) if self.predictor is not None else []
+        return x, weights, routing_plan.pack(experts, guesses)
 
-    def dispatch(self, layer: int, plan: list[int], tokens: int) -> tuple[list[int], list[int]]:
-        """Host side of a layer, from the plan read back in one sync: start the loads this layer
-        needs, then the prefetches for the layers ahead. Returns (experts in compute order,
-        each token's chosen experts flattened [T*k])."""
-        count = tokens * self.config.top_k
-        chosen = plan[:count]
-        order = self.provider.begin_layer(layer, sorted(set(chosen)))
-        guesses = plan[count:]
-        if guesses:
-            width = self.predictor.width
-            for n, later_layer in enumerate(self.predictor.layers_ahead(layer)):
-                self.provider.prefetch(later_layer, guesses[n * width : (n + 1) * width])
-        return order, chosen
+    def read_plan(self, layer: int, plan: torch.Tensor, tokens: int) -> RoutingPlan:
+        """The one device->host sync of a layer: its routing and every guess together."""
+        predictor = self.predictor
+        return RoutingPlan.read_back(layer, plan, tokens=tokens, top_k=self.config.top_k,
+                                     layers_ahead=predictor.layers_ahead(layer) if predictor else [],
+                                     width=predictor.width if predictor else 0)
 
     def forward(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [T, H]: the residual stream after attention -> the MoE output [T, H]."""
-        x, weights, plan = self.route(layer, hidden)
-        # One device->host sync for this layer: the routing and every guess together.
-        order, chosen = self.dispatch(layer, plan.tolist(), x.shape[0])
-        clock = self.clock
-        if clock:
-            clock.mark("routing")
+        """The prompt path: hidden [T, H], the residual stream after attention -> the MoE output
+        [T, H]. Each expert runs once on all the tokens that chose it. (One token at a time goes
+        through decoder.py, which runs the same route and dispatch on static buffers.)"""
+        x, weights, plan_tensor = self.route(layer, hidden)
+        plan = self.read_plan(layer, plan_tensor, x.shape[0])
+        order = self.dispatcher.dispatch(plan)
         out = torch.zeros_like(x)
-        if x.shape[0] == 1:  # decode: one token, no gather/scatter
-            for expert in order:
-                position = chosen.index(expert)
-                expert_weights = self.provider.get(layer, expert)
-                if clock:
-                    clock.mark("waiting on copies")
-                ys = expert_forward(x, expert_weights, self.quantized_linear)  # [1, H]
-                out += (ys * weights[:, position : position + 1]).to(out.dtype)
-                self.provider.done(layer, expert)
-                if clock:
-                    clock.mark("expert compute")
-            return out
-        tokens_of = _tokens_per_expert(chosen, self.config.top_k)
+        tokens_of = _tokens_per_expert(plan.chosen, self.config.top_k)
         for expert in order:
             token_index, slot_index = tokens_of[expert]
             rows = torch.tensor(token_index, device=x.device)

@@ -19,22 +19,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from coordinator.runtime.counters import COUNTERS
+
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
-# engine.cache.counters field -> (metric name, help)
-LAYER_COUNTERS = {
-    "hits": ("moe_edge_expert_cache_hits", "Expert uses served by an expert already in (or loading into) the device cache."),
-    "misses": ("moe_edge_expert_cache_misses", "Expert uses that had to wait for a load."),
-    "prefetch_hits": ("moe_edge_expert_prefetch_hits", "Cache hits on experts that a prefetch brought in."),
-    "prefetch_issued": ("moe_edge_expert_prefetch_issued", "Expert loads started by the prefetcher."),
-    "prefetch_wasted": ("moe_edge_expert_prefetch_wasted", "Prefetched experts evicted before any use."),
-    "bytes_loaded": ("moe_edge_expert_bytes_loaded", "Bytes copied into the device expert cache."),
-}
-
-
 class EngineCollector(Collector):
-    """Reads the engine's lifetime counters at scrape time (plain reads, no locks: a scrape during
-    a token may see one layer a step ahead of another, which a counter tolerates)."""
+    """Reads the engine's lifetime counters at scrape time, through one Engine.snapshot()
+    (runtime/counters.py names each counter's metric once)."""
 
     def __init__(self, engine) -> None:
         self.engine = engine
@@ -43,24 +34,23 @@ class EngineCollector(Collector):
         return []  # collected at scrape time only
 
     def collect(self):
-        counters = self.engine.cache.counters
-        for field, (name, documentation) in LAYER_COUNTERS.items():
-            family = CounterMetricFamily(name, documentation, labels=["layer"])
-            for layer, value in enumerate(getattr(counters, field)):
+        snapshot = self.engine.snapshot()
+        for counter in COUNTERS:
+            family = CounterMetricFamily(counter.metric, counter.help, labels=["layer"])
+            for layer, value in enumerate(snapshot.per_layer[counter.field]):
                 family.add_metric([str(layer)], value)
             yield family
         yield CounterMetricFamily("moe_edge_expert_wait_seconds", "Time the token loop waited on expert loads.",
-                                  value=counters.wait_s)
+                                  value=snapshot.wait_s)
         by_source = CounterMetricFamily("moe_edge_source_bytes",
                                         "Expert bytes delivered per source: ram, disk, or an expert host's address.",
                                         labels=["source"])
-        for origin, count in sorted(self.engine.source.bytes_by_origin().items()):
+        for origin, count in sorted(snapshot.bytes_by_source.items()):
             by_source.add_metric([origin], count)
         yield by_source
-        host_status = getattr(self.engine.source, "host_status", None)
-        if callable(host_status):
+        if snapshot.hosts_up:
             up = GaugeMetricFamily("moe_edge_host_up", "1 if the expert host answers, 0 if not.", labels=["host"])
-            for host, is_up in sorted(host_status().items()):
+            for host, is_up in sorted(snapshot.hosts_up.items()):
                 up.add_metric([host], 1.0 if is_up else 0.0)
             yield up
 

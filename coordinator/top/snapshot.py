@@ -11,15 +11,10 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from common.errors import ServerError
+from coordinator.runtime.counters import COUNTERS
 
-LAYER_FIELDS = {  # LayerCounts field -> sample name (see coordinator/server/metrics.py)
-    "hits": "moe_edge_expert_cache_hits_total",
-    "misses": "moe_edge_expert_cache_misses_total",
-    "prefetch_hits": "moe_edge_expert_prefetch_hits_total",
-    "prefetch_issued": "moe_edge_expert_prefetch_issued_total",
-    "prefetch_wasted": "moe_edge_expert_prefetch_wasted_total",
-    "bytes_loaded": "moe_edge_expert_bytes_loaded_total",
-}
+# LayerCounts field -> sample name, from the one table of the engine's counters
+LAYER_FIELDS = {counter.field: counter.metric + "_total" for counter in COUNTERS}
 
 
 @dataclass
@@ -29,7 +24,7 @@ class LayerCounts:
     prefetch_hits: float = 0.0
     prefetch_issued: float = 0.0
     prefetch_wasted: float = 0.0
-    bytes_loaded: float = 0.0
+    bytes_fetched: float = 0.0
 
 
 def hit_rate(hits: float, misses: float) -> float | None:

@@ -60,7 +60,7 @@ def render(current: MetricsSnapshot, previous: MetricsSnapshot | None = None, *,
     for index, layer in enumerate(current.layers):
         layers.add_row(str(index), f"{layer.hits:.0f}", f"{layer.misses:.0f}", _percent(hit_rate(layer.hits, layer.misses)),
                        f"{layer.prefetch_hits:.0f}", f"{layer.prefetch_issued:.0f}", f"{layer.prefetch_wasted:.0f}",
-                       human_bytes(layer.bytes_loaded))
+                       human_bytes(layer.bytes_fetched))
 
     sources = Table(title="expert traffic per source / host", title_justify="left")
     for header, justify in (("source", "left"), ("bytes", "right"), ("now", "right"), ("health", "left")):
