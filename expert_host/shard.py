@@ -1,9 +1,12 @@
-"""The experts one host holds: its shard of a packed store, in RAM or memory-mapped.
+"""The experts one host holds: its shard of a packed store, in RAM or read from disk per fetch.
 
 In RAM, every blob is read once at start into one allocation and checked against its checksum
-(with a progress bar); a fetch then reads memory only. Memory-mapped (`--mmap`), blobs stay in
-the page cache / on the SSD and each is checked the first time it is served. Knows nothing of
-gRPC: the servicer asks it for blobs by ExpertId."""
+(with a progress bar); a fetch then reads memory only. With `--mmap` (the name is older than the
+way it reads), blobs stay in the page cache / on the SSD and each fetch preads its blob into a
+fresh buffer: no memory map, so a file that shrinks or changes is a StoreError naming it (the
+servicer answers DATA_LOSS and serves other experts), never a SIGBUS. The blob is checked on
+its first read and whenever its file may have changed (ExpertStore.read_blob_into). Knows
+nothing of gRPC: the servicer asks it for blobs by ExpertId."""
 
 from __future__ import annotations
 
@@ -30,7 +33,6 @@ class ExpertShard:
         self.mmap = mmap
         self.blob_nbytes = store.blob_nbytes
         self._index = {eid: i for i, eid in enumerate(self.experts)}
-        self._verified: set[ExpertId] = set()
         self._arena: torch.Tensor | None = None
         if not mmap:
             self._load_into_ram(progress)
@@ -41,10 +43,7 @@ class ExpertShard:
         started = time.perf_counter()
         self._arena = torch.empty((len(self.experts), self.blob_nbytes), dtype=torch.uint8)  # [experts, blob bytes]
         for eid in tqdm(self.experts, desc="loading experts", unit="expert", disable=None if progress is None else not progress):
-            row = self._arena[self._index[eid]]
-            row.copy_(self.store.expert_blob(eid))
-            self.store.verify(eid, row)
-        self._verified.update(self.experts)
+            self.store.read_blob_into(eid, self._arena[self._index[eid]], always_verify=True)
         seconds = time.perf_counter() - started
         log.info("loaded and verified %d experts in %.1f s (%.2f GB/s)", len(self.experts), seconds, total / 1e9 / max(seconds, 1e-9))
 
@@ -60,18 +59,16 @@ class ExpertShard:
         return self.store.checksum_of(eid)
 
     async def blob(self, eid: ExpertId) -> memoryview:
-        """The blob's bytes (a view, no copy), checked against its checksum at least once.
-        Raises StoreError for a blob that fails its checksum, KeyError for one not held here."""
+        """The blob's bytes: a view of the RAM copy, or a fresh buffer read from the file.
+        Raises StoreError for a file that shrank or a blob that fails its checksum, KeyError for
+        one not held here."""
         index = self._index[eid]
         if self._arena is not None:
             return memoryview(self._arena[index].numpy())
-        blob = self.store.expert_blob(eid)
-        if eid not in self._verified:
-            await asyncio.to_thread(self.store.verify, eid, blob)  # reads the file: not on the event loop
-            self._verified.add(eid)
+        blob = await asyncio.to_thread(self.store.expert_blob, eid)  # file I/O: not on the event loop
         return memoryview(blob.numpy())
 
     def describe(self) -> str:
         layers = sorted({eid.layer for eid in self.experts})
-        where = "memory-mapped" if self.mmap else "in RAM"
+        where = "read from the store's files per fetch" if self.mmap else "in RAM"
         return f"{len(self.experts)} experts of {len(layers)} layers, {where}"

@@ -1,7 +1,8 @@
 """manifest.json: what a store holds and how to read it. The one place the format is defined.
 
-A reader refuses an unknown format version, a missing file or a bad checksum with an error that
-names the file; nothing is silently zero-filled."""
+A reader refuses an unknown format version, a field of the wrong type, range or consistency
+(manifest_schema.py), a model_id that does not match the content, a missing file or a bad
+checksum, with an error that names the file and the field; nothing is silently zero-filled."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from ..model_config import ModelConfig
 from ..quantization import QuantSpec
 from .blob_layout import BlobLayout
 from .checksum import ALGORITHM
+from .manifest_schema import check_consistency, parse_document
 
 FORMAT_NAME = "moe-edge-store"
 FORMAT_VERSION = 1
@@ -46,6 +48,7 @@ class Manifest:
     experts: dict[ExpertId, ExpertRecord]
     dense_checksum: str
     tokenizer_files: list[str] = field(default_factory=list)
+    dense_file: str = DENSE_FILE
 
     @property
     def model_id(self) -> str:
@@ -68,7 +71,7 @@ class Manifest:
             "quantization": {"experts": self.expert_quant.to_dict(), "dense": self.dense_quant.to_dict()},
             "blob_layout": self.layout.to_dict(),
             "checksum_algorithm": ALGORITHM,
-            "dense": {"file": DENSE_FILE, "checksum": self.dense_checksum},
+            "dense": {"file": self.dense_file, "checksum": self.dense_checksum},
             "experts": [
                 {"layer": eid.layer, "expert": eid.expert, "file": rec.file, "checksum": rec.checksum}
                 for eid, rec in sorted(self.experts.items())
@@ -82,6 +85,7 @@ class Manifest:
 
     @classmethod
     def read(cls, folder: Path) -> "Manifest":
+        """Parse and check manifest.json (manifest_schema.py); its files are the reader's to check."""
         path = folder / MANIFEST_FILE
         if not folder.is_dir():
             raise StoreError(f"{folder}: no such store folder")
@@ -98,28 +102,22 @@ class Manifest:
             raise StoreError(
                 f"{path}: format version {version} is not supported (this moe-edge reads version {FORMAT_VERSION}); re-run pack"
             )
-        try:
-            model = ModelConfig.from_dict(data["model"], source=str(path))
-            experts = {
-                ExpertId(int(e["layer"]), int(e["expert"])): ExpertRecord(e["file"], e["checksum"])
-                for e in data["experts"]
-            }
-            manifest = cls(
-                model=model,
-                hf_config=data["hf_config"],
-                dtype=data["dtype"],
-                expert_quant=QuantSpec(**data["quantization"]["experts"]),
-                dense_quant=QuantSpec(**data["quantization"]["dense"]),
-                layout=BlobLayout.from_dict(data["blob_layout"]),
-                experts=experts,
-                dense_checksum=data["dense"]["checksum"],
-                tokenizer_files=list(data.get("tokenizer_files", [])),
-            )
-        except (KeyError, TypeError, ValueError) as err:
-            raise StoreError(f"{path}: malformed manifest ({type(err).__name__}: {err})") from None
-        expected = {ExpertId(l, e) for l in range(model.num_layers) for e in range(model.num_experts)}
-        if set(experts) != expected:
-            raise StoreError(f"{path}: lists {len(experts)} experts, the model has {len(expected)}")
-        if data.get("model_id") not in (None, manifest.model_id):
-            raise StoreError(f"{path}: model_id does not match its content (edited by hand?)")
+        doc = parse_document(data, source=path)
+        model, expert_quant, dense_quant, layout = check_consistency(doc, source=path)
+        manifest = cls(
+            model=model,
+            hf_config=doc.hf_config,
+            dtype=doc.dtype,
+            expert_quant=expert_quant,
+            dense_quant=dense_quant,
+            layout=layout,
+            experts={ExpertId(e.layer, e.expert): ExpertRecord(e.file, e.checksum) for e in doc.experts},
+            dense_checksum=doc.dense.checksum,
+            tokenizer_files=list(doc.tokenizer_files),
+            dense_file=doc.dense.file,
+        )
+        # Checked last, so a hand edit is named by the field it broke rather than by the id.
+        if doc.model_id != manifest.model_id:
+            raise StoreError(f"{path}: model_id {doc.model_id} does not match its content ({manifest.model_id}); "
+                             "edited by hand? re-run pack")
         return manifest

@@ -1,8 +1,10 @@
-"""Local sources: the store in host RAM (pinned, verified at load) or memory-mapped from disk.
+"""Local sources: the store in host RAM (pinned, verified at load) or read from disk per fetch.
 
 RamSource reads every blob once at start, checks its checksum, and keeps it in pinned memory so
 the device copies straight from it. DiskSource leaves the blobs in the page cache / on the SSD
-(safetensors memory-maps the files) and checks each blob the first time it is read."""
+and reads each one (pread, no memory map: a file that shrinks gives a StoreError, not SIGBUS)
+into the loader's pinned staging buffer when it is fetched; ExpertStore.read_blob_into checks
+it on its first read and whenever its file may have changed since."""
 
 from __future__ import annotations
 
@@ -30,9 +32,7 @@ class RamSource:
         self._arena = torch.empty((len(eids), self.blob_nbytes), dtype=torch.uint8, pin_memory=pin)
         self._index = {eid: i for i, eid in enumerate(eids)}
         for eid in tqdm(eids, desc="loading experts into RAM", unit="expert", disable=not progress):
-            row = self._arena[self._index[eid]]
-            row.copy_(store.expert_blob(eid))
-            store.verify(eid, row)
+            store.read_blob_into(eid, self._arena[self._index[eid]], always_verify=True)
         self._delivered = 0
 
     def resident_blob(self, eid: ExpertId) -> torch.Tensor:
@@ -54,20 +54,13 @@ class DiskSource:
         self.name = "disk"
         self.store = store
         self.blob_nbytes = store.blob_nbytes
-        self._verified: set[ExpertId] = set()
         self._delivered = 0
 
     def resident_blob(self, eid: ExpertId) -> None:
         return None
 
-    def _read(self, eid: ExpertId, out: torch.Tensor) -> None:
-        out.copy_(self.store.expert_blob(eid))
-        if eid not in self._verified:
-            self.store.verify(eid, out)
-            self._verified.add(eid)
-
     async def fetch_into(self, eid: ExpertId, out: torch.Tensor) -> None:
-        await asyncio.to_thread(self._read, eid, out)
+        await asyncio.to_thread(self.store.read_blob_into, eid, out)  # file I/O: not on the fetch loop
         self._delivered += self.blob_nbytes
 
     def bytes_by_origin(self) -> dict[str, int]:
