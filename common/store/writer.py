@@ -162,10 +162,17 @@ class StoreWriter:
     def _write_error(self, name: str, code: int | None, detail: str | None) -> StoreError:
         where = f"{self.out}: writing {name} failed"
         if code in SPACE_ERRORS:
-            free = shutil.disk_usage(self.out.parent).free
-            return StoreError(f"{where}: {SPACE_ERRORS[code]} ({errno.errorcode[code]}, {size_text(free)} free in "
-                              f"{self.out.parent}); the partial store is removed")
+            return StoreError(f"{where}: {SPACE_ERRORS[code]} ({errno.errorcode[code]}{self._space_left(code)}); "
+                              "the partial store is removed")
         return StoreError(f"{where}: {detail}; the partial store is removed")
+
+    def _space_left(self, code: int) -> str:
+        if code == errno.EFBIG:
+            return ""  # a per-file limit: the free space says nothing about it
+        usage = os.statvfs(self.out.parent)
+        if code == errno.ENOSPC and usage.f_favail == 0 and usage.f_files > 0:
+            return f": no free inodes (file entries) left in {self.out.parent}"
+        return f", {size_text(usage.f_bavail * usage.f_frsize)} free in {self.out.parent}"
 
     def _catch_sigterm(self) -> None:
         if threading.current_thread() is not threading.main_thread():
