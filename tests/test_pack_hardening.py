@@ -176,6 +176,17 @@ def test_out_in_a_missing_folder_or_under_a_file_is_refused(tiny_model_dir, tmp_
         pack_checkpoint(model_dir=tiny_model_dir, out=tmp_path / "a-file" / "store", progress=False)
 
 
+def test_out_given_as_dot_packs_into_the_empty_current_folder(tiny_model_dir, tmp_path, monkeypatch):
+    from common.store.manifest import Manifest
+    from coordinator.tools.pack import pack_checkpoint
+
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    pack_checkpoint(model_dir=tiny_model_dir, out=".", expert_bits=16, progress=False)
+    assert Manifest.read(tmp_path / "here").model.num_layers == 4
+    assert partial_folders(tmp_path) == []
+
+
 def test_out_in_a_read_only_folder_is_refused(tiny_model_dir, tmp_path):
     from coordinator.tools.pack import pack_checkpoint
 

@@ -50,7 +50,7 @@ class WritingStopped(MoeEdgeError):
 
 def check_out_folder(out: str | Path) -> None:
     """Refuse, before any work, a destination the store could not be renamed onto safely."""
-    out = Path(out)
+    out = store_path(out)
     if out.is_symlink():
         raise StoreError(f"{out}: is a symbolic link (to {os.readlink(out)}); pack never writes through or over a link: "
                          "choose a --out that is a new folder")
@@ -67,6 +67,11 @@ def check_out_folder(out: str | Path) -> None:
         raise StoreError(f"{parent}: not writable (permissions or a read-only filesystem); choose another --out")
 
 
+def store_path(out: str | Path) -> Path:
+    """`out` made absolute without following links, so "." or "a/.." has a real name and parent."""
+    return Path(os.path.abspath(out))
+
+
 def check_free_space(out: Path, needed: int) -> None:
     free = shutil.disk_usage(out.parent).free
     if free < needed:
@@ -77,7 +82,7 @@ def check_free_space(out: Path, needed: int) -> None:
 class StoreWriter:
     def __init__(self, out: str | Path, manifest_fields: dict, *, expected_bytes: int | None = None) -> None:
         """`expected_bytes`: the store's size on disk, checked against the free space up front."""
-        self.out = Path(out)
+        self.out = store_path(out)
         check_out_folder(self.out)
         if expected_bytes is not None:
             check_free_space(self.out, expected_bytes)

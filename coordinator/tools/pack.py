@@ -23,7 +23,7 @@ from common.store import dense_names, partial_folder
 from common.store.blob_layout import BlobLayout, dtype_name
 from common.store.manifest import Manifest
 from common.store.partial_folder import size_text
-from common.store.writer import StoreWriter, check_out_folder
+from common.store.writer import StoreWriter, check_out_folder, store_path
 
 from .checkpoint import HFCheckpoint
 
@@ -102,7 +102,7 @@ def pack_checkpoint(
     progress: bool = True,
 ) -> PackSummary:
     """Pack `model_dir` into a new store folder `out`. Warnings (stale partial folders) go to stderr."""
-    check_out_folder(out)
+    check_out_folder(out)  # first, so a bad --out costs no time (StoreWriter checks it again)
     checkpoint = HFCheckpoint(model_dir)
     config = checkpoint.config
     if dense_bits not in (16, 4):
@@ -118,7 +118,7 @@ def pack_checkpoint(
         dense_quant=dense_spec,
         layout=layout,
     )
-    for stale in partial_folder.stale_partials(Path(out).parent):
+    for stale in partial_folder.stale_partials(store_path(out).parent):
         print(f"warning: {stale.line()}", file=sys.stderr)
     expected = expected_store_bytes(checkpoint, layout, dense_spec)
     with StoreWriter(out, fields, expected_bytes=expected) as writer:
