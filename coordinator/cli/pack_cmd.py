@@ -9,7 +9,10 @@ def register(commands) -> None:
         help="pack a Hugging Face Mixtral checkpoint into an expert store",
         description="Read a Hugging Face Mixtral-family checkpoint folder (config.json, safetensors shards, tokenizer) "
         "and write a moe-edge store: one contiguous blob per expert (HQQ-quantized unless --expert-bits 16), "
-        "dense.safetensors, the tokenizer and manifest.json. Never writes over an existing folder.",
+        "dense.safetensors, the tokenizer and manifest.json. Never writes over an existing folder or through a "
+        "symbolic link; refuses NaN/Inf weights and a disk without room for the store. The store is built in a "
+        "hidden .STORE.partial-PID folder beside it, removed on any error, Ctrl-C or SIGTERM. "
+        "Exit codes: 2 bad setting, 3 bad checkpoint or --out, disk full, 130 Ctrl-C, 143 SIGTERM.",
     )
     parser.add_argument("--model", required=True, metavar="HF_DIR", help="the checkpoint folder")
     parser.add_argument("--out", required=True, metavar="STORE", help="store folder to create")

@@ -1,7 +1,9 @@
 """Reading a Hugging Face checkpoint folder (config.json, safetensors shards, tokenizer files).
 Which tensors mean what is the model family's business (coordinator/families/).
 
-Only safetensors are read: a pickle (.bin) checkpoint is refused, never unpickled."""
+Only safetensors are read: a pickle (.bin) checkpoint is refused, never unpickled. Every
+floating-point tensor is checked for NaN and Inf as it is read, so a corrupt or diverged
+checkpoint is refused by tensor name instead of packing into a store that generates garbage."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from common.errors import StoreError
+from common.errors import MoeEdgeError, StoreError
 from common.model_config import ModelConfig
 
 from ..families import family_for
@@ -27,6 +29,14 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "generation_config.json",
 )
+
+FINITE_CHECK_CHUNK = 1 << 24  # elements per isfinite() pass: bounds its temporary bool tensor to 16 MB
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 class HFCheckpoint:
@@ -45,6 +55,7 @@ class HFCheckpoint:
         self.config: ModelConfig = self.family.model_config(self.hf_config, source=str(config_path))
         self._handles = {}
         self._where: dict[str, str] = {}
+        self._checked_finite: set[str] = set()  # a fused experts tensor is read once per expert
         shards = self._shards()
         if not shards:
             pickles = sorted(p.name for p in self.folder.glob("*.bin"))
@@ -80,9 +91,39 @@ class HFCheckpoint:
         if name not in self._where:
             raise StoreError(f"{self.folder}: tensor {name} is missing from the checkpoint")
         try:
-            return self._handles[self._where[name]].get_tensor(name)
+            tensor = self._handles[self._where[name]].get_tensor(name)
+        except MoeEdgeError:
+            raise  # e.g. WritingStopped, raised by a SIGTERM handler while we were in here
         except Exception as err:
             raise StoreError(f"{self.folder / self._where[name]}: cannot read {name} ({err})") from None
+        if name not in self._checked_finite:
+            self._refuse_non_finite(name, tensor)
+            self._checked_finite.add(name)
+        return tensor
+
+    def _refuse_non_finite(self, name: str, tensor: torch.Tensor) -> None:
+        if not tensor.is_floating_point():
+            return
+        flat = tensor.reshape(-1)
+        if all(torch.isfinite(chunk).all() for chunk in flat.split(FINITE_CHECK_CHUNK)):
+            return
+        nans = int(torch.isnan(flat).sum())
+        infs = int(torch.isinf(flat).sum())
+        raise StoreError(f"{self.folder / self._where[name]}: tensor {name} has {nans} NaN and {infs} Inf values "
+                         f"(of {flat.numel()}); a corrupt download or a diverged checkpoint: pack refuses it")
+
+    def shape_view(self) -> "CheckpointShapes":
+        """This checkpoint with every tensor as an empty 'meta' tensor: sizes without reading weights."""
+        return CheckpointShapes(self)
+
+    def meta_tensor(self, name: str) -> torch.Tensor:
+        if name not in self._where:
+            return self.tensor(name)  # raises, naming it
+        view = self._handles[self._where[name]].get_slice(name)
+        dtype = SAFETENSORS_DTYPES.get(view.get_dtype())
+        if dtype is None:
+            return self.tensor(name).to("meta")  # a rare dtype: read it once to learn its size
+        return torch.empty(view.get_shape(), dtype=dtype, device="meta")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -91,3 +132,20 @@ class HFCheckpoint:
     def tokenizer_files(self) -> list[Path]:
         return [self.folder / name for name in TOKENIZER_FILES if (self.folder / name).is_file()]
 
+
+
+class CheckpointShapes:
+    """What a model family reads from a checkpoint (`config`, `folder`, `has`, `tensor`), with
+    `tensor` giving shape and dtype only: the store's size can be known before packing."""
+
+    def __init__(self, checkpoint: HFCheckpoint) -> None:
+        self._checkpoint = checkpoint
+        self.folder = checkpoint.folder
+        self.config = checkpoint.config
+        self.hf_config = checkpoint.hf_config
+
+    def has(self, name: str) -> bool:
+        return self._checkpoint.has(name)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._checkpoint.meta_tensor(name)

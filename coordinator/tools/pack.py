@@ -2,10 +2,15 @@
 
 Each expert is HQQ-quantized (or kept in the checkpoint's dtype at 16 bits) and written as one
 blob; attention projections are optionally quantized too; routers, norms, embeddings and the
-LM head stay in the checkpoint's dtype."""
+LM head stay in the checkpoint's dtype.
+
+Before any packing work the destination is checked (common/store/writer.py) and the store's size
+is compared with the free space; partial folders left by killed packs are named on stderr. NaN or
+Inf weights are refused as they are read (coordinator/tools/checkpoint.py)."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,11 +18,12 @@ import torch
 from tqdm import tqdm
 
 from common.errors import ConfigError
-from common.quantization import QuantSpec, quantize_matrix
-from common.store import dense_names
+from common.quantization import QuantSpec, quantize_matrix, quantized_shapes
+from common.store import dense_names, partial_folder
 from common.store.blob_layout import BlobLayout, dtype_name
 from common.store.manifest import Manifest
-from common.store.writer import StoreWriter
+from common.store.partial_folder import size_text
+from common.store.writer import StoreWriter, check_out_folder, store_path
 
 from .checkpoint import HFCheckpoint
 
@@ -36,17 +42,9 @@ class PackSummary:
         how = f"{quant.bits}-bit HQQ, group {quant.group_size}" if quant.quantized else self.manifest.dtype
         return (
             f"packed {model.num_layers} layers x {model.num_experts} experts into {self.out}: "
-            f"experts {_size(self.expert_bytes)} ({how}, {bits:.2f} bits/param, {_size(layout.nbytes)} each), "
-            f"dense {_size(self.dense_bytes)}"
+            f"experts {size_text(self.expert_bytes)} ({how}, {bits:.2f} bits/param, {size_text(layout.nbytes)} each), "
+            f"dense {size_text(self.dense_bytes)}"
         )
-
-
-def _size(nbytes: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if nbytes < 1000 or unit == "GB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1000
-    raise AssertionError
 
 
 def expert_tensors(w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
@@ -69,6 +67,31 @@ def dense_tensors(checkpoint: HFCheckpoint, spec: QuantSpec) -> dict[str, torch.
     return tensors
 
 
+def expected_dense_bytes(checkpoint: HFCheckpoint, spec: QuantSpec) -> int:
+    """What dense_tensors() will write, in bytes, learned from shapes alone (nothing is read)."""
+    total = 0
+    for name, weight in checkpoint.family.dense_tensors(checkpoint.shape_view()).items():
+        if spec.quantized and dense_names.is_attention(name):
+            spec.check_fits(weight.shape[1], what=name)
+            parts = quantized_shapes(weight.shape[0], weight.shape[1], spec).values()
+            total += sum(torch.empty(shape, dtype=dtype, device="meta").nbytes for dtype, shape in parts)
+        else:
+            total += weight.nbytes
+    return total
+
+
+def expected_store_bytes(checkpoint: HFCheckpoint, layout: BlobLayout, dense_spec: QuantSpec) -> int:
+    """The store's size on disk: expert blobs, dense weights, copied files, plus room for the
+    safetensors headers, the manifest (one line per expert) and a filesystem block per file."""
+    config = checkpoint.config
+    experts = config.num_layers * config.num_experts
+    copied = [checkpoint.folder / "config.json", *checkpoint.tokenizer_files()]
+    files = config.num_layers + 2 + len(copied)
+    overhead = 64 * 1024 + 512 * experts + 4096 * files
+    return (layout.nbytes * experts + expected_dense_bytes(checkpoint, dense_spec)
+            + sum(path.stat().st_size for path in copied) + overhead)
+
+
 def pack_checkpoint(
     *,
     model_dir: str | Path,
@@ -78,6 +101,8 @@ def pack_checkpoint(
     group_size: int = 64,
     progress: bool = True,
 ) -> PackSummary:
+    """Pack `model_dir` into a new store folder `out`. Warnings (stale partial folders) go to stderr."""
+    check_out_folder(out)  # first, so a bad --out costs no time (StoreWriter checks it again)
     checkpoint = HFCheckpoint(model_dir)
     config = checkpoint.config
     if dense_bits not in (16, 4):
@@ -93,7 +118,10 @@ def pack_checkpoint(
         dense_quant=dense_spec,
         layout=layout,
     )
-    with StoreWriter(out, fields) as writer:
+    for stale in partial_folder.stale_partials(store_path(out).parent):
+        print(f"warning: {stale.line()}", file=sys.stderr)
+    expected = expected_store_bytes(checkpoint, layout, dense_spec)
+    with StoreWriter(out, fields, expected_bytes=expected) as writer:
         total = config.num_layers * config.num_experts
         with tqdm(total=total, desc="packing experts", unit="expert", disable=not progress) as bar:
             for layer in range(config.num_layers):
