@@ -35,3 +35,17 @@ def keep_freed_buffers_for_reuse(*, mmap_threshold: int = _MMAP_THRESHOLD_MAX, t
     )
     log.debug("malloc keeps freed buffers for reuse: %s", done)
     return done
+
+
+def give_freed_memory_back() -> bool:
+    """Return the free memory at the top of glibc's heaps (every arena) to the kernel now, as
+    `malloc_trim(0)` does: after one large, rare allocation (a server's multi-megabyte request)
+    whose memory would otherwise stay in the process. Returns whether any was released; False
+    without glibc."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return False
+    return bool(trim(0))

@@ -18,23 +18,43 @@ def register(commands) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate at most (default 64)")
     sampling = parser.add_mutually_exclusive_group()
     sampling.add_argument("--greedy", action="store_true", help="always take the most likely token (the default)")
-    sampling.add_argument("--temperature", type=float, metavar="T", help="sample at this temperature instead of greedy")
-    parser.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default 1.0)")
-    parser.add_argument("--seed", type=int, default=None, metavar="S", help="seed for sampling")
+    sampling.add_argument("--temperature", type=float, metavar="T",
+                          help="sample at this temperature (finite, > 0; below 1e-5 it is greedy) instead of greedy")
+    parser.add_argument("--top-p", type=float, default=None, metavar="P",
+                        help="nucleus sampling mass, in (0, 1] (default 1.0; only with --temperature)")
+    parser.add_argument("--seed", type=int, default=None, metavar="S",
+                        help="seed for sampling: any integer, reduced modulo 2**64 (only with --temperature)")
     parser.add_argument("--json", action="store_true", help="end with one JSON line: token_ids, text, stats")
     parser.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def sampling_from_args(args: argparse.Namespace):
+    """The SamplingParams, checked before the model loads (ConfigError naming the option)."""
+    from common.errors import ConfigError
+    from coordinator.runtime.sampler import SamplingParams  # imports torch: not at `--help`
+
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
     greedy = args.temperature is None
+    sampling = SamplingParams(greedy=greedy, temperature=1.0 if greedy else args.temperature,
+                              top_p=1.0 if args.top_p is None else args.top_p, seed=args.seed, as_options=True)
+    if greedy and (args.top_p is not None or args.seed is not None):
+        # nothing silent: the user asked for something greedy decoding does not use
+        print("note: --top-p and --seed apply when sampling (--temperature); greedy decoding ignores them",
+              file=sys.stderr)
+    return sampling
+
+
+def run(args: argparse.Namespace) -> int:
+    sampling = sampling_from_args(args)
     with open_engine(args, progress=sys.stderr.isatty()) as engine:
         generation = engine.generate(
             args.prompt,
             max_new_tokens=args.max_new_tokens,
-            greedy=greedy,
-            temperature=args.temperature if not greedy else 1.0,
-            top_p=args.top_p,
-            seed=args.seed,
+            greedy=sampling.greedy,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            seed=sampling.seed,
         )
         for piece in generation:
             sys.stdout.write(piece)

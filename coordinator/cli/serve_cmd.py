@@ -26,6 +26,9 @@ def register(commands) -> None:
     parser.add_argument("--model-name", metavar="NAME", help="the model's name in the API (default: the store folder's name)")
     parser.add_argument("--default-max-tokens", type=int, default=256, metavar="N",
                         help="tokens to generate for a request that sets no max_tokens (default 256, capped by the context)")
+    parser.add_argument("--max-request-bytes", type=int, default=4 << 20, metavar="N",
+                        help="largest request body taken; a larger one gets HTTP 413 before it is read "
+                        "(default 4194304, 4 MiB)")
     parser.set_defaults(run=run)
 
 
@@ -35,8 +38,9 @@ def run(args: argparse.Namespace) -> int:
 
     api_key = read_api_key(args.api_key_file) if args.api_key_file else None
     check_settings(listen=args.listen, api_key=api_key, insecure=args.insecure, max_queue=args.max_queue,
-                   default_max_tokens=args.default_max_tokens)  # before the model loads
+                   default_max_tokens=args.default_max_tokens, max_request_bytes=args.max_request_bytes)  # before the model loads
     with open_engine(args, progress=sys.stderr.isatty()) as engine:
         serve(engine=engine, listen=args.listen, api_key=api_key, max_queue=args.max_queue,
-              model_name=args.model_name, default_max_tokens=args.default_max_tokens, insecure=args.insecure)
+              model_name=args.model_name, default_max_tokens=args.default_max_tokens, insecure=args.insecure,
+              max_request_bytes=args.max_request_bytes)
     return 0

@@ -7,6 +7,7 @@ about tensors: it parses requests, queues them, streams what the engine makes, a
     chat_template.py  chat -> prompt   metrics.py        GET /metrics
     api_key.py        bearer key       api_errors.py     errors -> HTTP status
     http_server.py    uvicorn          serve.py          serve(): what `python -m coordinator serve` runs
+    body_limit.py     413, memory      prompt_tokens.py  prompt -> token ids, off the event loop
 """
 
 from .app import build_app

@@ -4,6 +4,7 @@
     invalid JSON, a field out of range, a prompt too long  -> 400 invalid_request_error
     missing or wrong API key (see api_key.py)               -> 401 invalid_request_error
     unknown path / method                                   -> 404 / 405 invalid_request_error
+    a body over --max-request-bytes (see body_limit.py)     -> 413 invalid_request_error
     the queue at its bound                                  -> 429 rate_limit_error
     an expert host or source that failed                    -> 503 expert_source_error
     anything else                                           -> 500 server_error (logged)"""

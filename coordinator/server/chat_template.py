@@ -38,8 +38,9 @@ def fallback_chat_text(messages: list[dict[str, str]]) -> str:
     return "\n".join(lines + ["Assistant:"])
 
 
-def build_chat_prompt(tokenizer, messages: list[dict[str, str]]) -> ChatPrompt:
-    """messages: [{"role": "system" | "user" | "assistant", "content": str}, ...]."""
+def render_chat(tokenizer, messages: list[dict[str, str]]) -> tuple[str, bool]:
+    """(the prompt's text, templated): what build_chat_prompt tokenizes. Templated text already
+    holds its special tokens, so it is tokenized without adding any."""
     if tokenizer is None:
         raise ConfigError("this store has no tokenizer, so it cannot take chat messages; send token ids to /v1/completions")
     if not messages:
@@ -49,9 +50,13 @@ def build_chat_prompt(tokenizer, messages: list[dict[str, str]]) -> ChatPrompt:
         raise ConfigError(f"message role {unknown[0]!r}: choose one of {', '.join(FALLBACK_ROLE_NAMES)}")
     if getattr(tokenizer, "chat_template", None):
         try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), True
         except Exception as err:  # jinja's TemplateError, or raise_exception() inside the template
             raise ConfigError(f"the model's chat template refused these messages: {err}") from None
-        return ChatPrompt(text, list(tokenizer(text, add_special_tokens=False).input_ids), templated=True)
-    text = fallback_chat_text(messages)
-    return ChatPrompt(text, list(tokenizer(text).input_ids), templated=False)
+    return fallback_chat_text(messages), False
+
+
+def build_chat_prompt(tokenizer, messages: list[dict[str, str]]) -> ChatPrompt:
+    """messages: [{"role": "system" | "user" | "assistant", "content": str}, ...]."""
+    text, templated = render_chat(tokenizer, messages)
+    return ChatPrompt(text, list(tokenizer(text, add_special_tokens=not templated).input_ids), templated=templated)

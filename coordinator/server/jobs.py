@@ -1,8 +1,9 @@
 """A request's generation, as the HTTP layer drives it. Knows nothing about HTTP or the OpenAI
 format: it turns a prompt and sampling settings into a Job whose text pieces can be awaited.
 
-`Jobs.start` checks everything and takes a place in the queue at once, so a bad prompt or a full
-queue is refused before any response starts. The Job then runs in a task of its own: it waits
+`Jobs.start` takes a place in the queue at once, then has the prompt tokenized (off the event
+loop, by the caller's PromptTokenizer) and checks everything, so a full queue or a bad prompt is
+refused before any response starts. The Job then runs in a task of its own: it waits
 for its turn, runs `engine.generate_stream` (the token loop runs in a worker thread; the event
 loop never blocks) and hands the pieces over through an asyncio queue.
 
@@ -14,7 +15,7 @@ beside the last one's final token."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 
 from common.errors import ConfigError
@@ -35,18 +36,27 @@ class Jobs:
         self.default_max_tokens = default_max_tokens
         self._running: set[asyncio.Task] = set()
 
-    def start(self, prompt: str | list[int], *, endpoint: str, max_tokens: int | None, sampling: dict) -> "Job":
-        """Validate, queue and start. Raises ConfigError (bad prompt or settings) or
-        QueueFullError; call from the event loop. sampling: greedy, temperature, top_p, seed, stop."""
-        prompt_ids = self.engine.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if max_tokens is None:  # as much as asked by default, within the context
-            room = self.engine.config.max_position_embeddings - len(prompt_ids)
-            if room < 1:
-                raise ConfigError(f"the prompt ({len(prompt_ids)} tokens) fills the model's context of "
-                                  f"{self.engine.config.max_position_embeddings}")
-            max_tokens = min(self.default_max_tokens, room)
-        generation = self.engine.generate_stream(prompt_ids, max_new_tokens=max_tokens, **sampling)
-        job = Job(generation, self.queue.reserve(), self.metrics, endpoint, len(prompt_ids))
+    async def start(self, prompt: Callable[[], Awaitable[list[int]]] | list[int], *, endpoint: str,
+                    max_tokens: int | None, sampling: dict) -> "Job":
+        """Queue, validate and start. prompt: token ids, or a coroutine function giving them (a
+        PromptTokenizer's, off the event loop). The place in the queue is taken first, so a full
+        queue refuses a request before its prompt is tokenized. Raises ConfigError (bad prompt or
+        settings) or QueueFullError; call from the event loop. sampling: greedy, temperature,
+        top_p, seed, stop."""
+        turn = self.queue.reserve()
+        try:
+            prompt_ids = list(prompt) if isinstance(prompt, list) else await prompt()
+            if max_tokens is None:  # as much as asked by default, within the context
+                room = self.engine.config.max_position_embeddings - len(prompt_ids)
+                if room < 1:
+                    raise ConfigError(f"the prompt ({len(prompt_ids)} tokens) fills the model's context of "
+                                      f"{self.engine.config.max_position_embeddings}")
+                max_tokens = min(self.default_max_tokens, room)
+            generation = self.engine.generate_stream(prompt_ids, max_new_tokens=max_tokens, **sampling)
+        except BaseException:
+            turn.close()
+            raise
+        job = Job(generation, turn, self.metrics, endpoint, len(prompt_ids))
         self._running.add(job._task)
         job._task.add_done_callback(self._running.discard)
         return job

@@ -29,7 +29,7 @@ class SamplingRequest(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
+    seed: int | None = None  # any integer: SamplingParams reduces it modulo 2**64
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
