@@ -155,3 +155,15 @@ def test_generate_refuses_a_bad_setting_in_one_line_with_exit_2(run_coordinator,
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {named}"), result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_empty_prompt_is_refused_by_the_api_and_the_cli(store16, run_coordinator):
+    from coordinator.runtime.engine import Engine
+
+    with Engine.open(store16, cache_experts=2) as engine:
+        with pytest.raises(ConfigError, match="the prompt is empty"):
+            engine.generate("")
+        with pytest.raises(ConfigError, match="the prompt is empty"):
+            engine.generate([])
+    result = run_coordinator("generate", "--store", store16, "--prompt", "", timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == ["error: the prompt is empty"]

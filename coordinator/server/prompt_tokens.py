@@ -38,6 +38,8 @@ class PromptTokenizer:
         """A completion's prompt, as Engine.encode tokenizes it (special tokens added)."""
         if self.tokenizer is None:
             raise ConfigError("this store has no tokenizer; send the prompt as token ids")
+        if not prompt:  # as Engine.generate refuses it: the tokenizer would hand back a lone BOS
+            raise ConfigError("the prompt is empty")
         return await self._off_the_loop(self._encode, prompt, True)
 
     async def chat(self, messages: list[dict[str, str]]) -> list[int]:
