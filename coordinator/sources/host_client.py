@@ -1,5 +1,5 @@
-"""One expert host as the coordinator sees it: a grpc.aio channel, Info, and FetchExpert
-streamed straight into a caller's buffer with its checksum verified.
+"""One expert host as the coordinator sees it: a grpc.aio channel, its grpc.health.v1 check,
+Info, and FetchExpert streamed straight into a caller's buffer with its checksum verified.
 
 Knows nothing of replicas or failover (expert_pool.py does that): every failure becomes one
 HostError that names the host, what we were doing and, where it helps, what to check. Made
@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.credential_files import read_pem, read_token
 from common.errors import HostError
@@ -23,6 +24,8 @@ from common.store.checksum import StreamingChecksum
 
 from .cluster_config import ClusterConfig
 
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExpertHost"].full_name
+
 
 class HostCallError(HostError):
     """A call to a host failed; `code` is the gRPC status (None: the host answered wrongly)."""
@@ -30,6 +33,11 @@ class HostCallError(HostError):
     def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
         super().__init__(message)
         self.code = code
+
+    @property
+    def may_come_back(self) -> bool:
+        """Unreachable or still loading: a host that restarts answers again soon."""
+        return self.code == grpc.StatusCode.UNAVAILABLE
 
     @property
     def is_setup_mistake(self) -> bool:
@@ -83,12 +91,22 @@ class HostClient:
             self._channel = grpc.aio.insecure_channel(address.grpc_target, options=channel_options())
         self._metadata = ((AUTHORIZATION_KEY, f"Bearer {credentials.token}"),) if credentials.token else ()
         self._info = pb_grpc.ExpertHostStub(self._channel).Info
+        self._health = health_pb2_grpc.HealthStub(self._channel).Check
         self._fetch = self._channel.unary_stream(
             FETCH_EXPERT_METHOD, request_serializer=pb.FetchExpertRequest.SerializeToString, response_deserializer=decode_chunk,
         )
 
     def __str__(self) -> str:
         return str(self.address)
+
+    async def serving(self, *, timeout_s: float) -> bool:
+        """True once its health check says SERVING; False while it loads its shard (NOT_SERVING).
+        The health service needs no token."""
+        try:
+            reply = await self._health(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s)
+        except grpc.aio.AioRpcError as err:
+            raise self._call_error(err, "checking its health", timeout_s) from None
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
 
     async def info(self, *, timeout_s: float) -> HostInfo:
         try:
@@ -153,6 +171,8 @@ class HostClient:
             message = f"{self}: no answer within {timeout_s:g} s while {doing}"
         elif code == grpc.StatusCode.UNAUTHENTICATED:
             message = f"{self}: refused our token while {doing} ({details}); check the token file (--token-file / token_file)"
+        elif code == grpc.StatusCode.UNAVAILABLE and "still loading its shard" in details:
+            message = f"{self}: still loading its shard while {doing}"
         elif code == grpc.StatusCode.UNAVAILABLE:
             if self.tls:
                 hint = ("is it up, does it serve TLS, and is its certificate signed by our CA (--tls-ca) "
