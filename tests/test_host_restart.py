@@ -2,7 +2,7 @@
 holding the experts SIGKILLed mid-generation and started again on its address changes no token;
 one that never comes back fails within the wait limit, naming the expert and the host; with a
 replica up failover does not wait. A host says NOT_SERVING on grpc.health.v1 while it loads,
-SERVING once ready, and stops cleanly on SIGTERM even then."""
+SERVING once ready (a pool opened meanwhile waits for it), and stops cleanly on SIGTERM even then."""
 
 import argparse
 import signal
@@ -14,15 +14,19 @@ import time
 
 import grpc
 import pytest
+import torch
 
 from common.errors import ConfigError, ExpertUnavailableError
+from common.expert_id import ExpertId
 from common.host_address import HostAddress
 from common.rpc import expert_host_pb2 as pb
 from common.rpc import expert_host_pb2_grpc as pb_grpc
 from common.rpc.wire_limits import MIN_CHUNK_BYTES
+from common.store.reader import ExpertStore
 from conftest import ROOT
 from coordinator.cli.engine_args import _cluster_from_args, add_source_arguments, source_from_args
 from coordinator.runtime.engine import Engine
+from coordinator.runtime.fetch_loop import FetchLoop
 from coordinator.sources.cluster_config import ClusterConfig, PoolSettings, read_cluster_config
 from coordinator.sources.expert_pool import ExpertPool
 from expert_host_processes import expert_hosts  # noqa: F401  (fixture)
@@ -155,6 +159,25 @@ def test_health_says_not_serving_while_the_shard_loads_then_serving(slow_loading
         wait_for_status(channel, process, health_pb2.HealthCheckResponse.SERVING)
         assert address_file.read_text().strip() == address
         assert pb_grpc.ExpertHostStub(channel).Info(pb.InfoRequest(), timeout=5).experts
+
+
+def test_the_pool_opens_once_a_host_still_loading_says_serving(slow_loading_host, store16):
+    process, address, _ = slow_loading_host
+    with grpc.insecure_channel(address) as channel:
+        wait_for_status(channel, process, health_pb2.HealthCheckResponse.NOT_SERVING)
+    store = ExpertStore(store16)
+    loop = FetchLoop()
+    try:
+        cluster = ClusterConfig(hosts=(HostAddress.parse(address),), pool=settings(host_restart_wait_s=60))
+        pool = ExpertPool.open(cluster, store.manifest, loop)
+        try:
+            out = torch.empty(store.blob_nbytes, dtype=torch.uint8)
+            loop.run(pool.fetch_into(ExpertId(1, 2), out), timeout=30)
+            assert torch.equal(out, store.expert_blob(ExpertId(1, 2)))
+        finally:
+            pool.close()
+    finally:
+        loop.close()
 
 
 def test_sigterm_while_loading_stops_the_host_gracefully(slow_loading_host):

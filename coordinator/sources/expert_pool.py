@@ -1,6 +1,6 @@
 """ExpertPool: the expert source backed by one or more expert hosts.
 
-At open it asks every host's Info, checks that each serves our store (format version, model
+At open it asks every host's Info (waiting for one still loading its shard), checks that each serves our store (format version, model
 identity) and that every expert is held somewhere. A fetch goes to the replica with the fewest
 fetches in flight; a failure (an error, a missed deadline, a bad checksum) marks that host down
 and the fetch moves to another replica. A host marked down is probed again with Info after a
@@ -98,9 +98,7 @@ class ExpertPool:
 
     async def _connect(self, cluster: ClusterConfig, credentials: ClientCredentials) -> None:
         self._hosts = [_Host(HostClient(address, credentials)) for address in cluster.hosts]
-        answers = await asyncio.gather(
-            *(host.client.info(timeout_s=self.settings.info_deadline_s) for host in self._hosts), return_exceptions=True
-        )
+        answers = await asyncio.gather(*(self._info_once_loaded(host) for host in self._hosts), return_exceptions=True)
         for host, answer in zip(self._hosts, answers):
             if isinstance(answer, HostCallError) and answer.is_setup_mistake:
                 raise answer
@@ -125,6 +123,29 @@ class ExpertPool:
                 f"{describe_experts(missing)}" + (f"; hosts that did not answer: {silent}" if silent else "")
             )
 
+    async def _info_once_loaded(self, host: _Host) -> HostInfo:
+        """Its Info; a host still loading its shard (health NOT_SERVING) is waited for, up to
+        host_restart_wait_s, so hosts and coordinator can be started together."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.host_restart_wait_s
+        while True:
+            try:
+                return await host.client.info(timeout_s=self.settings.info_deadline_s)
+            except HostCallError as err:
+                if not err.may_come_back or loop.time() >= deadline or not await self._is_loading(host):
+                    raise
+            if not host.loading:
+                log.info("expert host %s is loading its shard; waiting up to %g s for it", host.address,
+                         self.settings.host_restart_wait_s)
+            host.loading = True
+            await asyncio.sleep(self.settings.probe_min_s)
+
+    async def _is_loading(self, host: _Host) -> bool:
+        try:
+            return not await host.client.serving(timeout_s=self.settings.info_deadline_s)
+        except HostError:
+            return False  # not answering health either: gone, not loading
+
     def _check_same_store(self, host: _Host, info: HostInfo) -> None:
         """Raise HostError unless the host serves the store this coordinator opened."""
         if info.format_version != FORMAT_VERSION:
@@ -144,6 +165,7 @@ class ExpertPool:
     def _accept(self, host: _Host, info: HostInfo) -> None:
         host.experts = info.experts
         host.up = True
+        host.loading = False
 
     # --- fetching ------------------------------------------------------------------------
 
