@@ -42,6 +42,7 @@ def _add_serve(commands) -> None:
     # Test hooks (fault injection), hidden from --help: only the tests use them.
     parser.add_argument("--test-fetch-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--test-corrupt-chunks", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--test-load-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.set_defaults(run=_run_serve)
 
 
@@ -68,7 +69,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         address_file=args.address_file,
         grace_period_s=args.grace_period,
         parent_pid=args.parent_pid,
-        faults=FaultInjection(fetch_delay_s=args.test_fetch_delay, corrupt_chunks=args.test_corrupt_chunks),
+        faults=FaultInjection(fetch_delay_s=args.test_fetch_delay, corrupt_chunks=args.test_corrupt_chunks,
+                              load_delay_s=args.test_load_delay),
     )
     return 0
 

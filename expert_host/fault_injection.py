@@ -1,5 +1,5 @@
 """Test hooks: faults a host can be told to make (hidden `serve` flags that only tests use),
-so the coordinator's deadline and checksum handling can be shown against a real server."""
+so the coordinator's deadline, checksum and restart handling can be shown against a real server."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from dataclasses import dataclass
 class FaultInjection:
     fetch_delay_s: float = 0.0  # wait this long before the first chunk of every fetch
     corrupt_chunks: bool = False  # flip one byte of every fetch's first chunk, after its checksum was taken
+    load_delay_s: float = 0.0  # wait this long before loading the shard (health says NOT_SERVING meanwhile)
 
     @property
     def active(self) -> bool:
-        return self.fetch_delay_s > 0 or self.corrupt_chunks
+        return self.fetch_delay_s > 0 or self.corrupt_chunks or self.load_delay_s > 0

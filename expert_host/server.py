@@ -1,8 +1,10 @@
-"""`serve`: load the shard, then run the gRPC server (ExpertHost + grpc.health.v1) until
-SIGTERM/SIGINT (or its parent's exit, with --parent-pid), then stop gracefully.
+"""`serve`: take the address, answer grpc.health.v1 (NOT_SERVING) while the shard loads, then
+serve ExpertHost (SERVING) until SIGTERM/SIGINT (or its parent's exit, with --parent-pid), then
+stop gracefully. A coordinator probing a restarting host thus sees "loading", not "gone".
 
 Binds to localhost unless told otherwise, and refuses a non-loopback address without TLS or a
-token unless `insecure` is set."""
+token unless `insecure` is set. TLS files are checked with Python's `ssl` before binding, so a
+wrong file is named instead of surfacing as gRPC's "cannot bind"."""
 
 from __future__ import annotations
 
@@ -10,9 +12,13 @@ import asyncio
 import logging
 import os
 import signal
+import ssl
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -34,6 +40,9 @@ from .shard import ExpertShard
 from .token_auth import TokenAuthInterceptor
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
+_PRIVATE_KEY = b"PRIVATE KEY-----"  # PKCS#8, RSA and EC keys all end their BEGIN line so
 
 
 @dataclass(frozen=True)
@@ -43,9 +52,39 @@ class TlsFiles:
     client_ca: Path | None = None  # set: clients must show a certificate signed by this CA (mutual TLS)
 
     def credentials(self) -> grpc.ServerCredentials:
-        pair = (read_pem(self.key, what="--tls-key"), read_pem(self.cert, what="--tls-cert"))
+        """Check the files (ConfigError naming the wrong one), then gRPC's server credentials."""
+        cert, key = read_pem(self.cert, what="--tls-cert"), read_pem(self.key, what="--tls-key")
         client_ca = read_pem(self.client_ca, what="--tls-client-ca") if self.client_ca else None
-        return grpc.ssl_server_credentials([pair], root_certificates=client_ca, require_client_auth=client_ca is not None)
+        self._check(cert, key, client_ca)
+        return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
+                                           require_client_auth=client_ca is not None)
+
+    def _check(self, cert: bytes, key: bytes, client_ca: bytes | None) -> None:
+        if _CERTIFICATE not in cert and _PRIVATE_KEY in cert and _CERTIFICATE in key:
+            raise ConfigError(f"--tls-cert {self.cert} holds a private key and --tls-key {self.key} a certificate: "
+                              "they are swapped")
+        if _CERTIFICATE not in cert:
+            raise ConfigError(f"--tls-cert {self.cert}: no certificate in it (expected a {_CERTIFICATE.decode()} block)")
+        if _PRIVATE_KEY not in key:
+            raise ConfigError(f"--tls-key {self.key}: no private key in it (expected a -----BEGIN PRIVATE KEY----- block)")
+        if b"ENCRYPTED" in key:
+            raise ConfigError(f"--tls-key {self.key}: the key is encrypted; gRPC needs it unencrypted "
+                              "(`openssl pkey -in KEY -out KEY.plain`)")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(self.cert, self.key, password=lambda: b"")  # never prompt on the terminal
+        except ssl.SSLError as err:
+            if err.reason == "KEY_VALUES_MISMATCH":
+                raise ConfigError(f"--tls-key {self.key} is not the key of --tls-cert {self.cert} (it belongs to another "
+                                  "certificate): give the key that was made with that certificate") from None
+            raise ConfigError(f"--tls-cert {self.cert} / --tls-key {self.key}: OpenSSL cannot load them "
+                              f"({err.reason or err})") from None
+        if client_ca is not None:
+            try:
+                context.load_verify_locations(cadata=client_ca.decode("ascii", errors="replace"))
+            except ssl.SSLError as err:
+                raise ConfigError(f"--tls-client-ca {self.client_ca}: not a CA certificate OpenSSL can load "
+                                  f"({err.reason or err})") from None
 
 
 def check_listen_allowed(address: HostAddress, *, tls: bool, token: bool, insecure: bool) -> None:
@@ -88,18 +127,32 @@ def serve_expert_host(
         log.warning("test hooks are on: %s", faults)
     keep_freed_buffers_for_reuse()  # a fresh buffer per chunk would otherwise be faulted in page by page
     tls_mode = "off" if tls is None else ("mutual" if tls.client_ca else "on")
-    asyncio.run(_serve(lambda: ExpertShard(opened, held, mmap=mmap), address, faults=faults, credentials=credentials,
-                       tls_mode=tls_mode, token=token, address_file=address_file, grace_period_s=grace_period_s,
-                       parent_pid=parent_pid))
+
+    def load_shard() -> tuple[ExpertShard, float]:
+        if faults.load_delay_s:
+            time.sleep(faults.load_delay_s)
+        return ExpertShard(opened, held, mmap=mmap), measure_memory_gbps()
+
+    asyncio.run(_serve(load_shard, address, faults=faults, credentials=credentials, tls_mode=tls_mode, token=token,
+                       address_file=address_file, grace_period_s=grace_period_s, parent_pid=parent_pid))
 
 
-async def _serve(load_shard: Callable[[], ExpertShard], address: HostAddress, *, faults: FaultInjection,
+async def _serve(load_shard: Callable[[], tuple[ExpertShard, float]], address: HostAddress, *, faults: FaultInjection,
                  credentials: grpc.ServerCredentials | None, tls_mode: str, token: str | None,
                  address_file: str | Path | None, grace_period_s: float, parent_pid: int | None) -> None:
+    # Signals first: a SIGTERM at any moment from here on stops us gracefully, never by default action.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    watcher = asyncio.create_task(_watch_parent(parent_pid, stop)) if parent_pid is not None else None
+
     interceptors = [TokenAuthInterceptor(token)] if token else []
     server = grpc.aio.server(options=server_options(), interceptors=interceptors)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    servicer = ExpertHostServicer(faults=faults)  # refuses calls (UNAVAILABLE) until its shard is loaded
+    add_to_server(servicer, server)
     try:
         if credentials is not None:
             port = server.add_secure_port(address.grpc_target, credentials)
@@ -108,35 +161,79 @@ async def _serve(load_shard: Callable[[], ExpertShard], address: HostAddress, *,
     except RuntimeError as err:
         raise ConfigError(f"--listen {address}: cannot listen there ({err}); is another host using it?") from None
     bound = address if address.is_unix else address.with_port(port)
-    # The address is taken (a clash fails before a long load); the shard loads, then we serve.
-    servicer = ExpertHostServicer(await asyncio.to_thread(load_shard), memory_gbps=measure_memory_gbps(), faults=faults)
-    add_to_server(servicer, server)
+    # The address is taken first: a clash fails before a long load, and a coordinator probing a
+    # restarting host hears NOT_SERVING ("loading") instead of a refused connection ("gone").
+    await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
-    await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    log.info(
-        "serving %s of store %s (model_id %s) on %s (TLS %s, token %s)",
-        servicer.shard.describe(), servicer.shard.store.folder, servicer.shard.manifest.model_id, bound,
-        tls_mode, "on" if token else "off",
-    )
-    if address_file is not None:
-        _write_atomically(Path(address_file), f"{bound}\n")
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    watcher = asyncio.create_task(_watch_parent(parent_pid, stop)) if parent_pid is not None else None
-    await stop.wait()
-    log.info("stopping: finishing calls in flight (grace period %.1f s)", grace_period_s)
-    await health.enter_graceful_shutdown()
-    await server.stop(grace_period_s)
-    if watcher is not None:
-        watcher.cancel()
-    if address.is_unix:
-        Path(address.unix_path).unlink(missing_ok=True)
-    if address_file is not None:
-        Path(address_file).unlink(missing_ok=True)
+    try:
+        log.info("listening on %s (TLS %s, token %s); loading the shard", bound, tls_mode, "on" if token else "off")
+        loaded = await _unless_stopped(_in_daemon_thread(load_shard), stop)
+        if loaded is not None:
+            shard, memory_gbps = loaded
+            servicer.serve_shard(shard, memory_gbps=memory_gbps)
+            await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
+            log.info("serving %s of store %s (model_id %s) on %s (TLS %s, token %s)", shard.describe(), shard.store.folder,
+                     shard.manifest.model_id, bound, tls_mode, "on" if token else "off")
+            if address_file is not None:
+                _write_atomically(Path(address_file), f"{bound}\n")
+            await stop.wait()
+            log.info("stopping: finishing calls in flight (grace period %.1f s)", grace_period_s)
+        else:
+            log.info("stopping while the shard loads")
+    finally:
+        await health.enter_graceful_shutdown()
+        await server.stop(grace_period_s)
+        if watcher is not None:
+            watcher.cancel()
+        if address.is_unix:
+            Path(address.unix_path).unlink(missing_ok=True)
+        if address_file is not None:
+            Path(address_file).unlink(missing_ok=True)
     log.info("stopped")
+
+
+async def _set_health(health: HealthServicer, status: int) -> None:
+    """The same status for our service and for the whole server (the "" that plain checks ask)."""
+    for service in ("", SERVICE_NAME):
+        await health.set(service, status)
+
+
+def _in_daemon_thread(work: Callable[[], T]) -> asyncio.Future:
+    """Run `work` on a daemon thread: unlike asyncio.to_thread, a stop while it runs need not
+    wait for it (a shard of many GB can take minutes to read)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future = loop.create_future()
+
+    def settle(result, error) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def run() -> None:
+        try:
+            result, error = work(), None
+        except BaseException as err:  # handed to the loop, which re-raises it in _serve
+            result, error = None, err
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:
+            pass  # the loop is closed: we were stopped while loading
+
+    threading.Thread(target=run, name="load-shard", daemon=True).start()
+    return future
+
+
+async def _unless_stopped(work: asyncio.Future, stop: asyncio.Event):
+    """`work`'s result, or None once `stop` is set first."""
+    stopped = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    return work.result() if work.done() else None
 
 
 async def _watch_parent(parent: int, stop: asyncio.Event, every_s: float = 0.5) -> None:

@@ -2,7 +2,11 @@
 
 FetchExpert's chunks go through common/rpc/chunk_codec.py instead of the generated ExpertChunk
 class (same wire bytes, fewer copies), so `add_to_server` registers the handlers itself
-rather than through the generated add_ExpertHostServicer_to_server."""
+rather than through the generated add_ExpertHostServicer_to_server.
+
+The servicer is registered before its shard is loaded (the host takes its address and answers
+health first); until `serve_shard` is called every RPC is refused with UNAVAILABLE, the code a
+coordinator already treats as "not there yet"."""
 
 from __future__ import annotations
 
@@ -34,13 +38,27 @@ def _version() -> str:
         return "unknown"
 
 
+LOADING_MESSAGE = "this host is still loading its shard (its grpc.health.v1 check says NOT_SERVING until it is ready)"
+
+
 class ExpertHostServicer:
-    def __init__(self, shard: ExpertShard, *, memory_gbps: float, faults: FaultInjection = FaultInjection()) -> None:
-        self.shard = shard
+    def __init__(self, shard: ExpertShard | None = None, *, memory_gbps: float = 0.0,
+                 faults: FaultInjection = FaultInjection()) -> None:
+        self.shard = shard  # None while loading
         self.memory_gbps = memory_gbps
         self.faults = faults
 
+    def serve_shard(self, shard: ExpertShard, *, memory_gbps: float) -> None:
+        """The shard is loaded: answer calls from now on."""
+        self.memory_gbps = memory_gbps
+        self.shard = shard
+
+    async def _refuse_while_loading(self, context: grpc.aio.ServicerContext) -> None:
+        if self.shard is None:
+            await self._refuse(context, grpc.StatusCode.UNAVAILABLE, LOADING_MESSAGE)  # aborts the call: raises
+
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoReply:
+        await self._refuse_while_loading(context)
         log.info("Info from %s", context.peer())
         return pb.InfoReply(
             format_version=FORMAT_VERSION,
@@ -55,6 +73,7 @@ class ExpertHostServicer:
         )
 
     async def FetchExpert(self, request: pb.FetchExpertRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[Chunk]:
+        await self._refuse_while_loading(context)
         try:
             plan = plan_fetch(
                 self.shard, layer=request.id.layer, expert=request.id.expert, has_id=request.HasField("id"),

@@ -87,6 +87,9 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     hosts.add_argument("--tls-key", type=Path, metavar="PEM", help="the private key of --tls-cert")
     hosts.add_argument("--fetch-deadline", type=float, default=None, metavar="S",
                        help="seconds one fetch from one host may take before the next replica is tried (default 30)")
+    hosts.add_argument("--host-restart-wait", type=float, default=None, metavar="S",
+                       help="when every host holding an expert is down, seconds to wait for one to restart and "
+                       "finish loading before the generation fails (default 60; 0: fail at once)")
 
 
 def source_from_args(args: argparse.Namespace, *, local_host=None):
@@ -94,7 +97,8 @@ def source_from_args(args: argparse.Namespace, *, local_host=None):
     `local_host`: the HostAddress of a host started by --local-host, to add to the pool."""
     from common.errors import ConfigError
 
-    client_options = [name for name in ("token_file", "tls_ca", "tls_cert", "tls_key", "fetch_deadline")
+    client_options = [name for name in ("token_file", "tls_ca", "tls_cert", "tls_key", "fetch_deadline",
+                                            "host_restart_wait")
                       if getattr(args, name) is not None]
     if not (args.hosts or args.cluster or local_host is not None):
         if client_options:
@@ -124,6 +128,8 @@ def _cluster_from_args(args: argparse.Namespace, local_host):
         cluster = replace(cluster, tls=ClientTls(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key))
     if args.fetch_deadline is not None:
         cluster = replace(cluster, pool=replace(cluster.pool, fetch_deadline_s=args.fetch_deadline))
+    if args.host_restart_wait is not None:
+        cluster = replace(cluster, pool=replace(cluster.pool, host_restart_wait_s=args.host_restart_wait))
     return cluster.with_hosts([local_host]) if local_host is not None else cluster
 
 

@@ -8,6 +8,7 @@ settings from the command line (--hosts, --token-file, --tls-*).
     key = "coordinator.key"         #   ...and its key
     [pool]                          # optional
     fetch_deadline_s = 30           #   a fetch not done by then is retried on another replica
+    host_restart_wait_s = 60        #   with every holder of an expert down, wait this long for one to come back
     [[hosts]]
     address = "192.168.1.21:50051"  # one table per host
 
@@ -44,12 +45,17 @@ class PoolSettings:
     probe_min_s: float = 1.0  # first re-probe of a host marked down...
     probe_max_s: float = 30.0  # ...then doubling up to this
     chunk_bytes: int = 0  # 0: the host's default
+    # With every host that holds an expert unreachable or loading, a fetch waits this long for
+    # one to come back (a restart) before it fails; 0: fail at once.
+    host_restart_wait_s: float = 60.0
 
     def __post_init__(self) -> None:
+        may_be_zero = ("chunk_bytes", "host_restart_wait_s")
         for item in fields(self):
             value = getattr(self, item.name)
-            if value < 0 or (item.name != "chunk_bytes" and value == 0):
-                raise ConfigError(f"pool setting {item.name} = {value}: must be positive")
+            if value < 0 or (item.name not in may_be_zero and value == 0):
+                rule = "must not be negative" if item.name in may_be_zero else "must be positive"
+                raise ConfigError(f"pool setting {item.name} = {value}: {rule}")
         if self.probe_min_s > self.probe_max_s:
             raise ConfigError(f"pool settings: probe_min_s {self.probe_min_s} is above probe_max_s {self.probe_max_s}")
 

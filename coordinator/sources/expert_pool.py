@@ -1,12 +1,17 @@
 """ExpertPool: the expert source backed by one or more expert hosts.
 
-At open it asks every host's Info, checks that each serves our store (format version, model
+At open it asks every host's Info (waiting for one still loading its shard), checks that each serves our store (format version, model
 identity) and that every expert is held somewhere. A fetch goes to the replica with the fewest
 fetches in flight; a failure (an error, a missed deadline, a bad checksum) marks that host down
 and the fetch moves to another replica. A host marked down is probed again with Info after a
-backoff that doubles up to a bound; when it answers it takes fetches again. When no replica
-is up, the hosts marked down get one more direct try before the fetch fails with an
-ExpertUnavailableError naming the expert and every host tried.
+backoff that doubles up to a bound; a probe asks grpc.health.v1 first, so a host that is back but
+still loading its shard (NOT_SERVING) is probed at the shortest interval until it says SERVING,
+then Info; when Info answers it takes fetches again. When no replica is up, the hosts marked
+down get one more direct try. If that fails too and some host holding the expert is
+unreachable or loading (it may be restarting), the fetch waits for one to come back, up to
+`host_restart_wait_s`, with its hosts probed at the shortest interval meanwhile; then it fails
+with an ExpertUnavailableError naming the expert and every host tried. A host that answers
+wrongly (a bad checksum, a missed deadline) is not waited for.
 
 Knows nothing of caches or devices. All of it runs on the fetch loop, except the few
 read-only accessors for stats and metrics (bytes_by_origin, fetches_by_origin, host_status)."""
@@ -42,7 +47,10 @@ class _Host:
     bytes: int = 0
     failures: int = 0  # consecutive failed fetches and probes; a good fetch resets it
     last_error: str = ""
+    may_come_back: bool = False  # its last failure: unreachable or loading, as a restarting host is
+    loading: bool = False  # its health check said NOT_SERVING at the last probe
     prober: asyncio.Task | None = field(default=None, repr=False)
+    wake: asyncio.Event = field(default_factory=asyncio.Event, repr=False)  # set: probe it now
 
     @property
     def address(self) -> str:
@@ -59,6 +67,8 @@ class ExpertPool:
         self.settings = settings
         self.fetch_loop = fetch_loop
         self._hosts: list[_Host] = []
+        self._came_up = asyncio.Event()  # set (then replaced) each time a host is marked up
+        self._fetches_waiting = 0  # fetches waiting for a host to come back: probe often meanwhile
 
     @classmethod
     def open(cls, cluster: ClusterConfig, manifest: Manifest, fetch_loop: FetchLoop) -> "ExpertPool":
@@ -88,9 +98,7 @@ class ExpertPool:
 
     async def _connect(self, cluster: ClusterConfig, credentials: ClientCredentials) -> None:
         self._hosts = [_Host(HostClient(address, credentials)) for address in cluster.hosts]
-        answers = await asyncio.gather(
-            *(host.client.info(timeout_s=self.settings.info_deadline_s) for host in self._hosts), return_exceptions=True
-        )
+        answers = await asyncio.gather(*(self._info_once_loaded(host) for host in self._hosts), return_exceptions=True)
         for host, answer in zip(self._hosts, answers):
             if isinstance(answer, HostCallError) and answer.is_setup_mistake:
                 raise answer
@@ -115,6 +123,29 @@ class ExpertPool:
                 f"{describe_experts(missing)}" + (f"; hosts that did not answer: {silent}" if silent else "")
             )
 
+    async def _info_once_loaded(self, host: _Host) -> HostInfo:
+        """Its Info; a host still loading its shard (health NOT_SERVING) is waited for, up to
+        host_restart_wait_s, so hosts and coordinator can be started together."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.host_restart_wait_s
+        while True:
+            try:
+                return await host.client.info(timeout_s=self.settings.info_deadline_s)
+            except HostCallError as err:
+                if not err.may_come_back or loop.time() >= deadline or not await self._is_loading(host):
+                    raise
+            if not host.loading:
+                log.info("expert host %s is loading its shard; waiting up to %g s for it", host.address,
+                         self.settings.host_restart_wait_s)
+            host.loading = True
+            await asyncio.sleep(self.settings.probe_min_s)
+
+    async def _is_loading(self, host: _Host) -> bool:
+        try:
+            return not await host.client.serving(timeout_s=self.settings.info_deadline_s)
+        except HostError:
+            return False  # not answering health either: gone, not loading
+
     def _check_same_store(self, host: _Host, info: HostInfo) -> None:
         """Raise HostError unless the host serves the store this coordinator opened."""
         if info.format_version != FORMAT_VERSION:
@@ -134,6 +165,7 @@ class ExpertPool:
     def _accept(self, host: _Host, info: HostInfo) -> None:
         host.experts = info.experts
         host.up = True
+        host.loading = False
 
     # --- fetching ------------------------------------------------------------------------
 
@@ -142,23 +174,65 @@ class ExpertPool:
 
     async def fetch_into(self, eid: ExpertId, out: torch.Tensor) -> None:
         view = memoryview(out.numpy())  # [blob bytes], written chunk by chunk
-        tried: list[tuple[_Host, str]] = []
-        while (host := self._choose(eid, exclude={h for h, _ in tried})) is not None:
-            if await self._fetch_from(host, eid, view, tried):
+        tried: dict[_Host, str] = {}  # the last failure of each host tried, for the error
+        deadline = None
+        while True:
+            if await self._fetch_from_any(eid, view, tried):
                 return
+            if self.settings.host_restart_wait_s == 0 or not any(h.may_come_back for h in self._holders(eid)):
+                break
+            now = asyncio.get_running_loop().time()
+            if deadline is None:
+                deadline = now + self.settings.host_restart_wait_s
+                log.warning("%s: every host holding it is down; waiting up to %g s for one to come back (%s)", eid,
+                            self.settings.host_restart_wait_s, ", ".join(h.address for h in self._holders(eid)))
+            if not await self._wait_for_a_holder(eid, deadline - now):
+                break
+        raise ExpertUnavailableError(self._unavailable_message(eid, tried))
+
+    async def _fetch_from_any(self, eid: ExpertId, view: memoryview, tried: dict[_Host, str]) -> bool:
+        """One round: each up replica in turn, then the hosts marked down once each."""
+        attempted: set[_Host] = set()
+        while (host := self._choose(eid, exclude=attempted)) is not None:
+            attempted.add(host)
+            if await self._fetch_from(host, eid, view, tried):
+                return True
         # No replica is up. Hosts marked down get one more direct try: one that came back since
         # serves at once instead of at its next probe, and a dead one fails fast.
-        for host in [h for h in self._hosts if eid in h.experts and not h.up and h not in {t for t, _ in tried}]:
+        for host in [h for h in self._holders(eid) if not h.up and h not in attempted]:
             if await self._fetch_from(host, eid, view, tried):
-                return
-        raise ExpertUnavailableError(self._unavailable_message(eid, tried))
+                return True
+        return False
+
+    def _holders(self, eid: ExpertId) -> list[_Host]:
+        return [h for h in self._hosts if eid in h.experts]
+
+    async def _wait_for_a_holder(self, eid: ExpertId, timeout_s: float) -> bool:
+        """Wait until a host holding `eid` is marked up (True) or `timeout_s` passed (False)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout_s
+        self._fetches_waiting += 1
+        try:
+            for host in self._holders(eid):
+                host.wake.set()  # probe now, not at the end of a long backoff
+            while not any(h.up for h in self._holders(eid)):
+                remaining = end - loop.time()
+                if remaining <= 0:
+                    return False
+                try:
+                    await asyncio.wait_for(self._came_up.wait(), remaining)
+                except asyncio.TimeoutError:
+                    return False
+            return True
+        finally:
+            self._fetches_waiting -= 1
 
     def _choose(self, eid: ExpertId, exclude: set[_Host]) -> _Host | None:
         """The up replica with the fewest fetches in flight (then the fewest done): spreads load."""
         candidates = [h for h in self._hosts if h.up and eid in h.experts and h not in exclude]
         return min(candidates, key=lambda h: (h.in_flight, h.fetches), default=None)
 
-    async def _fetch_from(self, host: _Host, eid: ExpertId, view: memoryview, tried: list[tuple[_Host, str]]) -> bool:
+    async def _fetch_from(self, host: _Host, eid: ExpertId, view: memoryview, tried: dict[_Host, str]) -> bool:
         host.in_flight += 1
         try:
             await host.client.fetch_into(
@@ -166,7 +240,7 @@ class ExpertPool:
                 timeout_s=self.settings.fetch_deadline_s, chunk_bytes=self.settings.chunk_bytes,
             )
         except HostError as err:
-            tried.append((host, str(err)))
+            tried[host] = str(err)
             self._mark_down(host, err)
             return False
         finally:
@@ -178,9 +252,9 @@ class ExpertPool:
             self._mark_up(host, "a fetch from it succeeded")
         return True
 
-    def _unavailable_message(self, eid: ExpertId, tried: list[tuple[_Host, str]]) -> str:
+    def _unavailable_message(self, eid: ExpertId, tried: dict[_Host, str]) -> str:
         if tried:
-            attempts = "; ".join(reason for _, reason in tried)  # each reason names its host
+            attempts = "; ".join(tried.values())  # each reason names its host
             return f"{eid}: no expert host could deliver it; tried {len(tried)} host(s): {attempts}"
         silent = [h.address for h in self._hosts if not h.experts]
         return f"{eid}: no expert host that answered holds it" + (
@@ -195,11 +269,15 @@ class ExpertPool:
         host.up = False
         host.failures += 1
         host.last_error = str(err)
+        host.may_come_back = isinstance(err, HostCallError) and err.may_come_back
         if host.prober is None or host.prober.done():
             host.prober = asyncio.get_running_loop().create_task(self._probe_until_up(host))
 
     def _mark_up(self, host: _Host, why: str) -> None:
         host.up = True
+        host.loading = False
+        self._came_up.set()  # wakes the fetches waiting for a host; later waits use a fresh event
+        self._came_up = asyncio.Event()
         log.info("expert host %s is up again (%s)", host.address, why)
         if host.prober is not None and host.prober is not asyncio.current_task():
             host.prober.cancel()
@@ -211,17 +289,36 @@ class ExpertPool:
 
     async def _probe_until_up(self, host: _Host) -> None:
         while not host.up:
-            await asyncio.sleep(self._backoff_s(host))
+            await self._sleep_before_probe(host)
             try:
+                if not await host.client.serving(timeout_s=self.settings.info_deadline_s):
+                    if not host.loading:
+                        log.info("expert host %s is back and loading its shard; waiting for SERVING", host.address)
+                    host.loading = host.may_come_back = True
+                    host.last_error = f"{host.address}: still loading its shard (its health check says NOT_SERVING)"
+                    continue
                 info = await host.client.info(timeout_s=self.settings.info_deadline_s)
                 self._check_same_store(host, info)
             except HostError as err:
                 host.failures += 1
                 host.last_error = str(err)
+                host.loading = False
+                host.may_come_back = isinstance(err, HostCallError) and err.may_come_back
                 log.debug("expert host %s still down: %s", host.address, err)
                 continue
             self._accept(host, info)
             self._mark_up(host, "it answered Info")
+
+    async def _sleep_before_probe(self, host: _Host) -> None:
+        """The backoff, cut short by `host.wake`; the shortest interval while the host loads or
+        a fetch waits for a host to come back."""
+        delay = self.settings.probe_min_s if host.loading or self._fetches_waiting else self._backoff_s(host)
+        try:
+            await asyncio.wait_for(host.wake.wait(), delay)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            host.wake.clear()
 
     # --- stats and closing ---------------------------------------------------------------
 

@@ -1,5 +1,5 @@
-"""One expert host as the coordinator sees it: a grpc.aio channel, Info, and FetchExpert
-streamed straight into a caller's buffer with its checksum verified.
+"""One expert host as the coordinator sees it: a grpc.aio channel, its grpc.health.v1 check,
+Info, and FetchExpert streamed straight into a caller's buffer with its checksum verified.
 
 Knows nothing of replicas or failover (expert_pool.py does that): every failure becomes one
 HostError that names the host, what we were doing and, where it helps, what to check. Made
@@ -7,12 +7,16 @@ and used on the fetch loop only (a grpc.aio channel belongs to the event loop it
 
 from __future__ import annotations
 
+import asyncio
+import ssl
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.credential_files import read_pem, read_token
-from common.errors import HostError
+from common.errors import ConfigError, HostError
 from common.expert_id import ExpertId
 from common.host_address import HostAddress
 from common.rpc import expert_host_pb2 as pb
@@ -22,19 +26,28 @@ from common.rpc.wire_limits import AUTHORIZATION_KEY, channel_options
 from common.store.checksum import StreamingChecksum
 
 from .cluster_config import ClusterConfig
+from .tls_check import diagnose_tls
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExpertHost"].full_name
 
 
 class HostCallError(HostError):
     """A call to a host failed; `code` is the gRPC status (None: the host answered wrongly)."""
 
-    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+    def __init__(self, message: str, code: grpc.StatusCode | None = None, *, certificate_refused: bool = False) -> None:
         super().__init__(message)
         self.code = code
+        self.certificate_refused = certificate_refused  # a TLS handshake failed over a certificate
+
+    @property
+    def may_come_back(self) -> bool:
+        """Unreachable or still loading: a host that restarts answers again soon."""
+        return self.code == grpc.StatusCode.UNAVAILABLE and not self.certificate_refused
 
     @property
     def is_setup_mistake(self) -> bool:
         """A wrong token or certificate: retrying elsewhere or later will not mend it."""
-        return self.code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+        return self.certificate_refused or self.code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 
 @dataclass(frozen=True)
@@ -51,27 +64,56 @@ class HostInfo:
 
 @dataclass(frozen=True)
 class ClientCredentials:
-    """The token and TLS material, read once from their files."""
+    """The token and TLS material, read once from their files (whose paths errors name)."""
 
     token: str | None = None
     root_ca: bytes | None = None  # None: plaintext
     cert_chain: bytes | None = None
     private_key: bytes | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
 
     @classmethod
     def from_config(cls, cluster: ClusterConfig) -> "ClientCredentials":
         tls = cluster.tls
-        return cls(
+        credentials = cls(
             token=read_token(cluster.token_file) if cluster.token_file else None,
             root_ca=read_pem(tls.ca, what="TLS CA") if tls else None,
             cert_chain=read_pem(tls.cert, what="TLS client certificate") if tls and tls.cert else None,
             private_key=read_pem(tls.key, what="TLS client key") if tls and tls.key else None,
+            ca_file=tls.ca if tls else None,
+            cert_file=tls.cert if tls else None,
+            key_file=tls.key if tls else None,
         )
+        credentials._check_files()
+        return credentials
+
+    def _check_files(self) -> None:
+        """Load the CA and the client pair with `ssl`: a wrong file is named now, not as a failed handshake."""
+        if self.ca_file is None:
+            return
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        try:
+            context.load_verify_locations(cadata=self.root_ca.decode("ascii", errors="replace"))
+        except ssl.SSLError as err:
+            raise ConfigError(f"TLS CA {self.ca_file} (--tls-ca / [tls] ca): no CA certificate OpenSSL can load "
+                              f"({err.reason or err})") from None
+        if self.cert_file is None:
+            return
+        try:
+            context.load_cert_chain(self.cert_file, self.key_file, password=lambda: b"")  # never prompt
+        except ssl.SSLError as err:
+            what = ("is not the key of" if err.reason == "KEY_VALUES_MISMATCH"
+                    else f"cannot be loaded ({err.reason or err}) with")
+            raise ConfigError(f"TLS client key {self.key_file} (--tls-key) {what} the client certificate "
+                              f"{self.cert_file} (--tls-cert)") from None
 
 
 class HostClient:
     def __init__(self, address: HostAddress, credentials: ClientCredentials) -> None:
         self.address = address
+        self.credentials = credentials
         self.tls = credentials.root_ca is not None and not address.is_unix  # a Unix socket is local: no TLS
         if self.tls:
             channel_credentials = grpc.ssl_channel_credentials(
@@ -83,6 +125,7 @@ class HostClient:
             self._channel = grpc.aio.insecure_channel(address.grpc_target, options=channel_options())
         self._metadata = ((AUTHORIZATION_KEY, f"Bearer {credentials.token}"),) if credentials.token else ()
         self._info = pb_grpc.ExpertHostStub(self._channel).Info
+        self._health = health_pb2_grpc.HealthStub(self._channel).Check
         self._fetch = self._channel.unary_stream(
             FETCH_EXPERT_METHOD, request_serializer=pb.FetchExpertRequest.SerializeToString, response_deserializer=decode_chunk,
         )
@@ -90,11 +133,21 @@ class HostClient:
     def __str__(self) -> str:
         return str(self.address)
 
+    async def serving(self, *, timeout_s: float) -> bool:
+        """True once its health check says SERVING; False while it loads its shard (NOT_SERVING).
+        The health service needs no token."""
+        try:
+            reply = await self._health(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s)
+        except grpc.aio.AioRpcError as err:
+            raise self._call_error(err, "checking its health", timeout_s) from None
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
     async def info(self, *, timeout_s: float) -> HostInfo:
         try:
             reply = await self._info(pb.InfoRequest(), timeout=timeout_s, metadata=self._metadata)
         except grpc.aio.AioRpcError as err:
-            raise self._call_error(err, "asking for its Info", timeout_s) from None
+            error = self._call_error(err, "asking for its Info", timeout_s)
+            raise (await self._certificate_error(err, "asking for its Info", timeout_s) or error) from None
         return HostInfo(
             format_version=reply.format_version,
             model_id=reply.model_id,
@@ -153,6 +206,8 @@ class HostClient:
             message = f"{self}: no answer within {timeout_s:g} s while {doing}"
         elif code == grpc.StatusCode.UNAUTHENTICATED:
             message = f"{self}: refused our token while {doing} ({details}); check the token file (--token-file / token_file)"
+        elif code == grpc.StatusCode.UNAVAILABLE and "still loading its shard" in details:
+            message = f"{self}: still loading its shard while {doing}"
         elif code == grpc.StatusCode.UNAVAILABLE:
             if self.tls:
                 hint = ("is it up, does it serve TLS, and is its certificate signed by our CA (--tls-ca) "
@@ -167,6 +222,21 @@ class HostClient:
         else:
             message = f"{self}: {code.name} while {doing}: {details}"
         return HostCallError(message, code)
+
+    async def _certificate_error(self, err: grpc.aio.AioRpcError, doing: str, timeout_s: float) -> HostCallError | None:
+        """gRPC's details for a failed handshake are generic: where TLS is on and they look like
+        one, repeat the handshake with `ssl` (on a worker thread) to say which side refused."""
+        details = err.details() or ""
+        if not self.tls or self.credentials.ca_file is None or err.code() != grpc.StatusCode.UNAVAILABLE or not any(
+            sign in details for sign in ("Socket closed", "andshake", "SSL", "reset")
+        ):
+            return None
+        credentials = self.credentials
+        reason = await asyncio.to_thread(
+            diagnose_tls, self.address.host, self.address.port, ca=credentials.ca_file, cert=credentials.cert_file,
+            key=credentials.key_file, timeout_s=timeout_s,
+        )
+        return HostCallError(f"{self}: {reason} (while {doing})", err.code(), certificate_refused=True) if reason else None
 
     async def close(self) -> None:
         await self._channel.close()
