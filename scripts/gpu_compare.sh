@@ -13,7 +13,7 @@ AFTER=$PWD
 S=/tmp/moe-edge-synthetic
 if [[ ! -f $S/manifest.json ]]; then
   started=$SECONDS
-  PYTHONPATH=/tmp/site:$AFTER python3 -m coordinator make-synthetic --shape mixtral-8x7b --expert-bits 2 --dense-bits 4 --out $S --quiet 2>&1 | tee "$OUT/synthetic.log"
+  PYTHONPATH=/tmp/site:$AFTER python3 -m coordinator make-synthetic --shape mixtral-8x7b --expert-bits 2 --dense-bits 4 --out $S --quiet 2>&1 | tee "$OUT/synthetic.log" || exit 1
   echo "make-synthetic took $((SECONDS - started)) s" | tee -a "$OUT/synthetic.log"
 fi
 for round in $(seq 1 "$ROUNDS"); do

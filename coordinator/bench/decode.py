@@ -119,12 +119,12 @@ def run_mode(engine: Engine, mode: str, *, prompt: list[int], stream: list[int],
     """One mode on the engine: prefill, `warmup` untimed steps, `tokens` timed steps, then
     `profile` steps with the decoder's phase clock on."""
     device = engine.device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     try:
         engine.use_cache_mode(mode)
     except ConfigError as err:
         return ModeResult(mode, engine.config.num_experts, skipped=str(err))
+    if device.type == "cuda":  # after the rebuild, so the previous mode's cache is not counted
+        torch.cuda.reset_peak_memory_stats(device)
     result = ModeResult(mode, engine.cache.slots_per_layer)
     timer = engine.loader.timer = CopyTimer()
     try:
