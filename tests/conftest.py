@@ -71,6 +71,19 @@ def shared_keyed_server(store16):
         yield running
 
 
+@pytest.fixture(scope="session")
+def shared_store16_host(tmp_path_factory, store16):
+    """One real expert host holding all of store16 in RAM, for the test files that neither kill
+    it nor stop it (fetch counts are per engine or per pool, so sharing changes none)."""
+    from expert_host_processes import HostLauncher
+
+    launcher = HostLauncher(tmp_path_factory.mktemp("shared-host"))
+    try:
+        yield launcher.start(store16)
+    finally:
+        launcher.close()
+
+
 def run_module(module: str, *args: str, timeout: float = 300, cwd: Path | None = None,
                env_extra: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
     """Run `python -m MODULE ARGS...` as a user would, capturing its output."""
