@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny random Mixtral made with transformers (fixed seed) and stores packed
-from it, once per test session. Nothing is downloaded."""
+from it, once per test session; the HTTP servers and the expert host that several test files
+share; and run_cli, which calls a command line's main() in this process. Nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -120,8 +121,8 @@ def run_cli(main, *args) -> CliResult:
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         try:
             returncode = main([str(arg) for arg in args])
-        except SystemExit as exit:
-            returncode = exit.code if isinstance(exit.code, int) else 1 if exit.code else 0
+        except SystemExit as stopped:  # as the interpreter reads it: None is success, a message failure
+            returncode = stopped.code if isinstance(stopped.code, int) else (0 if stopped.code is None else 1)
     return CliResult(returncode, stdout.getvalue(), stderr.getvalue())
 
 
