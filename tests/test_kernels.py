@@ -3,7 +3,6 @@ error under 1e-2 in fp16/bf16 on the GPU; the same kernels under Triton's CPU in
 fewer and smaller shapes. Each run draws a fresh seed and prints it."""
 
 import importlib.util
-import os
 
 import pytest
 import torch
