@@ -1,11 +1,15 @@
 """Shared fixtures: a tiny random Mixtral made with transformers (fixed seed) and stores packed
-from it, once per test session. Nothing is downloaded."""
+from it, once per test session; the HTTP servers and the expert host that several test files
+share; and run_cli, which calls a command line's main() in this process. Nothing is downloaded."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -47,6 +51,40 @@ def store2(tmp_path_factory, tiny_model_dir) -> Path:
     return _pack(tmp_path_factory, tiny_model_dir, "store2", expert_bits=2, dense_bits=16)
 
 
+@pytest.fixture(scope="session")
+def shared_server(store16):
+    """One server on store16 (no key, the default queue) for every test file that neither stops
+    it nor counts on fresh metrics: tests read metrics as differences."""
+    from http_server_fixtures import running_server
+
+    with running_server(store16) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def shared_keyed_server(store16):
+    """One server on store16 wanting http_server_fixtures.API_KEY, with no room to wait
+    (max_queue 0), shared like `shared_server`. A test that leaves a request generating waits for
+    it to stop, or the next one would get 429."""
+    from http_server_fixtures import API_KEY, running_server
+
+    with running_server(store16, api_key=API_KEY, max_queue=0) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def shared_store16_host(tmp_path_factory, store16):
+    """One real expert host holding all of store16 in RAM, for the test files that neither kill
+    it nor stop it (fetch counts are per engine or per pool, so sharing changes none)."""
+    from expert_host_processes import HostLauncher
+
+    launcher = HostLauncher(tmp_path_factory.mktemp("shared-host"))
+    try:
+        yield launcher.start(store16)
+    finally:
+        launcher.close()
+
+
 def run_module(module: str, *args: str, timeout: float = 300, cwd: Path | None = None,
                env_extra: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
     """Run `python -m MODULE ARGS...` as a user would, capturing its output."""
@@ -63,6 +101,43 @@ def run_coordinator():
         return run_module("coordinator", *args, **kwargs)
 
     return run
+
+
+@dataclass(frozen=True)
+class CliResult:
+    """What a command line left behind, named as in subprocess.CompletedProcess."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(main, *args) -> CliResult:
+    """Call a command line's `main([...])` in this process, as `python -m ...` would run it, but
+    without a new interpreter (and its seconds of imports). argparse's exits (--help, a bad
+    flag) become the return code. Use a subprocess instead where the point is a signal, a child
+    process, a real process's stdin/stdout, or an effect at import time."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            returncode = main([str(arg) for arg in args])
+        except SystemExit as stopped:  # as the interpreter reads it: None is success, a message failure
+            returncode = stopped.code if isinstance(stopped.code, int) else (0 if stopped.code is None else 1)
+    return CliResult(returncode, stdout.getvalue(), stderr.getvalue())
+
+
+def coordinator_cli(*args) -> CliResult:
+    """`python -m coordinator ARGS...`, in this process."""
+    from coordinator.cli import main
+
+    return run_cli(main, *args)
+
+
+def expert_host_cli(*args) -> CliResult:
+    """`python -m expert_host ARGS...`, in this process."""
+    from expert_host.cli import main
+
+    return run_cli(main, *args)
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

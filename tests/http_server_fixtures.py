@@ -1,6 +1,7 @@
 """Helpers for the server tests (imported by them; not a conftest): an engine on a tiny store
 behind the real app and uvicorn, on 127.0.0.1 and a free port, in a thread of the test process.
-Everything started here is stopped by the context manager."""
+Everything started here is stopped by the context manager. conftest.py holds the two servers
+that several test files share (session fixtures have to live there)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import httpx
 
 MODEL_NAME = "tiny"
+API_KEY = "shared-test-key"  # the key of conftest's shared_keyed_server
 
 
 @dataclass

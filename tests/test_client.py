@@ -6,19 +6,18 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from http_server_fixtures import closed_port_url, metric, running_server
+from http_server_fixtures import API_KEY as KEY
+from http_server_fixtures import closed_port_url, metric, wait_until
 
 from common.errors import QueueFullError, ServerError
 from coordinator.server.client import Client
 
-KEY = "client-test-key"
 MESSAGES = [{"role": "user", "content": "Hello world"}]
 
 
 @pytest.fixture(scope="module")
-def server(store16):
-    with running_server(store16, api_key=KEY, max_queue=0) as running:
-        yield running
+def server(shared_keyed_server):
+    return shared_keyed_server  # its queue holds none: a second request while one generates gets 429
 
 
 @pytest.fixture
@@ -88,3 +87,6 @@ async def test_a_full_queue_raises_queue_full_error(client, server):
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+        # the shared server's next user would get 429 while the abandoned generation runs
+        await asyncio.to_thread(wait_until, lambda: metric(server.url, "moe_edge_generating", api_key=KEY) == 0,
+                                what="the abandoned generation to stop")

@@ -14,7 +14,7 @@ from common.rpc import expert_host_pb2_grpc as pb_grpc
 from common.store.checksum import blob_checksum
 from common.store.manifest import FORMAT_VERSION
 from common.store.reader import ExpertStore
-from conftest import run_module
+from conftest import expert_host_cli
 from coordinator.runtime.fetch_loop import FetchLoop
 from coordinator.sources.cluster_config import ClusterConfig
 from coordinator.sources.expert_pool import ExpertPool
@@ -128,7 +128,7 @@ def test_sigterm_stops_a_host_gracefully(expert_hosts, store4):
 
 
 def test_a_host_refuses_a_lan_address_without_tls_or_token(store4):
-    done = run_module("expert_host", "serve", "--store", store4, "--listen", "0.0.0.0:0", timeout=60)
+    done = expert_host_cli("serve", "--store", store4, "--listen", "0.0.0.0:0")
     assert done.returncode == ConfigError.exit_code
     assert done.stderr.strip().splitlines()[-1].startswith("error: --listen 0.0.0.0:0: other machines can reach")
 
@@ -155,6 +155,6 @@ def test_listen_policy_wants_tls_or_a_token_beyond_loopback(listen, tls, token, 
 
 
 def test_a_second_host_on_a_taken_address_fails_instead_of_sharing_it(partial_host, store16):
-    done = run_module("expert_host", "serve", "--store", store16, "--listen", partial_host.address, timeout=60)
+    done = expert_host_cli("serve", "--store", store16, "--listen", partial_host.address)
     assert done.returncode == ConfigError.exit_code
     assert f"error: --listen {partial_host.address}: cannot listen there" in done.stderr

@@ -17,7 +17,7 @@ from coordinator.runtime.engine import Engine
 from coordinator.runtime.fetch_loop import FetchLoop
 from coordinator.sources.cluster_config import ClusterConfig, PoolSettings
 from coordinator.sources.expert_pool import ExpertPool
-from expert_host_processes import expert_hosts  # noqa: F401  (fixture)
+from expert_host_processes import expert_hosts, module_expert_hosts  # noqa: F401  (fixtures)
 
 PROMPT = "A small cache on the graphics card keeps the experts"
 # Every expert on two of three hosts: A holds thirds 0+1, B 1+2, C 2+0.
@@ -41,6 +41,14 @@ def run(engine, max_new_tokens=16, on_token=None):
 def reference(store16):
     with Engine.open(store16, source="ram", cache_experts=1) as engine:
         return run(engine).token_ids
+
+
+@pytest.fixture(scope="module")
+def unkilled_hosts(module_expert_hosts, store16, shared_store16_host):  # noqa: F811
+    """The hosts that no test kills, shared: one slower than any deadline, one that corrupts every
+    chunk, and the session's plain host, the replica of both."""
+    slow, corrupting = module_expert_hosts.start_many([(store16, "--test-fetch-delay", "30"), (store16, "--test-corrupt-chunks")])
+    return slow, corrupting, shared_store16_host
 
 
 def wait_until(condition, timeout_s=15.0):
@@ -89,8 +97,8 @@ def test_no_replica_left_names_expert_and_hosts_tried_and_the_engine_recovers(ex
         assert generation.stats.fetches_by_source[b.address] > 0
 
 
-def test_a_host_slower_than_the_deadline_is_skipped_for_a_replica(expert_hosts, store16, reference):  # noqa: F811
-    slow, fast = expert_hosts.start_many([(store16, "--test-fetch-delay", "30"), (store16,)])
+def test_a_host_slower_than_the_deadline_is_skipped_for_a_replica(unkilled_hosts, store16, reference):
+    slow, _, fast = unkilled_hosts
     settings = PoolSettings(fetch_deadline_s=0.5, info_deadline_s=2, probe_min_s=1, probe_max_s=30, chunk_bytes=MIN_CHUNK_BYTES)
     with Engine.open(store16, source=pool_source([slow, fast], settings), cache_experts=2) as engine:
         started = time.monotonic()
@@ -104,8 +112,8 @@ def test_a_host_slower_than_the_deadline_is_skipped_for_a_replica(expert_hosts, 
         assert elapsed < 20  # a few missed deadlines, not one per fetch
 
 
-def test_a_chunk_corrupted_in_flight_is_caught_by_the_checksum(expert_hosts, store16):  # noqa: F811
-    corrupting, good = expert_hosts.start_many([(store16, "--test-corrupt-chunks"), (store16,)])
+def test_a_chunk_corrupted_in_flight_is_caught_by_the_checksum(unkilled_hosts, store16):
+    _, corrupting, good = unkilled_hosts
     store = ExpertStore(store16)
     eid = ExpertId(1, 6)
     loop = FetchLoop()

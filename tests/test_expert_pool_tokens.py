@@ -34,11 +34,9 @@ def reference(store16):
 
 
 @pytest.fixture(scope="module")
-def hosts(module_expert_hosts, store16):  # noqa: F811
-    whole, mapped, *thirds = module_expert_hosts.start_many(
-        [(store16,), (store16, "--mmap")] + [(store16, "--experts", third) for third in THIRDS]
-    )
-    return {"in RAM": whole, "memory-mapped": mapped}, thirds
+def hosts(module_expert_hosts, store16, shared_store16_host):  # noqa: F811
+    mapped, *thirds = module_expert_hosts.start_many([(store16, "--mmap")] + [(store16, "--experts", third) for third in THIRDS])
+    return {"in RAM": shared_store16_host, "memory-mapped": mapped}, thirds
 
 
 @pytest.mark.parametrize("prefetch", [True, False])

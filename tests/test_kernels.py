@@ -1,8 +1,8 @@
 """The fused dequantize+matmul kernels compute what plain dequantize+matmul computes: relative
-error under 1e-2 in fp16/bf16 on the GPU; the same kernels under Triton's CPU interpreter here."""
+error under 1e-2 in fp16/bf16 on the GPU; the same kernels under Triton's CPU interpreter here, on
+fewer and smaller shapes. Each run draws a fresh seed and prints it."""
 
 import importlib.util
-import os
 
 import pytest
 import torch
@@ -15,7 +15,9 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, re
 @needs_triton
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test below runs the real kernels here")
 def test_fused_kernels_match_dequantize_matmul_in_the_cpu_interpreter():
+    # A process of its own: TRITON_INTERPRET is read when triton is imported.
     result = run_module("tests.kernel_check", "cpu", env_extra={"TRITON_INTERPRET": "1"}, timeout=600)
+    print(result.stdout)  # its first line is the seed, to rerun a failure with
     assert result.returncode == 0, result.stdout + result.stderr
     assert "FAIL" not in result.stdout
 

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from common.errors import ConfigError
-from conftest import ROOT, run_module
+from conftest import ROOT, coordinator_cli
 from coordinator.cli.engine_args import add_engine_arguments, source_from_args
 from coordinator.runtime.engine import Engine
 from expert_host_processes import expert_hosts  # noqa: F401  (fixture)
@@ -22,8 +22,9 @@ PROMPT = "The quick brown fox"
 
 
 def generate_json(store, *args):
-    done = run_module("coordinator", "generate", "--store", store, "--prompt", PROMPT, "--max-new-tokens", "12",
-                      "--cache-experts", "2", "--json", *args, timeout=120)
+    """`generate --json` run in this process; its --local-host is still a real child process."""
+    done = coordinator_cli("generate", "--store", store, "--prompt", PROMPT, "--max-new-tokens", "12",
+                           "--cache-experts", "2", "--json", *args)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 

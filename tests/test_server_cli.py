@@ -1,6 +1,7 @@
 """`python -m coordinator serve` as a user runs it: a real process on 127.0.0.1 and a free port,
 answering the openai package with its key, stopping on Ctrl-C; and refusing unsafe or malformed
-settings with one line before it loads the model."""
+settings with one line before it loads the model (those checks run in this process: no signal or
+child process is involved)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import ROOT
+from conftest import ROOT, coordinator_cli
 
 KEY = "cli-test-key"
 
@@ -68,8 +69,8 @@ def test_serve_command_answers_the_openai_package_with_its_key_and_stops_cleanly
     wait_for_line(lines, r"moe-edge: stopped", timeout_s=5)
 
 
-def test_serve_refuses_a_non_loopback_address_without_a_key(run_coordinator, store16):
-    result = run_coordinator("serve", "--store", store16, "--listen", "0.0.0.0:0", timeout=60)
+def test_serve_refuses_a_non_loopback_address_without_a_key(store16):
+    result = coordinator_cli("serve", "--store", store16, "--listen", "0.0.0.0:0")
     assert result.returncode == 2
     assert "--api-key-file" in result.stderr and "--insecure" in result.stderr
     assert "Traceback" not in result.stderr
@@ -81,7 +82,7 @@ def test_serve_refuses_a_non_loopback_address_without_a_key(run_coordinator, sto
     (["--max-queue", "-1"], "--max-queue"),
     (["--api-key-file", "/nonexistent/key"], "cannot read it"),
 ])
-def test_serve_rejects_bad_settings_with_one_line(run_coordinator, store16, args, message):
-    result = run_coordinator("serve", "--store", store16, *args, timeout=60)
+def test_serve_rejects_bad_settings_with_one_line(store16, args, message):
+    result = coordinator_cli("serve", "--store", store16, *args)
     assert result.returncode == 2
     assert message in result.stderr and result.stderr.count("\n") == 1

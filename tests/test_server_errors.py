@@ -7,22 +7,20 @@ import httpx
 import openai
 import pytest
 from flaky_source import FlakySource
+from http_server_fixtures import API_KEY as KEY
 from http_server_fixtures import MODEL_NAME, metric, running_server
 
-KEY = "s3cret-key-for-tests"
 GOOD = {"prompt": "Hello", "max_tokens": 3, "temperature": 0}
 
 
 @pytest.fixture(scope="module")
-def server(store16):
-    with running_server(store16) as running:
-        yield running
+def server(shared_server):
+    return shared_server
 
 
 @pytest.fixture(scope="module")
-def keyed_server(store16):
-    with running_server(store16, api_key=KEY) as running:
-        yield running
+def keyed_server(shared_keyed_server):
+    return shared_keyed_server
 
 
 def assert_openai_error(response: httpx.Response, status: int) -> dict:

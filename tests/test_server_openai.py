@@ -11,6 +11,7 @@ import openai
 import pytest
 from http_server_fixtures import MODEL_NAME, running_server
 
+from conftest import coordinator_cli
 from coordinator.server.chat_template import fallback_chat_text
 
 MESSAGES = [{"role": "user", "content": "Hello world"}]
@@ -18,9 +19,8 @@ TOKENS = 24
 
 
 @pytest.fixture(scope="module")
-def server(store16):
-    with running_server(store16) as running:
-        yield running
+def server(shared_server):
+    return shared_server
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +45,10 @@ def test_streamed_chat_arrives_in_several_chunks_that_join_to_the_non_streamed_a
     assert whole.model == MODEL_NAME
 
 
-def test_streamed_chat_and_completion_equal_generate_greedy_for_the_same_prompt(sdk, store16, run_coordinator):
+def test_streamed_chat_and_completion_equal_generate_greedy_for_the_same_prompt(sdk, store16):
     prompt = fallback_chat_text(MESSAGES)
     assert prompt == "User: Hello world\nAssistant:"  # the documented fallback (no chat template here)
-    result = run_coordinator("generate", "--store", store16, "--prompt", prompt, "--max-new-tokens", TOKENS,
+    result = coordinator_cli("generate", "--store", store16, "--prompt", prompt, "--max-new-tokens", TOKENS,
                              "--greedy", "--json", "--cache-experts", 2)
     assert result.returncode == 0, result.stderr
     reference = json.loads(result.stdout.strip().splitlines()[-1])

@@ -17,9 +17,8 @@ LONG_STREAM = {"prompt": "Hello", "max_tokens": LONG, "temperature": 0, "stream"
 
 
 @pytest.fixture(scope="module")
-def server(store16):
-    with running_server(store16, max_queue=16) as running:
-        yield running
+def server(shared_server):
+    return shared_server  # its queue holds 16, room for the ten concurrent requests
 
 
 async def eventually(condition, *, timeout_s: float = 20.0, what: str) -> None:

@@ -8,6 +8,7 @@ import pytest
 from http_server_fixtures import closed_port_url, running_server
 from rich.console import Console
 
+from conftest import coordinator_cli
 from coordinator.top.snapshot import parse_metrics
 from coordinator.top.view import render
 
@@ -23,10 +24,10 @@ def server(store16):
         yield running
 
 
-def test_top_once_prints_tokens_per_s_hit_rate_layers_and_sources(server, run_coordinator, tmp_path, monkeypatch):
+def test_top_once_prints_tokens_per_s_hit_rate_layers_and_sources(server, tmp_path, monkeypatch):
     monkeypatch.setenv("COLUMNS", "120")
     (tmp_path / "key").write_text(KEY)
-    result = run_coordinator("top", "--url", server.url, "--once", "--api-key-file", tmp_path / "key", timeout=60)
+    result = coordinator_cli("top", "--url", server.url, "--once", "--api-key-file", tmp_path / "key")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     for text in ("tokens/s (last request)", "tokens generated", "expert hit rate", "time to first token",
@@ -37,10 +38,10 @@ def test_top_once_prints_tokens_per_s_hit_rate_layers_and_sources(server, run_co
         assert f"│     {layer} │" in out
 
 
-def test_top_once_fails_with_one_line_without_the_key_or_the_server(server, run_coordinator):
-    refused = run_coordinator("top", "--url", server.url, "--once", timeout=60)
+def test_top_once_fails_with_one_line_without_the_key_or_the_server(server):
+    refused = coordinator_cli("top", "--url", server.url, "--once")
     assert refused.returncode == 5 and "HTTP 401" in refused.stderr and "Traceback" not in refused.stderr
-    unreachable = run_coordinator("top", "--url", closed_port_url(), "--once", timeout=60)
+    unreachable = coordinator_cli("top", "--url", closed_port_url(), "--once")
     assert unreachable.returncode == 5 and "cannot reach" in unreachable.stderr
 
 

@@ -4,7 +4,8 @@ import argparse
 
 
 def register(commands) -> None:
-    from coordinator.tools.synthetic import SHAPES
+    # The torch-free table, so that --help does not load torch.
+    from coordinator.tools.synthetic_shapes import SHAPES
 
     parser = commands.add_parser(
         "make-synthetic",
