@@ -22,7 +22,8 @@ from expert_host_processes import expert_hosts, module_expert_hosts  # noqa: F40
 PROMPT = "A small cache on the graphics card keeps the experts"
 # Every expert on two of three hosts: A holds thirds 0+1, B 1+2, C 2+0.
 TWO_OF_THREE = ("0-5", "3-7", "0-2,6-7")
-FAST_RECOVERY = PoolSettings(fetch_deadline_s=5, info_deadline_s=2, probe_min_s=0.2, probe_max_s=1, chunk_bytes=MIN_CHUNK_BYTES)
+FAST_RECOVERY = PoolSettings(fetch_deadline_s=5, info_deadline_s=2, probe_min_s=0.2, probe_max_s=1, chunk_bytes=MIN_CHUNK_BYTES,
+                              host_restart_wait_s=1)  # a host that stays dead fails its fetches after 1 s
 
 
 def pool_source(hosts, settings=FAST_RECOVERY):
