@@ -1,5 +1,5 @@
 """The expert host: a gRPC server that holds a shard of a packed store's experts (in RAM, or
-memory-mapped) and streams an expert's bytes to the coordinator on request.
+read from the store's files per fetch) and streams an expert's bytes to the coordinator on request.
 
     python -m expert_host serve --store STORE [--layers 0-15] [--experts 0-7] [--listen 127.0.0.1:50051]
 

@@ -13,7 +13,7 @@ def _add_serve(commands) -> None:
     parser = commands.add_parser(
         "serve",
         help="hold a shard of a store's experts and serve them over gRPC",
-        description="Hold some or all experts of a packed store in RAM (or memory-mapped) and stream them to "
+        description="Hold some or all experts of a packed store in RAM (or read them from the store's files per fetch) and stream them to "
         "coordinators over gRPC (ExpertHost service, plus grpc.health.v1). Stops gracefully on SIGTERM/SIGINT.",
     )
     parser.add_argument("--store", required=True, metavar="STORE", help="the packed store folder (the same store as the coordinator's)")
@@ -22,7 +22,7 @@ def _add_serve(commands) -> None:
     parser.add_argument("--listen", default="127.0.0.1:50051", metavar="ADDR",
                         help="HOST:PORT or unix:PATH to listen on (default 127.0.0.1:50051; port 0: any free port)")
     parser.add_argument("--mmap", action="store_true",
-                        help="serve the blobs memory-mapped from the store's files instead of reading them into RAM")
+                        help="serve the blobs by reading them from the store's files at each fetch (the page cache / SSD tier) instead of holding them in RAM")
     parser.add_argument("--tls-cert", type=Path, metavar="PEM", help="this host's certificate (with --tls-key: serve TLS)")
     parser.add_argument("--tls-key", type=Path, metavar="PEM", help="the private key of --tls-cert")
     parser.add_argument("--tls-client-ca", type=Path, metavar="PEM",

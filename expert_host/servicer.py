@@ -82,7 +82,7 @@ class ExpertHostServicer:
             blob = await self.shard.blob(plan.eid)
         except RequestRefused as err:
             await self._refuse(context, err.code, str(err))  # aborts the call: raises
-        except StoreError as err:  # a memory-mapped blob that fails its checksum
+        except StoreError as err:  # a blob read from disk that shrank or fails its checksum
             await self._refuse(context, grpc.StatusCode.DATA_LOSS, str(err))
         log.debug("FetchExpert %s from %s", plan.eid, context.peer())
         if self.faults.fetch_delay_s:

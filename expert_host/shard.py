@@ -49,7 +49,7 @@ class ExpertShard:
 
     @property
     def ram_bytes(self) -> int:
-        """Bytes of blobs held in this process's RAM (0 when memory-mapped)."""
+        """Bytes of blobs held in this process's RAM (0 with --mmap: read per fetch)."""
         return 0 if self._arena is None else self._arena.numel()
 
     def holds(self, eid: ExpertId) -> bool:

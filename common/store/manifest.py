@@ -27,7 +27,7 @@ DENSE_FILE = "dense.safetensors"
 
 
 def expert_file_name(layer: int) -> str:
-    """One file per layer: the experts of a layer are written (and memory-mapped) together."""
+    """One file per layer: the experts of a layer are written (and read) together."""
     return f"experts-{layer:05d}.safetensors"
 
 

@@ -19,7 +19,7 @@ def register(commands) -> None:
     )
     add_engine_options(parser)
     parser.add_argument("--source", choices=("ram", "disk"), default="ram",
-                        help="where the experts live: ram (pinned) or disk (memory-mapped) (default ram)")
+                        help="where the experts live: ram (pinned) or disk (read per fetch from the store's files) (default ram)")
     parser.add_argument("--tokens", type=int, default=32, metavar="N", help="timed decode tokens (default 32)")
     parser.add_argument("--prompt-tokens", type=int, default=16, metavar="P", help="prompt length for prefill (default 16)")
     parser.add_argument("--warmup-tokens", type=int, default=4, help="untimed decode tokens first (default 4)")

@@ -66,7 +66,7 @@ def engine_options_from_args(args: argparse.Namespace, *, source: str = "ram", p
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", choices=("ram", "disk"), default=None,
                         help="where experts live when no expert hosts are used: ram (read once, pinned) or disk "
-                        "(memory-mapped) (default ram)")
+                        "(read per fetch from the store's files, the page cache / SSD tier) (default ram)")
     hosts = parser.add_argument_group(
         "expert hosts", "fetch the experts from expert hosts (`python -m expert_host serve`) instead of this process's memory"
     )
