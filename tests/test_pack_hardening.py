@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from common.errors import StoreError
 from common.store.partial_folder import OWNER_FILE
-from conftest import ROOT
+from conftest import ROOT, coordinator_cli
 
 EXPERT_WEIGHT = "model.layers.1.block_sparse_moe.experts.3.w2.weight"
 ATTENTION_WEIGHT = "model.layers.2.self_attn.k_proj.weight"
@@ -71,11 +71,10 @@ def mounted_tmpfs(where: Path, options: str):
 
 @pytest.mark.parametrize("name, value", [(EXPERT_WEIGHT, float("nan")), (ATTENTION_WEIGHT, float("inf"))],
                          ids=["nan-in-an-expert", "inf-in-attention"])
-def test_non_finite_weights_are_refused_naming_the_tensor_and_leave_no_folder(run_coordinator, tiny_model_dir,
-                                                                              tmp_path, name, value):
+def test_non_finite_weights_are_refused_naming_the_tensor_and_leave_no_folder(tiny_model_dir, tmp_path, name, value):
     model = copy_with(tiny_model_dir, tmp_path / "model", name, value)
     out = tmp_path / "store"
-    result = run_coordinator(*pack_args(model, out))
+    result = coordinator_cli(*pack_args(model, out))
     assert result.returncode == 3
     line = one_error_line(result)
     assert name in line and "model.safetensors" in line
@@ -86,10 +85,9 @@ def test_non_finite_weights_are_refused_naming_the_tensor_and_leave_no_folder(ru
 # -- a full disk --------------------------------------------------------------------------------
 
 
-def test_a_store_bigger_than_the_free_space_is_refused_before_anything_is_written(run_coordinator, tiny_model_dir,
-                                                                                   tmp_path):
+def test_a_store_bigger_than_the_free_space_is_refused_before_anything_is_written(tiny_model_dir, tmp_path):
     with mounted_tmpfs(tmp_path / "small", "size=2m") as small:
-        result = run_coordinator(*pack_args(tiny_model_dir, small / "store"))
+        result = coordinator_cli(*pack_args(tiny_model_dir, small / "store"))
         assert result.returncode == 3
         line = one_error_line(result)
         assert str(small) in line and "needs" in line and "bytes" in line and "free" in line

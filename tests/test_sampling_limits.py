@@ -8,6 +8,8 @@ import json
 import math
 
 import pytest
+
+from conftest import coordinator_cli
 import torch
 
 from common.errors import ConfigError
@@ -120,9 +122,9 @@ def test_the_api_refuses_out_of_range_settings_with_config_error(engine, kwargs,
 # --- the command line -----------------------------------------------------------------------
 
 
-def _generate(run_coordinator, store, *extra):
-    return run_coordinator("generate", "--store", store, "--prompt", "Hello world", "--max-new-tokens", "6",
-                           "--cache-experts", "2", "--json", *extra, timeout=180)
+def _generate(store, *extra):
+    return coordinator_cli("generate", "--store", store, "--prompt", "Hello world", "--max-new-tokens", "6",
+                           "--cache-experts", "2", "--json", *extra)
 
 
 def _token_ids(result) -> list[int]:
@@ -130,14 +132,14 @@ def _token_ids(result) -> list[int]:
     return json.loads(result.stdout.strip().splitlines()[-1])["token_ids"]
 
 
-def test_generate_at_temperature_1e_minus_40_prints_the_greedy_tokens(run_coordinator, store16):
-    greedy = _token_ids(_generate(run_coordinator, store16))
-    assert _token_ids(_generate(run_coordinator, store16, "--temperature", "1e-40")) == greedy
+def test_generate_at_temperature_1e_minus_40_prints_the_greedy_tokens(store16):
+    greedy = _token_ids(_generate(store16))
+    assert _token_ids(_generate(store16, "--temperature", "1e-40")) == greedy
 
 
-def test_generate_takes_a_seed_beyond_64_bits(run_coordinator, store16):
-    big = _token_ids(_generate(run_coordinator, store16, "--temperature", "1.5", "--seed", str(2**70 + 9)))
-    assert big == _token_ids(_generate(run_coordinator, store16, "--temperature", "1.5", "--seed", "9"))
+def test_generate_takes_a_seed_beyond_64_bits(store16):
+    big = _token_ids(_generate(store16, "--temperature", "1.5", "--seed", str(2**70 + 9)))
+    assert big == _token_ids(_generate(store16, "--temperature", "1.5", "--seed", "9"))
 
 
 @pytest.mark.parametrize("extra, named", [
@@ -149,15 +151,15 @@ def test_generate_takes_a_seed_beyond_64_bits(run_coordinator, store16):
     (("--top-p", "1.5"), "--top-p 1.5"),
     (("--max-new-tokens", "0"), "--max-new-tokens 0"),
 ])
-def test_generate_refuses_a_bad_setting_in_one_line_with_exit_2(run_coordinator, store16, extra, named):
-    result = run_coordinator("generate", "--store", store16, "--prompt", "Hello", *extra, timeout=120)
+def test_generate_refuses_a_bad_setting_in_one_line_with_exit_2(store16, extra, named):
+    result = coordinator_cli("generate", "--store", store16, "--prompt", "Hello", *extra)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {named}"), result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_an_empty_prompt_is_refused_by_the_api_and_the_cli(store16, run_coordinator):
+def test_an_empty_prompt_is_refused_by_the_api_and_the_cli(store16):
     from coordinator.runtime.engine import Engine
 
     with Engine.open(store16, cache_experts=2) as engine:
@@ -165,5 +167,5 @@ def test_an_empty_prompt_is_refused_by_the_api_and_the_cli(store16, run_coordina
             engine.generate("")
         with pytest.raises(ConfigError, match="the prompt is empty"):
             engine.generate([])
-    result = run_coordinator("generate", "--store", store16, "--prompt", "", timeout=120)
+    result = coordinator_cli("generate", "--store", store16, "--prompt", "")
     assert result.returncode == 2 and result.stderr.strip().splitlines() == ["error: the prompt is empty"]

@@ -13,6 +13,8 @@ import time
 import httpx
 import psutil
 import pytest
+
+from conftest import coordinator_cli
 from http_server_fixtures import MODEL_NAME, running_server
 
 SMALL_LIMIT = 256 << 10
@@ -247,8 +249,8 @@ def test_an_empty_text_prompt_gets_400(server):
     assert_openai_error(response, 400)
 
 
-def test_serve_refuses_a_max_request_bytes_below_one_in_one_line(run_coordinator, store16):
-    result = run_coordinator("serve", "--store", store16, "--listen", "127.0.0.1:0", "--max-request-bytes", "0", timeout=60)
+def test_serve_refuses_a_max_request_bytes_below_one_in_one_line(store16):
+    result = coordinator_cli("serve", "--store", store16, "--listen", "127.0.0.1:0", "--max-request-bytes", "0")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: --max-request-bytes 0: must be at least 1"]
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import coordinator_cli
+
 from common.errors import StoreError
 from common.store.manifest import Manifest
 from common.store.reader import ExpertStore
@@ -168,7 +170,7 @@ CLI_EDITS = [drop_model_id, top_k_above_experts, number_as_string, file_climbing
 
 
 @pytest.mark.parametrize("edit", CLI_EDITS, ids=[edit.__name__ for edit in CLI_EDITS])
-def test_generate_on_a_hand_edited_manifest_prints_one_line_and_exits_3(run_coordinator, store16, tmp_path, edit):
+def test_generate_on_a_hand_edited_manifest_prints_one_line_and_exits_3(store16, tmp_path, edit):
     copy = tmp_path / "store"
     shutil.copytree(store16, copy)
     (tmp_path / "x").write_bytes(b"outside the store")
@@ -176,7 +178,7 @@ def test_generate_on_a_hand_edited_manifest_prints_one_line_and_exits_3(run_coor
     manifest = json.loads(path.read_text())
     edit(manifest)
     path.write_text(json.dumps(manifest, indent=1))
-    result = run_coordinator("generate", "--store", copy, "--prompt", "Hello", "--max-new-tokens", "2", timeout=120)
+    result = coordinator_cli("generate", "--store", copy, "--prompt", "Hello", "--max-new-tokens", "2")
     assert result.returncode == StoreError.exit_code == 3, result.stderr
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
