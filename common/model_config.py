@@ -12,6 +12,8 @@ from .errors import ConfigError
 
 QK_NORMS = ("none", "head", "projection")  # none; RMSNorm per head (Qwen3); over the whole projection (OLMoE)
 ROUTERS = ("softmax", "sigmoid_grouped")  # Mixtral/Qwen/OLMoE; GLM-4.5/DeepSeek-V3
+# the families moe-edge runs: coordinator/families/ has one module each; a store of another is refused
+FAMILY_NAMES = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "glm4_moe")
 
 
 @dataclass(frozen=True)

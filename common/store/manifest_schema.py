@@ -18,14 +18,12 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import ConfigError, StoreError
-from ..model_config import QK_NORMS, ROUTERS, ModelConfig
+from ..model_config import FAMILY_NAMES, QK_NORMS, ROUTERS, ModelConfig
 from ..quantization import SUPPORTED_BITS, QuantSpec
 from .blob_layout import ALIGN, DTYPES, BlobLayout, TensorSlot
 from .checksum import ALGORITHM
 
 _HEX16 = r"^[0-9a-f]{16}$"
-# the families a store may name (coordinator/families/ has one module each); a store of another is refused
-FAMILY_NAMES = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "glm4_moe")
 
 
 def _plain_file_name(name: str) -> str:

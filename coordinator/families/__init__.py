@@ -8,7 +8,7 @@ checkpoint), expert_matrices(checkpoint, layer, expert), left_out(name, config).
 runtime does with the config's family fields is in coordinator/runtime (weights.py, model.py,
 router.py). The store, the cache, the sources and the expert host know nothing of families
 beyond the blob layout. Adding a family is one new module listed in FAMILIES (and its name in
-common/store/manifest_schema.FAMILY_NAMES); see docs/architecture.md."""
+common/model_config.FAMILY_NAMES); see docs/architecture.md."""
 
 from __future__ import annotations
 
@@ -16,12 +16,14 @@ from types import ModuleType
 from typing import Any
 
 from common.errors import ConfigError
+from common.model_config import FAMILY_NAMES
 
 from . import glm4_moe, mixtral, olmoe, qwen2_moe, qwen3_moe
 
 FAMILIES: dict[str, ModuleType] = {
     family.MODEL_TYPE: family for family in (mixtral, qwen3_moe, qwen2_moe, olmoe, glm4_moe)
 }
+assert tuple(FAMILIES) == FAMILY_NAMES, "common/model_config.FAMILY_NAMES lists the families a store may name"
 
 
 def family_for(hf_config: dict[str, Any], *, source: str) -> ModuleType:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from common.errors import ConfigError
+from common.model_config import FAMILY_NAMES
 
 CORPUS = """\
 Mixture-of-experts models route every token through a few of many expert networks. Only two of
@@ -53,9 +54,6 @@ def build_tokenizer(vocab_size: int = 512):
     )
 
 
-FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "glm4_moe")
-
-
 def _family_config(family: str, *, vocab_size: int, num_layers: int, hidden_size: int, intermediate_size: int,
                    num_experts: int, top_k: int, num_heads: int, num_kv_heads: int):
     """transformers' own config class of the family, small, with each family's special parts on:
@@ -84,7 +82,7 @@ def _family_config(family: str, *, vocab_size: int, num_layers: int, hidden_size
                                           n_routed_experts=num_experts, num_experts_per_tok=top_k, n_shared_experts=1,
                                           first_k_dense_replace=1, n_group=2, topk_group=1, norm_topk_prob=True,
                                           routed_scaling_factor=1.5, num_nextn_predict_layers=0, **common)
-    raise ConfigError(f"--family {family}: choose one of {', '.join(FAMILIES)}")
+    raise ConfigError(f"--family {family}: choose one of {', '.join(FAMILY_NAMES)}")
 
 
 def _spread_routing(model, seed: int) -> None:
