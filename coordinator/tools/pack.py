@@ -1,4 +1,5 @@
-"""`pack`: a Hugging Face checkpoint folder -> a moe-edge store (docs/architecture.md, "The store").
+"""`pack`: a Hugging Face checkpoint (a folder, or a repo id read through the hub cache:
+coordinator/tools/hub_checkpoint.py) -> a moe-edge store (docs/architecture.md, "The store").
 
 Each expert is HQQ-quantized (or kept in the checkpoint's dtype at 16 bits) and written as one
 blob; attention projections are optionally quantized too; routers, norms, embeddings and the
@@ -26,6 +27,7 @@ from common.store.partial_folder import size_text
 from common.store.writer import StoreWriter, check_out_folder, store_path
 
 from .checkpoint import HFCheckpoint
+from .hub_checkpoint import HubSettings, checkpoint_folder
 
 
 @dataclass(frozen=True)
@@ -102,10 +104,13 @@ def pack_checkpoint(
     dense_bits: int = 16,
     group_size: int = 64,
     progress: bool = True,
+    hub: HubSettings | None = None,
 ) -> PackSummary:
-    """Pack `model_dir` into a new store folder `out`. Warnings (stale partial folders) go to stderr."""
+    """Pack `model_dir` (a checkpoint folder, or a Hugging Face repo id ORG/NAME read as `hub` says,
+    by default from the HF_* environment) into a new store folder `out`. Warnings (stale partial
+    folders) go to stderr."""
     check_out_folder(out)  # first, so a bad --out costs no time (StoreWriter checks it again)
-    checkpoint = HFCheckpoint(model_dir)
+    checkpoint = HFCheckpoint(checkpoint_folder(model_dir, hub, progress=progress))
     config = checkpoint.config
     unused = checkpoint.unused_tensors()
     if unused:  # before any work: a tensor we would drop silently is a model we would run wrongly
