@@ -10,11 +10,17 @@ from typing import Any
 
 from .errors import ConfigError
 
+QK_NORMS = ("none", "head", "projection")  # none; RMSNorm per head (Qwen3); over the whole projection (OLMoE)
+ROUTERS = ("softmax", "sigmoid_grouped")  # Mixtral/Qwen/OLMoE; GLM-4.5/DeepSeek-V3
+# the families moe-edge runs: coordinator/families/ has one module each; a store of another is refused
+FAMILY_NAMES = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "glm4_moe")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
     hidden_size: int
-    intermediate_size: int  # one expert's FFN width
+    intermediate_size: int  # one routed expert's FFN width
     num_layers: int
     num_heads: int
     num_kv_heads: int
@@ -28,19 +34,65 @@ class ModelConfig:
     tie_word_embeddings: bool
     bos_token_id: int | None
     eos_token_id: int | None
+    # What the families differ in. Each default is Mixtral's, and a field at its default is left
+    # out of the store's identity (identity_dict), so stores packed before these existed keep it.
+    family: str = "mixtral"  # the model_type of the checkpoint: coordinator/families/<family>.py
+    attention_bias: bool = False  # q, k and v projections have biases
+    qk_norm: str = "none"  # QK_NORMS
+    rotary_dim: int | None = None  # rotary embedding on the first rotary_dim of each head; None: all
+    router: str = "softmax"  # ROUTERS
+    norm_topk_prob: bool = True  # renormalise the top-k weights to sum to 1
+    router_bias: bool = False  # a per-expert bias added to the scores for the choice only (sigmoid_grouped)
+    n_group: int = 1  # sigmoid_grouped: experts in n_group groups, the best topk_group groups chosen first
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0  # the routed experts' weights are multiplied by it
+    dense_layers: tuple[int, ...] = ()  # layers whose FFN is dense (on the device), not experts
+    dense_intermediate_size: int | None = None  # those layers' FFN width
+    shared_expert_intermediate_size: int = 0  # a shared expert on the device beside the routed ones (0: none)
+    shared_expert_gate: bool = False  # its output scaled by sigmoid(x . gate) (Qwen2-MoE)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dense_layers", tuple(self.dense_layers))  # lists from JSON
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data["dense_layers"] = list(self.dense_layers)
+        return data
+
+    def identity_dict(self) -> dict[str, Any]:
+        """to_dict without the family fields left at their defaults (what model_id hashes)."""
+        defaults = {f.name: f.default for f in fields(self) if f.name in FAMILY_FIELDS}
+        data = self.to_dict()
+        return {k: v for k, v in data.items() if k not in defaults or v != _json(defaults[k])}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "manifest.json") -> "ModelConfig":
         names = {f.name for f in fields(cls)}
-        missing = names - data.keys()
+        missing = (names - set(FAMILY_FIELDS)) - data.keys()
         if missing:
             raise ConfigError(f"{source}: model config lacks {', '.join(sorted(missing))}")
-        return cls(**{k: data[k] for k in names})
+        return cls(**{k: data[k] for k in names if k in data})
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """The layers whose FFN is routed experts (the store holds experts of these only)."""
+        dense = set(self.dense_layers)
+        return [layer for layer in range(self.num_layers) if layer not in dense]
+
+    @property
+    def rotary_width(self) -> int:
+        return self.rotary_dim or self.head_dim
 
     @property
     def expert_parameters(self) -> int:
         """Parameters of one expert (w1, w3: F x H; w2: H x F)."""
         return 3 * self.hidden_size * self.intermediate_size
+
+
+FAMILY_FIELDS = ("family", "attention_bias", "qk_norm", "rotary_dim", "router", "norm_topk_prob", "router_bias",
+                 "n_group", "topk_group", "routed_scaling_factor", "dense_layers", "dense_intermediate_size",
+                 "shared_expert_intermediate_size", "shared_expert_gate")
+
+
+def _json(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value

@@ -122,6 +122,7 @@ def serve_expert_host(
         ExpertId(layer, expert)
         for layer in parse_index_spec(layers, model.num_layers, what="layers")
         for expert in parse_index_spec(experts, model.num_experts, what="experts")
+        if ExpertId(layer, expert) in opened.manifest.experts  # dense layers hold no experts
     ]
     if faults.active:
         log.warning("test hooks are on: %s", faults)

@@ -27,4 +27,37 @@ def router(layer: int) -> str:
 
 def is_attention(name: str) -> bool:
     """Whether a dense tensor name is one of the attention projections (the ones pack may quantize)."""
-    return name.startswith("layers.") and ".attn." in name
+    return name.startswith("layers.") and ".attn." in name and name.rsplit(".", 1)[-1] in ATTENTION_PROJECTIONS
+
+
+# What some families add (coordinator/families/); absent from stores that do not need them.
+
+def attention_bias(layer: int, projection: str) -> str:
+    return f"layers.{layer}.attn_bias.{projection}"
+
+
+def q_norm(layer: int) -> str:
+    return f"layers.{layer}.q_norm"
+
+
+def k_norm(layer: int) -> str:
+    return f"layers.{layer}.k_norm"
+
+
+def router_bias(layer: int) -> str:
+    """Added to the router's scores for choosing the experts only (sigmoid_grouped routers)."""
+    return f"layers.{layer}.router_bias"
+
+
+def shared_expert(layer: int, matrix: str) -> str:
+    """matrix: w13 ([gate; up], [2S, H]) or w2 (down, [H, S])."""
+    return f"layers.{layer}.shared_expert.{matrix}"
+
+
+def shared_expert_gate(layer: int) -> str:
+    return f"layers.{layer}.shared_expert_gate"
+
+
+def dense_ffn(layer: int, matrix: str) -> str:
+    """The FFN of a dense layer; matrix: w13 ([gate; up]) or w2 (down)."""
+    return f"layers.{layer}.mlp.{matrix}"

@@ -54,7 +54,7 @@ class Manifest:
     def model_id(self) -> str:
         """Identity of the store's content: two stores with the same id hold the same experts."""
         digest = hashlib.sha256()
-        digest.update(json.dumps(self.model.to_dict(), sort_keys=True).encode())
+        digest.update(json.dumps(self.model.identity_dict(), sort_keys=True).encode())
         digest.update(json.dumps(self.layout.to_dict(), sort_keys=True).encode())
         for eid in sorted(self.experts):
             digest.update(f"{eid.layer}.{eid.expert}:{self.experts[eid].checksum};".encode())

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import ConfigError, StoreError
-from ..model_config import ModelConfig
+from ..model_config import FAMILY_NAMES, QK_NORMS, ROUTERS, ModelConfig
 from ..quantization import SUPPORTED_BITS, QuantSpec
 from .blob_layout import ALIGN, DTYPES, BlobLayout, TensorSlot
 from .checksum import ALGORITHM
@@ -61,6 +61,21 @@ class ModelFields(_Strict):
     tie_word_embeddings: bool
     bos_token_id: NonNegative | None
     eos_token_id: NonNegative | None
+    # the family fields (common/model_config.py), absent from stores packed before them
+    family: Literal[FAMILY_NAMES] = "mixtral"  # type: ignore[valid-type]
+    attention_bias: bool = False
+    qk_norm: Literal[QK_NORMS] = "none"  # type: ignore[valid-type]
+    rotary_dim: Positive | None = None
+    router: Literal[ROUTERS] = "softmax"  # type: ignore[valid-type]
+    norm_topk_prob: bool = True
+    router_bias: bool = False
+    n_group: Positive = 1
+    topk_group: Positive = 1
+    routed_scaling_factor: Annotated[float, Field(gt=0)] = 1.0
+    dense_layers: list[NonNegative] = []
+    dense_intermediate_size: Positive | None = None
+    shared_expert_intermediate_size: NonNegative = 0
+    shared_expert_gate: bool = False
 
 
 class QuantFields(_Strict):
@@ -161,6 +176,16 @@ def parse_document(data: dict[str, Any], *, source: Path) -> ManifestDocument:
 
 
 def _check_model(model: ModelFields, source: Path) -> None:
+    if model.rotary_dim is not None and (model.rotary_dim > model.head_dim or model.rotary_dim % 2):
+        raise StoreError(f"{source}: model.rotary_dim {model.rotary_dim} must be even and at most model.head_dim {model.head_dim}")
+    if model.num_experts % model.n_group or model.topk_group > model.n_group:
+        raise StoreError(f"{source}: model.n_group {model.n_group} must divide model.num_experts {model.num_experts} "
+                         f"and be at least model.topk_group {model.topk_group}")
+    outside = [layer for layer in model.dense_layers if layer >= model.num_layers]
+    if outside:
+        raise StoreError(f"{source}: model.dense_layers names layer {outside[0]}, the model has 0-{model.num_layers - 1}")
+    if model.dense_layers and model.dense_intermediate_size is None:
+        raise StoreError(f"{source}: model.dense_layers needs model.dense_intermediate_size")
     if model.top_k > model.num_experts:
         raise StoreError(f"{source}: model.top_k {model.top_k} is above model.num_experts {model.num_experts}")
     if model.num_heads % model.num_kv_heads:
@@ -221,18 +246,21 @@ def _check_layout(doc: ManifestDocument, config: ModelConfig, source: Path) -> B
 
 def _check_experts(doc: ManifestDocument, config: ModelConfig, source: Path) -> None:
     seen: dict[tuple[int, int], int] = {}
+    moe_layers = config.moe_layers
     for index, entry in enumerate(doc.experts):
         if entry.layer >= config.num_layers:
             raise StoreError(f"{source}: experts[{index}].layer {entry.layer} is outside the model's layers 0-{config.num_layers - 1}")
+        if entry.layer not in moe_layers:
+            raise StoreError(f"{source}: experts[{index}].layer {entry.layer} is one of model.dense_layers, which hold no experts")
         if entry.expert >= config.num_experts:
             raise StoreError(f"{source}: experts[{index}].expert {entry.expert} is outside the model's experts 0-{config.num_experts - 1}")
         key = (entry.layer, entry.expert)
         if key in seen:
             raise StoreError(f"{source}: experts[{index}] lists layer {key[0]} expert {key[1]} again (first at experts[{seen[key]}])")
         seen[key] = index
-    total = config.num_layers * config.num_experts
+    total = len(moe_layers) * config.num_experts
     if len(seen) != total:
-        missing = next((l, e) for l in range(config.num_layers) for e in range(config.num_experts) if (l, e) not in seen)
+        missing = next((l, e) for l in moe_layers for e in range(config.num_experts) if (l, e) not in seen)
         raise StoreError(f"{source}: experts lists {len(seen)} experts, the model has {total} "
                          f"(layer {missing[0]} expert {missing[1]} is missing)")
 
@@ -241,7 +269,8 @@ def check_consistency(doc: ManifestDocument, *, source: Path) -> tuple[ModelConf
     """The parts a Manifest is built from, once they agree with each other."""
     _check_model(doc.model, source)
     fields = doc.model.model_dump()
-    fields.update(rms_norm_eps=float(fields["rms_norm_eps"]), rope_theta=float(fields["rope_theta"]))  # 1e6 written as 1000000
+    fields.update(rms_norm_eps=float(fields["rms_norm_eps"]), rope_theta=float(fields["rope_theta"]),  # 1e6 written as 1000000
+                  routed_scaling_factor=float(fields["routed_scaling_factor"]), dense_layers=tuple(fields["dense_layers"]))
     config = ModelConfig(**fields)
     expert_quant = _quant_spec(doc.quantization.experts, "quantization.experts", source)
     dense_quant = _quant_spec(doc.quantization.dense, "quantization.dense", source)

@@ -61,7 +61,7 @@ class BenchReport:
     expert_bits: int
     group_size: int
     expert_mb: float
-    layers: int
+    layers: int  # layers with experts (dense layers run on the device and are not counted)
     experts: int
     cache_experts: int
     prompt_tokens: int
@@ -208,7 +208,7 @@ def run_bench(*, store: str | Path, options: EngineOptions, tokens: int = 32, pr
             expert_bits=manifest.expert_quant.bits,
             group_size=manifest.expert_quant.group_size,
             expert_mb=engine.store.blob_nbytes / 1e6,
-            layers=c.num_layers,
+            layers=len(c.moe_layers),
             experts=c.num_experts,
             cache_experts=engine.options.cache_experts,
             prompt_tokens=prompt_tokens,

@@ -14,7 +14,7 @@ def render(report: BenchReport) -> str:
     lines = [
         f"moe-edge bench: {report.store} on {report.device} ({report.dtype}, "
         f"{'CUDA graphs' if report.cuda_graphs else 'eager'} decode)",
-        f"  {report.layers} layers x {report.experts} experts, {report.expert_bits}-bit experts (group {report.group_size}, "
+        f"  {report.layers} layers with experts x {report.experts} experts, {report.expert_bits}-bit experts (group {report.group_size}, "
         f"{report.expert_mb:.1f} MB each), K = {report.cache_experts} slots per layer; prompt {report.prompt_tokens} tokens, "
         f"{report.tokens} decode tokens (seeded random token stream)",
         f"  routing comes from {report.routing}",

@@ -1,9 +1,14 @@
 """Model families: what differs between MoE architectures lives here, one module per family.
 
-A family module says how its Hugging Face config maps onto ModelConfig and which checkpoint
-tensors become the store's dense tensors and expert matrices. The store, the cache, the
-sources and the expert host know nothing of families beyond the blob layout. Adding a family is
-one new module listed in FAMILIES (see docs/architecture.md)."""
+A family module says how its Hugging Face config maps onto ModelConfig (refusing, by name, the
+settings moe-edge does not implement), which checkpoint tensors become the store's dense tensors
+and expert matrices, and which it knowingly leaves out (`left_out`); pack refuses every other
+tensor by name. The module interface: MODEL_TYPE, model_config(hf, source=), dense_tensors(
+checkpoint), expert_matrices(checkpoint, layer, expert), left_out(name, config). What the
+runtime does with the config's family fields is in coordinator/runtime (weights.py, model.py,
+router.py). The store, the cache, the sources and the expert host know nothing of families
+beyond the blob layout. Adding a family is one new module listed in FAMILIES (and its name in
+common/model_config.FAMILY_NAMES); see docs/architecture.md."""
 
 from __future__ import annotations
 
@@ -11,10 +16,14 @@ from types import ModuleType
 from typing import Any
 
 from common.errors import ConfigError
+from common.model_config import FAMILY_NAMES
 
-from . import mixtral
+from . import glm4_moe, mixtral, olmoe, qwen2_moe, qwen3_moe
 
-FAMILIES: dict[str, ModuleType] = {mixtral.MODEL_TYPE: mixtral}
+FAMILIES: dict[str, ModuleType] = {
+    family.MODEL_TYPE: family for family in (mixtral, qwen3_moe, qwen2_moe, olmoe, glm4_moe)
+}
+assert tuple(FAMILIES) == FAMILY_NAMES, "common/model_config.FAMILY_NAMES lists the families a store may name"
 
 
 def family_for(hf_config: dict[str, Any], *, source: str) -> ModuleType:

@@ -1,7 +1,8 @@
 """Mixtral (Mixtral-8x7B, -8x22B and models saved in its layout): its config and its tensor names.
 
 Config parsing goes through transformers' own `MixtralConfig`, so defaults and legacy keys (a
-top-level `rope_theta`) mean exactly what they mean to transformers. On disk, experts are
+top-level `rope_theta`) mean exactly what they mean to transformers. Refused when set: rope types
+other than the default, activations other than SiLU. On disk, experts are
 `model.layers.L.block_sparse_moe.experts.E.w1/w2/w3.weight`; a checkpoint saved from
 transformers 5's fused in-memory form (`mlp.experts.gate_up_proj` / `down_proj`) is read too."""
 
@@ -11,9 +12,11 @@ from typing import Any
 
 import torch
 
-from common.errors import ConfigError, StoreError
+from common.errors import StoreError
 from common.model_config import ModelConfig
 from common.store import dense_names
+
+from . import hf_layout
 
 MODEL_TYPE = "mixtral"
 
@@ -21,21 +24,11 @@ MODEL_TYPE = "mixtral"
 def model_config(hf: dict[str, Any], *, source: str = "config.json") -> ModelConfig:
     from transformers import MixtralConfig
 
-    try:
-        config = MixtralConfig(**{k: v for k, v in hf.items() if k not in ("architectures", "transformers_version")})
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{source}: not a valid Mixtral config: {err}") from None
-    rope = dict(getattr(config, "rope_parameters", None) or {})
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise ConfigError(f"{source}: rope_type {rope_type!r} is not supported (only 'default')")
-    rope_theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
-    if rope_theta is None:
-        raise ConfigError(f"{source}: no rope_theta")
-    eos = config.eos_token_id
-    if isinstance(eos, (list, tuple)):
-        eos = eos[0] if eos else None
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    config = hf_layout.hf_config(MixtralConfig, hf, source=source)
+    hf_layout.require(source, "hidden_act", config.hidden_act, ("silu",))
+    rope_theta = hf_layout.rope_theta(config, source)
+    eos = hf_layout.first_eos(config)
+    head_dim = hf_layout.head_dim(config)
     return ModelConfig(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
@@ -93,3 +86,8 @@ def _router(checkpoint, layer: int) -> torch.Tensor:
         if checkpoint.has(name):
             return checkpoint.tensor(name)
     return checkpoint.tensor(f"model.layers.{layer}.block_sparse_moe.gate.weight")  # raises, naming it
+
+
+def left_out(name: str, config: ModelConfig) -> bool:
+    """Checkpoint tensors this family knowingly does not read."""
+    return False

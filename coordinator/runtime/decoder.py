@@ -26,6 +26,7 @@ from common.expert_ffn import expert_forward
 from .model import KVCache, Transformer
 from .phase_clock import PhaseClock
 from .rms_norm import rms_norm
+from .weights import shared_expert
 
 
 class _Direct:
@@ -67,11 +68,18 @@ class Decoder:
         weights = self.model.weights.layers[layer]
         normed = rms_norm(self.x, weights.input_norm, self.config.rms_norm_eps)
         self.h.copy_(self.x + self.model.attention(normed, layer, self.position, self.kv))
+        if weights.router is None:  # a dense layer: its FFN is all of it, no plan, no experts
+            self.out.copy_(self.model.ffn(layer, self.h))
+            return
         moe_in, route_weights, plan = self.moe.route(layer, self.h)
         self.moe_in.copy_(moe_in)
         self.weights.copy_(route_weights)
         self.plans[layer].copy_(plan)
-        self.out.zero_()
+        shared = shared_expert(moe_in, weights)  # the experts' outputs are added onto it
+        if shared is None:
+            self.out.zero_()
+        else:
+            self.out.copy_(shared)
 
     def _expert(self, layer: int, slot: int, position: int) -> None:
         ys = expert_forward(self.moe_in, self.cache.slot_weights(layer, slot), self.moe.quantized_linear)  # [1, H]
@@ -86,8 +94,9 @@ class Decoder:
 
     def _capture_all(self) -> None:
         c = self.config
+        self.moe_layers = set(self.cache.expert_layers)
         for layer in range(c.num_layers):  # plan buffers, sized by a dry run of the router
-            self.plans.append(torch.zeros_like(self.moe.route(layer, self.h)[2]))
+            self.plans.append(torch.zeros_like(self.moe.route(layer, self.h)[2]) if layer in self.moe_layers else None)
         if self.capture:
             self._warm_up()
         self.embed_graph = self._graph(self._embed)
@@ -95,7 +104,7 @@ class Decoder:
         slots = self.cache.slots_per_layer
         self.expert_graphs = [
             [[self._graph(lambda l=layer, s=slot, p=position: self._expert(l, s, p)) for position in range(c.top_k)]
-             for slot in range(slots)]
+             for slot in range(slots)] if layer in self.moe_layers else []
             for layer in range(c.num_layers)
         ]
         self.head_graph = self._graph(self._head)
@@ -111,7 +120,8 @@ class Decoder:
             self._embed()
             for layer in range(c.num_layers):
                 self._layer(layer)
-                self._expert(layer, 0, 0)
+                if layer in self.moe_layers:
+                    self._expert(layer, 0, 0)
             self._head()
         torch.cuda.current_stream(self.model.device).wait_stream(side)
 
@@ -137,6 +147,8 @@ class Decoder:
             self.layer_graphs[layer].replay()
             if clock:
                 clock.mark("attention")
+            if layer not in self.moe_layers:
+                continue
             plan = self.moe.read_plan(layer, self.plans[layer], 1)
             order = self.moe.dispatcher.dispatch(plan)
             if clock:

@@ -35,10 +35,11 @@ from .expert_loader import ExpertLoader
 from .fetch_loop import FetchLoop
 from .generation import AsyncGeneration, Generation
 from .kernels import quantized_linear_for
-from .model import DenseWeights, KVCache, Transformer
+from .model import KVCache, Transformer
 from .moe import MoEBlock
 from .prefetcher import RouterLookahead
 from .sampler import Sampler, SamplingParams
+from .weights import DenseWeights
 
 SourceFactory = Callable[[ExpertStore, FetchLoop], ExpertSource]
 CACHE_MODES = ("naive", "lru", "lru+prefetch", "resident")  # bench's side-by-side modes
@@ -82,7 +83,7 @@ class Engine:
             self.quantized_linear = quantized_linear_for(self.device, fused=self.options.fused_kernels)
             if self.options.gpu_budget_gb is not None:
                 slots = cache_experts_for_budget(self.options.gpu_budget_gb, dense_bytes=self.dense.nbytes(),
-                                                 blob_bytes=store.blob_nbytes, layers=self.config.num_layers,
+                                                 blob_bytes=store.blob_nbytes, layers=len(self.config.moe_layers),
                                                  experts=self.config.num_experts)
                 self.options = replace(self.options, cache_experts=slots)
             self._build(slots=self.options.cache_experts, prefetch=self.options.prefetch)
@@ -122,14 +123,12 @@ class Engine:
         c = self.config
         self.cache = ExpertCache(layout=self.store.layout, num_layers=c.num_layers, slots_per_layer=slots,
                                  device=self.device, loader=self.loader, forget_after_use=forget_after_use,
-                                 counters=self.counters)
-        routers = [layer.router for layer in self.dense.layers]
-        norms = [layer.post_attention_norm for layer in self.dense.layers]
+                                 counters=self.counters, expert_layers=c.moe_layers)
         predictor = None
         if prefetch:
-            predictor = RouterLookahead(routers, norms, c.rms_norm_eps, depth=self.options.prefetch_depth,
+            predictor = RouterLookahead(c, self.dense.layers, depth=self.options.prefetch_depth,
                                         experts_per_layer=self.options.prefetch_width)
-        self.moe = MoEBlock(c, routers, norms, self.cache, predictor, self.quantized_linear)
+        self.moe = MoEBlock(c, self.dense.layers, self.cache, predictor, self.quantized_linear)
         self.model = Transformer(c, self.dense, self.moe, self.device, self.dtype)
 
     def use_cache_mode(self, mode: str) -> None:
@@ -144,7 +143,7 @@ class Engine:
                 self.cache = self.moe = self.model = self._decoder = None
                 gc.collect()
                 torch.cuda.empty_cache()
-                need = c.num_layers * c.num_experts * self.store.blob_nbytes
+                need = len(c.moe_layers) * c.num_experts * self.store.blob_nbytes
                 free, _ = torch.cuda.mem_get_info(self.device)
                 if need > free - GPU_RESERVE_BYTES:
                     self._build(slots=self.options.cache_experts, prefetch=self.options.prefetch)

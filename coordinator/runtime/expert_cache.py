@@ -43,10 +43,11 @@ class _LayerSlots:
 class ExpertCache:
     def __init__(self, *, layout: BlobLayout, num_layers: int, slots_per_layer: int, device: torch.device,
                  loader: ExpertLoader, load_timeout_s: float = 300.0, forget_after_use: bool = False,
-                 counters: ExpertCounters | None = None) -> None:
+                 counters: ExpertCounters | None = None, expert_layers: list[int] | None = None) -> None:
         """`forget_after_use` empties a slot as soon as its expert is used: no caching at all,
         every use a fresh copy (the naive baseline of the benchmark). `counters`: where to
-        count (the engine's lifetime counters, kept across caches); a fresh set by default."""
+        count (the engine's lifetime counters, kept across caches); a fresh set by default.
+        `expert_layers`: the layers that have experts (default all); dense layers get no slots."""
         if slots_per_layer < 1:
             raise ConfigError(f"--cache-experts {slots_per_layer}: needs at least 1 slot per layer")
         self.layout = layout
@@ -58,10 +59,15 @@ class ExpertCache:
         self.forget_after_use = forget_after_use
         # Normal tensors even if the engine is made under inference_mode: the loader writes them
         # from other threads, where an inference tensor would refuse in-place updates.
+        self.expert_layers = list(range(num_layers)) if expert_layers is None else list(expert_layers)
         with torch.inference_mode(False):
-            self.memory = torch.empty((num_layers, slots_per_layer, layout.nbytes), dtype=torch.uint8, device=device)
-            self._views = [[layout.views(self.memory[l, s]) for s in range(slots_per_layer)] for l in range(num_layers)]
-        self._layers = [_LayerSlots(slots_per_layer, self.cuda) for _ in range(num_layers)]
+            memory = torch.empty((len(self.expert_layers), slots_per_layer, layout.nbytes), dtype=torch.uint8, device=device)
+        self._memory: list[torch.Tensor | None] = [None] * num_layers  # [K, nbytes] per layer with experts
+        for row, layer in enumerate(self.expert_layers):
+            self._memory[layer] = memory[row]
+        self._views = [[layout.views(rows[s]) for s in range(slots_per_layer)] if rows is not None else []
+                       for rows in self._memory]
+        self._layers = [_LayerSlots(slots_per_layer if self._memory[l] is not None else 0, self.cuda) for l in range(num_layers)]
         self._protected: set[int] = set()  # experts the current layer still needs
         self._current_layer = -1
         self.counters = counters if counters is not None else ExpertCounters(num_layers)
@@ -185,7 +191,7 @@ class ExpertCache:
         slot.expert, slot.prefetched_unused, slot.loading_for_prefetch = expert, prefetch, prefetch
         state.slot_of[expert] = index
         state.lru[expert] = None
-        slot.ticket = self.loader.load(ExpertId(layer, expert), self.memory[layer, index], slot.free, slot.ready)
+        slot.ticket = self.loader.load(ExpertId(layer, expert), self._memory[layer][index], slot.free, slot.ready)
         self.counters.bytes_fetched[layer] += self.layout.nbytes
         if prefetch:
             self.counters.prefetch_issued[layer] += 1

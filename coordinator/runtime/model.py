@@ -11,39 +11,47 @@ Q = query heads, K = key/value heads, D = head dim, V = vocabulary."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
 from common.model_config import ModelConfig
-from common.quantization import QuantizedMatrix, QuantSpec
-from common.store import dense_names
 
 from .moe import MoEBlock
 from .rms_norm import rms_norm
+from .weights import DenseWeights, gated_ffn
 
 
 class RotaryEmbedding:
-    """cos/sin tables for every position, computed as transformers does (float32), cast once."""
+    """cos/sin tables for every position, computed as transformers does (float32), cast once.
+    With a rotary_dim below the head dim (GLM-4.5's partial rotary), only the first rotary_dim
+    of each head turn; the rest pass through."""
 
     def __init__(self, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
-        dim = config.head_dim
+        dim = config.rotary_width
         inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
         positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
-        freqs = positions[:, None] * inv_freq[None, :]  # [P, D/2]
-        angles = torch.cat([freqs, freqs], dim=-1)  # [P, D]
+        freqs = positions[:, None] * inv_freq[None, :]  # [P, R/2]
+        angles = torch.cat([freqs, freqs], dim=-1)  # [P, R]
         self.cos = angles.cos().to(device=device, dtype=dtype)
         self.sin = angles.sin().to(device=device, dtype=dtype)
+        self.dim = dim
+        self.partial = dim < config.head_dim
 
     def apply(self, x: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
         """x [heads, T, D] at positions start..start+T-1 (or one token at a position held in a
         device tensor [1], for CUDA graphs)."""
         if isinstance(start, torch.Tensor):
-            cos, sin = self.cos.index_select(0, start), self.sin.index_select(0, start)  # [1, D]
+            cos, sin = self.cos.index_select(0, start), self.sin.index_select(0, start)  # [1, R]
         else:
             length = x.shape[-2]
-            cos, sin = self.cos[start : start + length], self.sin[start : start + length]  # [T, D]
+            cos, sin = self.cos[start : start + length], self.sin[start : start + length]  # [T, R]
+        if self.partial:
+            turned, kept = x[..., : self.dim], x[..., self.dim :]
+            return torch.cat([self._turn(turned, cos, sin), kept], dim=-1)
+        return self._turn(x, cos, sin)
+
+    @staticmethod
+    def _turn(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
@@ -72,67 +80,6 @@ class KVCache:
         return self.keys[layer, :, :end], self.values[layer, :, :end]
 
 
-@dataclass
-class LayerWeights:
-    input_norm: torch.Tensor  # [H]
-    post_attention_norm: torch.Tensor  # [H]
-    q_proj: torch.Tensor  # [Q*D, H]
-    k_proj: torch.Tensor  # [K*D, H]
-    v_proj: torch.Tensor  # [K*D, H]
-    o_proj: torch.Tensor  # [H, Q*D]
-    router: torch.Tensor  # [E, H]
-
-
-@dataclass
-class DenseWeights:
-    embed: torch.Tensor  # [V, H]
-    norm: torch.Tensor  # [H]
-    lm_head: torch.Tensor  # [V, H]
-    layers: list[LayerWeights]
-
-    @classmethod
-    def from_store_tensors(
-        cls,
-        tensors: dict[str, torch.Tensor],
-        config: ModelConfig,
-        dense_quant: QuantSpec,
-        device: torch.device,
-        dtype: torch.dtype,
-    ) -> "DenseWeights":
-        def plain(name: str) -> torch.Tensor:
-            return tensors[name].to(device=device, dtype=dtype)
-
-        def projection(name: str) -> torch.Tensor:
-            if name in tensors:
-                return plain(name)
-            # 4-bit attention is dequantized once at load: it is small next to the experts.
-            return QuantizedMatrix.from_tensors(tensors, name, dense_quant).dequantize(torch.float32).to(device=device, dtype=dtype)
-
-        embed = plain(dense_names.EMBED)
-        lm_head = embed if config.tie_word_embeddings else plain(dense_names.LM_HEAD)
-        layers = [
-            LayerWeights(
-                input_norm=plain(dense_names.input_norm(l)),
-                post_attention_norm=plain(dense_names.post_attention_norm(l)),
-                q_proj=projection(dense_names.attention(l, "q_proj")),
-                k_proj=projection(dense_names.attention(l, "k_proj")),
-                v_proj=projection(dense_names.attention(l, "v_proj")),
-                o_proj=projection(dense_names.attention(l, "o_proj")),
-                router=plain(dense_names.router(l)),
-            )
-            for l in range(config.num_layers)
-        ]
-        return cls(embed, plain(dense_names.FINAL_NORM), lm_head, layers)
-
-    def nbytes(self) -> int:
-        """Device bytes of the dense weights (the tied LM head counted once)."""
-        tensors = [self.embed, self.norm] + ([] if self.lm_head is self.embed else [self.lm_head])
-        for layer in self.layers:
-            tensors += [layer.input_norm, layer.post_attention_norm, layer.q_proj, layer.k_proj, layer.v_proj,
-                        layer.o_proj, layer.router]
-        return sum(t.numel() * t.element_size() for t in tensors)
-
-
 class Transformer:
     def __init__(self, config: ModelConfig, weights: DenseWeights, moe: MoEBlock, device: torch.device, dtype: torch.dtype) -> None:
         self.config = config
@@ -147,9 +94,15 @@ class Transformer:
         """x [T, H] (normed) -> [T, H]. `start` may be a device tensor [1] (one token, CUDA graphs)."""
         c, w = self.config, self.weights.layers[layer]
         length = x.shape[0]
-        q = F.linear(x, w.q_proj).view(length, c.num_heads, c.head_dim).transpose(0, 1)  # [Q, T, D]
-        k = F.linear(x, w.k_proj).view(length, c.num_kv_heads, c.head_dim).transpose(0, 1)  # [K, T, D]
-        v = F.linear(x, w.v_proj).view(length, c.num_kv_heads, c.head_dim).transpose(0, 1)  # [K, T, D]
+        q, k, v = F.linear(x, w.q_proj, w.q_bias), F.linear(x, w.k_proj, w.k_bias), F.linear(x, w.v_proj, w.v_bias)
+        if c.qk_norm == "projection":  # OLMoE: one RMSNorm over all heads of the projection
+            q, k = rms_norm(q, w.q_norm, c.rms_norm_eps), rms_norm(k, w.k_norm, c.rms_norm_eps)
+        q = q.view(length, c.num_heads, c.head_dim)  # [T, Q, D]
+        k = k.view(length, c.num_kv_heads, c.head_dim)  # [T, K, D]
+        if c.qk_norm == "head":  # Qwen3: an RMSNorm over each head
+            q, k = rms_norm(q, w.q_norm, c.rms_norm_eps), rms_norm(k, w.k_norm, c.rms_norm_eps)
+        q, k = q.transpose(0, 1), k.transpose(0, 1)  # [Q, T, D], [K, T, D]
+        v = v.view(length, c.num_kv_heads, c.head_dim).transpose(0, 1)  # [K, T, D]
         q, k = self.rotary.apply(q, start), self.rotary.apply(k, start)
         keys, values = kv.update(layer, start, k, v)  # [K, S, D]
         group = c.num_heads // c.num_kv_heads
@@ -163,6 +116,14 @@ class Transformer:
         out = torch.matmul(probs.view(c.num_kv_heads, group * length, -1), values)  # [K, group*T, D]
         out = out.view(c.num_heads, length, c.head_dim).transpose(0, 1).reshape(length, -1)  # [T, Q*D]
         return F.linear(out, w.o_proj)
+
+    def ffn(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """The prompt path's FFN of a layer: h [T, H], the residual after attention -> [T, H]."""
+        weights = self.weights.layers[layer]
+        if weights.router is None:  # a dense layer
+            return gated_ffn(rms_norm(h, weights.post_attention_norm, self.config.rms_norm_eps),
+                             weights.dense_w13, weights.dense_w2)
+        return self.moe.forward(layer, h)
 
     def _mask(self, start: int | torch.Tensor, length: int, total: int) -> torch.Tensor | None:
         """Additive [T, S] mask: causal, and Mistral's sliding window if the model has one."""
@@ -186,7 +147,7 @@ class Transformer:
         x = F.embedding(tokens, w.embed)  # [T, H]
         for layer, lw in enumerate(w.layers):
             h = x + self.attention(rms_norm(x, lw.input_norm, c.rms_norm_eps), layer, start, kv)
-            x = h + self.moe.forward(layer, h)
+            x = h + self.ffn(layer, h)
         if not all_logits:
             x = x[-1:]
         return F.linear(rms_norm(x, w.norm, c.rms_norm_eps), w.lm_head).float()

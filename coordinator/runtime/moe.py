@@ -1,6 +1,6 @@
 """The sparse MoE block: router -> dispatch -> expert compute -> combine.
 
-Routing is exactly Mixtral's (softmax in float32 over all experts, top-k, renormalise). The
+Routing is the family's (router.py: softmax or grouped sigmoid, as transformers does it). The
 experts come from an ExpertProvider (the cache); this block only says which experts it needs,
 in what order it will use them, and when it is done with each. Predictions for the layers ahead
 are made here too, from the same hidden state, so that one device->host sync per layer (the
@@ -14,13 +14,15 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
 from common.expert_ffn import Linear, dequantize_linear, expert_forward
 from common.model_config import ModelConfig
 from common.store.blob_layout import ExpertWeights
 
-from . import routing_plan
+from . import router, routing_plan
 from .rms_norm import rms_norm
+from .weights import LayerWeights, shared_expert
 from .routing_plan import LayerDispatcher, RoutingPlan
 
 
@@ -48,14 +50,6 @@ class ExpertPredictor(Protocol):
         """Guessed expert indices [width] (on the device) for each of layers_ahead(layer)."""
 
 
-def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[T, E] logits -> (weights [T, k] float32, experts [T, k]) as Mixtral routes."""
-    probs = torch.softmax(router_logits.float(), dim=-1)
-    weights, experts = torch.topk(probs, top_k, dim=-1)
-    weights /= weights.sum(dim=-1, keepdim=True)
-    return weights, experts
-
-
 class CacheDispatcher:
     """The LayerDispatcher of today's placement: every expert a layer needs is brought into the
     device cache (a hit is used where it lies, a miss is copied in), and the guesses for later
@@ -73,12 +67,10 @@ class CacheDispatcher:
 
 
 class MoEBlock:
-    def __init__(self, config: ModelConfig, routers: list[torch.Tensor], post_attention_norms: list[torch.Tensor],
-                 provider: ExpertProvider, predictor: ExpertPredictor | None,
-                 quantized_linear: Linear = dequantize_linear) -> None:
+    def __init__(self, config: ModelConfig, layers: list[LayerWeights], provider: ExpertProvider,
+                 predictor: ExpertPredictor | None, quantized_linear: Linear = dequantize_linear) -> None:
         self.config = config
-        self.routers = routers  # per layer [E, H]
-        self.norms = post_attention_norms  # per layer [H]
+        self.layers = layers  # per layer: router [E, H] (None in a dense layer), norms, shared expert
         self.provider = provider
         self.predictor = predictor
         self.dispatcher: LayerDispatcher = CacheDispatcher(provider, predictor)
@@ -87,10 +79,11 @@ class MoEBlock:
     def route(self, layer: int, hidden: torch.Tensor):
         """Device work only (a CUDA graph can hold it): hidden [T, H] after attention ->
         (x [T, H] normed MoE input, weights [T, k] float32, plan tensor: see routing_plan.py)."""
-        x = rms_norm(hidden, self.norms[layer], self.config.rms_norm_eps)
-        weights, experts = route(torch.nn.functional.linear(x, self.routers[layer]), self.config.top_k)
+        weights = self.layers[layer]
+        x = rms_norm(hidden, weights.post_attention_norm, self.config.rms_norm_eps)
+        route_weights, experts = router.route(F.linear(x, weights.router), self.config, weights.router_bias)
         guesses = self.predictor.predict(layer, hidden) if self.predictor is not None else []
-        return x, weights, routing_plan.pack(experts, guesses)
+        return x, route_weights, routing_plan.pack(experts, guesses)
 
     def read_plan(self, layer: int, plan: torch.Tensor, tokens: int) -> RoutingPlan:
         """The one device->host sync of a layer: its routing and every guess together."""
@@ -106,7 +99,8 @@ class MoEBlock:
         x, weights, plan_tensor = self.route(layer, hidden)
         plan = self.read_plan(layer, plan_tensor, x.shape[0])
         order = self.dispatcher.dispatch(plan)
-        out = torch.zeros_like(x)
+        shared = shared_expert(x, self.layers[layer])  # on the device, beside the routed experts
+        out = torch.zeros_like(x) if shared is None else shared
         tokens_of = _tokens_per_expert(plan.chosen, self.config.top_k)
         for expert in order:
             token_index, slot_index = tokens_of[expert]

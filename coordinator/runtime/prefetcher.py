@@ -1,37 +1,43 @@
 """Speculative expert loading (Eliseev & Mazur 2023; Pre-gated MoE, Hwang et al. 2024): the
-routers of the next D layers, applied to the current hidden state, guess which experts those
-layers will want, and the cache starts loading them before they are asked for.
+routers of the next D layers that have experts, applied to the current hidden state, guess which
+experts those layers will want, and the cache starts loading them before they are asked for.
 
 It works because the residual stream changes little from one layer to the next. No retraining:
-we reuse each later layer's own post-attention norm and router.
+we reuse each later layer's own post-attention norm and router, and rank experts as that
+layer's router does (router.choice_scores). Dense layers hold no experts and are skipped.
 
 Dimension legend: T = tokens, H = hidden size, E = experts per layer, N = experts guessed per layer."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from common.model_config import ModelConfig
+
+from . import router
 from .rms_norm import rms_norm
+from .weights import LayerWeights
 
 
 class RouterLookahead:
-    def __init__(self, routers: list[torch.Tensor], post_attention_norms: list[torch.Tensor], eps: float,
-                 *, depth: int, experts_per_layer: int) -> None:
-        self.routers = routers  # per layer [E, H]
-        self.norms = post_attention_norms  # per layer [H]
-        self.eps = eps
+    def __init__(self, config: ModelConfig, layers: list[LayerWeights], *, depth: int, experts_per_layer: int) -> None:
+        self.config = config
+        self.layers = layers  # per layer: router [E, H] (None in a dense layer), post-attention norm [H]
         self.depth = depth
         self.width = experts_per_layer
+        self._moe_layers = [index for index, weights in enumerate(layers) if weights.router is not None]
 
     def layers_ahead(self, layer: int) -> list[int]:
-        return list(range(layer + 1, min(layer + 1 + self.depth, len(self.routers))))
+        return [later for later in self._moe_layers if later > layer][: self.depth]
 
     def predict(self, layer: int, hidden: torch.Tensor) -> list[torch.Tensor]:
         """hidden [T, H] after layer `layer`'s attention -> [N] expert indices for each layer
-        ahead. With several tokens (prefill), the guess is the experts with the most routing mass."""
+        ahead. With several tokens (prefill), the guess is the experts with the most score."""
         guesses = []
         for later in self.layers_ahead(layer):
-            x = rms_norm(hidden, self.norms[later], self.eps)
-            probs = torch.softmax(torch.nn.functional.linear(x, self.routers[later]).float(), dim=-1)  # [T, E]
-            guesses.append(torch.topk(probs.sum(dim=0), self.width).indices)  # [N]
+            weights = self.layers[later]
+            x = rms_norm(hidden, weights.post_attention_norm, self.config.rms_norm_eps)
+            scores = router.choice_scores(F.linear(x, weights.router), self.config, weights.router_bias)  # [T, E]
+            guesses.append(torch.topk(scores.sum(dim=0), self.width).indices)  # [N]
         return guesses

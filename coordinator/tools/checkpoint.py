@@ -87,6 +87,23 @@ class HFCheckpoint:
     def has(self, name: str) -> bool:
         return name in self._where
 
+    def names(self) -> list[str]:
+        """Every tensor name the checkpoint holds, sorted."""
+        return sorted(self._where)
+
+    def file_of(self, name: str) -> Path:
+        return self.folder / self._where[name]
+
+    def unused_tensors(self) -> list[str]:
+        """The tensors the family would not read (nor knowingly leaves out), found from shapes
+        alone: a checkpoint that has them is one moe-edge would run wrongly."""
+        view = self.shape_view()
+        self.family.dense_tensors(view)
+        for layer in self.config.moe_layers:
+            for expert in range(self.config.num_experts):
+                self.family.expert_matrices(view, layer, expert)
+        return [name for name in self.names() if name not in view.read and not self.family.left_out(name, self.config)]
+
     def tensor(self, name: str) -> torch.Tensor:
         if name not in self._where:
             raise StoreError(f"{self.folder}: tensor {name} is missing from the checkpoint")
@@ -143,9 +160,11 @@ class CheckpointShapes:
         self.folder = checkpoint.folder
         self.config = checkpoint.config
         self.hf_config = checkpoint.hf_config
+        self.read: set[str] = set()  # the names asked for, so pack can tell which tensors go unused
 
     def has(self, name: str) -> bool:
         return self._checkpoint.has(name)
 
     def tensor(self, name: str) -> torch.Tensor:
+        self.read.add(name)
         return self._checkpoint.meta_tensor(name)

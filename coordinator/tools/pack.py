@@ -1,4 +1,5 @@
-"""`pack`: a Hugging Face checkpoint folder -> a moe-edge store (docs/architecture.md, "The store").
+"""`pack`: a Hugging Face checkpoint (a folder, or a repo id read through the hub cache:
+coordinator/tools/hub_checkpoint.py) -> a moe-edge store (docs/architecture.md, "The store").
 
 Each expert is HQQ-quantized (or kept in the checkpoint's dtype at 16 bits) and written as one
 blob; attention projections are optionally quantized too; routers, norms, embeddings and the
@@ -26,6 +27,7 @@ from common.store.partial_folder import size_text
 from common.store.writer import StoreWriter, check_out_folder, store_path
 
 from .checkpoint import HFCheckpoint
+from .hub_checkpoint import HubSettings, checkpoint_folder
 
 
 @dataclass(frozen=True)
@@ -40,8 +42,10 @@ class PackSummary:
         bits = layout.nbytes * 8 / model.expert_parameters
         quant = self.manifest.expert_quant
         how = f"{quant.bits}-bit HQQ, group {quant.group_size}" if quant.quantized else self.manifest.dtype
+        layers = (f"{model.num_layers} layers ({len(model.moe_layers)} with {model.num_experts} experts)" if model.dense_layers
+                  else f"{model.num_layers} layers x {model.num_experts} experts")
         return (
-            f"packed {model.num_layers} layers x {model.num_experts} experts into {self.out}: "
+            f"packed {layers} into {self.out}: "
             f"experts {size_text(self.expert_bytes)} ({how}, {bits:.2f} bits/param, {size_text(layout.nbytes)} each), "
             f"dense {size_text(self.dense_bytes)}"
         )
@@ -84,7 +88,7 @@ def expected_store_bytes(checkpoint: HFCheckpoint, layout: BlobLayout, dense_spe
     """The store's size on disk: expert blobs, dense weights, copied files, plus room for the
     safetensors headers, the manifest (one line per expert) and a filesystem block per file."""
     config = checkpoint.config
-    experts = config.num_layers * config.num_experts
+    experts = len(config.moe_layers) * config.num_experts
     copied = [checkpoint.folder / "config.json", *checkpoint.tokenizer_files()]
     files = config.num_layers + 2 + len(copied)
     overhead = 64 * 1024 + 512 * experts + 4096 * files
@@ -100,11 +104,19 @@ def pack_checkpoint(
     dense_bits: int = 16,
     group_size: int = 64,
     progress: bool = True,
+    hub: HubSettings | None = None,
 ) -> PackSummary:
-    """Pack `model_dir` into a new store folder `out`. Warnings (stale partial folders) go to stderr."""
+    """Pack `model_dir` (a checkpoint folder, or a Hugging Face repo id ORG/NAME read as `hub` says,
+    by default from the HF_* environment) into a new store folder `out`. Warnings (stale partial
+    folders) go to stderr."""
     check_out_folder(out)  # first, so a bad --out costs no time (StoreWriter checks it again)
-    checkpoint = HFCheckpoint(model_dir)
+    checkpoint = HFCheckpoint(checkpoint_folder(model_dir, hub, progress=progress))
     config = checkpoint.config
+    unused = checkpoint.unused_tensors()
+    if unused:  # before any work: a tensor we would drop silently is a model we would run wrongly
+        more = f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""
+        raise ConfigError(f"{checkpoint.file_of(unused[0])}: tensor {unused[0]}{more} is not used by moe-edge's "
+                          f"{config.family} reader; the model has a part moe-edge does not implement, so pack refuses it")
     if dense_bits not in (16, 4):
         raise ConfigError(f"--dense-bits {dense_bits}: choose 16 or 4")
     expert_spec, dense_spec = QuantSpec(expert_bits, group_size), QuantSpec(dense_bits, group_size)
@@ -122,9 +134,9 @@ def pack_checkpoint(
         print(f"warning: {stale.line()}", file=sys.stderr)
     expected = expected_store_bytes(checkpoint, layout, dense_spec)
     with StoreWriter(out, fields, expected_bytes=expected) as writer:
-        total = config.num_layers * config.num_experts
+        total = len(config.moe_layers) * config.num_experts
         with tqdm(total=total, desc="packing experts", unit="expert", disable=not progress) as bar:
-            for layer in range(config.num_layers):
+            for layer in config.moe_layers:
                 blobs = []
                 for expert in range(config.num_experts):
                     w1, w3, w2 = checkpoint.family.expert_matrices(checkpoint, layer, expert)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from common.errors import ConfigError
+from common.model_config import FAMILY_NAMES
 
 CORPUS = """\
 Mixture-of-experts models route every token through a few of many expert networks. Only two of
@@ -53,9 +54,57 @@ def build_tokenizer(vocab_size: int = 512):
     )
 
 
+def _family_config(family: str, *, vocab_size: int, num_layers: int, hidden_size: int, intermediate_size: int,
+                   num_experts: int, top_k: int, num_heads: int, num_kv_heads: int):
+    """transformers' own config class of the family, small, with each family's special parts on:
+    a dense first layer where the family has dense layers, a shared expert, grouped routing."""
+    import transformers
+
+    common = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+                  num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, max_position_embeddings=2048,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    if family == "mixtral":
+        return transformers.MixtralConfig(intermediate_size=intermediate_size, num_local_experts=num_experts,
+                                          num_experts_per_tok=top_k, **common)
+    if family == "qwen3_moe":
+        return transformers.Qwen3MoeConfig(moe_intermediate_size=intermediate_size, intermediate_size=2 * intermediate_size,
+                                           num_experts=num_experts, num_experts_per_tok=top_k, norm_topk_prob=True,
+                                           mlp_only_layers=[0], head_dim=hidden_size // num_heads, **common)
+    if family == "qwen2_moe":
+        return transformers.Qwen2MoeConfig(moe_intermediate_size=intermediate_size, intermediate_size=2 * intermediate_size,
+                                           shared_expert_intermediate_size=2 * intermediate_size, num_experts=num_experts,
+                                           num_experts_per_tok=top_k, mlp_only_layers=[1], **common)
+    if family == "olmoe":
+        return transformers.OlmoeConfig(intermediate_size=intermediate_size, num_experts=num_experts,
+                                        num_experts_per_tok=top_k, **common)
+    if family == "glm4_moe":
+        return transformers.Glm4MoeConfig(moe_intermediate_size=intermediate_size, intermediate_size=2 * intermediate_size,
+                                          n_routed_experts=num_experts, num_experts_per_tok=top_k, n_shared_experts=1,
+                                          first_k_dense_replace=1, n_group=2, topk_group=1, norm_topk_prob=True,
+                                          routed_scaling_factor=1.5, num_nextn_predict_layers=0, **common)
+    raise ConfigError(f"--family {family}: choose one of {', '.join(FAMILY_NAMES)}")
+
+
+def _spread_routing(model, seed: int) -> None:
+    """Random init gives router logits near zero, so the top-k would hang on ties that a rounding
+    error flips, and experts so alike that a wrong one goes unseen. Scale the routers and the
+    routed experts up (and give sigmoid routers a correction bias) so that both matter."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, tensor in model.named_parameters():
+            if name.endswith("mlp.gate.weight") or name.endswith("mlp.router.weight"):
+                tensor.mul_(30.0)
+            elif ".mlp.experts." in name:
+                tensor.mul_(8.0)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(torch.randn(buffer.shape, generator=generator) * 0.1)
+
+
 def make_tiny_model(
     out: str | Path,
     *,
+    family: str = "mixtral",
     seed: int = 0,
     num_layers: int = 4,
     hidden_size: int = 128,
@@ -66,29 +115,22 @@ def make_tiny_model(
     num_kv_heads: int = 2,
     dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Write a random Mixtral checkpoint folder (config.json, model.safetensors, tokenizer) to `out`."""
-    from transformers import MixtralConfig, MixtralForCausalLM
+    """Write a random checkpoint folder of `family` (config.json, model.safetensors, tokenizer)
+    to `out`. Mixtral's weights are transformers' random init as they are; the other families'
+    routers and experts are spread (_spread_routing) so that routing is no near tie."""
+    from transformers import AutoModelForCausalLM
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out}: already exists and is not empty; choose a new folder")
     tokenizer = build_tokenizer()
-    config = MixtralConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        num_local_experts=num_experts,
-        num_experts_per_tok=top_k,
-        max_position_embeddings=2048,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
+    config = _family_config(family, vocab_size=len(tokenizer), num_layers=num_layers, hidden_size=hidden_size,
+                            intermediate_size=intermediate_size, num_experts=num_experts, top_k=top_k,
+                            num_heads=num_heads, num_kv_heads=num_kv_heads)
     torch.manual_seed(seed)
-    model = MixtralForCausalLM(config).to(dtype)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    if family != "mixtral":
+        _spread_routing(model, seed)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

@@ -1,0 +1,93 @@
+"""GLM-4.5 / GLM-4.5-Air / GLM-4.6: sigmoid routing with a per-expert correction bias used for
+the choice only, group-limited top-k (`n_group`, `topk_group`), renormalised when
+`norm_topk_prob` and scaled by `routed_scaling_factor`; shared experts on the device beside the
+routed ones; the first `first_k_dense_replace` layers dense; rotary on the first
+`partial_rotary_factor` of each head; q/k norms per head when `use_qk_norm`.
+
+Knowingly left out: the multi-token-prediction layers (`num_nextn_predict_layers`, stored as
+layers past `num_hidden_layers`), which plain decoding does not use. Refused when set: rope
+types other than the default, activations other than SiLU."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from common.model_config import ModelConfig
+from common.store import dense_names
+
+from . import hf_layout
+
+MODEL_TYPE = "glm4_moe"
+EXPERTS = "model.layers.{layer}.mlp.experts"
+
+
+def model_config(hf: dict[str, Any], *, source: str = "config.json") -> ModelConfig:
+    from transformers import Glm4MoeConfig
+
+    config = hf_layout.hf_config(Glm4MoeConfig, hf, source=source)
+    hf_layout.require(source, "hidden_act", config.hidden_act, ("silu",))
+    head_dim = hf_layout.head_dim(config)
+    rotary_dim = int(head_dim * hf_layout.partial_rotary_factor(config))
+    dense = tuple(range(min(config.first_k_dense_replace, config.num_hidden_layers)))
+    return ModelConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.moe_intermediate_size,
+        num_layers=config.num_hidden_layers,
+        num_heads=config.num_attention_heads,
+        num_kv_heads=config.num_key_value_heads,
+        head_dim=head_dim,
+        num_experts=config.n_routed_experts,
+        top_k=config.num_experts_per_tok,
+        rms_norm_eps=float(config.rms_norm_eps),
+        rope_theta=hf_layout.rope_theta(config, source),
+        max_position_embeddings=config.max_position_embeddings,
+        sliding_window=None,
+        tie_word_embeddings=bool(config.tie_word_embeddings),
+        bos_token_id=config.bos_token_id,
+        eos_token_id=hf_layout.first_eos(config),
+        family=MODEL_TYPE,
+        attention_bias=bool(config.attention_bias),
+        qk_norm="head" if config.use_qk_norm else "none",
+        rotary_dim=rotary_dim if rotary_dim < head_dim else None,
+        router="sigmoid_grouped",
+        norm_topk_prob=bool(config.norm_topk_prob),
+        router_bias=True,
+        n_group=config.n_group,
+        topk_group=config.topk_group,
+        routed_scaling_factor=float(config.routed_scaling_factor),
+        dense_layers=dense,
+        dense_intermediate_size=config.intermediate_size if dense else None,
+        shared_expert_intermediate_size=config.moe_intermediate_size * config.n_shared_experts,
+    )
+
+
+def dense_tensors(checkpoint) -> dict[str, torch.Tensor]:
+    config = checkpoint.config
+    tensors = hf_layout.embeddings_and_head(checkpoint)
+    for layer in range(config.num_layers):
+        tensors.update(hf_layout.attention(checkpoint, layer))
+        mlp = f"model.layers.{layer}.mlp"
+        if layer in config.dense_layers:
+            tensors[dense_names.dense_ffn(layer, "w13")], tensors[dense_names.dense_ffn(layer, "w2")] = \
+                hf_layout.gated_mlp(checkpoint, mlp)
+            continue
+        tensors[dense_names.router(layer)] = checkpoint.tensor(f"{mlp}.gate.weight")
+        tensors[dense_names.router_bias(layer)] = checkpoint.tensor(f"{mlp}.gate.e_score_correction_bias")
+        if config.shared_expert_intermediate_size:
+            tensors[dense_names.shared_expert(layer, "w13")], tensors[dense_names.shared_expert(layer, "w2")] = \
+                hf_layout.gated_mlp(checkpoint, f"{mlp}.shared_experts")
+    return tensors
+
+
+def expert_matrices(checkpoint, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return hf_layout.routed_expert(checkpoint, layer, expert, EXPERTS)
+
+
+def left_out(name: str, config: ModelConfig) -> bool:
+    """The multi-token-prediction layers: numbered from num_hidden_layers on."""
+    match = re.match(r"model\.layers\.(\d+)\.", name)
+    return match is not None and int(match.group(1)) >= config.num_layers

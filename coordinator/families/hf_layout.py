@@ -1,0 +1,106 @@
+"""What the Llama-descended MoE checkpoints share: their tensor names and the config settings
+every family reads the same way. A family module (mixtral.py, qwen3_moe.py, ...) picks from
+these; the store's names are common/store/dense_names.py.
+
+`checkpoint` is anything with `config`, `folder`, `has(name)` and `tensor(name)`: the real
+checkpoint when packing, or its shape view when pack sizes the store and lists the tensors a
+family reads (every other tensor is refused by name, tools/pack.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from common.errors import ConfigError, StoreError
+from common.store import dense_names
+
+
+def hf_config(config_class, hf: dict[str, Any], *, source: str):
+    """transformers' own config class over config.json, so defaults and legacy keys mean what
+    they mean to transformers."""
+    try:
+        return config_class(**{k: v for k, v in hf.items() if k not in ("architectures", "transformers_version")})
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{source}: not a valid {config_class.__name__}: {err}") from None
+
+
+def require(source: str, setting: str, value: Any, allowed: tuple, why: str = "") -> None:
+    """Refuse a config setting moe-edge does not implement, naming it."""
+    if value not in allowed:
+        choices = " or ".join(repr(a) for a in allowed)
+        raise ConfigError(f"{source}: {setting} {value!r} is not supported (moe-edge runs {choices}{why})")
+
+
+def rope_theta(config, source: str) -> float:
+    """The default rotary embedding's base; any other rope type (YaRN, linear, dynamic) is refused."""
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    require(source, "rope_type", rope_type, ("default",))
+    theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
+    if theta is None:
+        raise ConfigError(f"{source}: no rope_theta")
+    return float(theta)
+
+
+def partial_rotary_factor(config) -> float:
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    return float(rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)))
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def first_eos(config) -> int | None:
+    eos = config.eos_token_id
+    if isinstance(eos, (list, tuple)):
+        return eos[0] if eos else None
+    return eos
+
+
+def embeddings_and_head(checkpoint) -> dict[str, torch.Tensor]:
+    tensors = {
+        dense_names.EMBED: checkpoint.tensor("model.embed_tokens.weight"),
+        dense_names.FINAL_NORM: checkpoint.tensor("model.norm.weight"),
+    }
+    if not checkpoint.config.tie_word_embeddings:
+        tensors[dense_names.LM_HEAD] = checkpoint.tensor("lm_head.weight")
+    return tensors
+
+
+def attention(checkpoint, layer: int) -> dict[str, torch.Tensor]:
+    """The layer's norms and attention: q/k/v/o weights, q/k/v biases and q/k norms where the
+    config says the model has them."""
+    config, prefix = checkpoint.config, f"model.layers.{layer}"
+    tensors = {
+        dense_names.input_norm(layer): checkpoint.tensor(f"{prefix}.input_layernorm.weight"),
+        dense_names.post_attention_norm(layer): checkpoint.tensor(f"{prefix}.post_attention_layernorm.weight"),
+    }
+    for projection in dense_names.ATTENTION_PROJECTIONS:
+        tensors[dense_names.attention(layer, projection)] = checkpoint.tensor(f"{prefix}.self_attn.{projection}.weight")
+    if config.attention_bias:
+        for projection in ("q_proj", "k_proj", "v_proj"):
+            tensors[dense_names.attention_bias(layer, projection)] = checkpoint.tensor(f"{prefix}.self_attn.{projection}.bias")
+    if config.qk_norm != "none":
+        tensors[dense_names.q_norm(layer)] = checkpoint.tensor(f"{prefix}.self_attn.q_norm.weight")
+        tensors[dense_names.k_norm(layer)] = checkpoint.tensor(f"{prefix}.self_attn.k_norm.weight")
+    return tensors
+
+
+def gated_mlp(checkpoint, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w13 = [gate; up] [2F, H], w2 = down [H, F]) of the SiLU-gated MLP at `prefix`."""
+    gate, up = checkpoint.tensor(f"{prefix}.gate_proj.weight"), checkpoint.tensor(f"{prefix}.up_proj.weight")
+    return torch.cat([gate, up], dim=0), checkpoint.tensor(f"{prefix}.down_proj.weight")
+
+
+def routed_expert(checkpoint, layer: int, expert: int, experts_prefix: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(w1 gate [F, H], w3 up [F, H], w2 down [H, F]) of one routed expert, from per-expert
+    names (how checkpoints are published) or transformers 5's fused in-memory names."""
+    prefix = experts_prefix.format(layer=layer)
+    if checkpoint.has(f"{prefix}.{expert}.gate_proj.weight"):
+        return tuple(checkpoint.tensor(f"{prefix}.{expert}.{w}.weight") for w in ("gate_proj", "up_proj", "down_proj"))
+    if checkpoint.has(f"{prefix}.gate_up_proj"):
+        w1, w3 = checkpoint.tensor(f"{prefix}.gate_up_proj")[expert].chunk(2, dim=0)
+        return w1, w3, checkpoint.tensor(f"{prefix}.down_proj")[expert]
+    raise StoreError(f"{checkpoint.folder}: no weights for layer {layer} expert {expert} ({prefix}.{expert}.gate_proj.weight)")

@@ -1,0 +1,84 @@
+"""Qwen3-MoE (Qwen3-30B-A3B, Qwen3-235B-A22B): grouped-query attention with an RMSNorm over each
+head of q and k, softmax routing whose top-k is renormalised when `norm_topk_prob`, and dense
+layers where `mlp_only_layers` or `decoder_sparse_step` say so.
+
+Left out, refused when set: sliding-window attention (`use_sliding_window`), rope types other
+than the default, activations other than SiLU."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from common.model_config import ModelConfig
+from common.store import dense_names
+
+from . import hf_layout
+
+MODEL_TYPE = "qwen3_moe"
+EXPERTS = "model.layers.{layer}.mlp.experts"
+
+
+def dense_layers_of(config) -> tuple[int, ...]:
+    """transformers' rule (Qwen2/Qwen3-MoE): a layer is dense when listed in mlp_only_layers or
+    when (layer + 1) is not a multiple of decoder_sparse_step."""
+    return tuple(layer for layer in range(config.num_hidden_layers)
+                 if layer in config.mlp_only_layers or config.num_experts == 0
+                 or (layer + 1) % config.decoder_sparse_step != 0)
+
+
+def model_config(hf: dict[str, Any], *, source: str = "config.json") -> ModelConfig:
+    from transformers import Qwen3MoeConfig
+
+    config = hf_layout.hf_config(Qwen3MoeConfig, hf, source=source)
+    hf_layout.require(source, "hidden_act", config.hidden_act, ("silu",))
+    hf_layout.require(source, "use_sliding_window", bool(config.use_sliding_window), (False,))
+    dense = dense_layers_of(config)
+    return ModelConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.moe_intermediate_size,
+        num_layers=config.num_hidden_layers,
+        num_heads=config.num_attention_heads,
+        num_kv_heads=config.num_key_value_heads,
+        head_dim=hf_layout.head_dim(config),
+        num_experts=config.num_experts,
+        top_k=config.num_experts_per_tok,
+        rms_norm_eps=float(config.rms_norm_eps),
+        rope_theta=hf_layout.rope_theta(config, source),
+        max_position_embeddings=config.max_position_embeddings,
+        sliding_window=None,
+        tie_word_embeddings=bool(config.tie_word_embeddings),
+        bos_token_id=config.bos_token_id,
+        eos_token_id=hf_layout.first_eos(config),
+        family=MODEL_TYPE,
+        attention_bias=bool(config.attention_bias),
+        qk_norm="head",
+        norm_topk_prob=bool(config.norm_topk_prob),
+        dense_layers=dense,
+        dense_intermediate_size=config.intermediate_size if dense else None,
+    )
+
+
+def dense_tensors(checkpoint) -> dict[str, torch.Tensor]:
+    config = checkpoint.config
+    tensors = hf_layout.embeddings_and_head(checkpoint)
+    for layer in range(config.num_layers):
+        tensors.update(hf_layout.attention(checkpoint, layer))
+        mlp = f"model.layers.{layer}.mlp"
+        if layer in config.dense_layers:
+            w13, w2 = hf_layout.gated_mlp(checkpoint, mlp)
+            tensors[dense_names.dense_ffn(layer, "w13")], tensors[dense_names.dense_ffn(layer, "w2")] = w13, w2
+        else:
+            tensors[dense_names.router(layer)] = checkpoint.tensor(f"{mlp}.gate.weight")
+    return tensors
+
+
+def expert_matrices(checkpoint, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return hf_layout.routed_expert(checkpoint, layer, expert, EXPERTS)
+
+
+def left_out(name: str, config: ModelConfig) -> bool:
+    """Checkpoint tensors this family knowingly does not read."""
+    return False

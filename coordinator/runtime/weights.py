@@ -1,0 +1,125 @@
+"""The dense weights on the device: embeddings, norms, attention, routers, and what some
+families add (attention biases, q/k norms, router biases, shared experts, dense layers' FFNs),
+read from the store's dense.safetensors by the names of common/store/dense_names.py. Also the
+two small FFNs that run on them (a dense layer's, a shared expert's). Knows nothing of experts,
+caches or sources.
+
+Dimension legend: T = tokens, H = hidden size, Q = query heads, K = key/value heads, D = head dim,
+E = experts per layer, S = shared expert width, F' = dense FFN width, V = vocabulary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from common.model_config import ModelConfig
+from common.quantization import QuantizedMatrix, QuantSpec
+from common.store import dense_names
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor  # [H]
+    post_attention_norm: torch.Tensor  # [H]
+    q_proj: torch.Tensor  # [Q*D, H]
+    k_proj: torch.Tensor  # [K*D, H]
+    v_proj: torch.Tensor  # [K*D, H]
+    o_proj: torch.Tensor  # [H, Q*D]
+    router: torch.Tensor | None  # [E, H]; None in a dense layer
+    # what some families add (None where the model has none)
+    q_bias: torch.Tensor | None = None  # [Q*D]
+    k_bias: torch.Tensor | None = None  # [K*D]
+    v_bias: torch.Tensor | None = None  # [K*D]
+    q_norm: torch.Tensor | None = None  # [D] per head, or [Q*D] over the projection
+    k_norm: torch.Tensor | None = None  # [D] or [K*D]
+    router_bias: torch.Tensor | None = None  # [E]
+    shared_w13: torch.Tensor | None = None  # [2S, H]: the shared expert's gate and up
+    shared_w2: torch.Tensor | None = None  # [H, S]
+    shared_gate: torch.Tensor | None = None  # [1, H]
+    dense_w13: torch.Tensor | None = None  # [2F', H]: a dense layer's FFN
+    dense_w2: torch.Tensor | None = None  # [H, F']
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in vars(self).values() if isinstance(t, torch.Tensor)]
+
+
+@dataclass
+class DenseWeights:
+    embed: torch.Tensor  # [V, H]
+    norm: torch.Tensor  # [H]
+    lm_head: torch.Tensor  # [V, H]
+    layers: list[LayerWeights]
+
+    @classmethod
+    def from_store_tensors(
+        cls,
+        tensors: dict[str, torch.Tensor],
+        config: ModelConfig,
+        dense_quant: QuantSpec,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> "DenseWeights":
+        def plain(name: str) -> torch.Tensor:
+            return tensors[name].to(device=device, dtype=dtype)
+
+        def optional(name: str) -> torch.Tensor | None:
+            return plain(name) if name in tensors else None
+
+        def projection(name: str) -> torch.Tensor:
+            if name in tensors:
+                return plain(name)
+            # 4-bit attention is dequantized once at load: it is small next to the experts.
+            return QuantizedMatrix.from_tensors(tensors, name, dense_quant).dequantize(torch.float32).to(device=device, dtype=dtype)
+
+        embed = plain(dense_names.EMBED)
+        lm_head = embed if config.tie_word_embeddings else plain(dense_names.LM_HEAD)
+        dense = set(config.dense_layers)
+        layers = [
+            LayerWeights(
+                input_norm=plain(dense_names.input_norm(l)),
+                post_attention_norm=plain(dense_names.post_attention_norm(l)),
+                q_proj=projection(dense_names.attention(l, "q_proj")),
+                k_proj=projection(dense_names.attention(l, "k_proj")),
+                v_proj=projection(dense_names.attention(l, "v_proj")),
+                o_proj=projection(dense_names.attention(l, "o_proj")),
+                router=None if l in dense else plain(dense_names.router(l)),
+                q_bias=optional(dense_names.attention_bias(l, "q_proj")),
+                k_bias=optional(dense_names.attention_bias(l, "k_proj")),
+                v_bias=optional(dense_names.attention_bias(l, "v_proj")),
+                q_norm=optional(dense_names.q_norm(l)),
+                k_norm=optional(dense_names.k_norm(l)),
+                router_bias=optional(dense_names.router_bias(l)),
+                shared_w13=optional(dense_names.shared_expert(l, "w13")),
+                shared_w2=optional(dense_names.shared_expert(l, "w2")),
+                shared_gate=optional(dense_names.shared_expert_gate(l)),
+                dense_w13=optional(dense_names.dense_ffn(l, "w13")),
+                dense_w2=optional(dense_names.dense_ffn(l, "w2")),
+            )
+            for l in range(config.num_layers)
+        ]
+        return cls(embed, plain(dense_names.FINAL_NORM), lm_head, layers)
+
+    def nbytes(self) -> int:
+        """Device bytes of the dense weights (the tied LM head counted once)."""
+        tensors = [self.embed, self.norm] + ([] if self.lm_head is self.embed else [self.lm_head])
+        for layer in self.layers:
+            tensors += layer.tensors()
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def gated_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """The SiLU-gated FFN of a dense layer or a shared expert: x [T, H] -> [T, H]."""
+    gate, up = F.linear(x, w13).chunk(2, dim=-1)  # [T, F] each
+    return F.linear(F.silu(gate) * up, w2)
+
+
+def shared_expert(x: torch.Tensor, weights: LayerWeights) -> torch.Tensor | None:
+    """The shared expert's output for the normed MoE input x [T, H] (None where there is none)."""
+    if weights.shared_w13 is None:
+        return None
+    out = gated_ffn(x, weights.shared_w13, weights.shared_w2)
+    if weights.shared_gate is not None:
+        out = out * torch.sigmoid(F.linear(x, weights.shared_gate))  # [T, 1]
+    return out
