@@ -75,6 +75,30 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_link_proxy(commands) -> None:
+    parser = commands.add_parser(
+        "link-proxy",
+        help="a TCP proxy with a bandwidth and a round-trip time, to try a LAN link on one machine",
+        description="Relay TCP connections from --listen to --to as if over a slower link: each direction sends at "
+        "--rate and delivers half of --rtt-ms later, holding about a bandwidth-delay product in flight. For tests "
+        "and benchmarks (e.g. a coordinator reaching an expert host as over 1 GbE); listens on loopback only.",
+    )
+    parser.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT",
+                        help="where to listen (default 127.0.0.1:0: a free port, printed at start)")
+    parser.add_argument("--to", required=True, metavar="HOST:PORT", help="the address to relay to (an expert host)")
+    parser.add_argument("--rate", default="1gbit", metavar="RATE",
+                        help="bandwidth of each direction, e.g. 1gbit, 2.5gbit, 10gbit, 100mbit (default 1gbit)")
+    parser.add_argument("--rtt-ms", type=float, default=0.3, metavar="MS", help="round-trip time in ms (default 0.3)")
+    parser.set_defaults(run=_run_link_proxy)
+
+
+def _run_link_proxy(args: argparse.Namespace) -> int:
+    from .link_proxy import run_link_proxy
+
+    run_link_proxy(listen=args.listen, to=args.to, rate=args.rate, rtt_ms=args.rtt_ms)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m expert_host",
@@ -82,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_serve(commands)
+    _add_link_proxy(commands)
     return parser
 
 

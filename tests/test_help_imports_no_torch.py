@@ -10,7 +10,7 @@ import sys
 from conftest import ROOT
 
 COORDINATOR_COMMANDS = ["make-tiny-model", "pack", "generate", "serve", "top", "make-synthetic", "bench", "bench-fetch"]
-EXPERT_HOST_COMMANDS = ["serve"]
+EXPERT_HOST_COMMANDS = ["serve", "link-proxy"]
 HEAVY_MODULES = ["torch", "transformers", "grpc", "fastapi", "uvicorn"]
 
 # Runs in the child: each --help in turn, then what was imported.

@@ -1,0 +1,143 @@
+"""A TCP proxy that behaves like a slower network link: a bandwidth and a round-trip time, so
+one machine can show what 1 GbE, 2.5 GbE or 10 GbE between a coordinator and an expert host do.
+
+    python -m expert_host link-proxy --listen 127.0.0.1:50061 --to 127.0.0.1:50051 --rate 1gbit --rtt-ms 0.3
+
+Each direction of each connection is its own link: a chunk that arrives is sent on once the
+link has finished sending what came before it (bytes / rate: the serialization time) and then
+reaches the far side half a round trip later (the propagation delay). At most about a
+bandwidth-delay product plus a few chunks is held in flight per direction; past that the proxy
+stops reading, so TCP's own flow control pushes back on the sender, as a real link's queue does.
+
+Knows nothing of gRPC or experts: bytes in, the same bytes out, later."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from dataclasses import dataclass
+
+from common.errors import ConfigError
+from common.host_address import HostAddress
+
+CHUNK_BYTES = 64 * 1024
+_UNITS = {"bit": 1 / 8, "kbit": 1e3 / 8, "mbit": 1e6 / 8, "gbit": 1e9 / 8, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9}
+
+
+def parse_rate(text: str) -> float:
+    """'1gbit', '2.5gbit', '100mbit', '125MB' -> bytes per second (per direction)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]+)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _UNITS or float(match.group(1)) <= 0:
+        raise ConfigError(f"--rate {text}: give a positive number and a unit, e.g. 1gbit, 2.5gbit, 100mbit or 125MB")
+    return float(match.group(1)) * _UNITS[unit]
+
+
+@dataclass(frozen=True)
+class LinkShape:
+    rate_bytes_per_s: float  # each direction
+    rtt_s: float
+
+    def describe(self) -> str:
+        return f"{self.rate_bytes_per_s * 8 / 1e9:g} Gbit/s each way, {self.rtt_s * 1000:g} ms round trip"
+
+    @property
+    def in_flight_bytes(self) -> int:
+        """What one direction holds before it stops reading: its bandwidth-delay product, plus room."""
+        return int(self.rate_bytes_per_s * self.rtt_s) + 8 * CHUNK_BYTES
+
+
+async def _one_direction(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, shape: LinkShape) -> None:
+    queue: asyncio.Queue = asyncio.Queue()
+    room = asyncio.Semaphore(max(1, shape.in_flight_bytes // CHUNK_BYTES))
+
+    async def receive() -> None:
+        link_free = time.monotonic()  # when the link has sent everything queued so far
+        try:
+            while chunk := await reader.read(CHUNK_BYTES):
+                await room.acquire()
+                now = time.monotonic()
+                link_free = max(now, link_free) + len(chunk) / shape.rate_bytes_per_s
+                queue.put_nowait((link_free + shape.rtt_s / 2, chunk))
+        finally:
+            queue.put_nowait(None)
+
+    async def deliver() -> None:
+        while (item := await queue.get()) is not None:
+            due, chunk = item
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            writer.write(chunk)
+            room.release()
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+
+    await asyncio.gather(receive(), deliver())
+
+
+class LinkProxy:
+    """Accepts on `listen`, connects each client to `to`, shapes both directions."""
+
+    def __init__(self, listen: HostAddress, to: HostAddress, shape: LinkShape) -> None:
+        if listen.is_unix or to.is_unix:
+            raise ConfigError("link-proxy shapes TCP links: --listen and --to take HOST:PORT")
+        if not listen.is_loopback:  # it relays to a host without adding TLS or a token: never on a LAN
+            raise ConfigError(f"--listen {listen}: link-proxy is a test and benchmark tool and listens on loopback only")
+        self.listen, self.to, self.shape = listen, to, shape
+        self._server: asyncio.Server | None = None
+        self.address = ""
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._serve, self.listen.host, self.listen.port)
+        host, port = self._server.sockets[0].getsockname()[:2]
+        self.address = f"{host}:{port}"
+        return self.address
+
+    async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection(self.to.host, self.to.port)
+        except OSError:
+            client_writer.close()  # the client sees the connection refused, as without the proxy
+            return
+        try:
+            await asyncio.gather(_one_direction(client_reader, upstream_writer, self.shape),
+                                 _one_direction(upstream_reader, client_writer, self.shape))
+        except (ConnectionError, OSError):
+            pass  # one side went away: close both
+        finally:
+            for writer in (client_writer, upstream_writer):
+                writer.close()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+def run_link_proxy(*, listen: str, to: str, rate: str, rtt_ms: float) -> None:
+    """Serve until SIGTERM or Ctrl-C (what `python -m expert_host link-proxy` runs)."""
+    import signal
+
+    if rtt_ms < 0:
+        raise ConfigError(f"--rtt-ms {rtt_ms}: must not be negative")
+    shape = LinkShape(parse_rate(rate), rtt_ms / 1000)
+    proxy = LinkProxy(HostAddress.parse(listen, what="--listen", allow_any_port=True),
+                      HostAddress.parse(to, what="--to"), shape)
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            address = await proxy.start()
+        except OSError as err:
+            raise ConfigError(f"--listen {listen}: cannot listen there ({err.strerror})") from None
+        print(f"link-proxy on {address} -> {to} ({shape.describe()})", flush=True)
+        await stop.wait()
+        await proxy.close()
+
+    asyncio.run(serve())

@@ -1,0 +1,146 @@
+"""The shaped link (`python -m expert_host link-proxy`): bytes arrive intact and no faster than
+the rate and the round trip allow (lower bounds only: a loaded machine may be slower, never
+faster), and a coordinator reaches an expert host through it with the same greedy tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import threading
+import time
+
+import pytest
+
+from common.errors import ConfigError
+from common.host_address import HostAddress
+from conftest import expert_host_cli
+from expert_host.link_proxy import LinkProxy, LinkShape, parse_rate
+from expert_host_processes import expert_hosts  # noqa: F401 (a fixture)
+
+
+class ProxyThread:
+    """A LinkProxy on its own event loop in a thread, in front of `to`."""
+
+    def __init__(self, to: str, shape: LinkShape) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.proxy = LinkProxy(HostAddress.parse("127.0.0.1:0", allow_any_port=True), HostAddress.parse(to), shape)
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.address = asyncio.run_coroutine_threadsafe(self.proxy.start(), self.loop).result(timeout=10)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.proxy.close(), self.loop).result(timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+class EchoServer(ProxyThread):
+    """A TCP echo server on its own loop: what the proxy relays to in the timing tests."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+        async def echo(reader, writer):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        async def start():
+            self.server = await asyncio.start_server(echo, "127.0.0.1", 0)
+            return "127.0.0.1:%d" % self.server.sockets[0].getsockname()[1]
+
+        self.address = asyncio.run_coroutine_threadsafe(start(), self.loop).result(timeout=10)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def echo():
+    server = EchoServer()
+    yield server
+    server.close()
+
+
+def shaped(to: str, *, rate: str, rtt_ms: float) -> ProxyThread:
+    return ProxyThread(to, LinkShape(parse_rate(rate), rtt_ms / 1000))
+
+
+async def _round_trip(address: str, payload: bytes, rounds: int) -> tuple[bytes, float]:
+    host, port = address.rsplit(":", 1)
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 10)
+    started = time.monotonic()
+    received = bytearray()
+    for _ in range(rounds):
+        writer.write(payload)
+        await writer.drain()
+        received += await asyncio.wait_for(reader.readexactly(len(payload)), 30)
+    elapsed = time.monotonic() - started
+    writer.close()
+    return bytes(received), elapsed
+
+
+def test_rates_are_read_in_bits_or_bytes_and_nonsense_is_refused():
+    assert parse_rate("1gbit") == 125e6 and parse_rate("2.5gbit") == 312.5e6 and parse_rate("10Gbit") == 1.25e9
+    assert parse_rate("100mbit") == 12.5e6 and parse_rate("125MB") == 125e6
+    for bad in ("fast", "0gbit", "1 parsec", "-1gbit"):
+        with pytest.raises(ConfigError, match="--rate"):
+            parse_rate(bad)
+
+
+def test_bytes_cross_intact_and_no_faster_than_the_rate(echo):
+    proxy = shaped(echo.address, rate="100mbit", rtt_ms=1)
+    try:
+        payload = os.urandom(2_000_000)
+        received, elapsed = asyncio.run(_round_trip(proxy.address, payload, rounds=1))
+    finally:
+        proxy.close()
+    assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+    floor = len(payload) / parse_rate("100mbit")  # out and back overlap: the echo returns bytes as they come
+    assert floor * 0.95 <= elapsed < floor + 20, (elapsed, floor)
+
+
+def test_each_round_trip_takes_at_least_the_rtt(echo):
+    proxy = shaped(echo.address, rate="10gbit", rtt_ms=20)
+    try:
+        _, elapsed = asyncio.run(_round_trip(proxy.address, b"ping", rounds=10))
+    finally:
+        proxy.close()
+    assert 10 * 0.020 * 0.95 <= elapsed < 10, elapsed
+
+
+def test_a_coordinator_through_the_shaped_link_gets_the_in_process_tokens(store16, expert_hosts):  # noqa: F811
+    from common.host_address import HostAddress as Address
+    from coordinator.runtime.engine import Engine
+    from coordinator.sources.cluster_config import ClusterConfig
+    from coordinator.sources.expert_pool import ExpertPool
+
+    def tokens(**options):
+        with Engine.open(store16, cache_experts=2, **options) as engine:
+            generation = engine.generate("Hello world", max_new_tokens=8, stop_at_eos=False)
+            list(generation)
+            return generation.token_ids, generation.stats
+
+    host = expert_hosts.start(store16)
+    proxy = shaped(host.address, rate="1gbit", rtt_ms=0.3)
+    try:
+        source = ExpertPool.source_factory(ClusterConfig(hosts=(Address.parse(proxy.address),)))
+        through_link, stats = tokens(source=source)
+    finally:
+        proxy.close()
+    assert through_link == tokens(source="ram")[0]
+    assert stats.bytes_by_source[proxy.address] == stats.bytes_fetched > 0
+
+
+def test_the_command_refuses_a_lan_address_a_bad_rate_and_a_negative_rtt():
+    for args, named in ((["--listen", "0.0.0.0:0"], "loopback only"), (["--rate", "fast"], "--rate fast"),
+                        (["--rtt-ms", "-1"], "--rtt-ms -1")):
+        result = expert_host_cli("link-proxy", "--to", "127.0.0.1:50051", *args)
+        assert result.returncode == 2, result.stderr
+        assert named in result.stderr.strip().splitlines()[-1]
