@@ -34,6 +34,12 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                         help="derive the slots per layer from a GPU memory budget in GB instead of --cache-experts")
     parser.add_argument("--prefetch-depth", type=int, default=_default("prefetch_depth"), metavar="D",
                         help=f"layers ahead to prefetch (default {_default('prefetch_depth')})")
+    from coordinator.runtime.engine_options import PLACEMENTS
+
+    parser.add_argument("--placement", choices=PLACEMENTS, default=_default("placement"),
+                        help="per expert that is not on the GPU: copy it into the cache, run it where it lives (this "
+                        "machine's CPU), or auto: whichever finishes first by measured costs (default "
+                        f"{_default('placement')})")
     parser.add_argument("--no-cuda-graphs", "--eager", dest="cuda_graphs", action="store_false",
                         help="decode without capturing CUDA graphs (the same steps, run directly; to compare)")
 
@@ -59,6 +65,7 @@ def engine_options_from_args(args: argparse.Namespace, *, source: str = "ram", p
         prefetch_depth=args.prefetch_depth,
         source=source,
         cuda_graphs=args.cuda_graphs,
+        placement=args.placement,
         progress=progress,
     )
 

@@ -7,8 +7,9 @@ CLI's `--json`, the server's `/metrics` and `bench` all read snapshots (a later 
 earlier one for what happened in between). `COUNTERS` names each per-layer counter once: its
 field, its Prometheus metric and its meaning. Imports no torch.
 
-Every expert use is a hit (resident or already loading) or a miss; prefetch_hits are the hits
-on experts a prefetch brought in and nothing had used yet."""
+Every expert use is a hit (resident or already loading), a miss (copied in), or, with placement
+run/auto, a run elsewhere; prefetch_hits are the hits on experts a prefetch brought in and
+nothing had used yet."""
 
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ COUNTERS = (
     CounterInfo("prefetch_issued", "moe_edge_expert_prefetch_issued", "Expert loads started by the prefetcher."),
     CounterInfo("prefetch_wasted", "moe_edge_expert_prefetch_wasted", "Prefetched experts evicted before any use."),
     CounterInfo("bytes_fetched", "moe_edge_expert_bytes_loaded", "Bytes copied into the device expert cache."),
+    CounterInfo("runs_elsewhere", "moe_edge_expert_runs_elsewhere",
+                "Expert uses run where the expert lives (the coordinator's CPU) instead of on the device."),
 )
 COUNTER_FIELDS = tuple(c.field for c in COUNTERS)
 
@@ -47,6 +50,7 @@ class ExpertCounters:
         self.prefetch_issued = [0] * num_layers
         self.prefetch_wasted = [0] * num_layers
         self.bytes_fetched = [0] * num_layers
+        self.runs_elsewhere = [0] * num_layers  # uses that neither hit nor missed: placement ran them elsewhere
         self.wait_s = 0.0  # time the token loop waited on expert loads
 
 
@@ -89,7 +93,8 @@ class EngineSnapshot:
 
     @property
     def uses(self) -> int:
-        return self.total("hits") + self.total("misses")
+        """Every expert use: on the device (a hit or a miss) or run elsewhere."""
+        return self.total("hits") + self.total("misses") + self.total("runs_elsewhere")
 
     @property
     def experts_copied(self) -> int:

@@ -150,10 +150,11 @@ class Decoder:
             if layer not in self.moe_layers:
                 continue
             plan = self.moe.read_plan(layer, self.plans[layer], 1)
-            order = self.moe.dispatcher.dispatch(plan)
+            work = self.moe.dispatcher.dispatch(plan)
+            pending = self.moe.start_elsewhere(work, plan, self.moe_in, self.weights)  # overlaps the GPU's experts
             if clock:
                 clock.mark("routing")
-            for expert in order:
+            for expert in work.on_device:
                 slot = self.cache.acquire(layer, expert)
                 if clock:
                     clock.mark("waiting on copies")
@@ -161,6 +162,10 @@ class Decoder:
                 self.cache.done(layer, expert)
                 if clock:
                     clock.mark("expert compute")
+            if pending is not None:
+                self.out.add_(pending.result().to(self.out.device, self.out.dtype))
+                if clock:
+                    clock.mark("experts elsewhere")
         self.head_graph.replay()
         if clock:
             clock.mark("other")

@@ -36,6 +36,7 @@ from .fetch_loop import FetchLoop
 from .generation import AsyncGeneration, Generation
 from .kernels import quantized_linear_for
 from .model import KVCache, Transformer
+from .placement import LocalCpuRunner, PlacementDispatcher, measure_copy_seconds
 from .moe import MoEBlock
 from .prefetcher import RouterLookahead
 from .sampler import Sampler, SamplingParams
@@ -69,6 +70,7 @@ class Engine:
         self._closers.append(self.fetch_loop.close)
         self.counters = ExpertCounters(self.config.num_layers)  # lifetime counts, across cache rebuilds
         self.cache: ExpertCache | None = None
+        self._runner = None  # placement run/auto: runs experts where they live
         self._kv: KVCache | None = None
         self._decoder: Decoder | None = None
         self._lock = threading.Lock()
@@ -95,7 +97,7 @@ class Engine:
     def open(cls, store: str | Path, *, source: str | SourceFactory = "ram", **options) -> "Engine":
         """Open a packed store. Options are EngineOptions' fields (device, dtype, cache_experts,
         gpu_budget_gb, prefetch, prefetch_depth, prefetch_width, fused_kernels, cuda_graphs,
-        progress); `source` is "ram", "disk" or a factory for remote sources."""
+        placement, progress); `source` is "ram", "disk" or a factory for remote sources."""
         engine_options = EngineOptions(source=source if isinstance(source, str) else "custom", **options)  # checks first
         return cls.from_options(store, engine_options, None if isinstance(source, str) else source)
 
@@ -129,7 +131,24 @@ class Engine:
             predictor = RouterLookahead(c, self.dense.layers, depth=self.options.prefetch_depth,
                                         experts_per_layer=self.options.prefetch_width)
         self.moe = MoEBlock(c, self.dense.layers, self.cache, predictor, self.quantized_linear)
+        if self.options.placement != "copy" and not forget_after_use:
+            self._place_misses()
         self.model = Transformer(c, self.dense, self.moe, self.device, self.dtype)
+
+    def _place_misses(self) -> None:
+        """Placement run/auto: a runner for the experts that run where they live, and the
+        dispatcher that chooses per miss (placement.py)."""
+        if self._runner is None:
+            if not isinstance(self.source, (RamSource, DiskSource)):
+                raise ConfigError(f"--placement {self.options.placement}: running experts where they live is built "
+                                  "for experts in this machine's RAM or disk so far; use --placement copy with expert hosts")
+            self._runner = LocalCpuRunner(self.source, self.store.layout, self.dtype)
+            self._closers.insert(0, self._runner.close)
+            self._copy_seconds = measure_copy_seconds(self.device, self.store.blob_nbytes)
+        self.moe.elsewhere = self._runner
+        self.moe.dispatcher = PlacementDispatcher(self.cache, self.moe.dispatcher, self._runner,
+                                                  placement=self.options.placement,
+                                                  copy_seconds_per_expert=self._copy_seconds, counters=self.counters)
 
     def use_cache_mode(self, mode: str) -> None:
         """Rebuild the cache as one of bench's modes (the engine's own options give K and depth):

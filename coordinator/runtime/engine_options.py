@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 DEVICE_NAMES = ("cpu", "cuda")
 LOCAL_SOURCES = ("ram", "disk")
+PLACEMENTS = ("copy", "run", "auto")  # runtime/placement.py says what each does
 GPU_RESERVE_BYTES = 1 << 30  # left free by --gpu-budget-gb for activations, the KV cache and allocator slack
 
 
@@ -33,6 +34,7 @@ class EngineOptions:
     source: str = "ram"  # ram | disk, or "custom" when Engine.open is given a source factory
     fused_kernels: bool = True  # Triton dequantize+matmul on CUDA (ignored elsewhere)
     cuda_graphs: bool = True  # capture the decode step as CUDA graphs (ignored off CUDA)
+    placement: str = "copy"  # per miss: copy into the cache, run where it lives, or auto (placement.py)
     progress: bool = False
 
     def __post_init__(self) -> None:
@@ -52,6 +54,8 @@ class EngineOptions:
             raise ConfigError(f"--prefetch-depth {self.prefetch_depth}: must be at least 1 (use --no-prefetch to turn it off)")
         if self.prefetch_width is not None and self.prefetch_width < 1:
             raise ConfigError(f"prefetch_width {self.prefetch_width}: must be at least 1")
+        if self.placement not in PLACEMENTS:
+            raise ConfigError(f"--placement {self.placement}: choose {', '.join(PLACEMENTS)}")
         if self.source not in (*LOCAL_SOURCES, "custom"):
             raise ConfigError(f"--source {self.source}: choose {' or '.join(LOCAL_SOURCES)}")
 

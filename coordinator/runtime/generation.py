@@ -27,6 +27,7 @@ class GenerationStats:
     prefetch_issued: int = 0
     prefetch_wasted: int = 0
     bytes_fetched: int = 0
+    experts_run_elsewhere: int = 0  # uses that placement ran where the expert lives
     wait_s: float = 0.0  # time the token loop waited on expert loads
     bytes_by_source: dict[str, int] = field(default_factory=dict)
     fetches_by_source: dict[str, int] = field(default_factory=dict)  # experts delivered (one blob each)
@@ -39,6 +40,7 @@ class GenerationStats:
         self.prefetch_issued = delta.total("prefetch_issued")
         self.prefetch_wasted = delta.total("prefetch_wasted")
         self.bytes_fetched = delta.total("bytes_fetched")
+        self.experts_run_elsewhere = delta.total("runs_elsewhere")
         self.wait_s = delta.wait_s
         self.bytes_by_source = delta.bytes_by_source
         self.fetches_by_source = delta.fetches_by_source

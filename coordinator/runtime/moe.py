@@ -23,7 +23,7 @@ from common.store.blob_layout import ExpertWeights
 from . import router, routing_plan
 from .rms_norm import rms_norm
 from .weights import LayerWeights, shared_expert
-from .routing_plan import LayerDispatcher, RoutingPlan
+from .routing_plan import LayerDispatcher, LayerWork, RoutingPlan
 
 
 class ExpertProvider(Protocol):
@@ -59,11 +59,11 @@ class CacheDispatcher:
         self.provider = provider
         self.predictor = predictor
 
-    def dispatch(self, plan: RoutingPlan) -> list[int]:
+    def dispatch(self, plan: RoutingPlan) -> LayerWork:
         order = self.provider.begin_layer(plan.layer, plan.needed)
         for later_layer, experts in plan.guesses.items():
             self.provider.prefetch(later_layer, experts)
-        return order
+        return LayerWork(order)
 
 
 class MoEBlock:
@@ -74,6 +74,7 @@ class MoEBlock:
         self.provider = provider
         self.predictor = predictor
         self.dispatcher: LayerDispatcher = CacheDispatcher(provider, predictor)
+        self.elsewhere = None  # an executor for experts run where they live (placement.py), when placement asks for one
         self.quantized_linear = quantized_linear  # fused CUDA kernels, or plain dequantize+matmul
 
     def route(self, layer: int, hidden: torch.Tensor):
@@ -98,18 +99,34 @@ class MoEBlock:
         through decoder.py, which runs the same route and dispatch on static buffers.)"""
         x, weights, plan_tensor = self.route(layer, hidden)
         plan = self.read_plan(layer, plan_tensor, x.shape[0])
-        order = self.dispatcher.dispatch(plan)
+        work = self.dispatcher.dispatch(plan)
+        pending = self.start_elsewhere(work, plan, x, weights)
         shared = shared_expert(x, self.layers[layer])  # on the device, beside the routed experts
         out = torch.zeros_like(x) if shared is None else shared
         tokens_of = _tokens_per_expert(plan.chosen, self.config.top_k)
-        for expert in order:
+        for expert in work.on_device:
             token_index, slot_index = tokens_of[expert]
             rows = torch.tensor(token_index, device=x.device)
             ys = expert_forward(x[rows], self.provider.get(layer, expert), self.quantized_linear)  # [t, H]
             ys = ys * weights[rows, torch.tensor(slot_index, device=x.device), None]
             out.index_add_(0, rows, ys.to(out.dtype))
             self.provider.done(layer, expert)
+        if pending is not None:
+            out += pending.result().to(out.device, out.dtype)
         return out
+
+    def start_elsewhere(self, work: LayerWork, plan: RoutingPlan, x: torch.Tensor, weights: torch.Tensor):
+        """Start the experts that run where they live on the layer's MoE input x [T, H]; a future
+        of their weighted sum [T, H] float32 on the host, or None when every expert runs here."""
+        if not work.elsewhere:
+            return None
+        k = self.config.top_k
+        columns = torch.zeros(plan.tokens, len(work.elsewhere), dtype=torch.float32)  # [T, n]
+        weights_host = weights.float().cpu()  # [T, k]
+        for flat, expert in enumerate(plan.chosen):
+            if expert in work.elsewhere:
+                columns[flat // k, work.elsewhere.index(expert)] = weights_host[flat // k, flat % k]
+        return self.elsewhere.start(plan.layer, work.elsewhere, x.detach().cpu(), columns)
 
 
 def _tokens_per_expert(chosen: list[int], top_k: int) -> dict[int, tuple[list[int], list[int]]]:

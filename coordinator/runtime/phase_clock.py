@@ -12,7 +12,7 @@ from collections import defaultdict
 
 import torch
 
-PHASES = ("attention", "routing", "waiting on copies", "expert compute", "other")
+PHASES = ("attention", "routing", "waiting on copies", "expert compute", "experts elsewhere", "other")
 
 
 class PhaseClock:

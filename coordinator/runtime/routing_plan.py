@@ -12,7 +12,7 @@ Dimension legend: T = tokens, k = experts per token, N = experts guessed per lay
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -46,7 +46,17 @@ class RoutingPlan:
         return sorted(set(self.chosen))
 
 
+@dataclass(frozen=True)
+class LayerWork:
+    """Where a layer's experts run: `on_device` from cache slots, in this order; `elsewhere` where
+    they live (the coordinator's CPU, or an expert host), their weighted outputs added after."""
+
+    on_device: list[int]
+    elsewhere: list[int] = field(default_factory=list)
+
+
 class LayerDispatcher(Protocol):
-    def dispatch(self, plan: RoutingPlan) -> list[int]:
-        """Start what the layer needs now and what the guesses say later layers will need;
-        return `plan.needed` in the order to compute it."""
+    def dispatch(self, plan: RoutingPlan) -> LayerWork:
+        """Start what the layer needs now (loads into the cache for the experts that run on the
+        device) and what the guesses say later layers will need; say where each of
+        `plan.needed` runs."""

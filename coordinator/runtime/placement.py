@@ -1,0 +1,134 @@
+"""Placement per miss: for each expert a decode step needs that is not on the device, copy it
+into the cache, or run it where it lives. Here, "where it lives" is this machine's RAM or disk,
+and running it is the CPU expert executor (common/cpu_executor.py); expert hosts running their
+own experts plug in through the same `ExpertRunner` interface.
+
+    copy  every miss is copied into the cache (the behaviour without placement)
+    run   every miss runs where it lives; the cache holds what is already resident or loading
+    auto  each miss goes to whichever finishes first by the costs measured while running: the
+          copy, at the link speed measured at start, behind the copies this layer already
+          queued; or the run, at the executor's measured time per expert, behind the runs
+          already given to it (the GPU meanwhile computes the hits)
+
+Prompts (several tokens per expert) always copy: a copy serves every token, a run costs per
+token. Prefetch keeps working for copies. Knows nothing of the model's math: it only splits a
+layer's needed experts between the cache and a runner.
+
+Dimension legend: T = tokens, H = hidden size, n = experts run elsewhere."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from typing import Protocol
+
+import torch
+
+from common.cpu_executor import CpuExpert, run_experts
+from common.errors import ConfigError
+from common.expert_id import ExpertId
+from common.store.blob_layout import BlobLayout
+
+from .counters import ExpertCounters
+from .engine_options import PLACEMENTS
+from .moe import CacheDispatcher
+from .routing_plan import LayerWork, RoutingPlan
+
+
+
+class ExpertRunner(Protocol):
+    def start(self, layer: int, experts: list[int], hidden: torch.Tensor, weights: torch.Tensor) -> concurrent.futures.Future:
+        """Run `experts` of `layer` on hidden [T, H] (host memory) and sum their outputs with
+        weights [T, n] float32: a future of [T, H] float32 in host memory."""
+
+    def seconds_per_expert(self) -> float:
+        """Measured time to run one expert (an estimate before the first run)."""
+
+
+class LocalCpuRunner:
+    """Runs experts on this machine's CPU from a local source's blobs (the RAM source's pinned
+    arena, or the store's files). Each expert is repacked for the CPU on its first run and kept:
+    about 0.56 bytes per weight for quantized experts, on top of the source's own copy."""
+
+    def __init__(self, source, layout: BlobLayout, dtype: torch.dtype) -> None:
+        self.source, self.layout, self.dtype = source, layout, dtype
+        self._experts: dict[ExpertId, CpuExpert] = {}
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="moe-edge-cpu-experts")
+        self._seconds: float | None = None  # running mean time of one expert
+
+    def start(self, layer: int, experts: list[int], hidden: torch.Tensor, weights: torch.Tensor) -> concurrent.futures.Future:
+        return self._pool.submit(self._run, layer, experts, hidden, weights)
+
+    def _run(self, layer: int, experts: list[int], hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        ready = [self._expert(ExpertId(layer, e)) for e in experts]
+        started = time.perf_counter()
+        out = run_experts(hidden, ready, weights)  # [T, H] float32
+        each = (time.perf_counter() - started) / len(experts)
+        self._seconds = each if self._seconds is None else 0.8 * self._seconds + 0.2 * each
+        return out
+
+    def _expert(self, eid: ExpertId) -> CpuExpert:
+        expert = self._experts.get(eid)
+        if expert is None:
+            blob = torch.empty(self.layout.nbytes, dtype=torch.uint8)
+            self.source.store.read_blob_into(eid, blob)  # verified as the source's own reads are
+            expert = self._experts[eid] = CpuExpert(self.layout.views(blob), dtype=self.dtype)
+        return expert
+
+    def seconds_per_expert(self) -> float:
+        # before the first run: about a memory read of the blob at a few GB/s, so copies are tried first
+        return self._seconds if self._seconds is not None else self.layout.nbytes / 5e9
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class PlacementDispatcher:
+    """A LayerDispatcher (routing_plan.py) that decides, per miss, copy or run."""
+
+    def __init__(self, cache, inner: CacheDispatcher, runner: ExpertRunner, *, placement: str,
+                 copy_seconds_per_expert: float, counters: ExpertCounters) -> None:
+        if placement not in PLACEMENTS:
+            raise ConfigError(f"--placement {placement}: choose {', '.join(PLACEMENTS)}")
+        self.cache, self.inner, self.runner = cache, inner, runner
+        self.placement = placement
+        self.copy_seconds = copy_seconds_per_expert
+        self.counters = counters
+
+    def dispatch(self, plan: RoutingPlan) -> LayerWork:
+        if plan.tokens > 1 or self.placement == "copy":
+            return self.inner.dispatch(plan)
+        held = set(self.cache.resident(plan.layer))  # resident or loading: computed on the device
+        misses = [e for e in plan.needed if e not in held]
+        elsewhere = misses if self.placement == "run" else self._cheaper_to_run(misses)
+        on_device_plan = RoutingPlan(plan.layer, plan.tokens, [e for e in plan.chosen if e not in elsewhere], plan.guesses)
+        work = self.inner.dispatch(on_device_plan)
+        self.counters.runs_elsewhere[plan.layer] += len(elsewhere)
+        return LayerWork(work.on_device, elsewhere)
+
+    def _cheaper_to_run(self, misses: list[int]) -> list[int]:
+        """Greedy: each miss to whichever queue (copies, runs) would finish it first."""
+        copy_busy, run_busy, run_each = 0.0, 0.0, self.runner.seconds_per_expert()
+        elsewhere = []
+        for expert in misses:
+            if run_busy + run_each < copy_busy + self.copy_seconds:
+                run_busy += run_each
+                elsewhere.append(expert)
+            else:
+                copy_busy += self.copy_seconds
+        return elsewhere
+
+
+def measure_copy_seconds(device: torch.device, nbytes: int) -> float:
+    """Time to copy one blob of `nbytes` into the device from pinned (or plain) host memory."""
+    pinned = device.type == "cuda"
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+    target = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        target.copy_(host, non_blocking=pinned)
+        if pinned:
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - started)
+    return best

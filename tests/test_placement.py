@@ -1,0 +1,55 @@
+"""Placement per miss (coordinator/runtime/placement.py): with `run` every expert that is not in
+the cache runs on this machine's CPU from where it lives, with `auto` each miss goes to the copy
+or the run by measured costs; greedy tokens are transformers' either way (through the decode
+path, float32 unquantized), every use is counted once (hits + misses + runs elsewhere), and a
+run copies nothing into the cache."""
+
+import pytest
+
+from common.errors import ConfigError
+from coordinator.runtime.engine import Engine
+from conftest import coordinator_cli
+
+PROMPT = "A small cache on the graphics card keeps the experts"
+
+
+def generate(store, **options):
+    with Engine.open(store, **options) as engine:
+        generation = engine.generate(PROMPT, max_new_tokens=12, stop_at_eos=False)
+        list(generation)
+        return generation.token_ids, generation.stats, engine.config
+
+
+@pytest.fixture(scope="module")
+def reference_tokens(store16):
+    return generate(store16, cache_experts=8, prefetch=False)[0]
+
+
+@pytest.mark.parametrize("placement", ["copy", "run", "auto"])
+@pytest.mark.parametrize("source", ["ram", "disk"])
+def test_greedy_tokens_do_not_depend_on_placement(store16, reference_tokens, placement, source):
+    tokens, stats, config = generate(store16, cache_experts=2, placement=placement, source=source)
+    assert tokens == reference_tokens
+    decode_uses = (len(tokens) - 1) * config.num_layers * config.top_k
+    prompt_uses = stats.cache_hits + stats.cache_misses + stats.experts_run_elsewhere - decode_uses
+    assert 0 < prompt_uses <= stats.prompt_tokens * config.num_layers * config.top_k  # each used expert once per layer
+    if placement == "copy":
+        assert stats.experts_run_elsewhere == 0
+
+
+def test_run_places_every_decode_miss_on_the_cpu_and_copies_only_for_the_prompt(store16):
+    _, copied, _ = generate(store16, cache_experts=2, placement="copy", prefetch=False)
+    _, ran, _ = generate(store16, cache_experts=2, placement="run", prefetch=False)
+    assert ran.experts_run_elsewhere > 0
+    assert ran.bytes_fetched < copied.bytes_fetched  # decode misses ran on the CPU instead of being copied
+
+
+def test_quantized_experts_run_on_the_cpu_give_the_same_greedy_tokens(store4):
+    assert generate(store4, cache_experts=2, placement="run")[0] == generate(store4, cache_experts=2)[0]
+
+
+def test_an_unknown_placement_is_refused_in_one_line(store16):
+    with pytest.raises(ConfigError, match="--placement"):
+        Engine.open(store16, placement="somewhere")
+    result = coordinator_cli("generate", "--store", store16, "--prompt", "Hi", "--placement", "somewhere")
+    assert result.returncode == 2 and "--placement" in result.stderr
