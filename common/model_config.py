@@ -12,8 +12,9 @@ from .errors import ConfigError
 
 QK_NORMS = ("none", "head", "projection")  # none; RMSNorm per head (Qwen3); over the whole projection (OLMoE)
 ROUTERS = ("softmax", "sigmoid_grouped")  # Mixtral/Qwen/OLMoE; GLM-4.5/DeepSeek-V3
+ATTENTIONS = ("grouped", "latent")  # grouped-query (Mixtral and the rest); multi-head latent (DeepSeek-V3)
 # the families moe-edge runs: coordinator/families/ has one module each; a store of another is refused
-FAMILY_NAMES = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "glm4_moe")
+FAMILY_NAMES = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "glm4_moe", "deepseek_v3")
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,15 @@ class ModelConfig:
     dense_intermediate_size: int | None = None  # those layers' FFN width
     shared_expert_intermediate_size: int = 0  # a shared expert on the device beside the routed ones (0: none)
     shared_expert_gate: bool = False  # its output scaled by sigmoid(x . gate) (Qwen2-MoE)
+    # multi-head latent attention (DeepSeek-V3; coordinator/runtime/latent_attention.py): head_dim is
+    # then qk_nope_head_dim + qk_rope_head_dim and num_kv_heads num_heads; the sizes are 0 otherwise
+    attention: str = "grouped"  # ATTENTIONS
+    q_lora_rank: int | None = None  # q through a q_lora_rank bottleneck (q_a, norm, q_b); None: one q_proj
+    kv_lora_rank: int = 0  # the compressed latent of k and v, what the KV cache holds per position
+    qk_nope_head_dim: int = 0  # the part of each q/k head without rotary
+    qk_rope_head_dim: int = 0  # the rotary part; k's is one head shared by all query heads
+    v_head_dim: int = 0
+    rope_interleave: bool = False  # rotary turns the pairs (x0, x1), (x2, x3).. not the two halves
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dense_layers", tuple(self.dense_layers))  # lists from JSON
@@ -91,7 +101,9 @@ class ModelConfig:
 
 FAMILY_FIELDS = ("family", "attention_bias", "qk_norm", "rotary_dim", "router", "norm_topk_prob", "router_bias",
                  "n_group", "topk_group", "routed_scaling_factor", "dense_layers", "dense_intermediate_size",
-                 "shared_expert_intermediate_size", "shared_expert_gate")
+                 "shared_expert_intermediate_size", "shared_expert_gate",
+                 "attention", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                 "rope_interleave")
 
 
 def _json(value: Any) -> Any:

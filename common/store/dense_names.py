@@ -61,3 +61,10 @@ def shared_expert_gate(layer: int) -> str:
 def dense_ffn(layer: int, matrix: str) -> str:
     """The FFN of a dense layer; matrix: w13 ([gate; up]) or w2 (down)."""
     return f"layers.{layer}.mlp.{matrix}"
+
+
+def latent_attention(layer: int, part: str) -> str:
+    """Multi-head latent attention's own tensors (DeepSeek-V3); its o_proj is attention(layer,
+    "o_proj"). part: q_a_proj, q_a_norm, q_b_proj (or q_proj without a q bottleneck), kv_a_proj
+    ([latent; k_pe] from the hidden state), kv_a_norm, kv_b_proj (latent -> k_nope and v per head)."""
+    return f"layers.{layer}.latent_attn.{part}"

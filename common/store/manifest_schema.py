@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import ConfigError, StoreError
-from ..model_config import FAMILY_NAMES, QK_NORMS, ROUTERS, ModelConfig
+from ..model_config import ATTENTIONS, FAMILY_NAMES, QK_NORMS, ROUTERS, ModelConfig
 from ..quantization import SUPPORTED_BITS, QuantSpec
 from .blob_layout import ALIGN, DTYPES, BlobLayout, TensorSlot
 from .checksum import ALGORITHM
@@ -76,6 +76,13 @@ class ModelFields(_Strict):
     dense_intermediate_size: Positive | None = None
     shared_expert_intermediate_size: NonNegative = 0
     shared_expert_gate: bool = False
+    attention: Literal[ATTENTIONS] = "grouped"  # type: ignore[valid-type]
+    q_lora_rank: Positive | None = None
+    kv_lora_rank: NonNegative = 0
+    qk_nope_head_dim: NonNegative = 0
+    qk_rope_head_dim: NonNegative = 0
+    v_head_dim: NonNegative = 0
+    rope_interleave: bool = False
 
 
 class QuantFields(_Strict):
@@ -181,6 +188,13 @@ def _check_model(model: ModelFields, source: Path) -> None:
     if model.num_experts % model.n_group or model.topk_group > model.n_group:
         raise StoreError(f"{source}: model.n_group {model.n_group} must divide model.num_experts {model.num_experts} "
                          f"and be at least model.topk_group {model.topk_group}")
+    if model.attention == "latent":
+        if not (model.kv_lora_rank and model.qk_rope_head_dim and model.v_head_dim) or model.qk_rope_head_dim % 2:
+            raise StoreError(f"{source}: model.attention 'latent' needs model.kv_lora_rank, model.v_head_dim and an even "
+                             f"model.qk_rope_head_dim above 0")
+        if model.head_dim != model.qk_nope_head_dim + model.qk_rope_head_dim:
+            raise StoreError(f"{source}: model.head_dim {model.head_dim} should be model.qk_nope_head_dim "
+                             f"{model.qk_nope_head_dim} + model.qk_rope_head_dim {model.qk_rope_head_dim}")
     outside = [layer for layer in model.dense_layers if layer >= model.num_layers]
     if outside:
         raise StoreError(f"{source}: model.dense_layers names layer {outside[0]}, the model has 0-{model.num_layers - 1}")

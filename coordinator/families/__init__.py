@@ -18,10 +18,10 @@ from typing import Any
 from common.errors import ConfigError
 from common.model_config import FAMILY_NAMES
 
-from . import glm4_moe, mixtral, olmoe, qwen2_moe, qwen3_moe
+from . import deepseek_v3, glm4_moe, mixtral, olmoe, qwen2_moe, qwen3_moe
 
 FAMILIES: dict[str, ModuleType] = {
-    family.MODEL_TYPE: family for family in (mixtral, qwen3_moe, qwen2_moe, olmoe, glm4_moe)
+    family.MODEL_TYPE: family for family in (mixtral, qwen3_moe, qwen2_moe, olmoe, glm4_moe, deepseek_v3)
 }
 assert tuple(FAMILIES) == FAMILY_NAMES, "common/model_config.FAMILY_NAMES lists the families a store may name"
 

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 from common.model_config import ModelConfig
 
+from . import latent_attention
+from .latent_attention import LatentAttention
 from .moe import MoEBlock
 from .rms_norm import rms_norm
 from .weights import DenseWeights, gated_ffn
@@ -58,12 +60,17 @@ class RotaryEmbedding:
 
 
 class KVCache:
-    """Keys and values of one sequence, preallocated for `capacity` positions."""
+    """Keys and values of one sequence, preallocated for `capacity` positions. With latent
+    attention, the compressed cache instead: latents in `keys`, k_pe in `values`, one head each
+    (latent_attention.cache_shapes)."""
 
     def __init__(self, config: ModelConfig, capacity: int, device: torch.device, dtype: torch.dtype) -> None:
-        shape = (config.num_layers, config.num_kv_heads, capacity, config.head_dim)  # [L, K, S, D]
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        if config.attention == "latent":
+            key_shape, value_shape = latent_attention.cache_shapes(config, capacity)  # [L, 1, S, C], [L, 1, S, R]
+        else:
+            key_shape = value_shape = (config.num_layers, config.num_kv_heads, capacity, config.head_dim)  # [L, K, S, D]
+        self.keys = torch.zeros(key_shape, device=device, dtype=dtype)
+        self.values = torch.zeros(value_shape, device=device, dtype=dtype)
         self.capacity = capacity
 
     def update(self, layer: int, start: int | torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
@@ -87,13 +94,18 @@ class Transformer:
         self.moe = moe
         self.device = device
         self.dtype = dtype
-        self.rotary = RotaryEmbedding(config, device, dtype)
+        latent = config.attention == "latent"
+        self.rotary = None if latent else RotaryEmbedding(config, device, dtype)
+        self.latent = LatentAttention(config, device, dtype) if latent else None
         self.scale = config.head_dim**-0.5
 
     def attention(self, x: torch.Tensor, layer: int, start: int | torch.Tensor, kv: KVCache) -> torch.Tensor:
         """x [T, H] (normed) -> [T, H]. `start` may be a device tensor [1] (one token, CUDA graphs)."""
         c, w = self.config, self.weights.layers[layer]
         length = x.shape[0]
+        if self.latent is not None:  # DeepSeek-V3's multi-head latent attention: latent_attention.py
+            total = kv.capacity if isinstance(start, torch.Tensor) else start + length
+            return self.latent.forward(x, w.latent, w.o_proj, layer, start, kv, self._mask(start, length, total))
         q, k, v = F.linear(x, w.q_proj, w.q_bias), F.linear(x, w.k_proj, w.k_bias), F.linear(x, w.v_proj, w.v_bias)
         if c.qk_norm == "projection":  # OLMoE: one RMSNorm over all heads of the projection
             q, k = rms_norm(q, w.q_norm, c.rms_norm_eps), rms_norm(k, w.k_norm, c.rms_norm_eps)

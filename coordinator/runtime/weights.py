@@ -18,15 +18,17 @@ from common.model_config import ModelConfig
 from common.quantization import QuantizedMatrix, QuantSpec
 from common.store import dense_names
 
+from .latent_attention import LatentWeights
+
 
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor  # [H]
     post_attention_norm: torch.Tensor  # [H]
-    q_proj: torch.Tensor  # [Q*D, H]
-    k_proj: torch.Tensor  # [K*D, H]
-    v_proj: torch.Tensor  # [K*D, H]
-    o_proj: torch.Tensor  # [H, Q*D]
+    q_proj: torch.Tensor | None  # [Q*D, H]; None with latent attention (then `latent`)
+    k_proj: torch.Tensor | None  # [K*D, H]
+    v_proj: torch.Tensor | None  # [K*D, H]
+    o_proj: torch.Tensor  # [H, Q*D] (latent attention: [H, Q*v_head_dim])
     router: torch.Tensor | None  # [E, H]; None in a dense layer
     # what some families add (None where the model has none)
     q_bias: torch.Tensor | None = None  # [Q*D]
@@ -40,9 +42,11 @@ class LayerWeights:
     shared_gate: torch.Tensor | None = None  # [1, H]
     dense_w13: torch.Tensor | None = None  # [2F', H]: a dense layer's FFN
     dense_w2: torch.Tensor | None = None  # [H, F']
+    latent: LatentWeights | None = None  # multi-head latent attention's own weights (DeepSeek-V3)
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in vars(self).values() if isinstance(t, torch.Tensor)]
+        own = [t for t in vars(self).values() if isinstance(t, torch.Tensor)]
+        return own + (self.latent.tensors() if self.latent is not None else [])
 
 
 @dataclass
@@ -76,13 +80,14 @@ class DenseWeights:
         embed = plain(dense_names.EMBED)
         lm_head = embed if config.tie_word_embeddings else plain(dense_names.LM_HEAD)
         dense = set(config.dense_layers)
+        grouped = config.attention == "grouped"
         layers = [
             LayerWeights(
                 input_norm=plain(dense_names.input_norm(l)),
                 post_attention_norm=plain(dense_names.post_attention_norm(l)),
-                q_proj=projection(dense_names.attention(l, "q_proj")),
-                k_proj=projection(dense_names.attention(l, "k_proj")),
-                v_proj=projection(dense_names.attention(l, "v_proj")),
+                q_proj=projection(dense_names.attention(l, "q_proj")) if grouped else None,
+                k_proj=projection(dense_names.attention(l, "k_proj")) if grouped else None,
+                v_proj=projection(dense_names.attention(l, "v_proj")) if grouped else None,
                 o_proj=projection(dense_names.attention(l, "o_proj")),
                 router=None if l in dense else plain(dense_names.router(l)),
                 q_bias=optional(dense_names.attention_bias(l, "q_proj")),
@@ -96,6 +101,7 @@ class DenseWeights:
                 shared_gate=optional(dense_names.shared_expert_gate(l)),
                 dense_w13=optional(dense_names.dense_ffn(l, "w13")),
                 dense_w2=optional(dense_names.dense_ffn(l, "w2")),
+                latent=None if grouped else LatentWeights.load(l, config, plain, projection),
             )
             for l in range(config.num_layers)
         ]

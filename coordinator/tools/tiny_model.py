@@ -82,6 +82,15 @@ def _family_config(family: str, *, vocab_size: int, num_layers: int, hidden_size
                                           n_routed_experts=num_experts, num_experts_per_tok=top_k, n_shared_experts=1,
                                           first_k_dense_replace=1, n_group=2, topk_group=1, norm_topk_prob=True,
                                           routed_scaling_factor=1.5, num_nextn_predict_layers=0, **common)
+    if family == "deepseek_v3":
+        # small latent attention (transformers' MLA needs as many KV heads as heads); half the groups
+        # chosen, as DeepSeek-V3's 4 of 8 (1 of 2 groups left a 4-bit store's logits off by a group flip)
+        return transformers.DeepseekV3Config(
+            moe_intermediate_size=intermediate_size, intermediate_size=2 * intermediate_size, n_routed_experts=num_experts,
+            num_experts_per_tok=top_k, n_shared_experts=1, first_k_dense_replace=1, n_group=4, topk_group=2,
+            norm_topk_prob=True, routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
+            qk_nope_head_dim=16, v_head_dim=16, rope_interleave=True, num_nextn_predict_layers=0,
+            **{**common, "num_key_value_heads": num_heads})
     raise ConfigError(f"--family {family}: choose one of {', '.join(FAMILY_NAMES)}")
 
 

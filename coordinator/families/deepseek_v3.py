@@ -1,0 +1,128 @@
+"""DeepSeek-V3 / DeepSeek-R1 / Kimi-K2 (transformers' DeepseekV3Config): multi-head latent
+attention (q through the q_lora_rank bottleneck, k and v through the kv_lora_rank latent, rotary
+on a qk_rope_head_dim part, interleaved when `rope_interleave`; coordinator/runtime/
+latent_attention.py); the routing is GLM-4.5's: sigmoid scores with a correction bias for the
+choice only, group-limited top-k (`n_group`, `topk_group`), renormalised when `norm_topk_prob`,
+scaled by `routed_scaling_factor`; `n_shared_experts` shared experts on the device; the first
+`first_k_dense_replace` layers dense.
+
+Knowingly left out: the multi-token-prediction layers (`num_nextn_predict_layers`, stored as
+layers past `num_hidden_layers`), which plain decoding does not use. Refused by name: FP8
+block-quantized checkpoints (a `quantization_config`, tensors ending in `weight_scale_inv`),
+YaRN and every other rope type but the default (DeepSeek-V3's and R1's published configs use
+YaRN), attention biases, activations other than SiLU."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from common.errors import ConfigError
+from common.model_config import ModelConfig
+from common.store import dense_names
+
+from . import hf_layout
+
+MODEL_TYPE = "deepseek_v3"
+EXPERTS = "model.layers.{layer}.mlp.experts"
+FP8 = "FP8 block-quantized checkpoints are not read yet; dequantize to bf16 first"
+
+
+def model_config(hf: dict[str, Any], *, source: str = "config.json") -> ModelConfig:
+    from transformers import DeepseekV3Config
+
+    if "quantization_config" in hf:
+        method = (hf["quantization_config"] or {}).get("quant_method", "?")
+        raise ConfigError(f"{source}: quantization_config ({method}): {FP8}")
+    config = hf_layout.hf_config(DeepseekV3Config, hf, source=source)
+    hf_layout.require(source, "hidden_act", config.hidden_act, ("silu",))
+    rope = dict(config.rope_parameters or {})
+    hf_layout.require(source, "rope_type", rope.get("rope_type", rope.get("type", "default")), ("default",),
+                      "; DeepSeek-V3's and R1's own configs use YaRN, which moe-edge does not run yet")
+    hf_layout.require(source, "attention_bias", bool(config.attention_bias), (False,))
+    dense = tuple(range(min(config.first_k_dense_replace, config.num_hidden_layers)))
+    return ModelConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.moe_intermediate_size,
+        num_layers=config.num_hidden_layers,
+        num_heads=config.num_attention_heads,
+        num_kv_heads=config.num_attention_heads,  # latent attention: every query head has its own k and v
+        head_dim=config.qk_nope_head_dim + config.qk_rope_head_dim,
+        num_experts=config.n_routed_experts,
+        top_k=config.num_experts_per_tok,
+        rms_norm_eps=float(config.rms_norm_eps),
+        rope_theta=hf_layout.rope_theta(config, source),
+        max_position_embeddings=config.max_position_embeddings,
+        sliding_window=None,
+        tie_word_embeddings=bool(config.tie_word_embeddings),
+        bos_token_id=config.bos_token_id,
+        eos_token_id=hf_layout.first_eos(config),
+        family=MODEL_TYPE,
+        router="sigmoid_grouped",
+        norm_topk_prob=bool(config.norm_topk_prob),
+        router_bias=True,
+        n_group=config.n_group,
+        topk_group=config.topk_group,
+        routed_scaling_factor=float(config.routed_scaling_factor),
+        dense_layers=dense,
+        dense_intermediate_size=config.intermediate_size if dense else None,
+        shared_expert_intermediate_size=config.moe_intermediate_size * config.n_shared_experts,
+        attention="latent",
+        q_lora_rank=config.q_lora_rank,
+        kv_lora_rank=config.kv_lora_rank,
+        qk_nope_head_dim=config.qk_nope_head_dim,
+        qk_rope_head_dim=config.qk_rope_head_dim,
+        v_head_dim=config.v_head_dim,
+        rope_interleave=bool(config.rope_interleave),
+    )
+
+
+def latent_attention(checkpoint, layer: int) -> dict[str, torch.Tensor]:
+    """The layer's norms and its latent attention's tensors, under the store's names."""
+    config, prefix = checkpoint.config, f"model.layers.{layer}"
+    attn = f"{prefix}.self_attn"
+    for projection in ("kv_a_proj_with_mqa", "o_proj"):  # the rest is refused as unread tensors
+        if checkpoint.has(f"{attn}.{projection}.weight_scale_inv"):
+            raise ConfigError(f"{checkpoint.folder}: tensor {attn}.{projection}.weight_scale_inv: {FP8}")
+    parts = {"kv_a_proj": "kv_a_proj_with_mqa", "kv_a_norm": "kv_a_layernorm", "kv_b_proj": "kv_b_proj"}
+    if config.q_lora_rank is not None:
+        parts.update(q_a_proj="q_a_proj", q_a_norm="q_a_layernorm", q_b_proj="q_b_proj")
+    else:
+        parts["q_proj"] = "q_proj"
+    tensors = {dense_names.latent_attention(layer, part): checkpoint.tensor(f"{attn}.{name}.weight")
+               for part, name in parts.items()}
+    tensors[dense_names.attention(layer, "o_proj")] = checkpoint.tensor(f"{attn}.o_proj.weight")
+    tensors[dense_names.input_norm(layer)] = checkpoint.tensor(f"{prefix}.input_layernorm.weight")
+    tensors[dense_names.post_attention_norm(layer)] = checkpoint.tensor(f"{prefix}.post_attention_layernorm.weight")
+    return tensors
+
+
+def dense_tensors(checkpoint) -> dict[str, torch.Tensor]:
+    config = checkpoint.config
+    tensors = hf_layout.embeddings_and_head(checkpoint)
+    for layer in range(config.num_layers):
+        tensors.update(latent_attention(checkpoint, layer))
+        mlp = f"model.layers.{layer}.mlp"
+        if layer in config.dense_layers:
+            tensors[dense_names.dense_ffn(layer, "w13")], tensors[dense_names.dense_ffn(layer, "w2")] = \
+                hf_layout.gated_mlp(checkpoint, mlp)
+            continue
+        tensors[dense_names.router(layer)] = checkpoint.tensor(f"{mlp}.gate.weight")
+        tensors[dense_names.router_bias(layer)] = checkpoint.tensor(f"{mlp}.gate.e_score_correction_bias")
+        if config.shared_expert_intermediate_size:
+            tensors[dense_names.shared_expert(layer, "w13")], tensors[dense_names.shared_expert(layer, "w2")] = \
+                hf_layout.gated_mlp(checkpoint, f"{mlp}.shared_experts")
+    return tensors
+
+
+def expert_matrices(checkpoint, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return hf_layout.routed_expert(checkpoint, layer, expert, EXPERTS)
+
+
+def left_out(name: str, config: ModelConfig) -> bool:
+    """The multi-token-prediction layers: numbered from num_hidden_layers on."""
+    match = re.match(r"model\.layers\.(\d+)\.", name)
+    return match is not None and int(match.group(1)) >= config.num_layers
