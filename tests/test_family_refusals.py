@@ -45,7 +45,7 @@ def test_a_tensor_the_family_does_not_read_is_refused_by_name(tiny_model_dir, tm
 @pytest.mark.parametrize("setting,value,named", [
     ("hidden_act", "gelu", "hidden_act 'gelu'"),
     ("rope_parameters", {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}, "rope_type 'linear'"),
-    ("model_type", "gpt_oss", "model_type 'gpt_oss' is not supported"),
+    ("model_type", "dbrx", "model_type 'dbrx' is not supported"),
 ])
 def test_a_config_setting_pack_does_not_implement_is_refused_in_one_line(tiny_model_dir, tmp_path, setting, value, named):
     model = copy_model(tiny_model_dir, tmp_path / "model")
