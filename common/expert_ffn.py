@@ -1,4 +1,7 @@
-"""The expert FFN of Mixtral: (SiLU(x W1) * (x W3)) W2, on plain or HQQ-quantized weights.
+"""The expert FFN: activation(x W13 + b13) W2 + b2, on plain or HQQ-quantized weights. Mixtral's
+is (SiLU(x W1) * (x W3)) W2 with no biases; GPT-OSS adds the biases and its clamped SwiGLU. The
+biases and the activation come with the expert's weights (the blob layout), so they run here,
+outside whichever `quantized` linear does the matmuls.
 
 `linear` is the plain path: dequantize, then matmul. The coordinator passes its fused CUDA
 kernels instead where it has them (coordinator/runtime/kernels); this path is their reference and what
@@ -32,5 +35,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedMatrix, quantized: L
 
 def expert_forward(x: torch.Tensor, weights: ExpertWeights, quantized: Linear = dequantize_linear) -> torch.Tensor:
     """x [T, H] -> [T, H]."""
-    gate, up = linear(x, weights.w13, quantized).chunk(2, dim=-1)  # [T, F] each
-    return linear(F.silu(gate) * up, weights.w2, quantized)
+    gate_up = linear(x, weights.w13, quantized)  # [T, 2F]
+    if weights.b13 is not None:
+        gate_up = gate_up + weights.b13.to(x.dtype)
+    out = linear(weights.activation(gate_up), weights.w2, quantized)  # [T, H]
+    if weights.b2 is not None:
+        out = out + weights.b2.to(x.dtype)
+    return out

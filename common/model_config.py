@@ -11,10 +11,12 @@ from typing import Any
 from .errors import ConfigError
 
 QK_NORMS = ("none", "head", "projection")  # none; RMSNorm per head (Qwen3); over the whole projection (OLMoE)
-ROUTERS = ("softmax", "sigmoid_grouped")  # Mixtral/Qwen/OLMoE; GLM-4.5/DeepSeek-V3
+ROUTERS = ("softmax", "sigmoid_grouped", "topk_softmax")  # Mixtral/Qwen/OLMoE; GLM-4.5/DeepSeek-V3; GPT-OSS
 ATTENTIONS = ("grouped", "latent")  # grouped-query (Mixtral and the rest); multi-head latent (DeepSeek-V3)
+ROPE_TYPES = ("default", "yarn")  # transformers' rope_type names
+EXPERT_ACTIVATIONS = ("silu_gated", "clamped_swiglu")  # SiLU(gate) * up; GPT-OSS's (common/expert_activation.py)
 # the families moe-edge runs: coordinator/families/ has one module each; a store of another is refused
-FAMILY_NAMES = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "glm4_moe", "deepseek_v3")
+FAMILY_NAMES = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "glm4_moe", "deepseek_v3", "gpt_oss")
 
 
 @dataclass(frozen=True)
@@ -60,14 +62,39 @@ class ModelConfig:
     qk_rope_head_dim: int = 0  # the rotary part; k's is one head shared by all query heads
     v_head_dim: int = 0
     rope_interleave: bool = False  # rotary turns the pairs (x0, x1), (x2, x3).. not the two halves
+    # GPT-OSS: attention sinks, an o_proj bias, the window on some layers only, YaRN rotary,
+    # experts with biases and a clamped SwiGLU
+    attention_sinks: bool = False  # a learned logit per query head joins each softmax, then is dropped
+    output_bias: bool = False  # o_proj has a bias
+    sliding_layers: tuple[int, ...] | None = None  # the layers sliding_window applies to; None: all of them
+    rope_type: str = "default"  # ROPE_TYPES
+    rope_factor: float = 1.0  # yarn: the context extension factor
+    rope_original_max_position_embeddings: int | None = None  # yarn: the context trained before extension
+    rope_beta_fast: float = 32.0  # yarn: the ramp's bounds, in rotations
+    rope_beta_slow: float = 1.0
+    rope_truncate: bool = True  # yarn: round the ramp's bounds to whole dimensions
+    rope_attention_factor: float = 1.0  # cos and sin are multiplied by it (yarn's mscale)
+    expert_bias: bool = False  # each expert's w13 and w2 have biases (in the blob)
+    expert_activation: str = "silu_gated"  # EXPERT_ACTIVATIONS
+    swiglu_alpha: float | None = None  # clamped_swiglu: gate * sigmoid(alpha * gate)
+    swiglu_limit: float | None = None  # clamped_swiglu: gate clamped above, up on both sides
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dense_layers", tuple(self.dense_layers))  # lists from JSON
+        if self.sliding_layers is not None:
+            object.__setattr__(self, "sliding_layers", tuple(self.sliding_layers))
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["dense_layers"] = list(self.dense_layers)
+        data["sliding_layers"] = _json(self.sliding_layers)
         return data
+
+    def window_of(self, layer: int) -> int | None:
+        """The sliding window of a layer's attention (None: it attends to every earlier position)."""
+        if self.sliding_layers is not None and layer not in self.sliding_layers:
+            return None
+        return self.sliding_window
 
     def identity_dict(self) -> dict[str, Any]:
         """to_dict without the family fields left at their defaults (what model_id hashes)."""
@@ -103,7 +130,10 @@ FAMILY_FIELDS = ("family", "attention_bias", "qk_norm", "rotary_dim", "router", 
                  "n_group", "topk_group", "routed_scaling_factor", "dense_layers", "dense_intermediate_size",
                  "shared_expert_intermediate_size", "shared_expert_gate",
                  "attention", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
-                 "rope_interleave")
+                 "rope_interleave",
+                 "attention_sinks", "output_bias", "sliding_layers", "rope_type", "rope_factor",
+                 "rope_original_max_position_embeddings", "rope_beta_fast", "rope_beta_slow", "rope_truncate",
+                 "rope_attention_factor", "expert_bias", "expert_activation", "swiglu_alpha", "swiglu_limit")
 
 
 def _json(value: Any) -> Any:

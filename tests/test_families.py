@@ -12,7 +12,7 @@ from coordinator.runtime.engine import Engine
 from expert_host_processes import expert_hosts  # noqa: F401 (a fixture)
 from coordinator.runtime.model import KVCache
 
-FAMILIES = ["qwen3_moe", "qwen2_moe", "olmoe", "glm4_moe", "deepseek_v3"]
+FAMILIES = ["qwen3_moe", "qwen2_moe", "olmoe", "glm4_moe", "deepseek_v3", "gpt_oss"]
 PROMPT_TOKENS = 24
 DECODE_STEPS = 16
 SIZES = dict(num_layers=3, hidden_size=64, intermediate_size=32, num_heads=4, num_kv_heads=2)

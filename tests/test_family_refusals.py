@@ -45,7 +45,7 @@ def test_a_tensor_the_family_does_not_read_is_refused_by_name(tiny_model_dir, tm
 @pytest.mark.parametrize("setting,value,named", [
     ("hidden_act", "gelu", "hidden_act 'gelu'"),
     ("rope_parameters", {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}, "rope_type 'linear'"),
-    ("model_type", "gpt_oss", "model_type 'gpt_oss' is not supported"),
+    ("model_type", "dbrx", "model_type 'dbrx' is not supported"),
 ])
 def test_a_config_setting_pack_does_not_implement_is_refused_in_one_line(tiny_model_dir, tmp_path, setting, value, named):
     model = copy_model(tiny_model_dir, tmp_path / "model")
@@ -62,9 +62,9 @@ def test_a_config_setting_pack_does_not_implement_is_refused_in_one_line(tiny_mo
 def test_a_store_of_an_unknown_family_is_refused_by_name(store16, tmp_path):
     store = shutil.copytree(store16, tmp_path / "store")
     manifest = json.loads((store / "manifest.json").read_text())
-    manifest["model"]["family"] = "gpt_oss"
+    manifest["model"]["family"] = "dbrx"
     (store / "manifest.json").write_text(json.dumps(manifest))
     result = coordinator_cli("generate", "--store", store, "--prompt", "Hello", "--max-new-tokens", "2")
     assert result.returncode == 3
     line = one_error_line(result)
-    assert "model.family" in line and "gpt_oss" in line
+    assert "model.family" in line and "dbrx" in line

@@ -3,7 +3,9 @@
 One layout serves every expert of a model, so a transfer is one copy, a GPU cache slot is one
 preallocated buffer, and `views()` gives the expert's tensors over any buffer without copying.
 The expert's matrices, as Mixtral names them: w13 = [w1; w3] (gate and up, [2F, H]) and
-w2 (down, [H, F]); F = intermediate_size, H = hidden_size."""
+w2 (down, [H, F]); F = intermediate_size, H = hidden_size. A model whose experts have biases
+(GPT-OSS) adds w13.bias [2F] and w2.bias [H], kept in the weight dtype even when the matrices are
+quantized; the layout also names the activation between the matrices (common/expert_activation.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import StoreError
+from ..expert_activation import ExpertActivation
 from ..model_config import ModelConfig
 from ..quantization import QuantizedMatrix, QuantSpec, quantized_shapes
 
@@ -54,10 +57,14 @@ class TensorSlot:
 
 @dataclass(frozen=True)
 class ExpertWeights:
-    """An expert's two matrices: plain tensors (16-bit store) or QuantizedMatrix views."""
+    """An expert's two matrices: plain tensors (16-bit store) or QuantizedMatrix views; their
+    biases where the model has them, and the activation between them."""
 
     w13: torch.Tensor | QuantizedMatrix  # [2F, H]
     w2: torch.Tensor | QuantizedMatrix  # [H, F]
+    b13: torch.Tensor | None = None  # [2F]
+    b2: torch.Tensor | None = None  # [H]
+    activation: ExpertActivation = ExpertActivation()
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,7 @@ class BlobLayout:
     nbytes: int
     spec: QuantSpec
     weight_dtype: str  # dtype of unquantized (16-bit) expert weights
+    activation: ExpertActivation = ExpertActivation()
 
     @classmethod
     def for_expert(cls, config: ModelConfig, spec: QuantSpec, weight_dtype: torch.dtype) -> "BlobLayout":
@@ -79,11 +87,13 @@ class BlobLayout:
                 parts = {f"{prefix}.{k}": v for k, v in quantized_shapes(out_features, in_features, spec).items()}
             else:
                 parts = {f"{prefix}.weight": (weight_dtype, (out_features, in_features))}
+            if config.expert_bias:
+                parts[f"{prefix}.bias"] = (weight_dtype, (out_features,))
             for name, (dtype, shape) in parts.items():
                 slot = TensorSlot(name, dtype_name(dtype), tuple(shape), offset)
                 slots.append(slot)
                 offset = _align(offset + slot.nbytes)
-        return cls(tuple(slots), offset, spec, dtype_name(weight_dtype))
+        return cls(tuple(slots), offset, spec, dtype_name(weight_dtype), ExpertActivation.of(config))
 
     def pack(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """Copy named tensors into one new uint8 blob of this layout (padding is zero)."""
@@ -101,15 +111,17 @@ class BlobLayout:
             slot.name: blob[slot.offset : slot.offset + slot.nbytes].view(DTYPES[slot.dtype]).view(slot.shape)
             for slot in self.slots
         }
+        extras = dict(b13=named.get("w13.bias"), b2=named.get("w2.bias"), activation=self.activation)
         if self.spec.quantized:
             return ExpertWeights(
                 QuantizedMatrix.from_tensors(named, "w13", self.spec),
                 QuantizedMatrix.from_tensors(named, "w2", self.spec),
+                **extras,
             )
-        return ExpertWeights(named["w13.weight"], named["w2.weight"])
+        return ExpertWeights(named["w13.weight"], named["w2.weight"], **extras)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "nbytes": self.nbytes,
             "align": ALIGN,
             "quantization": self.spec.to_dict(),
@@ -118,9 +130,13 @@ class BlobLayout:
                 {"name": s.name, "dtype": s.dtype, "shape": list(s.shape), "offset": s.offset} for s in self.slots
             ],
         }
+        if not self.activation.is_default:  # left out at the default, so older stores keep their model_id
+            data["activation"] = self.activation.to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "BlobLayout":
         slots = tuple(TensorSlot(t["name"], t["dtype"], tuple(t["shape"]), t["offset"]) for t in data["tensors"])
         spec = QuantSpec(**data["quantization"])
-        return cls(slots, data["nbytes"], spec, data["weight_dtype"])
+        activation = ExpertActivation(**data["activation"]) if "activation" in data else ExpertActivation()
+        return cls(slots, data["nbytes"], spec, data["weight_dtype"], activation)

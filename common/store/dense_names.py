@@ -49,6 +49,16 @@ def router_bias(layer: int) -> str:
     return f"layers.{layer}.router_bias"
 
 
+def router_logit_bias(layer: int) -> str:
+    """Added to the router's logits before the top k: for the choice and the weights (topk_softmax)."""
+    return f"layers.{layer}.router_logit_bias"
+
+
+def attention_sinks(layer: int) -> str:
+    """A learned logit per query head that joins each softmax (GPT-OSS)."""
+    return f"layers.{layer}.attn_sinks"
+
+
 def shared_expert(layer: int, matrix: str) -> str:
     """matrix: w13 ([gate; up], [2S, H]) or w2 (down, [H, S])."""
     return f"layers.{layer}.shared_expert.{matrix}"

@@ -18,7 +18,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import ConfigError, StoreError
-from ..model_config import ATTENTIONS, FAMILY_NAMES, QK_NORMS, ROUTERS, ModelConfig
+from ..expert_activation import ExpertActivation
+from ..model_config import ATTENTIONS, EXPERT_ACTIVATIONS, FAMILY_NAMES, QK_NORMS, ROPE_TYPES, ROUTERS, ModelConfig
 from ..quantization import SUPPORTED_BITS, QuantSpec
 from .blob_layout import ALIGN, DTYPES, BlobLayout, TensorSlot
 from .checksum import ALGORITHM
@@ -83,6 +84,20 @@ class ModelFields(_Strict):
     qk_rope_head_dim: NonNegative = 0
     v_head_dim: NonNegative = 0
     rope_interleave: bool = False
+    attention_sinks: bool = False
+    output_bias: bool = False
+    sliding_layers: list[NonNegative] | None = None
+    rope_type: Literal[ROPE_TYPES] = "default"  # type: ignore[valid-type]
+    rope_factor: Annotated[float, Field(gt=0)] = 1.0
+    rope_original_max_position_embeddings: Positive | None = None
+    rope_beta_fast: Annotated[float, Field(gt=0)] = 32.0
+    rope_beta_slow: Annotated[float, Field(gt=0)] = 1.0
+    rope_truncate: bool = True
+    rope_attention_factor: Annotated[float, Field(gt=0)] = 1.0
+    expert_bias: bool = False
+    expert_activation: Literal[EXPERT_ACTIVATIONS] = "silu_gated"  # type: ignore[valid-type]
+    swiglu_alpha: Annotated[float, Field(gt=0)] | None = None
+    swiglu_limit: Annotated[float, Field(gt=0)] | None = None
 
 
 class QuantFields(_Strict):
@@ -105,12 +120,19 @@ class TensorFields(_Strict):
     offset: NonNegative
 
 
+class ActivationFields(_Strict):
+    kind: Literal[EXPERT_ACTIVATIONS]  # type: ignore[valid-type]
+    alpha: float | None = None
+    limit: float | None = None
+
+
 class LayoutFields(_Strict):
     nbytes: Positive
     align: Literal[ALIGN]  # type: ignore[valid-type]
     quantization: QuantFields
     weight_dtype: FloatDtype
     tensors: Annotated[list[TensorFields], Field(min_length=1)]
+    activation: ActivationFields | None = None  # absent: silu_gated
 
 
 class FileFields(_Strict):
@@ -200,6 +222,13 @@ def _check_model(model: ModelFields, source: Path) -> None:
         raise StoreError(f"{source}: model.dense_layers names layer {outside[0]}, the model has 0-{model.num_layers - 1}")
     if model.dense_layers and model.dense_intermediate_size is None:
         raise StoreError(f"{source}: model.dense_layers needs model.dense_intermediate_size")
+    outside = [layer for layer in model.sliding_layers or () if layer >= model.num_layers]
+    if outside:
+        raise StoreError(f"{source}: model.sliding_layers names layer {outside[0]}, the model has 0-{model.num_layers - 1}")
+    if model.rope_type == "yarn" and model.rope_original_max_position_embeddings is None:
+        raise StoreError(f"{source}: model.rope_type 'yarn' needs model.rope_original_max_position_embeddings")
+    if model.expert_activation == "clamped_swiglu" and (model.swiglu_alpha is None or model.swiglu_limit is None):
+        raise StoreError(f"{source}: model.expert_activation 'clamped_swiglu' needs model.swiglu_alpha and model.swiglu_limit")
     if model.top_k > model.num_experts:
         raise StoreError(f"{source}: model.top_k {model.top_k} is above model.num_experts {model.num_experts}")
     if model.num_heads % model.num_kv_heads:
@@ -226,12 +255,19 @@ def _check_layout(doc: ManifestDocument, config: ModelConfig, source: Path) -> B
                          f"quantization.experts {doc.quantization.experts.model_dump()}")
     if fields.weight_dtype != doc.dtype:
         raise StoreError(f"{source}: blob_layout.weight_dtype {fields.weight_dtype!r} differs from dtype {doc.dtype!r}")
+    try:
+        activation = ExpertActivation(**fields.activation.model_dump()) if fields.activation else ExpertActivation()
+    except ConfigError as err:
+        raise StoreError(f"{source}: blob_layout.activation: {err}") from None
     layout = BlobLayout(tuple(TensorSlot(t.name, t.dtype, tuple(t.shape), t.offset) for t in fields.tensors),
-                        fields.nbytes, spec, fields.weight_dtype)
+                        fields.nbytes, spec, fields.weight_dtype, activation)
     try:
         expected = BlobLayout.for_expert(config, spec, DTYPES[fields.weight_dtype])
     except ConfigError as err:
         raise StoreError(f"{source}: blob_layout does not fit the model: {err}") from None
+    if layout.activation != expected.activation:
+        raise StoreError(f"{source}: blob_layout.activation {layout.activation.to_dict()} differs from the model's "
+                         f"{expected.activation.to_dict()} (model.expert_activation, model.swiglu_alpha, model.swiglu_limit)")
     wanted = {slot.name: slot for slot in expected.slots}
     names = [slot.name for slot in layout.slots]
     if sorted(names) != sorted(wanted):
@@ -285,6 +321,8 @@ def check_consistency(doc: ManifestDocument, *, source: Path) -> tuple[ModelConf
     fields = doc.model.model_dump()
     fields.update(rms_norm_eps=float(fields["rms_norm_eps"]), rope_theta=float(fields["rope_theta"]),  # 1e6 written as 1000000
                   routed_scaling_factor=float(fields["routed_scaling_factor"]), dense_layers=tuple(fields["dense_layers"]))
+    for name in ("rope_factor", "rope_beta_fast", "rope_beta_slow", "rope_attention_factor", "swiglu_alpha", "swiglu_limit"):
+        fields[name] = None if fields[name] is None else float(fields[name])
     config = ModelConfig(**fields)
     expert_quant = _quant_spec(doc.quantization.experts, "quantization.experts", source)
     dense_quant = _quant_spec(doc.quantization.dense, "quantization.dense", source)

@@ -4,7 +4,8 @@ A family module says how its Hugging Face config maps onto ModelConfig (refusing
 settings moe-edge does not implement), which checkpoint tensors become the store's dense tensors
 and expert matrices, and which it knowingly leaves out (`left_out`); pack refuses every other
 tensor by name. The module interface: MODEL_TYPE, model_config(hf, source=), dense_tensors(
-checkpoint), expert_matrices(checkpoint, layer, expert), left_out(name, config). What the
+checkpoint), expert_matrices(checkpoint, layer, expert), left_out(name, config), and where the
+config says the experts have biases (expert_bias), expert_biases(checkpoint, layer, expert). What the
 runtime does with the config's family fields is in coordinator/runtime (weights.py, model.py,
 router.py). The store, the cache, the sources and the expert host know nothing of families
 beyond the blob layout. Adding a family is one new module listed in FAMILIES (and its name in
@@ -18,10 +19,10 @@ from typing import Any
 from common.errors import ConfigError
 from common.model_config import FAMILY_NAMES
 
-from . import deepseek_v3, glm4_moe, mixtral, olmoe, qwen2_moe, qwen3_moe
+from . import deepseek_v3, glm4_moe, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe
 
 FAMILIES: dict[str, ModuleType] = {
-    family.MODEL_TYPE: family for family in (mixtral, qwen3_moe, qwen2_moe, olmoe, glm4_moe, deepseek_v3)
+    family.MODEL_TYPE: family for family in (mixtral, qwen3_moe, qwen2_moe, olmoe, glm4_moe, deepseek_v3, gpt_oss)
 }
 assert tuple(FAMILIES) == FAMILY_NAMES, "common/model_config.FAMILY_NAMES lists the families a store may name"
 

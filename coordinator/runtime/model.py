@@ -18,24 +18,30 @@ from common.model_config import ModelConfig
 
 from . import latent_attention
 from .latent_attention import LatentAttention
+from . import rope
+from .attention_sinks import softmax_with_sinks
 from .moe import MoEBlock
 from .rms_norm import rms_norm
 from .weights import DenseWeights, gated_ffn
 
 
 class RotaryEmbedding:
-    """cos/sin tables for every position, computed as transformers does (float32), cast once.
-    With a rotary_dim below the head dim (GLM-4.5's partial rotary), only the first rotary_dim
-    of each head turn; the rest pass through."""
+    """cos/sin tables for every position, computed as transformers does (float32), cast once;
+    the frequencies and their scaling per rope type are rope.py's. With a rotary_dim below the
+    head dim (GLM-4.5's partial rotary), only the first rotary_dim of each head turn; the rest
+    pass through."""
 
     def __init__(self, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
         dim = config.rotary_width
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        inv_freq, scaling = rope.inverse_frequencies(config)  # [R/2]
         positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
         freqs = positions[:, None] * inv_freq[None, :]  # [P, R/2]
         angles = torch.cat([freqs, freqs], dim=-1)  # [P, R]
-        self.cos = angles.cos().to(device=device, dtype=dtype)
-        self.sin = angles.sin().to(device=device, dtype=dtype)
+        cos, sin = angles.cos(), angles.sin()
+        if scaling != 1.0:  # YaRN's attention factor
+            cos, sin = cos * scaling, sin * scaling
+        self.cos = cos.to(device=device, dtype=dtype)
+        self.sin = sin.to(device=device, dtype=dtype)
         self.dim = dim
         self.partial = dim < config.head_dim
 
@@ -105,7 +111,7 @@ class Transformer:
         length = x.shape[0]
         if self.latent is not None:  # DeepSeek-V3's multi-head latent attention: latent_attention.py
             total = kv.capacity if isinstance(start, torch.Tensor) else start + length
-            return self.latent.forward(x, w.latent, w.o_proj, layer, start, kv, self._mask(start, length, total))
+            return self.latent.forward(x, w.latent, w.o_proj, layer, start, kv, self._mask(start, length, total, c.window_of(layer)))
         q, k, v = F.linear(x, w.q_proj, w.q_bias), F.linear(x, w.k_proj, w.k_bias), F.linear(x, w.v_proj, w.v_bias)
         if c.qk_norm == "projection":  # OLMoE: one RMSNorm over all heads of the projection
             q, k = rms_norm(q, w.q_norm, c.rms_norm_eps), rms_norm(k, w.k_norm, c.rms_norm_eps)
@@ -121,13 +127,16 @@ class Transformer:
         q = q.reshape(c.num_kv_heads, group * length, c.head_dim)  # query heads of one KV head side by side
         scores = torch.matmul(q, keys.transpose(1, 2)) * self.scale  # [K, group*T, S]
         scores = scores.view(c.num_kv_heads, group, length, -1)
-        mask = self._mask(start, length, keys.shape[1])
+        mask = self._mask(start, length, keys.shape[1], c.window_of(layer))
         if mask is not None:
             scores = scores + mask
-        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        if w.sinks is None:
+            probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        else:  # GPT-OSS
+            probs = softmax_with_sinks(scores, w.sinks.view(c.num_kv_heads, group)).to(q.dtype)
         out = torch.matmul(probs.view(c.num_kv_heads, group * length, -1), values)  # [K, group*T, D]
         out = out.view(c.num_heads, length, c.head_dim).transpose(0, 1).reshape(length, -1)  # [T, Q*D]
-        return F.linear(out, w.o_proj)
+        return F.linear(out, w.o_proj, w.o_bias)
 
     def ffn(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """The prompt path's FFN of a layer: h [T, H], the residual after attention -> [T, H]."""
@@ -137,9 +146,9 @@ class Transformer:
                              weights.dense_w13, weights.dense_w2)
         return self.moe.forward(layer, h)
 
-    def _mask(self, start: int | torch.Tensor, length: int, total: int) -> torch.Tensor | None:
-        """Additive [T, S] mask: causal, and Mistral's sliding window if the model has one."""
-        window = self.config.sliding_window
+    def _mask(self, start: int | torch.Tensor, length: int, total: int, window: int | None) -> torch.Tensor | None:
+        """Additive [T, S] mask: causal, and the layer's sliding window if it has one (Mistral's
+        on every layer, GPT-OSS's on alternate layers)."""
         static = isinstance(start, torch.Tensor)  # the whole KV capacity is attended: mask past `start`
         if length == 1 and not static and (window is None or total <= window):
             return None

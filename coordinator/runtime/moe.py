@@ -82,7 +82,8 @@ class MoEBlock:
         (x [T, H] normed MoE input, weights [T, k] float32, plan tensor: see routing_plan.py)."""
         weights = self.layers[layer]
         x = rms_norm(hidden, weights.post_attention_norm, self.config.rms_norm_eps)
-        route_weights, experts = router.route(F.linear(x, weights.router), self.config, weights.router_bias)
+        logits = F.linear(x, weights.router, weights.router_logit_bias)  # [T, E]
+        route_weights, experts = router.route(logits, self.config, weights.router_bias)
         guesses = self.predictor.predict(layer, hidden) if self.predictor is not None else []
         return x, route_weights, routing_plan.pack(experts, guesses)
 

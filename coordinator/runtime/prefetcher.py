@@ -38,6 +38,7 @@ class RouterLookahead:
         for later in self.layers_ahead(layer):
             weights = self.layers[later]
             x = rms_norm(hidden, weights.post_attention_norm, self.config.rms_norm_eps)
-            scores = router.choice_scores(F.linear(x, weights.router), self.config, weights.router_bias)  # [T, E]
+            logits = F.linear(x, weights.router, weights.router_logit_bias)
+            scores = router.choice_scores(logits, self.config, weights.router_bias)  # [T, E]
             guesses.append(torch.topk(scores.sum(dim=0), self.width).indices)  # [N]
         return guesses

@@ -7,8 +7,11 @@
                      groups (a group's worth is its two best scores); the weights are the chosen
                      experts' scores without the bias, renormalised when norm_topk_prob, times
                      routed_scaling_factor.
+    topk_softmax     GPT-OSS: the top k of the logits (the router's linear has a bias, added by the
+                     caller), softmax over those k only.
 
-`choice_scores` is what the choice ranks experts by: the router lookahead guesses later layers'
+`choice_scores` is what the choice ranks experts by (for topk_softmax the softmax over all
+experts, which ranks them as the logits do): the router lookahead guesses later layers'
 experts from it. Device work only (no host sync), so CUDA graphs can hold it.
 
 Dimension legend: T = tokens, E = experts per layer, k = experts per token, G = groups."""
@@ -31,6 +34,9 @@ def choice_scores(logits: torch.Tensor, config: ModelConfig, bias: torch.Tensor 
 def route(logits: torch.Tensor, config: ModelConfig, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """[T, E] logits -> (weights [T, k] float32, experts [T, k])."""
     k = config.top_k
+    if config.router == "topk_softmax":
+        top_logits, experts = torch.topk(logits.float(), k, dim=-1)  # [T, k]
+        return torch.softmax(top_logits, dim=-1), experts
     if config.router == "softmax":
         weights, experts = torch.topk(torch.softmax(logits.float(), dim=-1), k, dim=-1)
         if config.norm_topk_prob:

@@ -1,5 +1,6 @@
 """The dense weights on the device: embeddings, norms, attention, routers, and what some
-families add (attention biases, q/k norms, router biases, shared experts, dense layers' FFNs),
+families add (attention biases, q/k norms, router biases, shared experts, dense layers' FFNs,
+attention sinks),
 read from the store's dense.safetensors by the names of common/store/dense_names.py. Also the
 two small FFNs that run on them (a dense layer's, a shared expert's). Knows nothing of experts,
 caches or sources.
@@ -43,6 +44,9 @@ class LayerWeights:
     dense_w13: torch.Tensor | None = None  # [2F', H]: a dense layer's FFN
     dense_w2: torch.Tensor | None = None  # [H, F']
     latent: LatentWeights | None = None  # multi-head latent attention's own weights (DeepSeek-V3)
+    o_bias: torch.Tensor | None = None  # [H]
+    sinks: torch.Tensor | None = None  # [Q]: each query head's attention sink logit
+    router_logit_bias: torch.Tensor | None = None  # [E]: added to the router's logits (topk_softmax)
 
     def tensors(self) -> list[torch.Tensor]:
         own = [t for t in vars(self).values() if isinstance(t, torch.Tensor)]
@@ -102,6 +106,9 @@ class DenseWeights:
                 dense_w13=optional(dense_names.dense_ffn(l, "w13")),
                 dense_w2=optional(dense_names.dense_ffn(l, "w2")),
                 latent=None if grouped else LatentWeights.load(l, config, plain, projection),
+                o_bias=optional(dense_names.attention_bias(l, "o_proj")),
+                sinks=optional(dense_names.attention_sinks(l)),
+                router_logit_bias=optional(dense_names.router_logit_bias(l)),
             )
             for l in range(config.num_layers)
         ]

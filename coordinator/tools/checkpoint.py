@@ -102,6 +102,8 @@ class HFCheckpoint:
         for layer in self.config.moe_layers:
             for expert in range(self.config.num_experts):
                 self.family.expert_matrices(view, layer, expert)
+                if self.config.expert_bias:
+                    self.family.expert_biases(view, layer, expert)
         return [name for name in self.names() if name not in view.read and not self.family.left_out(name, self.config)]
 
     def tensor(self, name: str) -> torch.Tensor:

@@ -51,12 +51,18 @@ class PackSummary:
         )
 
 
-def expert_tensors(w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
-    """Named tensors of one expert for BlobLayout.pack: w13 = [w1; w3] and w2, quantized or not."""
+def expert_tensors(w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, spec: QuantSpec,
+                   biases: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Named tensors of one expert for BlobLayout.pack: w13 = [w1; w3] and w2, quantized or not,
+    and their biases (b13 = [b1; b3], b2; never quantized) where the model has them."""
     w13 = torch.cat([w1, w3], dim=0)
     if not spec.quantized:
-        return {"w13.weight": w13, "w2.weight": w2}
-    return {**quantize_matrix(w13, spec).tensors("w13"), **quantize_matrix(w2, spec).tensors("w2")}
+        tensors = {"w13.weight": w13, "w2.weight": w2}
+    else:
+        tensors = {**quantize_matrix(w13, spec).tensors("w13"), **quantize_matrix(w2, spec).tensors("w2")}
+    if biases is not None:
+        tensors["w13.bias"], tensors["w2.bias"] = biases
+    return tensors
 
 
 def dense_tensors(checkpoint: HFCheckpoint, spec: QuantSpec) -> dict[str, torch.Tensor]:
@@ -140,7 +146,8 @@ def pack_checkpoint(
                 blobs = []
                 for expert in range(config.num_experts):
                     w1, w3, w2 = checkpoint.family.expert_matrices(checkpoint, layer, expert)
-                    blobs.append(layout.pack(expert_tensors(w1, w3, w2, expert_spec)))
+                    biases = checkpoint.family.expert_biases(checkpoint, layer, expert) if config.expert_bias else None
+                    blobs.append(layout.pack(expert_tensors(w1, w3, w2, expert_spec, biases)))
                     bar.update()
                 writer.write_layer(layer, blobs)
         dense = dense_tensors(checkpoint, dense_spec)

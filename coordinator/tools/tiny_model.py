@@ -91,6 +91,14 @@ def _family_config(family: str, *, vocab_size: int, num_layers: int, hidden_size
             norm_topk_prob=True, routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
             qk_nope_head_dim=16, v_head_dim=16, rope_interleave=True, num_nextn_predict_layers=0,
             **{**common, "num_key_value_heads": num_heads})
+    if family == "gpt_oss":
+        # the real rope settings but a short original context, so YaRN's ramp and scaling matter; a
+        # window the test prompt crosses; a SwiGLU limit low enough that the clamps act
+        yarn = dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
+                    original_max_position_embeddings=64)  # 2048 / 32
+        return transformers.GptOssConfig(intermediate_size=intermediate_size, num_local_experts=num_experts,
+                                         num_experts_per_tok=top_k, head_dim=hidden_size // num_heads, sliding_window=8,
+                                         rope_parameters=yarn, swiglu_limit=3.0, **common)
     raise ConfigError(f"--family {family}: choose one of {', '.join(FAMILY_NAMES)}")
 
 
@@ -108,6 +116,18 @@ def _spread_routing(model, seed: int) -> None:
         for name, buffer in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buffer.copy_(torch.randn(buffer.shape, generator=generator) * 0.1)
+
+
+def _spread_gpt_oss(model, seed: int) -> None:
+    """GPT-OSS's init leaves the attention and expert biases at zero and the sinks and router
+    bias near it, where a reader that dropped them would go unseen: draw them all."""
+    generator = torch.Generator().manual_seed(seed + 2)
+    scale = {"sinks": 1.0, "router.bias": 1.0, "gate_up_proj_bias": 0.5, "down_proj_bias": 0.1, "proj.bias": 0.1}
+    with torch.no_grad():
+        for name, tensor in model.named_parameters():
+            std = next((value for suffix, value in scale.items() if name.endswith(suffix)), None)
+            if std is not None:
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * std)
 
 
 def make_tiny_model(
@@ -140,6 +160,8 @@ def make_tiny_model(
     model = AutoModelForCausalLM.from_config(config).to(dtype)
     if family != "mixtral":
         _spread_routing(model, seed)
+    if family == "gpt_oss":
+        _spread_gpt_oss(model, seed)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

@@ -1,0 +1,161 @@
+"""GPT-OSS (gpt-oss-20b, gpt-oss-120b): attention with a learned sink logit per head, q/k/v and
+o biases, a sliding window on the layers `layer_types` calls "sliding_attention", YaRN rotary;
+a router with a bias whose top k logits are softmaxed among themselves; experts with biases and
+a clamped SwiGLU (`swiglu_alpha`, `swiglu_limit`).
+
+transformers keeps a layer's experts fused, as save_pretrained writes them:
+`mlp.experts.gate_up_proj` [E, H, 2F] with gate and up interleaved along the last dim (gate in
+the even columns), `gate_up_proj_bias` [E, 2F] likewise, `down_proj` [E, F, H], `down_proj_bias`
+[E, H]; all are applied as x @ W. Here they become the store's w13 = [gate; up] [2F, H] and
+w2 [H, F] (nn.Linear's orientation), biases in the same order.
+
+Refused: MXFP4 experts (`*_blocks` and `*_scales`, how the published checkpoints store them;
+a bf16 or float32 copy packs), rope types other than YaRN and the default, layer types other
+than sliding and full attention. Nothing is knowingly left out."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from common.errors import ConfigError
+from common.model_config import ModelConfig
+from common.store import dense_names
+
+from . import hf_layout
+
+MODEL_TYPE = "gpt_oss"
+EXPERTS = "model.layers.{layer}.mlp.experts"
+LAYER_TYPES = ("sliding_attention", "full_attention")
+MXFP4 = "MXFP4 experts are not read yet"
+
+
+def model_config(hf: dict[str, Any], *, source: str = "config.json") -> ModelConfig:
+    from transformers import GptOssConfig
+
+    quant = (hf.get("quantization_config") or {}).get("quant_method")
+    if quant is not None:
+        raise ConfigError(f"{source}: quantization_config.quant_method {quant!r}: {MXFP4 if quant == 'mxfp4' else 'quantized checkpoints are not read'}; "
+                          "pack a bf16 copy of the checkpoint")
+    config = hf_layout.hf_config(GptOssConfig, hf, source=source)
+    for index, layer_type in enumerate(config.layer_types):
+        hf_layout.require(source, f"layer_types[{index}]", layer_type, LAYER_TYPES)
+    sliding = tuple(i for i, t in enumerate(config.layer_types) if t == "sliding_attention")
+    return ModelConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_layers=config.num_hidden_layers,
+        num_heads=config.num_attention_heads,
+        num_kv_heads=config.num_key_value_heads,
+        head_dim=hf_layout.head_dim(config),
+        num_experts=config.num_local_experts,
+        top_k=config.num_experts_per_tok,
+        rms_norm_eps=float(config.rms_norm_eps),
+        rope_theta=_rope_theta(config, source),
+        max_position_embeddings=config.max_position_embeddings,
+        sliding_window=config.sliding_window if sliding else None,
+        tie_word_embeddings=bool(config.tie_word_embeddings),
+        bos_token_id=config.bos_token_id,
+        eos_token_id=hf_layout.first_eos(config),
+        family=MODEL_TYPE,
+        attention_bias=bool(config.attention_bias),
+        output_bias=bool(config.attention_bias),  # one setting for all four projections
+        attention_sinks=True,
+        sliding_layers=sliding if sliding and config.sliding_window else None,
+        router="topk_softmax",
+        expert_bias=True,
+        expert_activation="clamped_swiglu",
+        swiglu_alpha=float(config.swiglu_alpha),
+        swiglu_limit=float(config.swiglu_limit),
+        **_yarn(config, source),
+    )
+
+
+def _rope_theta(config, source: str) -> float:
+    theta = dict(config.rope_parameters or {}).get("rope_theta", getattr(config, "rope_theta", None))
+    if theta is None:
+        raise ConfigError(f"{source}: no rope_theta")
+    return float(theta)
+
+
+def _yarn(config, source: str) -> dict[str, Any]:
+    """The ModelConfig rope fields, resolved as transformers' _compute_yarn_parameters does."""
+    rope = dict(config.rope_parameters or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    hf_layout.require(source, "rope_parameters.rope_type", rope_type, ("yarn", "default"))
+    if hf_layout.partial_rotary_factor(config) != 1.0:
+        raise ConfigError(f"{source}: rope_parameters.partial_rotary_factor is not supported for {MODEL_TYPE}")
+    if rope_type == "default":
+        return {}
+    original = rope.get("original_max_position_embeddings")
+    if original is None:
+        raise ConfigError(f"{source}: rope_parameters.original_max_position_embeddings is needed for rope_type 'yarn'")
+    factor = rope.get("factor")
+    if factor is None:
+        factor = config.max_position_embeddings / original
+    attention_factor = rope.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention_factor = _mscale(factor, mscale) / _mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = _mscale(factor)
+    return dict(
+        rope_type="yarn",
+        rope_factor=float(factor),
+        rope_original_max_position_embeddings=int(original),
+        rope_beta_fast=float(rope.get("beta_fast") or 32),  # `or`: a 0 means the default, as in transformers
+        rope_beta_slow=float(rope.get("beta_slow") or 1),
+        rope_truncate=bool(rope.get("truncate", True)),
+        rope_attention_factor=float(attention_factor),
+    )
+
+
+def _mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention scaling for a context extended `scale` times (transformers' get_mscale)."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def dense_tensors(checkpoint) -> dict[str, torch.Tensor]:
+    config = checkpoint.config
+    tensors = hf_layout.embeddings_and_head(checkpoint)
+    for layer in range(config.num_layers):
+        prefix = f"model.layers.{layer}"
+        tensors.update(hf_layout.attention(checkpoint, layer))
+        if config.output_bias:
+            tensors[dense_names.attention_bias(layer, "o_proj")] = checkpoint.tensor(f"{prefix}.self_attn.o_proj.bias")
+        tensors[dense_names.attention_sinks(layer)] = checkpoint.tensor(f"{prefix}.self_attn.sinks")
+        tensors[dense_names.router(layer)] = checkpoint.tensor(f"{prefix}.mlp.router.weight")
+        tensors[dense_names.router_logit_bias(layer)] = checkpoint.tensor(f"{prefix}.mlp.router.bias")
+    return tensors
+
+
+def expert_matrices(checkpoint, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(w1 gate [F, H], w3 up [F, H], w2 down [H, F]) of one expert, from the fused tensors."""
+    prefix = _refuse_mxfp4(checkpoint, layer)
+    gate_up = checkpoint.tensor(f"{prefix}.gate_up_proj")[expert]  # [H, 2F], gate and up interleaved
+    down = checkpoint.tensor(f"{prefix}.down_proj")[expert]  # [F, H]
+    return gate_up[:, 0::2].t().contiguous(), gate_up[:, 1::2].t().contiguous(), down.t().contiguous()
+
+
+def expert_biases(checkpoint, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(b13 = [gate; up] [2F], b2 [H]) of one expert, in the order of expert_matrices' w13."""
+    prefix = _refuse_mxfp4(checkpoint, layer)
+    gate_up = checkpoint.tensor(f"{prefix}.gate_up_proj_bias")[expert]  # [2F], interleaved
+    return torch.cat([gate_up[0::2], gate_up[1::2]]), checkpoint.tensor(f"{prefix}.down_proj_bias")[expert]
+
+
+def _refuse_mxfp4(checkpoint, layer: int) -> str:
+    prefix = EXPERTS.format(layer=layer)
+    for name in (f"{prefix}.gate_up_proj_blocks", f"{prefix}.down_proj_blocks"):
+        if checkpoint.has(name):
+            raise ConfigError(f"{checkpoint.folder}: tensor {name}: {MXFP4} (they pack as stored in a later "
+                              f"format); pack a bf16 copy of the checkpoint")
+    return prefix
+
+
+def left_out(name: str, config: ModelConfig) -> bool:
+    return False
