@@ -312,16 +312,13 @@ class ExpertPool:
         groups: dict[_Host, list[int]] = {}
         for up in (True, False):
             candidates = [h for h in self._hosts if h.up == up and h not in exclude]
-            while left:
-                def covers(host: _Host) -> set[int]:
-                    return {e for e in left if ExpertId(layer, e) in host.experts}
-
-                best = max(candidates, key=lambda h: (len(covers(h)), -h.in_flight, -h.runs), default=None)
-                if best is None or not covers(best):
+            while left and candidates:
+                held = {h: {e for e in left if ExpertId(layer, e) in h.experts} for h in candidates}
+                best = max(candidates, key=lambda h: (len(held[h]), -h.in_flight, -h.runs))
+                if not held[best]:
                     break
-                taken = covers(best)
-                groups[best] = [e for e in experts if e in taken]  # in the caller's order
-                left -= taken
+                groups[best] = [e for e in experts if e in held[best]]  # in the caller's order
+                left -= held[best]
                 candidates.remove(best)
         return groups
 
