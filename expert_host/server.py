@@ -33,6 +33,7 @@ from common.malloc_tuning import keep_freed_buffers_for_reuse
 from common.rpc.wire_limits import server_options
 from common.store.reader import ExpertStore
 
+from .expert_runner import ExpertRunner
 from .fault_injection import FaultInjection
 from .memory_bandwidth import measure_memory_gbps
 from .servicer import SERVICE_NAME, ExpertHostServicer, add_to_server
@@ -166,12 +167,15 @@ async def _serve(load_shard: Callable[[], tuple[ExpertShard, float]], address: H
     # restarting host hears NOT_SERVING ("loading") instead of a refused connection ("gone").
     await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
+    runner = None
     try:
         log.info("listening on %s (TLS %s, token %s); loading the shard", bound, tls_mode, "on" if token else "off")
         loaded = await _unless_stopped(_in_daemon_thread(load_shard), stop)
         if loaded is not None:
             shard, memory_gbps = loaded
-            servicer.serve_shard(shard, memory_gbps=memory_gbps)
+            runner = ExpertRunner(shard)
+            expert_ms = await runner.measure_expert_ms()  # one expert repacked (a second for a big one) and run
+            servicer.serve_shard(shard, runner, memory_gbps=memory_gbps, expert_ms=expert_ms)
             await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
             log.info("serving %s of store %s (model_id %s) on %s (TLS %s, token %s)", shard.describe(), shard.store.folder,
                      shard.manifest.model_id, bound, tls_mode, "on" if token else "off")
@@ -184,6 +188,8 @@ async def _serve(load_shard: Callable[[], tuple[ExpertShard, float]], address: H
     finally:
         await health.enter_graceful_shutdown()
         await server.stop(grace_period_s)
+        if runner is not None:
+            runner.close()
         if watcher is not None:
             watcher.cancel()
         if address.is_unix:

@@ -1,4 +1,5 @@
-"""The ExpertHost service: one `async def` per RPC, each translating proto <-> the shard.
+"""The ExpertHost service: one `async def` per RPC, each translating proto <-> the shard (fetches)
+or the expert runner (RunExperts, expert_runner.py).
 
 FetchExpert's chunks go through common/rpc/chunk_codec.py instead of the generated ExpertChunk
 class (same wire bytes, fewer copies), so `add_to_server` registers the handlers itself
@@ -24,7 +25,8 @@ from common.rpc.chunk_codec import Chunk, encode_chunk
 from common.store.manifest import FORMAT_VERSION
 
 from .fault_injection import FaultInjection
-from .request_checks import RequestRefused, plan_fetch
+from .expert_runner import ExpertRunner
+from .request_checks import RequestRefused, plan_fetch, plan_run_experts
 from .shard import ExpertShard
 
 log = logging.getLogger(__name__)
@@ -42,15 +44,18 @@ LOADING_MESSAGE = "this host is still loading its shard (its grpc.health.v1 chec
 
 
 class ExpertHostServicer:
-    def __init__(self, shard: ExpertShard | None = None, *, memory_gbps: float = 0.0,
-                 faults: FaultInjection = FaultInjection()) -> None:
-        self.shard = shard  # None while loading
-        self.memory_gbps = memory_gbps
+    def __init__(self, *, faults: FaultInjection = FaultInjection()) -> None:
+        self.shard: ExpertShard | None = None  # None while loading
+        self.runner: ExpertRunner | None = None
+        self.memory_gbps = 0.0
+        self.expert_ms = 0.0
         self.faults = faults
 
-    def serve_shard(self, shard: ExpertShard, *, memory_gbps: float) -> None:
-        """The shard is loaded: answer calls from now on."""
+    def serve_shard(self, shard: ExpertShard, runner: ExpertRunner, *, memory_gbps: float, expert_ms: float) -> None:
+        """The shard is loaded and its runner measured: answer calls from now on."""
         self.memory_gbps = memory_gbps
+        self.expert_ms = expert_ms
+        self.runner = runner
         self.shard = shard
 
     async def _refuse_while_loading(self, context: grpc.aio.ServicerContext) -> None:
@@ -67,9 +72,11 @@ class ExpertHostServicer:
             blob_nbytes=self.shard.blob_nbytes,
             ram_bytes=self.shard.ram_bytes,
             memory_gbps=self.memory_gbps,
-            can_run_experts=False,
+            can_run_experts=True,
             host_name=socket.gethostname(),
             version=_version(),
+            expert_ms=self.expert_ms,
+            run_experts_calls=self.runner.calls,
         )
 
     async def FetchExpert(self, request: pb.FetchExpertRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[Chunk]:
@@ -96,9 +103,21 @@ class ExpertHostServicer:
             else:
                 yield Chunk(offset, data)
 
-    async def RunExpert(self, request: pb.RunExpertRequest, context: grpc.aio.ServicerContext) -> pb.RunExpertReply:
-        await self._refuse(context, grpc.StatusCode.UNIMPLEMENTED,
-                           "RunExpert: this host does not run experts yet (its Info says can_run_experts: false)")
+    async def RunExperts(self, request: pb.RunExpertsRequest, context: grpc.aio.ServicerContext) -> pb.RunExpertsReply:
+        await self._refuse_while_loading(context)
+        try:
+            plan = plan_run_experts(
+                self.shard, layer=request.layer, experts=list(request.experts), dtype=request.dtype,
+                shape=list(request.shape), hidden=request.hidden, weights=request.weights, model_id=request.model_id,
+            )
+            output, compute_s = await self.runner.run(plan)
+        except RequestRefused as err:
+            await self._refuse(context, err.code, str(err))  # aborts the call: raises
+        except StoreError as err:  # a blob read from disk that shrank or fails its checksum
+            await self._refuse(context, grpc.StatusCode.DATA_LOSS, str(err))
+        log.debug("RunExperts layer %d experts %s, %d tokens, from %s: %.2f ms", request.layer, list(request.experts),
+                  output.shape[0], context.peer(), compute_s * 1e3)
+        return pb.RunExpertsReply(shape=list(output.shape), output=output.numpy().tobytes(), compute_s=compute_s)
 
     async def _refuse(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
         log.warning("refused a request from %s: %s: %s", context.peer(), code.name, message)
@@ -113,9 +132,9 @@ def add_to_server(servicer: ExpertHostServicer, server: grpc.aio.Server) -> None
         "FetchExpert": grpc.unary_stream_rpc_method_handler(
             servicer.FetchExpert, request_deserializer=pb.FetchExpertRequest.FromString, response_serializer=encode_chunk,
         ),
-        "RunExpert": grpc.unary_unary_rpc_method_handler(
-            servicer.RunExpert, request_deserializer=pb.RunExpertRequest.FromString,
-            response_serializer=pb.RunExpertReply.SerializeToString,
+        "RunExperts": grpc.unary_unary_rpc_method_handler(
+            servicer.RunExperts, request_deserializer=pb.RunExpertsRequest.FromString,
+            response_serializer=pb.RunExpertsReply.SerializeToString,
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

@@ -51,7 +51,7 @@ def test_info_reports_format_store_held_experts_ram_and_bandwidth(stub, store16)
     assert info.blob_nbytes == store.blob_nbytes
     assert info.ram_bytes == len(held) * store.blob_nbytes
     assert info.memory_gbps > 0
-    assert not info.can_run_experts
+    assert info.can_run_experts and info.expert_ms > 0
 
 
 def test_fetched_chunks_rebuild_the_store_blob_with_its_checksum_first(stub, store16):
@@ -84,11 +84,16 @@ def test_bad_requests_get_a_clear_status_and_the_host_keeps_serving(stub, store1
     assert blob_checksum(blob) == ExpertStore(store16).checksum_of(ExpertId(0, 0))
 
 
-def test_run_expert_is_not_served_yet_and_says_so(stub):
+def test_run_experts_is_served_and_refuses_an_expert_not_held_naming_it(stub):
+    hidden = bytes(4 * 128)  # one token of float32 zeros
+    reply = stub.RunExperts(pb.RunExpertsRequest(layer=1, experts=[0], dtype="float32", shape=[1, 128], hidden=hidden,
+                                                 weights=bytes(4)), timeout=10)
+    assert list(reply.shape) == [1, 128] and len(reply.output) == 4 * 128
     with pytest.raises(grpc.RpcError) as refused:
-        stub.RunExpert(pb.RunExpertRequest(), timeout=10)
-    assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "can_run_experts" in refused.value.details()
+        stub.RunExperts(pb.RunExpertsRequest(layer=1, experts=[0, 7], dtype="float32", shape=[1, 128], hidden=hidden,
+                                             weights=bytes(8)), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "layer 1 expert 7: not held" in refused.value.details()
 
 
 def test_health_service_says_serving(partial_host):

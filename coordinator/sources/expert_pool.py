@@ -13,8 +13,18 @@ unreachable or loading (it may be restarting), the fetch waits for one to come b
 with an ExpertUnavailableError naming the expert and every host tried. A host that answers
 wrongly (a bad checksum, a missed deadline) is not waited for.
 
+`run_layer` runs a layer's chosen experts on the hosts instead (RunExperts): the experts are
+grouped by an up host that holds them (as few hosts as cover them, one call per host, all at
+once), the replies summed. A host that fails or misses the deadline is marked down as for a
+fetch and its experts move to another holder; with none left it fails at once, without the
+restart wait (the caller can fetch the experts instead), with an ExpertUnavailableError naming
+the experts and the hosts tried.
+
 Knows nothing of caches or devices. All of it runs on the fetch loop, except the few
-read-only accessors for stats and metrics (bytes_by_origin, fetches_by_origin, host_status)."""
+read-only accessors for stats and metrics (bytes_by_origin, fetches_by_origin, host_status,
+run_seconds_by_origin, run_bytes_by_origin).
+
+Shapes: T = tokens, H = hidden size, n = experts of a run_layer call."""
 
 from __future__ import annotations
 
@@ -45,6 +55,10 @@ class _Host:
     in_flight: int = 0
     fetches: int = 0
     bytes: int = 0
+    runs: int = 0  # RunExperts calls that succeeded
+    run_seconds: float = 0.0  # their time as we waited for them (wire and the host's compute)
+    run_bytes_sent: int = 0  # hidden states and weights sent in them...
+    run_bytes_received: int = 0  # ...and the sums received
     failures: int = 0  # consecutive failed fetches and probes; a good fetch resets it
     last_error: str = ""
     may_come_back: bool = False  # its last failure: unreachable or loading, as a restarting host is
@@ -261,6 +275,83 @@ class ExpertPool:
             f" (never answered: {', '.join(silent)})" if silent else ""
         )
 
+    # --- running experts on their hosts --------------------------------------------------
+
+    async def run_layer(self, layer: int, experts: list[int], hidden: torch.Tensor, weights: torch.Tensor, *,
+                        timeout_s: float | None = None) -> torch.Tensor:
+        """sum over n of weights[:, n] * expert_n(hidden), the experts run where they live: hidden
+        [T, H] on the CPU (float32, bfloat16 or float16), weights [T, n] -> [T, H] float32.
+        `timeout_s` bounds each call (default: the fetch deadline)."""
+        timeout_s = self.settings.fetch_deadline_s if timeout_s is None else timeout_s
+        column = {expert: n for n, expert in enumerate(experts)}
+        total = torch.zeros(hidden.shape, dtype=torch.float32)  # [T, H]
+        pending = list(experts)
+        tried: dict[_Host, str] = {}
+        while pending:
+            groups = self._group_by_host(layer, pending, exclude=set(tried))
+            if not groups:
+                break
+            calls = [self._run_on(host, layer, group, hidden, weights[:, [column[e] for e in group]], timeout_s, tried)
+                     for host, group in groups.items()]
+            pending = []
+            for (host, group), output in zip(groups.items(), await asyncio.gather(*calls)):
+                if output is None:
+                    pending += group  # to another holder in the next round
+                else:
+                    total += output
+        if pending:
+            raise ExpertUnavailableError(self._run_unavailable_message(layer, pending, tried))
+        return total
+
+    def _group_by_host(self, layer: int, experts: list[int], exclude: set[_Host]) -> dict[_Host, list[int]]:
+        """Each expert to one holder not in `exclude`, up hosts first (a host marked down gets a
+        direct try only where no up host holds the expert), as few hosts as cover them: greedily
+        the host holding the most of those left, then the one with the least in flight. Experts
+        no candidate holds are left out."""
+        left = set(experts)
+        groups: dict[_Host, list[int]] = {}
+        for up in (True, False):
+            candidates = [h for h in self._hosts if h.up == up and h not in exclude]
+            while left and candidates:
+                held = {h: {e for e in left if ExpertId(layer, e) in h.experts} for h in candidates}
+                best = max(candidates, key=lambda h: (len(held[h]), -h.in_flight, -h.runs))
+                if not held[best]:
+                    break
+                groups[best] = [e for e in experts if e in held[best]]  # in the caller's order
+                left -= held[best]
+                candidates.remove(best)
+        return groups
+
+    async def _run_on(self, host: _Host, layer: int, experts: list[int], hidden: torch.Tensor, weights: torch.Tensor,
+                      timeout_s: float, tried: dict[_Host, str]) -> torch.Tensor | None:
+        """The host's weighted sum, or None after marking it down (its reason kept in `tried`)."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        host.in_flight += 1
+        try:
+            output = await host.client.run_experts(layer, experts, hidden, weights, timeout_s=timeout_s,
+                                                   model_id=self.model_id)
+        except HostError as err:
+            tried[host] = str(err)
+            self._mark_down(host, err)
+            return None
+        finally:
+            host.in_flight -= 1
+        host.runs += 1
+        host.run_seconds += loop.time() - started
+        host.run_bytes_sent += hidden.numel() * hidden.element_size() + weights.numel() * 4
+        host.run_bytes_received += output.numel() * 4
+        host.failures = 0
+        if not host.up:
+            self._mark_up(host, "a RunExperts call to it succeeded")
+        return output
+
+    def _run_unavailable_message(self, layer: int, experts: list[int], tried: dict[_Host, str]) -> str:
+        named = describe_experts(sorted(ExpertId(layer, e) for e in experts))
+        if tried:
+            return f"{named}: no expert host could run them; tried {len(tried)} host(s): " + "; ".join(tried.values())
+        return f"{named}: no expert host that answered holds them"
+
     # --- host health ---------------------------------------------------------------------
 
     def _mark_down(self, host: _Host, err: Exception) -> None:
@@ -327,6 +418,17 @@ class ExpertPool:
 
     def fetches_by_origin(self) -> dict[str, int]:
         return {host.address: host.fetches for host in self._hosts}
+
+    def run_seconds_by_origin(self) -> dict[str, float]:
+        """Seconds spent waiting for successful RunExperts calls, per host address."""
+        return {host.address: host.run_seconds for host in self._hosts}
+
+    def run_bytes_by_origin(self) -> dict[str, tuple[int, int]]:
+        """(bytes sent, bytes received) in successful RunExperts calls, per host address."""
+        return {host.address: (host.run_bytes_sent, host.run_bytes_received) for host in self._hosts}
+
+    def runs_by_origin(self) -> dict[str, int]:
+        return {host.address: host.runs for host in self._hosts}
 
     def host_status(self) -> dict[str, bool]:
         """Up (True) or marked down (False), per host address; safe to read from any thread."""

@@ -1,5 +1,6 @@
 """One expert host as the coordinator sees it: a grpc.aio channel, its grpc.health.v1 check,
-Info, and FetchExpert streamed straight into a caller's buffer with its checksum verified.
+Info, FetchExpert streamed straight into a caller's buffer with its checksum verified, and
+RunExperts (a layer's experts run there: hidden states out, their weighted sum back).
 
 Knows nothing of replicas or failover (expert_pool.py does that): every failure becomes one
 HostError that names the host, what we were doing and, where it helps, what to check. Made
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.credential_files import read_pem, read_token
@@ -29,6 +31,14 @@ from .cluster_config import ClusterConfig
 from .tls_check import diagnose_tls
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExpertHost"].full_name
+
+
+RUN_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """A CPU tensor's row-major bytes (bfloat16 included, which numpy lacks)."""
+    return tensor.contiguous().view(torch.uint8).numpy().tobytes()
 
 
 class HostCallError(HostError):
@@ -60,6 +70,9 @@ class HostInfo:
     memory_gbps: float
     host_name: str
     version: str
+    can_run_experts: bool = False
+    expert_ms: float = 0.0  # one expert at batch 1 on the host's CPU, measured at its start
+    run_experts_calls: int = 0  # RunExperts calls it answered since its start
 
 
 @dataclass(frozen=True)
@@ -126,6 +139,7 @@ class HostClient:
         self._metadata = ((AUTHORIZATION_KEY, f"Bearer {credentials.token}"),) if credentials.token else ()
         self._info = pb_grpc.ExpertHostStub(self._channel).Info
         self._health = health_pb2_grpc.HealthStub(self._channel).Check
+        self._run_experts = pb_grpc.ExpertHostStub(self._channel).RunExperts
         self._fetch = self._channel.unary_stream(
             FETCH_EXPERT_METHOD, request_serializer=pb.FetchExpertRequest.SerializeToString, response_deserializer=decode_chunk,
         )
@@ -157,6 +171,9 @@ class HostClient:
             memory_gbps=reply.memory_gbps,
             host_name=reply.host_name,
             version=reply.version,
+            can_run_experts=reply.can_run_experts,
+            expert_ms=reply.expert_ms,
+            run_experts_calls=reply.run_experts_calls,
         )
 
     async def fetch_into(self, eid: ExpertId, out: memoryview, *, checksum: str, model_id: str,
@@ -191,6 +208,29 @@ class HostClient:
             raise HostCallError(
                 f"{self}: {eid} arrived corrupted (checksum {digest.hexdigest()}, the manifest says {checksum})"
             )
+
+    async def run_experts(self, layer: int, experts: list[int], hidden: torch.Tensor, weights: torch.Tensor, *,
+                          timeout_s: float, model_id: str = "") -> torch.Tensor:
+        """The weighted sum of `experts` of `layer` run on the host: hidden [T, H] (a CPU tensor
+        in float32, bfloat16 or float16, which the host computes in), weights [T, n] -> [T, H]
+        float32. Raises HostCallError naming the host for a failed call or a wrong answer."""
+        if hidden.dtype not in RUN_DTYPE_NAMES:
+            raise ValueError(f"run_experts: hidden is {hidden.dtype}; send one of {', '.join(RUN_DTYPE_NAMES.values())}")
+        tokens, hidden_size = hidden.shape
+        request = pb.RunExpertsRequest(
+            layer=layer, experts=list(experts), dtype=RUN_DTYPE_NAMES[hidden.dtype], shape=[tokens, hidden_size],
+            hidden=_tensor_bytes(hidden), weights=_tensor_bytes(weights.float()), model_id=model_id,
+        )
+        doing = f"running layer {layer} experts {list(experts)}"
+        try:
+            reply = await self._run_experts(request, timeout=timeout_s, metadata=self._metadata)
+        except grpc.aio.AioRpcError as err:
+            raise self._call_error(err, doing, timeout_s) from None
+        if list(reply.shape) != [tokens, hidden_size] or len(reply.output) != tokens * hidden_size * 4:
+            raise HostCallError(f"{self}: answered {doing} with shape {list(reply.shape)} and {len(reply.output)} bytes; "
+                                f"expected float32 [{tokens}, {hidden_size}]")
+        # bytearray: torch.frombuffer wants a writable buffer; the copy is one step's activations
+        return torch.frombuffer(bytearray(reply.output), dtype=torch.float32).view(tokens, hidden_size)  # [T, H]
 
     def _check_first_chunk(self, eid: ExpertId, total_bytes: int, host_checksum: str, size: int, checksum: str) -> None:
         if total_bytes != size:
