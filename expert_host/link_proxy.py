@@ -48,7 +48,8 @@ class LinkShape:
         return int(self.rate_bytes_per_s * self.rtt_s) + 8 * CHUNK_BYTES
 
 
-async def _one_direction(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, shape: LinkShape) -> None:
+async def _one_direction(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, shape: LinkShape,
+                         carried: list[int]) -> None:
     queue: asyncio.Queue = asyncio.Queue()
     room = asyncio.Semaphore(max(1, shape.in_flight_bytes // CHUNK_BYTES))
 
@@ -70,6 +71,7 @@ async def _one_direction(reader: asyncio.StreamReader, writer: asyncio.StreamWri
             if delay > 0:
                 await asyncio.sleep(delay)
             writer.write(chunk)
+            carried[0] += len(chunk)
             room.release()
             await writer.drain()
         if writer.can_write_eof():
@@ -89,6 +91,8 @@ class LinkProxy:
         self.listen, self.to, self.shape = listen, to, shape
         self._server: asyncio.Server | None = None
         self.address = ""
+        self.bytes_to_host = [0]  # every byte that crossed the link, each way (a list: the pumps add to it)
+        self.bytes_to_client = [0]
 
     async def start(self) -> str:
         self._server = await asyncio.start_server(self._serve, self.listen.host, self.listen.port)
@@ -103,13 +107,18 @@ class LinkProxy:
             client_writer.close()  # the client sees the connection refused, as without the proxy
             return
         try:
-            await asyncio.gather(_one_direction(client_reader, upstream_writer, self.shape),
-                                 _one_direction(upstream_reader, client_writer, self.shape))
+            await asyncio.gather(_one_direction(client_reader, upstream_writer, self.shape, self.bytes_to_host),
+                                 _one_direction(upstream_reader, client_writer, self.shape, self.bytes_to_client))
         except (ConnectionError, OSError):
             pass  # one side went away: close both
         finally:
             for writer in (client_writer, upstream_writer):
                 writer.close()
+
+    @property
+    def bytes_carried(self) -> int:
+        """Bytes that crossed the link so far, both directions, everything included (gRPC's framing too)."""
+        return self.bytes_to_host[0] + self.bytes_to_client[0]
 
     async def close(self) -> None:
         if self._server is not None:

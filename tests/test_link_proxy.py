@@ -144,3 +144,35 @@ def test_the_command_refuses_a_lan_address_a_bad_rate_and_a_negative_rtt():
         result = expert_host_cli("link-proxy", "--to", "127.0.0.1:50051", *args)
         assert result.returncode == 2, result.stderr
         assert named in result.stderr.strip().splitlines()[-1]
+
+
+def test_placement_run_moves_under_one_percent_of_the_bytes_copy_moves_per_token(store16, expert_hosts):  # noqa: F811
+    """Issue 9: through a slow link, running the missing experts on the host that holds them moves
+    activations (a few KB a token) where copying moves the experts; counted at the link, both ways."""
+    from common.host_address import HostAddress as Address
+    from coordinator.runtime.engine import Engine
+    from coordinator.sources.cluster_config import ClusterConfig
+    from coordinator.sources.expert_pool import ExpertPool
+
+    host = expert_hosts.start(store16)
+    proxy = shaped(host.address, rate="100mbit", rtt_ms=1)
+
+    def bytes_per_decode_token(placement: str) -> float:
+        source = ExpertPool.source_factory(ClusterConfig(hosts=(Address.parse(proxy.address),)))
+        with Engine.open(store16, source=source, cache_experts=2, prefetch=False, placement=placement) as engine:
+            stream = list(range(40, 56))  # the same fed tokens for both placements
+            with engine.forced_decode(engine.encode("Hello world"), len(stream)) as run:
+                run.prefill()  # the prompt always copies: count the decode steps only
+                before = proxy.proxy.bytes_carried
+                for token in stream:
+                    run.step(token)
+                return (proxy.proxy.bytes_carried - before) / len(stream)
+
+    try:
+        copied = bytes_per_decode_token("copy")
+        ran = bytes_per_decode_token("run")
+    finally:
+        proxy.close()
+    print(f"bytes across the link per decode token: copy {copied:.0f}, run {ran:.0f} ({ran / copied:.2%})")
+    assert copied > 100_000  # experts of 393 KB crossed it
+    assert ran < 0.01 * copied, (ran, copied)

@@ -9,6 +9,7 @@ import pytest
 from common.errors import ConfigError
 from coordinator.runtime.engine import Engine
 from conftest import coordinator_cli
+from expert_host_processes import expert_hosts  # noqa: F401 (a fixture)
 
 PROMPT = "A small cache on the graphics card keeps the experts"
 
@@ -53,3 +54,16 @@ def test_an_unknown_placement_is_refused_in_one_line(store16):
         Engine.open(store16, placement="somewhere")
     result = coordinator_cli("generate", "--store", store16, "--prompt", "Hi", "--placement", "somewhere")
     assert result.returncode == 2 and "--placement" in result.stderr
+
+
+@pytest.mark.parametrize("shards", [("0-7",), ("0-5", "3-7", "0-2,6-7")], ids=["one host", "three hosts, two replicas each"])
+def test_greedy_tokens_with_experts_run_on_expert_hosts_equal_the_in_process_ones(store16, reference_tokens, expert_hosts,
+                                                                                   shards):  # noqa: F811
+    from common.host_address import HostAddress
+    from coordinator.sources.cluster_config import ClusterConfig
+    from coordinator.sources.expert_pool import ExpertPool
+
+    hosts = [expert_hosts.start(store16, "--experts", spec) for spec in shards]
+    source = ExpertPool.source_factory(ClusterConfig(hosts=tuple(HostAddress.parse(h.address) for h in hosts)))
+    tokens, stats, _ = generate(store16, source=source, cache_experts=2, placement="run")
+    assert tokens == reference_tokens and stats.experts_run_elsewhere > 0

@@ -36,7 +36,7 @@ from .fetch_loop import FetchLoop
 from .generation import AsyncGeneration, Generation
 from .kernels import quantized_linear_for
 from .model import KVCache, Transformer
-from .placement import LocalCpuRunner, PlacementDispatcher, measure_copy_seconds
+from .placement import HostRunner, LocalCpuRunner, PlacementDispatcher, measure_copy_seconds
 from .moe import MoEBlock
 from .prefetcher import RouterLookahead
 from .sampler import Sampler, SamplingParams
@@ -139,10 +139,13 @@ class Engine:
         """Placement run/auto: a runner for the experts that run where they live, and the
         dispatcher that chooses per miss (placement.py)."""
         if self._runner is None:
-            if not isinstance(self.source, (RamSource, DiskSource)):
-                raise ConfigError(f"--placement {self.options.placement}: running experts where they live is built "
-                                  "for experts in this machine's RAM or disk so far; use --placement copy with expert hosts")
-            self._runner = LocalCpuRunner(self.source, self.store.layout, self.dtype)
+            if isinstance(self.source, (RamSource, DiskSource)):
+                self._runner = LocalCpuRunner(self.source, self.store.layout, self.dtype)
+            elif callable(getattr(self.source, "run_layer", None)):  # expert hosts run their own experts
+                self._runner = HostRunner(self.source, self.fetch_loop)
+            else:
+                raise ConfigError(f"--placement {self.options.placement}: this expert source cannot run experts; "
+                                  "use --placement copy")
             self._closers.insert(0, self._runner.close)
             self._copy_seconds = measure_copy_seconds(self.device, self.store.blob_nbytes)
         self.moe.elsewhere = self._runner

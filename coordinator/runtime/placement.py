@@ -1,7 +1,7 @@
 """Placement per miss: for each expert a decode step needs that is not on the device, copy it
-into the cache, or run it where it lives. Here, "where it lives" is this machine's RAM or disk,
-and running it is the CPU expert executor (common/cpu_executor.py); expert hosts running their
-own experts plug in through the same `ExpertRunner` interface.
+into the cache, or run it where it lives: on this machine's CPU (LocalCpuRunner: the CPU expert
+executor, common/cpu_executor.py, over the RAM or disk source's blobs), or on the expert host
+that holds it (HostRunner: one RunExperts call per layer and host). Both are `ExpertRunner`s.
 
     copy  every miss is copied into the cache (the behaviour without placement)
     run   every miss runs where it lives; the cache holds what is already resident or loading
@@ -81,6 +81,36 @@ class LocalCpuRunner:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class HostRunner:
+    """Runs experts on the expert hosts that hold them: ExpertPool.run_layer, one RunExperts call
+    per layer and host, on the fetch loop; a host that fails hands its experts to a replica."""
+
+    def __init__(self, pool, fetch_loop) -> None:
+        self.pool, self.fetch_loop = pool, fetch_loop
+        self._seconds: float | None = None  # running mean time of one expert, the round trip included
+
+    def start(self, layer: int, experts: list[int], hidden: torch.Tensor, weights: torch.Tensor) -> concurrent.futures.Future:
+        started = time.perf_counter()
+        future = self.fetch_loop.submit(self.pool.run_layer(layer, experts, hidden, weights))
+
+        def measured(done: concurrent.futures.Future) -> None:
+            if done.exception() is None:
+                each = (time.perf_counter() - started) / len(experts)
+                self._seconds = each if self._seconds is None else 0.8 * self._seconds + 0.2 * each
+
+        future.add_done_callback(measured)
+        return future
+
+    def seconds_per_expert(self) -> float:
+        if self._seconds is not None:
+            return self._seconds
+        reported = self.pool.expert_seconds()  # the hosts' own measurement, before a first call
+        return reported if reported is not None else 0.01
+
+    def close(self) -> None:
+        pass
 
 
 class PlacementDispatcher:

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 class _Host:
     client: HostClient
     experts: frozenset[ExpertId] = frozenset()  # empty until it has answered Info
+    expert_ms: float = 0.0  # its Info: one expert at batch 1 on its CPU
     up: bool = False
     in_flight: int = 0
     fetches: int = 0
@@ -180,6 +181,12 @@ class ExpertPool:
         host.experts = info.experts
         host.up = True
         host.loading = False
+        host.expert_ms = info.expert_ms
+
+    def expert_seconds(self) -> float | None:
+        """The fastest up host's measured time to run one expert at batch 1 (from its Info)."""
+        times = [h.expert_ms for h in self._hosts if h.up and h.expert_ms > 0]
+        return min(times) / 1000 if times else None
 
     # --- fetching ------------------------------------------------------------------------
 
