@@ -63,12 +63,17 @@ def can_run_int4(matrix: QuantizedMatrix) -> bool:
 
 
 class CpuExpert:
-    """One expert's FFN, (SiLU(x W1) * (x W3)) W2, ready to run on the CPU."""
+    """One expert's FFN, activation(x W13 + b13) W2 + b2 (Mixtral's: SiLU(x W1) * (x W3), no
+    biases; the activation and biases come with the weights, as in common/expert_ffn.py), ready
+    to run on the CPU."""
 
     def __init__(self, weights: ExpertWeights, *, dtype: torch.dtype = torch.bfloat16) -> None:
         self.dtype = dtype
         self.w13 = self._matrix(weights.w13)  # [2F, H]: gate and up
         self.w2 = self._matrix(weights.w2)  # [H, F]
+        self.b13 = None if weights.b13 is None else weights.b13.to(dtype)  # [2F]
+        self.b2 = None if weights.b2 is None else weights.b2.to(dtype)  # [H]
+        self.activation = weights.activation
 
     def _matrix(self, weight) -> Int4Matrix | PlainMatrix:
         if isinstance(weight, QuantizedMatrix):
@@ -80,8 +85,11 @@ class CpuExpert:
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] -> [T, H] in the compute dtype."""
-        gate, up = self.w13(x).chunk(2, dim=-1)  # [T, F] each
-        return self.w2(F.silu(gate) * up)
+        gate_up = self.w13(x)  # [T, 2F]
+        if self.b13 is not None:
+            gate_up = gate_up + self.b13
+        out = self.w2(self.activation(gate_up))  # [T, H]
+        return out if self.b2 is None else out + self.b2
 
     @property
     def nbytes(self) -> int:

@@ -67,3 +67,15 @@ def test_greedy_tokens_with_experts_run_on_expert_hosts_equal_the_in_process_one
     source = ExpertPool.source_factory(ClusterConfig(hosts=tuple(HostAddress.parse(h.address) for h in hosts)))
     tokens, stats, _ = generate(store16, source=source, cache_experts=2, placement="run")
     assert tokens == reference_tokens and stats.experts_run_elsewhere > 0
+
+
+def test_gpt_oss_experts_with_biases_and_the_clamped_swiglu_run_on_the_cpu_as_on_the_device(tmp_path):
+    from coordinator.tools.pack import pack_checkpoint
+    from coordinator.tools.tiny_model import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "model", family="gpt_oss", num_layers=2, hidden_size=64, intermediate_size=32)
+    store = tmp_path / "store"
+    pack_checkpoint(model_dir=model, out=store, expert_bits=16, progress=False)
+    copied, _, _ = generate(store, cache_experts=1, placement="copy")
+    ran, stats, _ = generate(store, cache_experts=1, placement="run")
+    assert ran == copied and stats.experts_run_elsewhere > 0
