@@ -1,6 +1,6 @@
 """On a CUDA machine: every family's tiny random model gives the same greedy tokens on the GPU
-(float32, through CUDA graphs) as on the CPU, and its 4-bit store the same tokens with and without
-CUDA graphs in bfloat16. Prints one line per family; exit 1 if any differs. (The CPU side of these
+(float32, through CUDA graphs) as on the CPU, also with the decode misses run on the CPU
+(--placement run), and its 4-bit store the same tokens with and without CUDA graphs in bfloat16. Prints one line per family; exit 1 if any differs. (The CPU side of these
 checks is tests/test_families.py.)
 
     python scripts/check_families_cuda.py [WORKDIR]"""
@@ -41,12 +41,14 @@ def main() -> int:
         pack_checkpoint(model_dir=model, out=s4, expert_bits=4, dense_bits=4, progress=False)
         cpu, _ = tokens(s16, device="cpu", dtype="float32", cache_experts=2)
         gpu, _ = tokens(s16, device="cuda", dtype="float32", cache_experts=2)
+        ran, _ = tokens(s16, device="cuda", dtype="float32", cache_experts=2, placement="run")
         graphed, speed = tokens(s4, device="cuda", dtype="bfloat16", cache_experts=2)
         direct, _ = tokens(s4, device="cuda", dtype="bfloat16", cache_experts=2, cuda_graphs=False)
-        same = cpu == gpu and graphed == direct
+        same = cpu == gpu == ran and graphed == direct
         failed |= not same
-        print(f"{family:10s} float32 cpu == cuda: {cpu == gpu}   4-bit bf16 graphs == direct: {graphed == direct}   "
-              f"{speed:.0f} tok/s   ({time.perf_counter() - started:.0f} s)", flush=True)
+        print(f"{family:12s} float32 cpu == cuda: {cpu == gpu}   == cuda with misses run on the cpu: {gpu == ran}   "
+              f"4-bit bf16 graphs == direct: {graphed == direct}   {speed:.0f} tok/s   ({time.perf_counter() - started:.0f} s)",
+              flush=True)
     return 1 if failed else 0
 
 
