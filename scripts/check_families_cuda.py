@@ -3,7 +3,7 @@
 (--placement run), and its 4-bit store the same tokens with and without CUDA graphs in bfloat16. Prints one line per family; exit 1 if any differs. (The CPU side of these
 checks is tests/test_families.py.)
 
-    python scripts/check_families_cuda.py [WORKDIR]"""
+    python scripts/check_families_cuda.py [WORKDIR [FAMILY,...]]"""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     work = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp())
     failed = False
-    for family in FAMILY_NAMES:
+    families = sys.argv[2].split(",") if len(sys.argv) > 2 else FAMILY_NAMES
+    for family in families:
         started = time.perf_counter()
         model = make_tiny_model(work / family / "model", family=family)
         s16, s4 = work / family / "s16", work / family / "s4"

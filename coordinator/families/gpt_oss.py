@@ -27,6 +27,7 @@ from common.store import dense_names
 from . import hf_layout
 
 MODEL_TYPE = "gpt_oss"
+SWIGLU_ALPHA, SWIGLU_LIMIT = 1.702, 7.0  # GPT-OSS's own values, for configs that do not carry them
 EXPERTS = "model.layers.{layer}.mlp.experts"
 LAYER_TYPES = ("sliding_attention", "full_attention")
 MXFP4 = "MXFP4 experts are not read yet"
@@ -68,8 +69,9 @@ def model_config(hf: dict[str, Any], *, source: str = "config.json") -> ModelCon
         router="topk_softmax",
         expert_bias=True,
         expert_activation="clamped_swiglu",
-        swiglu_alpha=float(config.swiglu_alpha),
-        swiglu_limit=float(config.swiglu_limit),
+        # transformers before 5.2x fixed alpha at 1.702 in the model code and kept only the limit in the config
+        swiglu_alpha=float(getattr(config, "swiglu_alpha", None) or hf.get("swiglu_alpha", SWIGLU_ALPHA)),
+        swiglu_limit=float(getattr(config, "swiglu_limit", None) or hf.get("swiglu_limit", SWIGLU_LIMIT)),
         **_yarn(config, source),
     )
 
