@@ -14,7 +14,6 @@ YaRN), attention biases, activations other than SiLU."""
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
@@ -44,22 +43,10 @@ def model_config(hf: dict[str, Any], *, source: str = "config.json") -> ModelCon
     hf_layout.require(source, "attention_bias", bool(config.attention_bias), (False,))
     dense = tuple(range(min(config.first_k_dense_replace, config.num_hidden_layers)))
     return ModelConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.moe_intermediate_size,
-        num_layers=config.num_hidden_layers,
-        num_heads=config.num_attention_heads,
-        num_kv_heads=config.num_attention_heads,  # latent attention: every query head has its own k and v
-        head_dim=config.qk_nope_head_dim + config.qk_rope_head_dim,
-        num_experts=config.n_routed_experts,
-        top_k=config.num_experts_per_tok,
-        rms_norm_eps=float(config.rms_norm_eps),
-        rope_theta=hf_layout.rope_theta(config, source),
-        max_position_embeddings=config.max_position_embeddings,
-        sliding_window=None,
-        tie_word_embeddings=bool(config.tie_word_embeddings),
-        bos_token_id=config.bos_token_id,
-        eos_token_id=hf_layout.first_eos(config),
+        **hf_layout.shared_fields(
+            config, source, intermediate_size=config.moe_intermediate_size, num_experts=config.n_routed_experts,
+            top_k=config.num_experts_per_tok, head_dim=config.qk_nope_head_dim + config.qk_rope_head_dim,
+            num_kv_heads=config.num_attention_heads),  # latent attention: every query head has its own k and v
         family=MODEL_TYPE,
         router="sigmoid_grouped",
         norm_topk_prob=bool(config.norm_topk_prob),
@@ -101,20 +88,10 @@ def latent_attention(checkpoint, layer: int) -> dict[str, torch.Tensor]:
 
 
 def dense_tensors(checkpoint) -> dict[str, torch.Tensor]:
-    config = checkpoint.config
     tensors = hf_layout.embeddings_and_head(checkpoint)
-    for layer in range(config.num_layers):
+    for layer in range(checkpoint.config.num_layers):
         tensors.update(latent_attention(checkpoint, layer))
-        mlp = f"model.layers.{layer}.mlp"
-        if layer in config.dense_layers:
-            tensors[dense_names.dense_ffn(layer, "w13")], tensors[dense_names.dense_ffn(layer, "w2")] = \
-                hf_layout.gated_mlp(checkpoint, mlp)
-            continue
-        tensors[dense_names.router(layer)] = checkpoint.tensor(f"{mlp}.gate.weight")
-        tensors[dense_names.router_bias(layer)] = checkpoint.tensor(f"{mlp}.gate.e_score_correction_bias")
-        if config.shared_expert_intermediate_size:
-            tensors[dense_names.shared_expert(layer, "w13")], tensors[dense_names.shared_expert(layer, "w2")] = \
-                hf_layout.gated_mlp(checkpoint, f"{mlp}.shared_experts")
+        tensors.update(hf_layout.ffn_tensors(checkpoint, layer, router_bias=True, shared_prefix="shared_experts"))
     return tensors
 
 
@@ -124,5 +101,4 @@ def expert_matrices(checkpoint, layer: int, expert: int) -> tuple[torch.Tensor, 
 
 def left_out(name: str, config: ModelConfig) -> bool:
     """The multi-token-prediction layers: numbered from num_hidden_layers on."""
-    match = re.match(r"model\.layers\.(\d+)\.", name)
-    return match is not None and int(match.group(1)) >= config.num_layers
+    return hf_layout.past_the_layers(name, config)

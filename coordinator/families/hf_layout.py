@@ -8,6 +8,7 @@ family reads (every other tensor is refused by name, tools/pack.py)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -104,3 +105,50 @@ def routed_expert(checkpoint, layer: int, expert: int, experts_prefix: str) -> t
         w1, w3 = checkpoint.tensor(f"{prefix}.gate_up_proj")[expert].chunk(2, dim=0)
         return w1, w3, checkpoint.tensor(f"{prefix}.down_proj")[expert]
     raise StoreError(f"{checkpoint.folder}: no weights for layer {layer} expert {expert} ({prefix}.{expert}.gate_proj.weight)")
+
+
+def shared_fields(config, source: str, **overrides: Any) -> dict[str, Any]:
+    """The ModelConfig fields every family here reads the same way from its transformers config,
+    with a family's `overrides` (its experts' sizes, a head size of its own) over them."""
+    return {**dict(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        num_layers=config.num_hidden_layers,
+        num_heads=config.num_attention_heads,
+        num_kv_heads=config.num_key_value_heads,
+        head_dim=head_dim(config),
+        rms_norm_eps=float(config.rms_norm_eps),
+        rope_theta=rope_theta(config, source),
+        max_position_embeddings=config.max_position_embeddings,
+        sliding_window=None,
+        tie_word_embeddings=bool(config.tie_word_embeddings),
+        bos_token_id=config.bos_token_id,
+        eos_token_id=first_eos(config),
+    ), **overrides}
+
+
+def ffn_tensors(checkpoint, layer: int, *, router_bias: bool = False, shared_prefix: str | None = None,
+                shared_gate: bool = False) -> dict[str, torch.Tensor]:
+    """A layer's FFN part of the dense tensors: a dense layer's MLP; or a MoE layer's router (with
+    its choice bias), and its shared expert at `mlp.<shared_prefix>` (with its gate)."""
+    config, mlp = checkpoint.config, f"model.layers.{layer}.mlp"
+    tensors: dict[str, torch.Tensor] = {}
+    if layer in config.dense_layers:
+        tensors[dense_names.dense_ffn(layer, "w13")], tensors[dense_names.dense_ffn(layer, "w2")] = gated_mlp(checkpoint, mlp)
+        return tensors
+    tensors[dense_names.router(layer)] = checkpoint.tensor(f"{mlp}.gate.weight")
+    if router_bias:
+        tensors[dense_names.router_bias(layer)] = checkpoint.tensor(f"{mlp}.gate.e_score_correction_bias")
+    if shared_prefix is not None and config.shared_expert_intermediate_size:
+        tensors[dense_names.shared_expert(layer, "w13")], tensors[dense_names.shared_expert(layer, "w2")] = \
+            gated_mlp(checkpoint, f"{mlp}.{shared_prefix}")
+        if shared_gate:
+            tensors[dense_names.shared_expert_gate(layer)] = checkpoint.tensor(f"{mlp}.{shared_prefix}_gate.weight")
+    return tensors
+
+
+def past_the_layers(name: str, config) -> bool:
+    """A tensor of a layer numbered from num_hidden_layers on: GLM's and DeepSeek's
+    multi-token-prediction layers, which plain decoding does not use."""
+    match = re.match(r"model\.layers\.(\d+)\.", name)
+    return match is not None and int(match.group(1)) >= config.num_layers

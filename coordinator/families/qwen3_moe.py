@@ -12,7 +12,6 @@ from typing import Any
 import torch
 
 from common.model_config import ModelConfig
-from common.store import dense_names
 
 from . import hf_layout
 
@@ -36,22 +35,8 @@ def model_config(hf: dict[str, Any], *, source: str = "config.json") -> ModelCon
     hf_layout.require(source, "use_sliding_window", bool(config.use_sliding_window), (False,))
     dense = dense_layers_of(config)
     return ModelConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.moe_intermediate_size,
-        num_layers=config.num_hidden_layers,
-        num_heads=config.num_attention_heads,
-        num_kv_heads=config.num_key_value_heads,
-        head_dim=hf_layout.head_dim(config),
-        num_experts=config.num_experts,
-        top_k=config.num_experts_per_tok,
-        rms_norm_eps=float(config.rms_norm_eps),
-        rope_theta=hf_layout.rope_theta(config, source),
-        max_position_embeddings=config.max_position_embeddings,
-        sliding_window=None,
-        tie_word_embeddings=bool(config.tie_word_embeddings),
-        bos_token_id=config.bos_token_id,
-        eos_token_id=hf_layout.first_eos(config),
+        **hf_layout.shared_fields(config, source, intermediate_size=config.moe_intermediate_size, num_experts=config.num_experts,
+                                  top_k=config.num_experts_per_tok),
         family=MODEL_TYPE,
         attention_bias=bool(config.attention_bias),
         qk_norm="head",
@@ -62,16 +47,10 @@ def model_config(hf: dict[str, Any], *, source: str = "config.json") -> ModelCon
 
 
 def dense_tensors(checkpoint) -> dict[str, torch.Tensor]:
-    config = checkpoint.config
     tensors = hf_layout.embeddings_and_head(checkpoint)
-    for layer in range(config.num_layers):
+    for layer in range(checkpoint.config.num_layers):
         tensors.update(hf_layout.attention(checkpoint, layer))
-        mlp = f"model.layers.{layer}.mlp"
-        if layer in config.dense_layers:
-            w13, w2 = hf_layout.gated_mlp(checkpoint, mlp)
-            tensors[dense_names.dense_ffn(layer, "w13")], tensors[dense_names.dense_ffn(layer, "w2")] = w13, w2
-        else:
-            tensors[dense_names.router(layer)] = checkpoint.tensor(f"{mlp}.gate.weight")
+        tensors.update(hf_layout.ffn_tensors(checkpoint, layer))
     return tensors
 
 
