@@ -79,3 +79,25 @@ def test_gpt_oss_experts_with_biases_and_the_clamped_swiglu_run_on_the_cpu_as_on
     copied, _, _ = generate(store, cache_experts=1, placement="copy")
     ran, stats, _ = generate(store, cache_experts=1, placement="run")
     assert ran == copied and stats.experts_run_elsewhere > 0
+
+
+def test_a_host_killed_while_it_runs_experts_costs_no_token(store16, reference_tokens, expert_hosts):  # noqa: F811
+    """Issue 9: a host that dies during generation with placement run hands its experts' runs to a
+    replica; the tokens are the in-process ones, and the dead host is marked down."""
+    from common.host_address import HostAddress
+    from coordinator.sources.cluster_config import ClusterConfig
+    from coordinator.sources.expert_pool import ExpertPool
+
+    a, b, c = expert_hosts.start_many([(store16, "--experts", spec) for spec in ("0-5", "3-7", "0-2,6-7")])
+    source = ExpertPool.source_factory(ClusterConfig(hosts=tuple(HostAddress.parse(h.address) for h in (a, b, c))))
+    with Engine.open(store16, source=source, cache_experts=2, placement="run") as engine:
+        generation = engine.generate(PROMPT, max_new_tokens=12, stop_at_eos=False)
+        ran_before_kill = {}
+        for count, _ in enumerate(generation, start=1):
+            if count == 4:
+                ran_before_kill.update(engine.source.runs_by_origin())
+                a.kill()
+        assert generation.token_ids == reference_tokens
+        assert ran_before_kill[a.address] > 0  # A really ran experts before it died
+        assert engine.source.host_status()[a.address] is False
+        assert engine.source.runs_by_origin()[a.address] == ran_before_kill[a.address]
