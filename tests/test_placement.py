@@ -67,6 +67,7 @@ def test_greedy_tokens_with_experts_run_on_expert_hosts_equal_the_in_process_one
     source = ExpertPool.source_factory(ClusterConfig(hosts=tuple(HostAddress.parse(h.address) for h in hosts)))
     tokens, stats, _ = generate(store16, source=source, cache_experts=2, placement="run")
     assert tokens == reference_tokens and stats.experts_run_elsewhere > 0
+    assert sum(stats.run_bytes_by_source.values()) > 0 and sum(stats.run_seconds_by_source.values()) > 0
 
 
 def test_gpt_oss_experts_with_biases_and_the_clamped_swiglu_run_on_the_cpu_as_on_the_device(tmp_path):

@@ -61,16 +61,21 @@ class EngineSnapshot:
     bytes_by_source: dict[str, int]  # ram / disk / an expert host's address -> bytes delivered
     fetches_by_source: dict[str, int]  # the same, in experts delivered (one blob each)
     hosts_up: dict[str, bool] = field(default_factory=dict)  # expert host address -> answering
+    run_seconds_by_source: dict[str, float] = field(default_factory=dict)  # waiting on RunExperts, per host
+    run_bytes_by_source: dict[str, int] = field(default_factory=dict)  # RunExperts bytes, sent + received, per host
 
     @classmethod
     def take(cls, counters: ExpertCounters, bytes_by_source: dict[str, int], blob_nbytes: int,
-             hosts_up: dict[str, bool]) -> "EngineSnapshot":
+             hosts_up: dict[str, bool], run_seconds: dict[str, float] | None = None,
+             run_bytes: dict[str, int] | None = None) -> "EngineSnapshot":
         return cls(
             per_layer={name: tuple(getattr(counters, name)) for name in COUNTER_FIELDS},
             wait_s=counters.wait_s,
             bytes_by_source=dict(bytes_by_source),
             fetches_by_source={origin: count // blob_nbytes for origin, count in bytes_by_source.items()},
             hosts_up=dict(hosts_up),
+            run_seconds_by_source=dict(run_seconds or {}),
+            run_bytes_by_source=dict(run_bytes or {}),
         )
 
     def total(self, name: str) -> int:
@@ -89,6 +94,8 @@ class EngineSnapshot:
             bytes_by_source=minus(self.bytes_by_source, earlier.bytes_by_source),
             fetches_by_source=minus(self.fetches_by_source, earlier.fetches_by_source),
             hosts_up=self.hosts_up,
+            run_seconds_by_source=minus(self.run_seconds_by_source, earlier.run_seconds_by_source),
+            run_bytes_by_source=minus(self.run_bytes_by_source, earlier.run_bytes_by_source),
         )
 
     @property

@@ -177,9 +177,13 @@ class Engine:
 
     def snapshot(self) -> EngineSnapshot:
         """The lifetime counters, bytes per source and host health, now (any thread)."""
-        host_status = getattr(self.source, "host_status", None)  # sources of expert hosts report health
+        def optional(name: str) -> dict:  # what only the sources of expert hosts report
+            read = getattr(self.source, name, None)
+            return read() if callable(read) else {}
+
+        run_bytes = {host: sent + received for host, (sent, received) in optional("run_bytes_by_origin").items()}
         return EngineSnapshot.take(self.counters, self.source.bytes_by_origin(), self.source.blob_nbytes,
-                                   host_status() if callable(host_status) else {})
+                                   optional("host_status"), optional("run_seconds_by_origin"), run_bytes)
 
     def add_closer(self, closer: Callable[[], None]) -> None:
         """Something to stop when the engine closes (a local expert host, say)."""

@@ -31,6 +31,8 @@ class GenerationStats:
     wait_s: float = 0.0  # time the token loop waited on expert loads
     bytes_by_source: dict[str, int] = field(default_factory=dict)
     fetches_by_source: dict[str, int] = field(default_factory=dict)  # experts delivered (one blob each)
+    run_seconds_by_source: dict[str, float] = field(default_factory=dict)  # waiting on hosts running experts
+    run_bytes_by_source: dict[str, int] = field(default_factory=dict)  # what those calls sent and received
 
     def record(self, delta: EngineSnapshot) -> None:
         """Take the engine's counts of this generation (a later snapshot minus an earlier one)."""
@@ -44,6 +46,8 @@ class GenerationStats:
         self.wait_s = delta.wait_s
         self.bytes_by_source = delta.bytes_by_source
         self.fetches_by_source = delta.fetches_by_source
+        self.run_seconds_by_source = delta.run_seconds_by_source
+        self.run_bytes_by_source = delta.run_bytes_by_source
 
     def to_dict(self) -> dict:
         return asdict(self)

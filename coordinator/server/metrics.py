@@ -48,6 +48,18 @@ class EngineCollector(Collector):
         for origin, count in sorted(snapshot.bytes_by_source.items()):
             by_source.add_metric([origin], count)
         yield by_source
+        if snapshot.run_seconds_by_source:
+            seconds = CounterMetricFamily("moe_edge_run_experts_seconds",
+                                          "Time waiting on expert hosts running experts (RunExperts), per host.",
+                                          labels=["host"])
+            sent = CounterMetricFamily("moe_edge_run_experts_bytes",
+                                       "Bytes of RunExperts calls (activations sent, sums received), per host.",
+                                       labels=["host"])
+            for host in sorted(snapshot.run_seconds_by_source):
+                seconds.add_metric([host], snapshot.run_seconds_by_source[host])
+                sent.add_metric([host], snapshot.run_bytes_by_source.get(host, 0))
+            yield seconds
+            yield sent
         if snapshot.hosts_up:
             up = GaugeMetricFamily("moe_edge_host_up", "1 if the expert host answers, 0 if not.", labels=["host"])
             for host, is_up in sorted(snapshot.hosts_up.items()):
