@@ -28,3 +28,27 @@ def test_decode_steps_give_the_prompt_paths_logits_and_tokens(request, store_nam
         at_once = engine.model.forward(torch.tensor(tokens), 0, whole, all_logits=True)[len(prompt):]  # [STEPS, V]
         assert (torch.stack(stepped) - at_once).abs().max().item() < 1e-4
         assert [int(row.argmax()) for row in stepped[:-1]] == tokens[len(prompt) + 1:]
+
+
+@pytest.mark.parametrize("store_name", ["store16", "store4"])
+def test_the_staged_expert_path_for_many_slots_gives_the_same_logits(request, store_name):
+    """Past MAX_EXPERT_GRAPHS (layers x slots x top-k), each expert runs from a staging buffer that
+    a device-side slot index fills: it must compute what the graph-per-slot path computes."""
+    from coordinator.runtime.decoder import Decoder
+
+    store = request.getfixturevalue(store_name)
+    with Engine.open(store, cache_experts=3) as engine, torch.inference_mode():
+        prompt = engine.encode("The quick brown fox")
+        runs = []
+        for max_graphs in (10_000, 0):  # per-slot graphs, then staged
+            kv = KVCache(engine.config, 64, torch.device("cpu"), torch.float32)
+            logits = engine._prefill(prompt, kv)
+            decoder = Decoder(engine.model, kv, cuda_graphs=False, max_expert_graphs=max_graphs)
+            assert decoder.staged == (max_graphs == 0)
+            steps, position = [], len(prompt)
+            for _ in range(STEPS):
+                logits = decoder.step(int(logits[-1].argmax()), position).clone()
+                steps.append(logits[0])
+                position += 1
+            runs.append(torch.stack(steps))
+        assert (runs[0] - runs[1]).abs().max().item() < 1e-5

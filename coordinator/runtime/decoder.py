@@ -36,10 +36,20 @@ class _Direct:
         self.replay = work
 
 
+MAX_EXPERT_GRAPHS = 2048  # past this, one graph per (layer, slot, position) costs more to capture than it saves
+
+
 class Decoder:
-    def __init__(self, model: Transformer, kv: KVCache, *, cuda_graphs: bool = True) -> None:
+    def __init__(self, model: Transformer, kv: KVCache, *, cuda_graphs: bool = True,
+                 max_expert_graphs: int = MAX_EXPERT_GRAPHS) -> None:
+        """`max_expert_graphs`: with more (layer, slot, top-k position) triples than that (many
+        experts, many slots), each expert runs from a staging buffer per top-k position instead:
+        one graph per (layer, position) copies the chosen slot there on the device (the slot's
+        index is a device tensor), then computes; a blob's copy inside HBM, against thousands of
+        graphs otherwise."""
         self.model, self.kv = model, kv
         self.capture = cuda_graphs and model.device.type == "cuda"
+        self.max_expert_graphs = max_expert_graphs
         self.clock: PhaseClock | None = None
         self.moe, self.cache = model.moe, model.moe.provider
         c, device, dtype = model.config, model.device, model.dtype
@@ -85,6 +95,13 @@ class Decoder:
         ys = expert_forward(self.moe_in, self.cache.slot_weights(layer, slot), self.moe.quantized_linear)  # [1, H]
         self.out.add_((ys * self.weights[:, position : position + 1]).to(self.out.dtype))
 
+    def _staged_expert(self, layer: int, position: int) -> None:
+        """The expert in the slot `slot_index[position]` names, through the staging buffer."""
+        torch.index_select(self.cache.layer_memory(layer), 0, self.slot_index[position : position + 1],
+                           out=self.staging[position : position + 1])  # [1, nbytes]: the blob, on the device
+        ys = expert_forward(self.moe_in, self.staging_views[position], self.moe.quantized_linear)  # [1, H]
+        self.out.add_((ys * self.weights[:, position : position + 1]).to(self.out.dtype))
+
     def _head(self) -> None:
         torch.add(self.h, self.out, out=self.x)
         normed = rms_norm(self.x, self.model.weights.norm, self.config.rms_norm_eps)
@@ -95,6 +112,12 @@ class Decoder:
     def _capture_all(self) -> None:
         c = self.config
         self.moe_layers = set(self.cache.expert_layers)
+        device, nbytes = self.model.device, self.cache.layout.nbytes
+        self.slot_index = torch.zeros(c.top_k, dtype=torch.long, device=device)  # staged path: each position's slot
+        with torch.inference_mode(False):
+            self.staging = torch.zeros(c.top_k, nbytes, dtype=torch.uint8, device=device) \
+                if len(self.moe_layers) * self.cache.slots_per_layer * c.top_k > self.max_expert_graphs else None
+        self.staging_views = [self.cache.layout.views(row) for row in self.staging] if self.staging is not None else []
         for layer in range(c.num_layers):  # plan buffers, sized by a dry run of the router
             self.plans.append(torch.zeros_like(self.moe.route(layer, self.h)[2]) if layer in self.moe_layers else None)
         if self.capture:
@@ -102,11 +125,19 @@ class Decoder:
         self.embed_graph = self._graph(self._embed)
         self.layer_graphs = [self._graph(lambda l=layer: self._layer(l)) for layer in range(c.num_layers)]
         slots = self.cache.slots_per_layer
-        self.expert_graphs = [
-            [[self._graph(lambda l=layer, s=slot, p=position: self._expert(l, s, p)) for position in range(c.top_k)]
-             for slot in range(slots)] if layer in self.moe_layers else []
-            for layer in range(c.num_layers)
-        ]
+        self.staged = len(self.moe_layers) * slots * c.top_k > self.max_expert_graphs
+        if self.staged:
+            self.expert_graphs = [
+                [self._graph(lambda l=layer, p=position: self._staged_expert(l, p)) for position in range(c.top_k)]
+                if layer in self.moe_layers else []
+                for layer in range(c.num_layers)
+            ]
+        else:
+            self.expert_graphs = [
+                [[self._graph(lambda l=layer, s=slot, p=position: self._expert(l, s, p)) for position in range(c.top_k)]
+                 for slot in range(slots)] if layer in self.moe_layers else []
+                for layer in range(c.num_layers)
+            ]
         self.head_graph = self._graph(self._head)
         if self.capture:
             torch.cuda.synchronize(self.model.device)
@@ -121,7 +152,7 @@ class Decoder:
             for layer in range(c.num_layers):
                 self._layer(layer)
                 if layer in self.moe_layers:
-                    self._expert(layer, 0, 0)
+                    self._staged_expert(layer, 0) if self.staging is not None else self._expert(layer, 0, 0)
             self._head()
         torch.cuda.current_stream(self.model.device).wait_stream(side)
 
@@ -158,7 +189,12 @@ class Decoder:
                 slot = self.cache.acquire(layer, expert)
                 if clock:
                     clock.mark("waiting on copies")
-                self.expert_graphs[layer][slot][plan.chosen.index(expert)].replay()
+                position = plan.chosen.index(expert)
+                if self.staged:
+                    self.slot_index[position].fill_(slot)  # a launch with the index as its argument, no sync
+                    self.expert_graphs[layer][position].replay()
+                else:
+                    self.expert_graphs[layer][slot][position].replay()
                 self.cache.done(layer, expert)
                 if clock:
                     clock.mark("expert compute")

@@ -115,6 +115,10 @@ class ExpertCache:
             torch.cuda.current_stream(self.device).wait_event(slot.ready)
         return index
 
+    def layer_memory(self, layer: int) -> torch.Tensor:
+        """The layer's slots as one [K, nbytes] tensor (fixed address: CUDA graphs can index it)."""
+        return self._memory[layer]
+
     def slot_weights(self, layer: int, index: int) -> ExpertWeights:
         """Views over one slot's memory (fixed addresses: CUDA graphs can read them)."""
         return self._views[layer][index]
