@@ -38,12 +38,15 @@ def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """(the MXFP4 checkpoint, the dequantized float32 one)."""
+    return write_checkpoints(tmp_path_factory.mktemp("mxfp4"))
+
+
+def write_checkpoints(root):
+    """(the MXFP4 checkpoint, the dequantized float32 one), in `root`."""
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
     from coordinator.tools.tiny_model import make_tiny_model
 
-    root = tmp_path_factory.mktemp("mxfp4")
     plain = make_tiny_model(root / "plain", family="gpt_oss", seed=0, **SIZES)
     mxfp4, reference = shutil.copytree(plain, root / "mxfp4"), shutil.copytree(plain, root / "reference")
     weights = load_file(plain / "model.safetensors")
@@ -143,11 +146,12 @@ def test_logits_match_transformers_on_the_dequantized_checkpoint(store, referenc
             past, token, position = theirs.past_key_values, int(theirs.logits[0, -1].argmax()), position + 1
 
 
-@pytest.mark.parametrize("cache_experts", [1, 8], ids=["K=1", "all-cached"])
-def test_greedy_tokens_equal_transformers_generate(store, reference, prompt_ids, cache_experts):
+@pytest.mark.parametrize("options", [dict(cache_experts=1), dict(cache_experts=8), dict(cache_experts=2, placement="run")],
+                         ids=["K=1", "all-cached", "misses-run-on-the-cpu"])
+def test_greedy_tokens_equal_transformers_generate(store, reference, prompt_ids, options):
     with torch.inference_mode():
         expected = reference.generate(prompt_ids[None], do_sample=False, max_new_tokens=DECODE_STEPS)[0, PROMPT_TOKENS:]
-    with Engine.open(store, cache_experts=cache_experts) as engine:
+    with Engine.open(store, **options) as engine:
         generation = engine.generate(prompt_ids.tolist(), max_new_tokens=DECODE_STEPS, stop_at_eos=False)
         list(generation)
     assert generation.token_ids == expected.tolist()
