@@ -180,11 +180,11 @@ def _mxfp4(checkpoint, name: str, out_features: int, in_features: int) -> _Mxfp4
     experts = checkpoint.config.num_experts
     wanted = {f"{name}_blocks": (experts, out_features, in_features // BLOCK, BLOCK // 2),
               f"{name}_scales": (experts, out_features, in_features // BLOCK)}
+    if in_features % BLOCK:
+        raise ConfigError(f"{checkpoint.folder}: tensor {name}_blocks: MXFP4 needs an input width that is a "
+                          f"multiple of {BLOCK}, the config has {in_features}")
     tensors = []
     for tensor_name, shape in wanted.items():
-        if in_features % BLOCK:
-            raise ConfigError(f"{checkpoint.folder}: tensor {tensor_name}: MXFP4 needs an input width that is a "
-                              f"multiple of {BLOCK}, the config has {in_features}")
         if not checkpoint.has(tensor_name):
             raise ConfigError(f"{checkpoint.folder}: tensor {tensor_name} is missing: an MXFP4 matrix needs its "
                               f"blocks and its scales")
