@@ -6,7 +6,8 @@ scale and zero per group: common/quantization.py) is repacked, exactly, for torc
 weight-only matmul (`torch._weight_int4pack_mm_for_cpu`), which reads the packed codes once per
 call. The two formulas agree term by term: HQQ's w = (q - z) * s is torch's (q - 8) * s + z' with
 z' = (8 - z) * s, and codes of fewer than 4 bits are 4-bit codes that leave the top bits zero.
-An unquantized expert keeps its matrices in the compute dtype and uses a plain matmul.
+An unquantized expert keeps its matrices in the compute dtype and uses a plain matmul; so does an
+MXFP4 one (common/mxfp4.py), dequantized at load: torch has no CPU matmul that reads e2m1 codes.
 
 Knows nothing of caches, sources or the network: an ExpertWeights view in, a module out.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .mxfp4 import Mxfp4Matrix
 from .quantization import QuantizedMatrix
 from .store.blob_layout import ExpertWeights
 
@@ -80,6 +82,8 @@ class CpuExpert:
             if can_run_int4(weight):
                 return Int4Matrix(weight, self.dtype)
             return PlainMatrix(weight.dequantize(torch.float32), self.dtype)  # a group size torch's kernel lacks
+        if isinstance(weight, Mxfp4Matrix):
+            return PlainMatrix(weight.dequantize(torch.float32), self.dtype)
         return PlainMatrix(weight, self.dtype)
 
     @torch.inference_mode()

@@ -1,11 +1,11 @@
-"""The expert FFN: activation(x W13 + b13) W2 + b2, on plain or HQQ-quantized weights. Mixtral's
+"""The expert FFN: activation(x W13 + b13) W2 + b2, on plain, HQQ-quantized or MXFP4 weights. Mixtral's
 is (SiLU(x W1) * (x W3)) W2 with no biases; GPT-OSS adds the biases and its clamped SwiGLU. The
 biases and the activation come with the expert's weights (the blob layout), so they run here,
 outside whichever `quantized` linear does the matmuls.
 
 `linear` is the plain path: dequantize, then matmul. The coordinator passes its fused CUDA
 kernels instead where it has them (coordinator/runtime/kernels); this path is their reference and what
-the CPU runs.
+the CPU runs. A `quantized` linear is given both kinds of quantized matrix (HQQ and MXFP4).
 
 Shapes: T = tokens routed to this expert, H = hidden size, F = expert FFN width."""
 
@@ -16,19 +16,21 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .mxfp4 import Mxfp4Matrix
 from .quantization import QuantizedMatrix
 from .store.blob_layout import ExpertWeights
 
-Linear = Callable[[torch.Tensor, QuantizedMatrix], torch.Tensor]
+Linear = Callable[[torch.Tensor, QuantizedMatrix | Mxfp4Matrix], torch.Tensor]
 
 
-def dequantize_linear(x: torch.Tensor, weight: QuantizedMatrix) -> torch.Tensor:
+def dequantize_linear(x: torch.Tensor, weight: QuantizedMatrix | Mxfp4Matrix) -> torch.Tensor:
     return F.linear(x, weight.dequantize(x.dtype))
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedMatrix, quantized: Linear = dequantize_linear) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedMatrix | Mxfp4Matrix,
+           quantized: Linear = dequantize_linear) -> torch.Tensor:
     """x [T, I] @ weight[O, I].T -> [T, O] in x's dtype."""
-    if isinstance(weight, QuantizedMatrix):
+    if isinstance(weight, (QuantizedMatrix, Mxfp4Matrix)):
         return quantized(x, weight)
     return F.linear(x, weight.to(x.dtype))
 

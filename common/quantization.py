@@ -9,6 +9,9 @@ layout of our own that a GPU kernel can read in one pass:
 - a plane of width w packs p = 8 // w codes per byte, "planar" within a row: byte j of row o holds
   the codes of columns j, j + P, j + 2P, ... (P = in_features // p), the first in the high bits.
 
+A QuantSpec also names the stored format: "hqq" (the above) or "mxfp4", a checkpoint's own
+MXFP4 kept as it is read (common/mxfp4.py: 4 bits, a power-of-two scale per 32 weights).
+
 Shapes: O = out_features, I = in_features, G = I // group_size."""
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import torch
 from .errors import ConfigError
 
 SUPPORTED_BITS = (16, 4, 3, 2)  # 16: no quantization, the checkpoint's dtype is kept
+FORMATS = ("hqq", "mxfp4")
+MXFP4_BITS, MXFP4_GROUP = 4, 32  # what the OCP microscaling format fixes
 
 
 def bit_planes(bits: int) -> tuple[int, ...]:
@@ -34,8 +39,18 @@ def bit_planes(bits: int) -> tuple[int, ...]:
 class QuantSpec:
     bits: int
     group_size: int = 64
+    format: str = "hqq"  # "mxfp4": a checkpoint's MXFP4 kept as stored, never made by quantizing here
+
+    @classmethod
+    def mxfp4(cls) -> "QuantSpec":
+        return cls(MXFP4_BITS, MXFP4_GROUP, "mxfp4")
 
     def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ConfigError(f"format {self.format!r}: choose one of {', '.join(FORMATS)}")
+        if self.format == "mxfp4" and (self.bits, self.group_size) != (MXFP4_BITS, MXFP4_GROUP):
+            raise ConfigError(f"format 'mxfp4' is {MXFP4_BITS} bits in groups of {MXFP4_GROUP}, "
+                              f"not {self.bits} bits in groups of {self.group_size}")
         if self.bits not in SUPPORTED_BITS:
             raise ConfigError(f"bits={self.bits}: choose one of {', '.join(map(str, SUPPORTED_BITS))}")
         if self.quantized and (self.group_size < 8 or self.group_size % 8):
@@ -51,8 +66,15 @@ class QuantSpec:
                 f"--group-size {self.group_size} does not divide the input width {in_features} of {what}"
             )
 
+    @property
+    def is_mxfp4(self) -> bool:
+        return self.format == "mxfp4"
+
     def to_dict(self) -> dict:
-        return {"bits": self.bits, "group_size": self.group_size}
+        data = {"bits": self.bits, "group_size": self.group_size}
+        if self.format != "hqq":  # left out at the default, so older stores keep their model_id
+            data["format"] = self.format
+        return data
 
 
 def pack_plane(codes: torch.Tensor, width: int) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """GPT-OSS's own parts, beyond what tests/test_families.py proves against transformers: the YaRN
 tables equal transformers' for the published rope settings, a store says in its blob layout how
-to run an expert (biases and the clamped SwiGLU), and MXFP4 experts are refused by name in one
-line before anything is written."""
+to run an expert (biases and the clamped SwiGLU), a malformed MXFP4 expert tensor is refused by
+name in one line before anything is written (tests/test_mxfp4.py packs well-formed ones), and
+quantization methods other than MXFP4 are refused."""
 
 import json
 import shutil
@@ -64,28 +65,34 @@ def test_a_layout_whose_activation_differs_from_the_model_is_refused(gpt_oss_dir
         Manifest.read(tmp_path / "store")
 
 
-def test_mxfp4_experts_are_refused_by_name_before_anything_is_written(gpt_oss_dir, tmp_path):
+def test_a_malformed_mxfp4_expert_tensor_is_refused_by_name_before_anything_is_written(gpt_oss_dir, tmp_path):
     from coordinator.tools.pack import pack_checkpoint
 
     model = shutil.copytree(gpt_oss_dir, tmp_path / "model")
     weights = load_file(model / "model.safetensors")
+    experts, hidden, ffn = SIZES["num_experts"], SIZES["hidden_size"], SIZES["intermediate_size"]
+    shapes = {"gate_up_proj": (2 * ffn, hidden // 32), "down_proj": (hidden, ffn // 32)}
     for layer in range(SIZES["num_layers"]):  # as the published checkpoints store them
         prefix = f"model.layers.{layer}.mlp.experts"
-        for matrix in ("gate_up_proj", "down_proj"):
+        for matrix, (rows, blocks) in shapes.items():
             del weights[f"{prefix}.{matrix}"]
-            weights[f"{prefix}.{matrix}_blocks"] = torch.zeros(4, 64, 2, 16, dtype=torch.uint8)
-            weights[f"{prefix}.{matrix}_scales"] = torch.zeros(4, 64, 2, dtype=torch.uint8)
+            weights[f"{prefix}.{matrix}_blocks"] = torch.zeros(experts, rows, blocks, 16, dtype=torch.uint8)
+            weights[f"{prefix}.{matrix}_scales"] = torch.full((experts, rows, blocks), 127, dtype=torch.uint8)
+    weights["model.layers.1.mlp.experts.down_proj_scales"] = torch.zeros(experts, hidden, 2, dtype=torch.uint8)
     save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
     out = tmp_path / "store"
-    with pytest.raises(ConfigError, match="model.layers.0.mlp.experts.gate_up_proj_blocks: MXFP4 experts are not read yet"):
+    with pytest.raises(ConfigError, match=r"tensor model.layers.1.mlp.experts.down_proj_scales is torch.uint8 \[4, 64, 2\]; "
+                                          r"MXFP4 for this config is torch.uint8 \[4, 64, 1\]"):
         pack_checkpoint(model_dir=model, out=out, progress=False)
     assert not out.exists()
 
 
-def test_an_mxfp4_quantization_config_is_refused_in_one_line(gpt_oss_dir):
+def test_a_quantization_config_other_than_mxfp4_is_refused_in_one_line(gpt_oss_dir):
     from coordinator.families import gpt_oss
 
     hf = json.loads((gpt_oss_dir / "config.json").read_text())
     hf["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
-    with pytest.raises(ConfigError, match="quant_method 'mxfp4': MXFP4 experts are not read yet"):
+    assert gpt_oss.model_config(hf).family == "gpt_oss"
+    hf["quantization_config"] = {"quant_method": "bitsandbytes"}
+    with pytest.raises(ConfigError, match="quant_method 'bitsandbytes': only MXFP4 experts are read"):
         gpt_oss.model_config(hf)

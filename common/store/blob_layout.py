@@ -5,7 +5,8 @@ preallocated buffer, and `views()` gives the expert's tensors over any buffer wi
 The expert's matrices, as Mixtral names them: w13 = [w1; w3] (gate and up, [2F, H]) and
 w2 (down, [H, F]); F = intermediate_size, H = hidden_size. A model whose experts have biases
 (GPT-OSS) adds w13.bias [2F] and w2.bias [H], kept in the weight dtype even when the matrices are
-quantized; the layout also names the activation between the matrices (common/expert_activation.py)."""
+quantized. A matrix is plain (`w13.weight`), HQQ (`w13.codes.p0`, `w13.scale`, `w13.zero`) or, for a
+checkpoint that stores MXFP4 experts, MXFP4 as read (`w13.codes`, `w13.scales`: common/mxfp4.py); the layout also names the activation between the matrices (common/expert_activation.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 from ..errors import StoreError
 from ..expert_activation import ExpertActivation
 from ..model_config import ModelConfig
+from ..mxfp4 import Mxfp4Matrix, mxfp4_shapes
 from ..quantization import QuantizedMatrix, QuantSpec, quantized_shapes
 
 ALIGN = 256  # every tensor starts on a 256-byte boundary: aligned vector loads, valid dtype views
@@ -57,11 +59,11 @@ class TensorSlot:
 
 @dataclass(frozen=True)
 class ExpertWeights:
-    """An expert's two matrices: plain tensors (16-bit store) or QuantizedMatrix views; their
-    biases where the model has them, and the activation between them."""
+    """An expert's two matrices: plain tensors (16-bit store), QuantizedMatrix or Mxfp4Matrix
+    views; their biases where the model has them, and the activation between them."""
 
-    w13: torch.Tensor | QuantizedMatrix  # [2F, H]
-    w2: torch.Tensor | QuantizedMatrix  # [H, F]
+    w13: torch.Tensor | QuantizedMatrix | Mxfp4Matrix  # [2F, H]
+    w2: torch.Tensor | QuantizedMatrix | Mxfp4Matrix  # [H, F]
     b13: torch.Tensor | None = None  # [2F]
     b2: torch.Tensor | None = None  # [H]
     activation: ExpertActivation = ExpertActivation()
@@ -83,7 +85,9 @@ class BlobLayout:
         spec.check_fits(ffn, what="w2 (intermediate_size)")
         slots, offset = [], 0
         for prefix, (out_features, in_features) in matrices.items():
-            if spec.quantized:
+            if spec.is_mxfp4:
+                parts = {f"{prefix}.{k}": v for k, v in mxfp4_shapes(out_features, in_features).items()}
+            elif spec.quantized:
                 parts = {f"{prefix}.{k}": v for k, v in quantized_shapes(out_features, in_features, spec).items()}
             else:
                 parts = {f"{prefix}.weight": (weight_dtype, (out_features, in_features))}
@@ -113,9 +117,10 @@ class BlobLayout:
         }
         extras = dict(b13=named.get("w13.bias"), b2=named.get("w2.bias"), activation=self.activation)
         if self.spec.quantized:
+            matrix = Mxfp4Matrix if self.spec.is_mxfp4 else QuantizedMatrix
             return ExpertWeights(
-                QuantizedMatrix.from_tensors(named, "w13", self.spec),
-                QuantizedMatrix.from_tensors(named, "w2", self.spec),
+                matrix.from_tensors(named, "w13", self.spec),
+                matrix.from_tensors(named, "w2", self.spec),
                 **extras,
             )
         return ExpertWeights(named["w13.weight"], named["w2.weight"], **extras)

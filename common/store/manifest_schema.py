@@ -20,7 +20,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from ..errors import ConfigError, StoreError
 from ..expert_activation import ExpertActivation
 from ..model_config import ATTENTIONS, EXPERT_ACTIVATIONS, FAMILY_NAMES, QK_NORMS, ROPE_TYPES, ROUTERS, ModelConfig
-from ..quantization import SUPPORTED_BITS, QuantSpec
+from ..quantization import FORMATS, SUPPORTED_BITS, QuantSpec
 from .blob_layout import ALIGN, DTYPES, BlobLayout, TensorSlot
 from .checksum import ALGORITHM
 
@@ -103,6 +103,7 @@ class ModelFields(_Strict):
 class QuantFields(_Strict):
     bits: Literal[SUPPORTED_BITS]  # type: ignore[valid-type]
     group_size: Positive
+    format: Literal[FORMATS] = "hqq"  # type: ignore[valid-type]  # absent in stores packed before MXFP4
 
 
 class QuantizationFields(_Strict):
@@ -241,9 +242,13 @@ def _check_model(model: ModelFields, source: Path) -> None:
 
 def _quant_spec(fields: QuantFields, where: str, source: Path) -> QuantSpec:
     try:
-        return QuantSpec(fields.bits, fields.group_size)
+        return QuantSpec(fields.bits, fields.group_size, fields.format)
     except ConfigError as err:
         raise StoreError(f"{source}: {where}: {err}") from None
+
+
+def _describe_spec(spec: QuantSpec) -> str:
+    return "an MXFP4" if spec.is_mxfp4 else f"a {spec.bits}-bit"
 
 
 def _check_layout(doc: ManifestDocument, config: ModelConfig, source: Path) -> BlobLayout:
@@ -271,7 +276,7 @@ def _check_layout(doc: ManifestDocument, config: ModelConfig, source: Path) -> B
     wanted = {slot.name: slot for slot in expected.slots}
     names = [slot.name for slot in layout.slots]
     if sorted(names) != sorted(wanted):
-        raise StoreError(f"{source}: blob_layout.tensors are {names}, a {spec.bits}-bit expert has {list(wanted)}")
+        raise StoreError(f"{source}: blob_layout.tensors are {names}, {_describe_spec(spec)} expert has {list(wanted)}")
     for index, slot in enumerate(layout.slots):
         where = f"blob_layout.tensors[{index}] ({slot.name})"
         want = wanted[slot.name]
@@ -326,6 +331,8 @@ def check_consistency(doc: ManifestDocument, *, source: Path) -> tuple[ModelConf
     config = ModelConfig(**fields)
     expert_quant = _quant_spec(doc.quantization.experts, "quantization.experts", source)
     dense_quant = _quant_spec(doc.quantization.dense, "quantization.dense", source)
+    if dense_quant.is_mxfp4:  # only experts are kept as a checkpoint's MXFP4
+        raise StoreError(f"{source}: quantization.dense.format 'mxfp4': dense weights are plain or HQQ")
     layout = _check_layout(doc, config, source)
     _check_experts(doc, config, source)
     return config, expert_quant, dense_quant, layout

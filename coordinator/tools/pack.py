@@ -2,7 +2,8 @@
 coordinator/tools/hub_checkpoint.py) -> a moe-edge store (docs/architecture.md, "The store").
 
 Each expert is HQQ-quantized (or kept in the checkpoint's dtype at 16 bits) and written as one
-blob; attention projections are optionally quantized too; routers, norms, embeddings and the
+blob; a checkpoint whose experts are MXFP4 (GPT-OSS's published ones) keeps them as stored, bytes
+unchanged, whatever --expert-bits says; attention projections are optionally quantized too; routers, norms, embeddings and the
 LM head stay in the checkpoint's dtype.
 
 Before any packing work the destination is checked (common/store/writer.py) and the store's size
@@ -19,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from common.errors import ConfigError
+from common.mxfp4 import Mxfp4Matrix
 from common.quantization import QuantSpec, quantize_matrix, quantized_shapes
 from common.store import dense_names, partial_folder
 from common.store.blob_layout import BlobLayout, dtype_name
@@ -41,7 +43,8 @@ class PackSummary:
         model, layout = self.manifest.model, self.manifest.layout
         bits = layout.nbytes * 8 / model.expert_parameters
         quant = self.manifest.expert_quant
-        how = f"{quant.bits}-bit HQQ, group {quant.group_size}" if quant.quantized else self.manifest.dtype
+        how = ("MXFP4 as stored" if quant.is_mxfp4 else f"{quant.bits}-bit HQQ, group {quant.group_size}"
+               if quant.quantized else self.manifest.dtype)
         layers = (f"{model.num_layers} layers ({len(model.moe_layers)} with {model.num_experts} experts)" if model.dense_layers
                   else f"{model.num_layers} layers x {model.num_experts} experts")
         return (
@@ -51,10 +54,16 @@ class PackSummary:
         )
 
 
-def expert_tensors(w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, spec: QuantSpec,
-                   biases: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Named tensors of one expert for BlobLayout.pack: w13 = [w1; w3] and w2, quantized or not,
-    and their biases (b13 = [b1; b3], b2; never quantized) where the model has them."""
+def expert_tensors(w1: torch.Tensor | Mxfp4Matrix, w3: torch.Tensor | Mxfp4Matrix, w2: torch.Tensor | Mxfp4Matrix,
+                   spec: QuantSpec, biases: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Named tensors of one expert for BlobLayout.pack: w13 = [w1; w3] and w2, quantized or not
+    (MXFP4 matrices are kept as they are), and their biases (b13 = [b1; b3], b2; never quantized)
+    where the model has them."""
+    if spec.is_mxfp4:
+        tensors = {**Mxfp4Matrix.stack_rows(w1, w3).tensors("w13"), **w2.tensors("w2")}
+        if biases is not None:
+            tensors["w13.bias"], tensors["w2.bias"] = biases
+        return tensors
     w13 = torch.cat([w1, w3], dim=0)
     if not spec.quantized:
         tensors = {"w13.weight": w13, "w2.weight": w2}
@@ -102,6 +111,14 @@ def expected_store_bytes(checkpoint: HFCheckpoint, layout: BlobLayout, dense_spe
             + sum(path.stat().st_size for path in copied) + overhead)
 
 
+def stored_expert_spec(checkpoint: HFCheckpoint) -> QuantSpec | None:
+    """QuantSpec.mxfp4() where the family reads the checkpoint's experts as MXFP4 (learned from
+    shapes alone), else None: the experts are plain and `--expert-bits` decides."""
+    config = checkpoint.config
+    w1, _, _ = checkpoint.family.expert_matrices(checkpoint.shape_view(), config.moe_layers[0], 0)
+    return QuantSpec.mxfp4() if isinstance(w1, Mxfp4Matrix) else None
+
+
 def pack_checkpoint(
     *,
     model_dir: str | Path,
@@ -126,6 +143,11 @@ def pack_checkpoint(
     if dense_bits not in (16, 4):
         raise ConfigError(f"--dense-bits {dense_bits}: choose 16 or 4")
     expert_spec, dense_spec = QuantSpec(expert_bits, group_size), QuantSpec(dense_bits, group_size)
+    stored = stored_expert_spec(checkpoint)
+    if stored is not None:
+        print(f"note: {checkpoint.folder}: the experts are MXFP4 and are kept as stored (4.25 bits per weight); "
+              f"--expert-bits applies only to bf16 or float32 experts", file=sys.stderr)
+        expert_spec = stored
     dtype = checkpoint.dtype
     layout = BlobLayout.for_expert(config, expert_spec, dtype)
     fields = dict(
