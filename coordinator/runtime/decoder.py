@@ -113,11 +113,11 @@ class Decoder:
         c = self.config
         self.moe_layers = set(self.cache.expert_layers)
         device, nbytes = self.model.device, self.cache.layout.nbytes
+        self.staged = len(self.moe_layers) * self.cache.slots_per_layer * c.top_k > self.max_expert_graphs
         self.slot_index = torch.zeros(c.top_k, dtype=torch.long, device=device)  # staged path: each position's slot
         with torch.inference_mode(False):
-            self.staging = torch.zeros(c.top_k, nbytes, dtype=torch.uint8, device=device) \
-                if len(self.moe_layers) * self.cache.slots_per_layer * c.top_k > self.max_expert_graphs else None
-        self.staging_views = [self.cache.layout.views(row) for row in self.staging] if self.staging is not None else []
+            self.staging = torch.zeros(c.top_k, nbytes, dtype=torch.uint8, device=device) if self.staged else None
+        self.staging_views = [self.cache.layout.views(row) for row in self.staging] if self.staged else []
         for layer in range(c.num_layers):  # plan buffers, sized by a dry run of the router
             self.plans.append(torch.zeros_like(self.moe.route(layer, self.h)[2]) if layer in self.moe_layers else None)
         if self.capture:
@@ -125,7 +125,6 @@ class Decoder:
         self.embed_graph = self._graph(self._embed)
         self.layer_graphs = [self._graph(lambda l=layer: self._layer(l)) for layer in range(c.num_layers)]
         slots = self.cache.slots_per_layer
-        self.staged = len(self.moe_layers) * slots * c.top_k > self.max_expert_graphs
         if self.staged:
             self.expert_graphs = [
                 [self._graph(lambda l=layer, p=position: self._staged_expert(l, p)) for position in range(c.top_k)]
@@ -152,7 +151,7 @@ class Decoder:
             for layer in range(c.num_layers):
                 self._layer(layer)
                 if layer in self.moe_layers:
-                    self._staged_expert(layer, 0) if self.staging is not None else self._expert(layer, 0, 0)
+                    self._staged_expert(layer, 0) if self.staged else self._expert(layer, 0, 0)
             self._head()
         torch.cuda.current_stream(self.model.device).wait_stream(side)
 

@@ -118,10 +118,7 @@ class Engine:
     def _build(self, *, slots: int, prefetch: bool, forget_after_use: bool = False) -> None:
         """(Re)make the expert cache, the MoE block and the model around the loaded dense weights.
         The old cache is freed first, so device memory never holds two."""
-        self.cache = self.moe = self.model = self._decoder = None
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        self._free_cache()
         c = self.config
         self.cache = ExpertCache(layout=self.store.layout, num_layers=c.num_layers, slots_per_layer=slots,
                                  device=self.device, loader=self.loader, forget_after_use=forget_after_use,
@@ -134,6 +131,12 @@ class Engine:
         if self.options.placement != "copy" and not forget_after_use:
             self._place_misses()
         self.model = Transformer(c, self.dense, self.moe, self.device, self.dtype)
+
+    def _free_cache(self) -> None:
+        self.cache = self.moe = self.model = self._decoder = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _place_misses(self) -> None:
         """Placement run/auto: a runner for the experts that run where they live, and the
@@ -162,9 +165,7 @@ class Engine:
             raise ConfigError(f"--modes {mode}: choose from {', '.join(CACHE_MODES)}")
         with self._lock:
             if mode == "resident" and self.device.type == "cuda":
-                self.cache = self.moe = self.model = self._decoder = None
-                gc.collect()
-                torch.cuda.empty_cache()
+                self._free_cache()  # to see what the device has without it
                 need = len(c.moe_layers) * c.num_experts * self.store.blob_nbytes
                 free, _ = torch.cuda.mem_get_info(self.device)
                 if need > free - GPU_RESERVE_BYTES:

@@ -69,10 +69,8 @@ class LocalCpuRunner:
 
     def _expert(self, eid: ExpertId) -> CpuExpert:
         expert = self._experts.get(eid)
-        if expert is None:
-            blob = torch.empty(self.layout.nbytes, dtype=torch.uint8)
-            self.source.store.read_blob_into(eid, blob)  # verified as the source's own reads are
-            expert = self._experts[eid] = CpuExpert(self.layout.views(blob), dtype=self.dtype)
+        if expert is None:  # from where the source holds it: RAM's arena, or read from disk once
+            expert = self._experts[eid] = CpuExpert(self.layout.views(self.source.blob(eid)), dtype=self.dtype)
         return expert
 
     def seconds_per_expert(self) -> float:

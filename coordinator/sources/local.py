@@ -37,6 +37,11 @@ class RamSource:
 
     def resident_blob(self, eid: ExpertId) -> torch.Tensor:
         self._delivered += self.blob_nbytes
+        return self.blob(eid)
+
+    def blob(self, eid: ExpertId) -> torch.Tensor:
+        """The expert's verified blob in this process's memory, not counted as delivered to the
+        device (the CPU runner reads it where it lies)."""
         return self._arena[self._index[eid]]
 
     async def fetch_into(self, eid: ExpertId, out: torch.Tensor) -> None:
@@ -58,6 +63,12 @@ class DiskSource:
 
     def resident_blob(self, eid: ExpertId) -> None:
         return None
+
+    def blob(self, eid: ExpertId) -> torch.Tensor:
+        """The expert's blob read from its file now (verified per the store's policy), for the CPU runner."""
+        out = torch.empty(self.blob_nbytes, dtype=torch.uint8)
+        self.store.read_blob_into(eid, out)
+        return out
 
     async def fetch_into(self, eid: ExpertId, out: torch.Tensor) -> None:
         await asyncio.to_thread(self.store.read_blob_into, eid, out)  # file I/O: not on the fetch loop
