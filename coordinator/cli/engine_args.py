@@ -40,6 +40,8 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                         help="per expert that is not on the GPU: copy it into the cache, run it where it lives (this "
                         "machine's CPU), or auto: whichever finishes first by measured costs (default "
                         f"{_default('placement')})")
+    parser.add_argument("--prompt-chunk", type=int, default=_default("prompt_chunk"), metavar="N",
+                        help=f"prompt tokens per pass of the prompt path; bounds its GPU memory (default {_default('prompt_chunk')})")
     parser.add_argument("--no-cuda-graphs", "--eager", dest="cuda_graphs", action="store_false",
                         help="decode without capturing CUDA graphs (the same steps, run directly; to compare)")
 
@@ -66,6 +68,7 @@ def engine_options_from_args(args: argparse.Namespace, *, source: str = "ram", p
         source=source,
         cuda_graphs=args.cuda_graphs,
         placement=args.placement,
+        prompt_chunk=args.prompt_chunk,
         progress=progress,
     )
 

@@ -97,7 +97,7 @@ class Engine:
     def open(cls, store: str | Path, *, source: str | SourceFactory = "ram", **options) -> "Engine":
         """Open a packed store. Options are EngineOptions' fields (device, dtype, cache_experts,
         gpu_budget_gb, prefetch, prefetch_depth, prefetch_width, fused_kernels, cuda_graphs,
-        placement, progress); `source` is "ram", "disk" or a factory for remote sources."""
+        placement, prompt_chunk, progress); `source` is "ram", "disk" or a factory for remote sources."""
         engine_options = EngineOptions(source=source if isinstance(source, str) else "custom", **options)  # checks first
         return cls.from_options(store, engine_options, None if isinstance(source, str) else source)
 
@@ -126,7 +126,7 @@ class Engine:
         predictor = None
         if prefetch:
             predictor = RouterLookahead(c, self.dense.layers, depth=self.options.prefetch_depth,
-                                        experts_per_layer=self.options.prefetch_width)
+                                        experts_per_layer=self.options.prefetch_width, prompt_experts_per_layer=slots)
         self.moe = MoEBlock(c, self.dense.layers, self.cache, predictor, self.quantized_linear)
         if self.options.placement != "copy" and not forget_after_use:
             self._place_misses()
@@ -256,8 +256,14 @@ class Engine:
         return self._kv
 
     def _prefill(self, prompt_ids: list[int], kv: KVCache) -> torch.Tensor:
-        """The prompt path: logits [1, V] of the last prompt token."""
-        return self.model.forward(torch.tensor(prompt_ids, device=self.device), 0, kv)
+        """The prompt path: logits [1, V] of the last prompt token. A long prompt goes through in
+        chunks of `prompt_chunk` tokens (each attends to the KV cache of the ones before), so its
+        activations' memory is bounded whatever its length."""
+        tokens = torch.tensor(prompt_ids, device=self.device)
+        chunk = self.options.prompt_chunk
+        for start in range(0, len(prompt_ids), chunk):
+            logits = self.model.forward(tokens[start:start + chunk], start, kv)
+        return logits
 
     def _decode_step(self, token: int, position: int, kv: KVCache) -> torch.Tensor:
         """The decode path: logits [1, V] of one new token (a static buffer: read it before the

@@ -35,6 +35,7 @@ class EngineOptions:
     fused_kernels: bool = True  # Triton dequantize+matmul on CUDA (ignored elsewhere)
     cuda_graphs: bool = True  # capture the decode step as CUDA graphs (ignored off CUDA)
     placement: str = "copy"  # per miss: copy into the cache, run where it lives, or auto (placement.py)
+    prompt_chunk: int = 1024  # prompt tokens per pass of the prompt path: bounds its activations' memory
     progress: bool = False
 
     def __post_init__(self) -> None:
@@ -54,6 +55,8 @@ class EngineOptions:
             raise ConfigError(f"--prefetch-depth {self.prefetch_depth}: must be at least 1 (use --no-prefetch to turn it off)")
         if self.prefetch_width is not None and self.prefetch_width < 1:
             raise ConfigError(f"prefetch_width {self.prefetch_width}: must be at least 1")
+        if self.prompt_chunk < 1:
+            raise ConfigError(f"--prompt-chunk {self.prompt_chunk}: must be at least 1 token")
         if self.placement not in PLACEMENTS:
             raise ConfigError(f"--placement {self.placement}: choose {', '.join(PLACEMENTS)}")
         if self.source not in (*LOCAL_SOURCES, "custom"):

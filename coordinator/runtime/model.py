@@ -125,9 +125,14 @@ class Transformer:
         keys, values = kv.update(layer, start, k, v)  # [K, S, D]
         group = c.num_heads // c.num_kv_heads
         q = q.reshape(c.num_kv_heads, group * length, c.head_dim)  # query heads of one KV head side by side
+        mask = self._mask(start, length, keys.shape[1], c.window_of(layer))
+        if length > 1 and w.sinks is None:  # a prompt: one fused kernel, no [T, S] scores kept per head
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=None if mask is None else mask.repeat(group, 1),
+                                                 scale=self.scale)  # [K, group*T, D]
+            out = out.view(c.num_heads, length, c.head_dim).transpose(0, 1).reshape(length, -1)  # [T, Q*D]
+            return F.linear(out, w.o_proj, w.o_bias)
         scores = torch.matmul(q, keys.transpose(1, 2)) * self.scale  # [K, group*T, S]
         scores = scores.view(c.num_kv_heads, group, length, -1)
-        mask = self._mask(start, length, keys.shape[1], c.window_of(layer))
         if mask is not None:
             scores = scores + mask
         if w.sinks is None:

@@ -41,7 +41,8 @@ class ExpertProvider(Protocol):
 
 
 class ExpertPredictor(Protocol):
-    width: int  # experts guessed per layer ahead
+    def width_for(self, tokens: int) -> int:
+        """Experts guessed per layer ahead for a step of `tokens` tokens."""
 
     def layers_ahead(self, layer: int) -> list[int]:
         """The later layers that `predict` guesses for, in order."""
@@ -92,7 +93,7 @@ class MoEBlock:
         predictor = self.predictor
         return RoutingPlan.read_back(layer, plan, tokens=tokens, top_k=self.config.top_k,
                                      layers_ahead=predictor.layers_ahead(layer) if predictor else [],
-                                     width=predictor.width if predictor else 0)
+                                     width=predictor.width_for(tokens) if predictor else 0)
 
     def forward(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """The prompt path: hidden [T, H], the residual stream after attention -> the MoE output
@@ -104,13 +105,15 @@ class MoEBlock:
         pending = self.start_elsewhere(work, plan, x, weights)
         shared = shared_expert(x, self.layers[layer])  # on the device, beside the routed experts
         out = torch.zeros_like(x) if shared is None else shared
-        tokens_of = _tokens_per_expert(plan.chosen, self.config.top_k)
+        k = self.config.top_k
+        spans, flat = _choices_by_expert(plan.chosen, work.on_device)
+        flat = torch.tensor(flat, device=x.device)  # one host->device copy per layer: each expert's (token, position)s
+        rows_all, route_weights = flat // k, weights.view(-1)[flat]
         for expert in work.on_device:
-            token_index, slot_index = tokens_of[expert]
-            rows = torch.tensor(token_index, device=x.device)
+            begin, end = spans[expert]
+            rows = rows_all[begin:end]
             ys = expert_forward(x[rows], self.provider.get(layer, expert), self.quantized_linear)  # [t, H]
-            ys = ys * weights[rows, torch.tensor(slot_index, device=x.device), None]
-            out.index_add_(0, rows, ys.to(out.dtype))
+            out.index_add_(0, rows, (ys * route_weights[begin:end, None]).to(out.dtype))
             self.provider.done(layer, expert)
         if pending is not None:
             out += pending.result().to(out.device, out.dtype)
@@ -130,11 +133,15 @@ class MoEBlock:
         return self.elsewhere.start(plan.layer, work.elsewhere, x.detach().cpu(), columns)
 
 
-def _tokens_per_expert(chosen: list[int], top_k: int) -> dict[int, tuple[list[int], list[int]]]:
-    """expert -> (token indices, position of the expert in each token's top-k)."""
-    routed: dict[int, tuple[list[int], list[int]]] = {}
+def _choices_by_expert(chosen: list[int], experts: list[int]) -> tuple[dict[int, tuple[int, int]], list[int]]:
+    """The flat indices t*k + position of every choice of `experts`, grouped by expert in the
+    given order, and each expert's [begin, end) span in that list."""
+    by_expert: dict[int, list[int]] = {expert: [] for expert in experts}
     for flat_index, expert in enumerate(chosen):
-        tokens, positions = routed.setdefault(expert, ([], []))
-        tokens.append(flat_index // top_k)
-        positions.append(flat_index % top_k)
-    return routed
+        if expert in by_expert:
+            by_expert[expert].append(flat_index)
+    spans, flat = {}, []
+    for expert in experts:
+        spans[expert] = (len(flat), len(flat) + len(by_expert[expert]))
+        flat.extend(by_expert[expert])
+    return spans, flat

@@ -21,12 +21,20 @@ from .weights import LayerWeights
 
 
 class RouterLookahead:
-    def __init__(self, config: ModelConfig, layers: list[LayerWeights], *, depth: int, experts_per_layer: int) -> None:
+    def __init__(self, config: ModelConfig, layers: list[LayerWeights], *, depth: int, experts_per_layer: int,
+                 prompt_experts_per_layer: int | None = None) -> None:
+        """`prompt_experts_per_layer`: guesses per layer ahead for a prompt step (default the same
+        as a decode step's). A prompt's tokens use most experts of every layer, so the engine
+        guesses as many as a layer has slots: the next layer's copies then overlap this one's compute."""
         self.config = config
         self.layers = layers  # per layer: router [E, H] (None in a dense layer), post-attention norm [H]
         self.depth = depth
         self.width = experts_per_layer
+        self.prompt_width = min(prompt_experts_per_layer or experts_per_layer, config.num_experts)
         self._moe_layers = [index for index, weights in enumerate(layers) if weights.router is not None]
+
+    def width_for(self, tokens: int) -> int:
+        return self.width if tokens == 1 else self.prompt_width
 
     def layers_ahead(self, layer: int) -> list[int]:
         return [later for later in self._moe_layers if later > layer][: self.depth]
@@ -40,5 +48,5 @@ class RouterLookahead:
             x = rms_norm(hidden, weights.post_attention_norm, self.config.rms_norm_eps)
             logits = F.linear(x, weights.router, weights.router_logit_bias)
             scores = router.choice_scores(logits, self.config, weights.router_bias)  # [T, E]
-            guesses.append(torch.topk(scores.sum(dim=0), self.width).indices)  # [N]
+            guesses.append(torch.topk(scores.sum(dim=0), self.width_for(hidden.shape[0])).indices)  # [N]
         return guesses

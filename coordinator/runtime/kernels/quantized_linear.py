@@ -19,6 +19,7 @@ import triton.language as tl
 from common.quantization import QuantizedMatrix
 
 DECODE_MAX_TOKENS = 4  # up to this many tokens, the fused GEMV per token beats dequantize+matmul
+DEQUANTIZE_BLOCK_O, DEQUANTIZE_WARPS = 8, 8  # best tile on the H200 (scripts/dequantize_bench.py: 75-80% of its copy rate)
 
 
 @triton.jit
@@ -56,21 +57,27 @@ def _dequantize_kernel(
     O, P, NG,
     WIDTH: tl.constexpr, GROUP: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
+    """One [BO, BJ] tile of packed bytes -> its PER_BYTE plane slices of the weight. Each group's
+    scale and zero is loaded once per row ([BO, BJ/G]) and broadcast over the group's codes, not
+    gathered per weight: the gather made this kernel ~10x slower than its bytes allow."""
     PER_BYTE: tl.constexpr = 8 // WIDTH
     MASK: tl.constexpr = (1 << WIDTH) - 1
+    GROUPS: tl.constexpr = BLOCK_J // GROUP
     rows = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
-    cols = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    j0 = tl.program_id(1) * BLOCK_J
+    cols = j0 + tl.arange(0, BLOCK_J)
     row_ok = rows < O
-    packed = tl.load(codes_ptr + rows[:, None] * P + cols[None, :], mask=row_ok[:, None], other=0)
+    packed = tl.load(codes_ptr + rows[:, None] * P + cols[None, :], mask=row_ok[:, None], other=0).to(tl.int32)
     for k in tl.static_range(PER_BYTE):
-        columns = k * P + cols  # [BJ] input-feature index of this plane slice
-        meta = rows[:, None] * NG + (columns // GROUP)[None, :]
-        scale = tl.load(scale_ptr + meta, mask=row_ok[:, None], other=0).to(tl.float32)
+        groups = (k * P + j0) // GROUP + tl.arange(0, GROUPS)  # [BJ/G] groups of this plane slice
+        meta = rows[:, None] * NG + groups[None, :]
+        scale = tl.load(scale_ptr + meta, mask=row_ok[:, None], other=0).to(tl.float32)  # [BO, BJ/G]
         zero = tl.load(zero_ptr + meta, mask=row_ok[:, None], other=0).to(tl.float32)
-        codes = ((packed >> (8 - WIDTH * (k + 1))) & MASK).to(tl.float32)
-        value = (codes - zero) * scale
-        tl.store(out_ptr + rows[:, None] * (P * PER_BYTE) + columns[None, :], value.to(out_ptr.dtype.element_ty),
-                 mask=row_ok[:, None])
+        codes = ((packed >> (8 - WIDTH * (k + 1))) & MASK).to(tl.float32)  # [BO, BJ]
+        value = (tl.reshape(codes, [BLOCK_O, GROUPS, GROUP]) - zero[:, :, None]) * scale[:, :, None]
+        columns = k * P + cols  # [BJ] input-feature index of this plane slice
+        tl.store(out_ptr + rows[:, None] * (P * PER_BYTE) + columns[None, :],
+                 tl.reshape(value, [BLOCK_O, BLOCK_J]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 def _block_j(packed_bytes: int, group: int) -> int:
@@ -112,12 +119,12 @@ def dequantize(weight: QuantizedMatrix, dtype: torch.dtype, out: torch.Tensor | 
     codes = weight.planes[0]
     packed_bytes = codes.shape[1]
     out = torch.empty(rows, columns, dtype=dtype, device=codes.device) if out is None else out
-    block_o, block_j = 32, _block_j(packed_bytes, weight.group_size)
+    block_o, block_j = DEQUANTIZE_BLOCK_O, _block_j(packed_bytes, weight.group_size)
     grid = (triton.cdiv(rows, block_o), packed_bytes // block_j)
     _dequantize_kernel[grid](
         codes, weight.scale, weight.zero, out,
         rows, packed_bytes, weight.scale.shape[1],
-        WIDTH=weight.bits, GROUP=weight.group_size, BLOCK_O=block_o, BLOCK_J=block_j, num_warps=4,
+        WIDTH=weight.bits, GROUP=weight.group_size, BLOCK_O=block_o, BLOCK_J=block_j, num_warps=DEQUANTIZE_WARPS,
     )
     return out
 
