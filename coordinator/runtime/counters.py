@@ -52,6 +52,7 @@ class ExpertCounters:
         self.bytes_fetched = [0] * num_layers
         self.runs_elsewhere = [0] * num_layers  # uses that neither hit nor missed: placement ran them elsewhere
         self.wait_s = 0.0  # time the token loop waited on expert loads
+        self.run_wait_s = 0.0  # time the token loop waited on experts run elsewhere, after the device's were done
 
 
 @dataclass(frozen=True)
@@ -63,11 +64,14 @@ class EngineSnapshot:
     hosts_up: dict[str, bool] = field(default_factory=dict)  # expert host address -> answering
     run_seconds_by_source: dict[str, float] = field(default_factory=dict)  # waiting on RunExperts, per host
     run_bytes_by_source: dict[str, int] = field(default_factory=dict)  # RunExperts bytes, sent + received, per host
+    run_bytes_received_by_source: dict[str, int] = field(default_factory=dict)  # of those, the sums received
+    run_wait_s: float = 0.0  # time the token loop waited on runs elsewhere (the CPU's or a host's)
 
     @classmethod
     def take(cls, counters: ExpertCounters, bytes_by_source: dict[str, int], blob_nbytes: int,
              hosts_up: dict[str, bool], run_seconds: dict[str, float] | None = None,
-             run_bytes: dict[str, int] | None = None) -> "EngineSnapshot":
+             run_bytes: dict[str, int] | None = None,
+             run_bytes_received: dict[str, int] | None = None) -> "EngineSnapshot":
         return cls(
             per_layer={name: tuple(getattr(counters, name)) for name in COUNTER_FIELDS},
             wait_s=counters.wait_s,
@@ -76,6 +80,8 @@ class EngineSnapshot:
             hosts_up=dict(hosts_up),
             run_seconds_by_source=dict(run_seconds or {}),
             run_bytes_by_source=dict(run_bytes or {}),
+            run_bytes_received_by_source=dict(run_bytes_received or {}),
+            run_wait_s=counters.run_wait_s,
         )
 
     def total(self, name: str) -> int:
@@ -96,6 +102,8 @@ class EngineSnapshot:
             hosts_up=self.hosts_up,
             run_seconds_by_source=minus(self.run_seconds_by_source, earlier.run_seconds_by_source),
             run_bytes_by_source=minus(self.run_bytes_by_source, earlier.run_bytes_by_source),
+            run_bytes_received_by_source=minus(self.run_bytes_received_by_source, earlier.run_bytes_received_by_source),
+            run_wait_s=self.run_wait_s - earlier.run_wait_s,
         )
 
     @property

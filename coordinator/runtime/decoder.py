@@ -198,7 +198,7 @@ class Decoder:
                 if clock:
                     clock.mark("expert compute")
             if pending is not None:
-                self.out.add_(pending.result().to(self.out.device, self.out.dtype))
+                self.out.add_(self.moe.result_elsewhere(pending).to(self.out.device, self.out.dtype))
                 if clock:
                     clock.mark("experts elsewhere")
         self.head_graph.replay()

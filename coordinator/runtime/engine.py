@@ -127,7 +127,7 @@ class Engine:
         if prefetch:
             predictor = RouterLookahead(c, self.dense.layers, depth=self.options.prefetch_depth,
                                         experts_per_layer=self.options.prefetch_width, prompt_experts_per_layer=slots)
-        self.moe = MoEBlock(c, self.dense.layers, self.cache, predictor, self.quantized_linear)
+        self.moe = MoEBlock(c, self.dense.layers, self.cache, predictor, self.quantized_linear, self.counters)
         if self.options.placement != "copy" and not forget_after_use:
             self._place_misses()
         self.model = Transformer(c, self.dense, self.moe, self.device, self.dtype)
@@ -141,28 +141,54 @@ class Engine:
     def _place_misses(self) -> None:
         """Placement run/auto: a runner for the experts that run where they live, and the
         dispatcher that chooses per miss (placement.py)."""
-        if self._runner is None:
-            if isinstance(self.source, (RamSource, DiskSource)):
-                self._runner = LocalCpuRunner(self.source, self.store.layout, self.dtype)
-            elif callable(getattr(self.source, "run_layer", None)):  # expert hosts run their own experts
-                self._runner = HostRunner(self.source, self.fetch_loop)
-            else:
-                raise ConfigError(f"--placement {self.options.placement}: this expert source cannot run experts; "
-                                  "use --placement copy")
-            self._closers.insert(0, self._runner.close)
-            self._copy_seconds = measure_copy_seconds(self.device, self.store.blob_nbytes)
+        self._make_runner()
         self.moe.elsewhere = self._runner
         self.moe.dispatcher = PlacementDispatcher(self.cache, self.moe.dispatcher, self._runner,
                                                   placement=self.options.placement,
                                                   copy_seconds_per_expert=self._copy_seconds, counters=self.counters)
 
-    def use_cache_mode(self, mode: str) -> None:
+    def _make_runner(self) -> None:
+        """The runner of experts where they live: this machine's CPU for a local source, the
+        hosts for expert hosts; made once, with the copy it competes with measured."""
+        if self._runner is not None:
+            return
+        if isinstance(self.source, (RamSource, DiskSource)):
+            self._runner = LocalCpuRunner(self.source, self.store.layout, self.dtype)
+        elif callable(getattr(self.source, "run_layer", None)):  # expert hosts run their own experts
+            self._runner = HostRunner(self.source, self.fetch_loop, hidden_size=self.config.hidden_size, dtype=self.dtype)
+        else:
+            raise ConfigError(f"--placement {self.options.placement}: this expert source cannot run experts; "
+                              "use --placement copy")
+        self._closers.insert(0, self._runner.close)
+        self._copy_seconds = measure_copy_seconds(self.device, self.store.blob_nbytes)
+
+    @property
+    def runs_elsewhere_on(self) -> str:
+        """Where placement run/auto runs an expert that is not on the device: "cpu" or "host"."""
+        return "host" if callable(getattr(self.source, "run_layer", None)) else "cpu"
+
+    def prepare_runs(self, *, progress: bool = False) -> float:
+        """Make every expert of the store ready to run where it lives (repacked on this CPU, or
+        on its host), so that placement run/auto pays no first-run cost later; the seconds it took."""
+        with self._lock:
+            started = time.perf_counter()
+            self._make_runner()
+            self._runner.warm(sorted(self.store.manifest.experts), progress=progress)
+            return time.perf_counter() - started
+
+    def use_cache_mode(self, mode: str, placement: str | None = None) -> None:
         """Rebuild the cache as one of bench's modes (the engine's own options give K and depth):
         naive (no caching, every use a copy), lru, lru+prefetch, resident (every expert on the
-        device, loaded now). Raises ConfigError if resident does not fit in device memory."""
+        device, loaded now). `placement` (copy, run, auto) replaces the engine's for the misses of
+        lru and lru+prefetch; naive and resident copy. Raises ConfigError if resident does not fit
+        in device memory."""
         c = self.config
         if mode not in CACHE_MODES:
             raise ConfigError(f"--modes {mode}: choose from {', '.join(CACHE_MODES)}")
+        if placement is not None:
+            if placement != "copy" and mode in ("naive", "resident"):
+                raise ConfigError(f"--placement {placement}: {mode} has no misses to place; it copies")
+            self.options = replace(self.options, placement=placement)  # checked as it is made
         with self._lock:
             if mode == "resident" and self.device.type == "cuda":
                 self._free_cache()  # to see what the device has without it
@@ -182,9 +208,11 @@ class Engine:
             read = getattr(self.source, name, None)
             return read() if callable(read) else {}
 
-        run_bytes = {host: sent + received for host, (sent, received) in optional("run_bytes_by_origin").items()}
+        run_bytes = optional("run_bytes_by_origin")  # host -> (sent, received)
         return EngineSnapshot.take(self.counters, self.source.bytes_by_origin(), self.source.blob_nbytes,
-                                   optional("host_status"), optional("run_seconds_by_origin"), run_bytes)
+                                   optional("host_status"), optional("run_seconds_by_origin"),
+                                   {host: sent + received for host, (sent, received) in run_bytes.items()},
+                                   {host: received for host, (_, received) in run_bytes.items()})
 
     def add_closer(self, closer: Callable[[], None]) -> None:
         """Something to stop when the engine closes (a local expert host, say)."""

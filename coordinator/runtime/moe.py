@@ -11,6 +11,7 @@ Dimension legend: T = tokens, H = hidden size, E = experts per layer, k = expert
 
 from __future__ import annotations
 
+import time
 from typing import Protocol
 
 import torch
@@ -69,7 +70,8 @@ class CacheDispatcher:
 
 class MoEBlock:
     def __init__(self, config: ModelConfig, layers: list[LayerWeights], provider: ExpertProvider,
-                 predictor: ExpertPredictor | None, quantized_linear: Linear = dequantize_linear) -> None:
+                 predictor: ExpertPredictor | None, quantized_linear: Linear = dequantize_linear,
+                 counters=None) -> None:
         self.config = config
         self.layers = layers  # per layer: router [E, H] (None in a dense layer), norms, shared expert
         self.provider = provider
@@ -77,6 +79,7 @@ class MoEBlock:
         self.dispatcher: LayerDispatcher = CacheDispatcher(provider, predictor)
         self.elsewhere = None  # an executor for experts run where they live (placement.py), when placement asks for one
         self.quantized_linear = quantized_linear  # fused CUDA kernels, or plain dequantize+matmul
+        self.counters = counters  # ExpertCounters: the wait on runs elsewhere is counted there
 
     def route(self, layer: int, hidden: torch.Tensor):
         """Device work only (a CUDA graph can hold it): hidden [T, H] after attention ->
@@ -116,7 +119,7 @@ class MoEBlock:
             out.index_add_(0, rows, (ys * route_weights[begin:end, None]).to(out.dtype))
             self.provider.done(layer, expert)
         if pending is not None:
-            out += pending.result().to(out.device, out.dtype)
+            out += self.result_elsewhere(pending).to(out.device, out.dtype)
         return out
 
     def start_elsewhere(self, work: LayerWork, plan: RoutingPlan, x: torch.Tensor, weights: torch.Tensor):
@@ -131,6 +134,15 @@ class MoEBlock:
             if expert in work.elsewhere:
                 columns[flat // k, work.elsewhere.index(expert)] = weights_host[flat // k, flat % k]
         return self.elsewhere.start(plan.layer, work.elsewhere, x.detach().cpu(), columns)
+
+    def result_elsewhere(self, pending) -> torch.Tensor:
+        """The weighted sum [T, H] float32 that start_elsewhere's future gives, waited for now
+        (the device's experts are issued); the wait is counted as counters.run_wait_s."""
+        started = time.perf_counter()
+        out = pending.result()
+        if self.counters is not None:
+            self.counters.run_wait_s += time.perf_counter() - started
+        return out
 
 
 def _choices_by_expert(chosen: list[int], experts: list[int]) -> tuple[dict[int, tuple[int, int]], list[int]]:

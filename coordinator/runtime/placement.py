@@ -19,10 +19,13 @@ Dimension legend: T = tokens, H = hidden size, n = experts run elsewhere."""
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import time
+from itertools import groupby
 from typing import Protocol
 
 import torch
+from tqdm import tqdm
 
 from common.cpu_executor import CpuExpert, run_experts
 from common.errors import ConfigError
@@ -43,6 +46,10 @@ class ExpertRunner(Protocol):
 
     def seconds_per_expert(self) -> float:
         """Measured time to run one expert (an estimate before the first run)."""
+
+    def warm(self, experts: list[ExpertId], *, progress: bool = False) -> None:
+        """Make `experts` ready to run (repacked for the CPU where they live), so that no later
+        run pays that one-time cost: what bench does before it times anything."""
 
 
 class LocalCpuRunner:
@@ -70,8 +77,22 @@ class LocalCpuRunner:
     def _expert(self, eid: ExpertId) -> CpuExpert:
         expert = self._experts.get(eid)
         if expert is None:  # from where the source holds it: RAM's arena, or read from disk once
-            expert = self._experts[eid] = CpuExpert(self.layout.views(self.source.blob(eid)), dtype=self.dtype)
+            expert = self._experts[eid] = self._repack(eid)
         return expert
+
+    def _repack(self, eid: ExpertId) -> CpuExpert:
+        return CpuExpert(self.layout.views(self.source.blob(eid)), dtype=self.dtype)
+
+    def warm(self, experts: list[ExpertId], *, progress: bool = False) -> None:
+        """Repack every expert of `experts` not yet ready, a few at a time (torch's repacking
+        releases the GIL), on this thread while no run is in flight."""
+        missing = [eid for eid in experts if eid not in self._experts]
+        workers = max(1, min(4, (os.cpu_count() or 1) // 2))
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="moe-edge-repack") as pool:
+            repacked = pool.map(self._repack, missing)
+            for eid, expert in tqdm(zip(missing, repacked), total=len(missing), desc="repacking experts for the CPU",
+                                    unit="expert", disable=not progress):
+                self._experts[eid] = expert
 
     def seconds_per_expert(self) -> float:
         # before the first run: about a memory read of the blob at a few GB/s, so copies are tried first
@@ -85,8 +106,9 @@ class HostRunner:
     """Runs experts on the expert hosts that hold them: ExpertPool.run_layer, one RunExperts call
     per layer and host, on the fetch loop; a host that fails hands its experts to a replica."""
 
-    def __init__(self, pool, fetch_loop) -> None:
+    def __init__(self, pool, fetch_loop, *, hidden_size: int, dtype: torch.dtype) -> None:
         self.pool, self.fetch_loop = pool, fetch_loop
+        self.hidden_size, self.dtype = hidden_size, dtype  # what warm sends, as the decode steps will
         self._seconds: float | None = None  # running mean time of one expert, the round trip included
 
     def start(self, layer: int, experts: list[int], hidden: torch.Tensor, weights: torch.Tensor) -> concurrent.futures.Future:
@@ -106,6 +128,15 @@ class HostRunner:
             return self._seconds
         reported = self.pool.expert_seconds()  # the hosts' own measurement, before a first call
         return reported if reported is not None else 0.01
+
+    def warm(self, experts: list[ExpertId], *, progress: bool = False, timeout_s: float = 600.0) -> None:
+        """Run every expert of `experts` once on one zero token, one RunExperts call per layer
+        (and host): each host repacks what it had not run yet in this dtype, and keeps it."""
+        layers = [(layer, [eid.expert for eid in group]) for layer, group in groupby(sorted(experts), key=lambda e: e.layer)]
+        for layer, indices in tqdm(layers, desc="preparing the hosts' experts", unit="layer", disable=not progress):
+            hidden = torch.zeros(1, self.hidden_size, dtype=self.dtype)  # [1, H]
+            weights = torch.zeros(1, len(indices))  # [1, n]
+            self.fetch_loop.submit(self.pool.run_layer(layer, indices, hidden, weights, timeout_s=timeout_s)).result()
 
     def close(self) -> None:
         pass
