@@ -6,6 +6,7 @@ import json
 import pytest
 
 from common.errors import ConfigError
+from expert_host_processes import expert_hosts  # noqa: F401 (a fixture)
 from common.store.manifest import Manifest
 from coordinator.runtime.engine_options import cache_experts_for_budget
 
@@ -51,3 +52,47 @@ def test_gpu_budget_sets_the_slots_per_layer():
     assert cache_experts_for_budget(80, dense_bytes=3_300_000_000, blob_bytes=blob, layers=layers, experts=8) == 8
     with pytest.raises(ConfigError, match="gpu-budget-gb"):
         cache_experts_for_budget(2, dense_bytes=3_300_000_000, blob_bytes=blob, layers=layers, experts=8)
+
+
+BENCH_SHORT = ("--device", "cpu", "--tokens", "3", "--prompt-tokens", "4", "--warmup-tokens", "1", "--profile-tokens", "1")
+
+
+def _check_placed_counts(report: dict, where: str) -> dict:
+    results = {(r["mode"], r["placement"]): r for r in report["results"]}
+    uses_per_token = report["layers"] * 2  # top-2
+    for r in results.values():
+        assert r["hits_per_token"] + r["misses_per_token"] + r["runs_elsewhere_per_token"] == pytest.approx(uses_per_token)
+    run = results[("lru+prefetch", "run")]
+    assert run["misses_per_token"] == 0 and run["runs_elsewhere_per_token"] > 0 and run["run_wait_ms_per_token"] >= 0
+    assert results[("lru+prefetch", "copy")]["runs_elsewhere_per_token"] == 0
+    assert report["runs_elsewhere_on"] == where and report["prepare_runs_s"] >= 0
+    return results
+
+
+def test_bench_runs_each_mode_with_each_placement_asked_naive_and_resident_only_copy(synthetic_store, run_coordinator):
+    result = run_coordinator("bench", "--store", synthetic_store, *BENCH_SHORT, "--placements", "copy,run,auto", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    results = _check_placed_counts(report, "cpu")
+    assert set(results) == {("naive", "copy"), ("resident", "copy"), *((m, p) for m in ("lru", "lru+prefetch")
+                                                                       for p in ("copy", "run", "auto"))}
+    assert set(results[("naive", "copy")]["bytes_per_token_by_link"]) == {"ram"}
+    assert results[("lru", "run")]["bytes_per_token_by_link"] == {}  # nothing copied after the prompt's experts
+
+
+def test_bench_with_experts_on_a_host_counts_both_directions_of_its_link(synthetic_store, run_coordinator, expert_hosts):  # noqa: F811
+    host = expert_hosts.start(synthetic_store)
+    result = run_coordinator("bench", "--store", synthetic_store, *BENCH_SHORT, "--modes", "lru+prefetch",
+                             "--placements", "copy,run", "--hosts", host.address, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    results = _check_placed_counts(report, "host")
+    link = results[("lru+prefetch", "run")]["bytes_per_token_by_link"][host.address]
+    hidden = 256 * 4  # one token's float32 hidden state (the small shape)
+    assert link["run_sent"] > hidden and link["run_received"] >= hidden  # per layer that ran experts there
+    assert results[("lru+prefetch", "run")]["host_run_ms_per_token"] > 0
+
+
+def test_bench_refuses_a_placement_pair_list_with_nothing_to_run(synthetic_store, run_coordinator):
+    result = run_coordinator("bench", "--store", synthetic_store, *BENCH_SHORT, "--modes", "naive", "--placements", "run")
+    assert result.returncode != 0 and "nothing to run" in result.stderr

@@ -6,6 +6,11 @@ Modes (same store, same weights, same token stream):
   lru+prefetch  the same, plus router lookahead loading the next layers' experts ahead
   resident      every expert on the device (the upper bound), where memory allows
 
+With `placements` (copy, run, auto: runtime/placement.py), lru and lru+prefetch run once per
+placement, on the same engine; naive and resident only copy. Experts run where they live on this
+machine's CPU for a local source, on their expert host for `--hosts`; every one of them is made
+ready to run (repacked) before anything is timed, once for all modes (`Engine.prepare_runs`).
+
 Each mode first runs the prompt once untimed and starts again from a cold cache, so no mode's
 timed prompt pays the one-time warm-up. Decode steps are fed a fixed, seeded random token stream
 (teacher forcing), so routing varies from token to token as in real text rather than collapsing
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,15 +36,24 @@ from common.errors import ConfigError
 
 from ..runtime.counters import EngineSnapshot
 from ..runtime.engine import CACHE_MODES, Engine
-from ..runtime.engine_options import EngineOptions
+from ..runtime.engine_options import PLACEMENTS, EngineOptions
 from ..runtime.expert_loader import CopyTimer
 from ..runtime.phase_clock import PHASES, PhaseClock
+
+PLACED_MODES = ("lru", "lru+prefetch")  # the modes with misses for a placement to place
+
+
+def mode_placements(modes: tuple[str, ...], placements: tuple[str, ...]) -> list[tuple[str, str]]:
+    """The (mode, placement) pairs to run, in order: naive and resident only with copy."""
+    return [(m, p) for m in modes for p in placements if p == "copy" or m in PLACED_MODES]
+
 
 @dataclass
 class ModeResult:
     mode: str
     cache_experts: int
     skipped: str | None = None
+    placement: str = "copy"
     decode_tokens_per_s: float = 0.0
     prefill_tokens_per_s: float = 0.0
     hit_rate: float = 0.0
@@ -52,6 +67,20 @@ class ModeResult:
     peak_gpu_gb: float = 0.0
     host_rss_gb: float = 0.0
     breakdown_ms_per_token: dict[str, float] = field(default_factory=dict)
+    # Where each expert use ran, per token: on the device (a hit, or a miss copied in), or where it lives.
+    hits_per_token: float = 0.0
+    misses_per_token: float = 0.0  # copied in on demand (prefetched copies are hits)
+    runs_elsewhere_per_token: float = 0.0  # on this machine's CPU or on an expert host (BenchReport.runs_elsewhere_on)
+    # Bytes per token over each link: "ram" / "disk" -> device copies; an expert host's address ->
+    # {"fetched": host to us, "run_sent": hidden states to it, "run_received": sums from it}.
+    bytes_per_token_by_link: dict[str, dict[str, float]] = field(default_factory=dict)
+    copy_wait_ms_per_token: float = 0.0  # the token loop waiting on copies into the cache
+    run_wait_ms_per_token: float = 0.0  # the token loop waiting on runs elsewhere, after the device's experts
+    host_run_ms_per_token: float = 0.0  # RunExperts calls in flight, summed over hosts (wire and the host's compute)
+
+    @property
+    def label(self) -> str:
+        return self.mode if self.placement == "copy" else f"{self.mode}/{self.placement}"
 
 
 @dataclass
@@ -72,20 +101,24 @@ class BenchReport:
     cuda_graphs: bool = False
     host_peak_rss_gb: float = 0.0
     routing: str = "random weights (synthetic or untrained): hit rates and prefetch recall are not a trained model's"
+    source: str = "ram"  # ram, disk, or the expert hosts' addresses
+    runs_elsewhere_on: str = "cpu"  # where run/auto runs a miss: "cpu" (this machine's) or "host"
+    prepare_runs_s: float | None = None  # repacking every expert for runs elsewhere, before timing; None: not needed
 
-    def result(self, mode: str) -> ModeResult | None:
-        return next((r for r in self.results if r.mode == mode and r.skipped is None), None)
+    def result(self, mode: str, placement: str = "copy") -> ModeResult | None:
+        return next((r for r in self.results if r.mode == mode and r.placement == placement and r.skipped is None), None)
 
-    def copy_bound(self, mode: str = "lru+prefetch") -> float | None:
+    def copy_bound(self, mode: str = "lru+prefetch", placement: str = "copy") -> float | None:
         """tokens/s if the link did nothing but this mode's copies at the measured peak."""
-        result = self.result(mode)
+        result = self.result(mode, placement)
         if result is None or result.bytes_copied_per_token == 0:
             return None
         return self.pinned_peak_gbps * 1e9 / result.bytes_copied_per_token
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        data["copy_bound_tokens_per_s"] = {r.mode: self.copy_bound(r.mode) for r in self.results if r.skipped is None}
+        data["copy_bound_tokens_per_s"] = {r.label: self.copy_bound(r.mode, r.placement)
+                                           for r in self.results if r.skipped is None}
         return data
 
 
@@ -116,22 +149,22 @@ def measure_pinned_peak(device: torch.device, nbytes: int = 1 << 30, repeats: in
 
 
 def run_mode(engine: Engine, mode: str, *, prompt: list[int], stream: list[int], warmup: int, tokens: int,
-             profile: int) -> ModeResult:
-    """One mode on the engine: prefill, `warmup` untimed steps, `tokens` timed steps, then
-    `profile` steps with the decoder's phase clock on."""
+             profile: int, placement: str = "copy") -> ModeResult:
+    """One mode on the engine, its misses placed by `placement`: prefill, `warmup` untimed steps,
+    `tokens` timed steps, then `profile` steps with the decoder's phase clock on."""
     device = engine.device
     try:
-        engine.use_cache_mode(mode)
+        engine.use_cache_mode(mode, placement)
     except ConfigError as err:
-        return ModeResult(mode, engine.config.num_experts, skipped=str(err))
+        return ModeResult(mode, engine.config.num_experts, skipped=str(err), placement=placement)
     # An untimed prompt first, so that whichever mode runs first pays no one-time cost (kernel
     # compiles, cuBLAS choices, first touches) inside its timed prompt; then a cold cache again.
     with engine.forced_decode(prompt, len(stream)) as run:
         run.prefill()
-    engine.use_cache_mode(mode)
+    engine.use_cache_mode(mode, placement)
     if device.type == "cuda":  # after the rebuild, so the previous mode's cache is not counted
         torch.cuda.reset_peak_memory_stats(device)
-    result = ModeResult(mode, engine.cache.slots_per_layer)
+    result = ModeResult(mode, engine.cache.slots_per_layer, placement=placement)
     timer = engine.loader.timer = CopyTimer()
     try:
         with engine.forced_decode(prompt, len(stream)) as run:
@@ -184,18 +217,51 @@ def _fill(result: ModeResult, delta: EngineSnapshot, decode_s: float, busy_s: fl
     result.link_gbps = fetched / decode_s / 1e9
     result.copy_busy_share = busy_s / decode_s
     result.copy_gbps_while_busy = fetched / busy_s / 1e9 if busy_s > 0 else 0.0
+    result.hits_per_token = delta.total("hits") / tokens
+    result.misses_per_token = delta.total("misses") / tokens
+    result.runs_elsewhere_per_token = delta.total("runs_elsewhere") / tokens
+    result.bytes_per_token_by_link = _bytes_per_link(delta, tokens)
+    result.copy_wait_ms_per_token = delta.wait_s / tokens * 1000
+    result.run_wait_ms_per_token = delta.run_wait_s / tokens * 1000
+    result.host_run_ms_per_token = sum(delta.run_seconds_by_source.values()) / tokens * 1000
+
+
+def _bytes_per_link(delta: EngineSnapshot, tokens: int) -> dict[str, dict[str, float]]:
+    """Per origin: what came into the cache from it, and, for an expert host, what RunExperts
+    sent to it and received from it; only the links that carried something."""
+    links: dict[str, dict[str, float]] = {}
+    for origin in sorted(set(delta.bytes_by_source) | set(delta.run_bytes_by_source)):
+        received = delta.run_bytes_received_by_source.get(origin, 0)
+        link = {"fetched": delta.bytes_by_source.get(origin, 0) / tokens}
+        if origin in delta.run_bytes_by_source:
+            link["run_sent"] = (delta.run_bytes_by_source[origin] - received) / tokens
+            link["run_received"] = received / tokens
+        if any(link.values()):
+            links[origin] = link
+    return links
 
 
 def run_bench(*, store: str | Path, options: EngineOptions, tokens: int = 32, prompt_tokens: int = 16,
               warmup_tokens: int = 4, profile_tokens: int = 8, modes: tuple[str, ...] = CACHE_MODES,
-              seed: int = 0) -> BenchReport:
-    """Every mode of `modes` on one Engine built from `options` (K, depth, device, dtype...)."""
+              placements: tuple[str, ...] | None = None, seed: int = 0,
+              open_engine: Callable[[], Engine] | None = None) -> BenchReport:
+    """Every (mode, placement) pair of `modes` x `placements` (default: the options' placement)
+    on one Engine built from `options` (K, depth, device, dtype...), or opened by `open_engine`
+    (the CLI's way, for expert hosts)."""
     unknown = [m for m in modes if m not in CACHE_MODES]
     if unknown:
         raise ConfigError(f"--modes {','.join(unknown)}: choose from {', '.join(CACHE_MODES)}")
+    placements = placements or (options.placement,)
+    unknown = [p for p in placements if p not in PLACEMENTS]
+    if unknown:
+        raise ConfigError(f"--placements {','.join(unknown)}: choose from {', '.join(PLACEMENTS)}")
+    pairs = mode_placements(modes, placements)
+    if not pairs:
+        raise ConfigError(f"--modes {','.join(modes)} with --placements {','.join(placements)}: nothing to run "
+                          f"(naive and resident only copy; run and auto place the misses of {' and '.join(PLACED_MODES)})")
     if tokens < 1 or prompt_tokens < 1 or warmup_tokens < 0 or profile_tokens < 1:
         raise ConfigError("--tokens, --prompt-tokens and --profile-tokens must be at least 1, --warmup-tokens at least 0")
-    with Engine.from_options(store, options) as engine:
+    with (open_engine() if open_engine is not None else Engine.from_options(store, options)) as engine:
         c = engine.config
         total = warmup_tokens + tokens + profile_tokens
         if prompt_tokens + total > c.max_position_embeddings:
@@ -204,8 +270,11 @@ def run_bench(*, store: str | Path, options: EngineOptions, tokens: int = 32, pr
         prompt = torch.randint(3, c.vocab_size, (prompt_tokens,), generator=generator).tolist()
         stream = torch.randint(3, c.vocab_size, (total,), generator=generator).tolist()
         peak = measure_pinned_peak(engine.device)
+        prepare_s = None
+        if any(p != "copy" for _, p in pairs):  # repacking is a one-time cost: never inside a timed window
+            prepare_s = engine.prepare_runs(progress=options.progress)
         results = [run_mode(engine, mode, prompt=prompt, stream=stream, warmup=warmup_tokens, tokens=tokens,
-                            profile=profile_tokens) for mode in modes]
+                            profile=profile_tokens, placement=placement) for mode, placement in pairs]
         manifest = engine.store.manifest
         return BenchReport(
             store=str(store),
@@ -223,4 +292,8 @@ def run_bench(*, store: str | Path, options: EngineOptions, tokens: int = 32, pr
             results=results,
             cuda_graphs=engine.options.cuda_graphs and engine.device.type == "cuda",
             host_peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+            source=engine.source.name if engine.runs_elsewhere_on == "cpu" else "hosts " + ",".join(
+                sorted(engine.source.bytes_by_origin())),
+            runs_elsewhere_on=engine.runs_elsewhere_on,
+            prepare_runs_s=prepare_s,
         )
