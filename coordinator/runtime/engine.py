@@ -161,6 +161,8 @@ class Engine:
                               "use --placement copy")
         self._closers.insert(0, self._runner.close)
         self._copy_seconds = measure_copy_seconds(self.device, self.store.blob_nbytes)
+        if isinstance(self._runner, HostRunner):  # a copy from a host crosses its network link first
+            self._copy_seconds += self._runner.fetch_seconds(min(self.store.manifest.experts), self.store.blob_nbytes)
 
     @property
     def runs_elsewhere_on(self) -> str:

@@ -6,7 +6,8 @@ that holds it (HostRunner: one RunExperts call per layer and host). Both are `Ex
     copy  every miss is copied into the cache (the behaviour without placement)
     run   every miss runs where it lives; the cache holds what is already resident or loading
     auto  each miss goes to whichever finishes first by the costs measured while running: the
-          copy, at the link speed measured at start, behind the copies this layer already
+          copy, at the link speed measured at start (for an expert host, its fetch over the
+          network and then the device copy), behind the copies this layer already
           queued; or the run, at the executor's measured time per expert, behind the runs
           already given to it (the GPU meanwhile computes the hits)
 
@@ -128,6 +129,17 @@ class HostRunner:
             return self._seconds
         reported = self.pool.expert_seconds()  # the hosts' own measurement, before a first call
         return reported if reported is not None else 0.01
+
+    def fetch_seconds(self, eid: ExpertId, nbytes: int, repeats: int = 2) -> float:
+        """The best time of `repeats` fetches of one expert from its host into host memory: what
+        a copy costs before it reaches the device link (the pool counts these bytes as fetched)."""
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            self.fetch_loop.submit(self.pool.fetch_into(eid, buffer)).result()
+            best = min(best, time.perf_counter() - started)
+        return best
 
     def warm(self, experts: list[ExpertId], *, progress: bool = False, timeout_s: float = 600.0) -> None:
         """Run every expert of `experts` once on one zero token, one RunExperts call per layer
