@@ -10,16 +10,19 @@
 #   scripts/placement_bench.sh --store STORE --device cuda --rates "1gbit 10gbit"
 #   scripts/placement_bench.sh --shape small --device cpu        # a quick end-to-end check on CPU
 #
-# Options: --store STORE (else --shape SHAPE [mixtral-8x7b] is made under --work), --work DIR,
-# --device, --rates "R ...", --rtt-ms MS, --copy-tokens N [2], --run-tokens N [16],
-# --cache-experts K; anything after `--` goes to every bench call. JSON per run lands in --work.
+# Options: --store STORE (else --shape SHAPE [mixtral-8x7b] is made under --work, cut to its first
+# --layers N when given: faster, and the figures are then per N layers), --work DIR, --device,
+# --rates "R ...", --rtt-ms MS, --copy-tokens N [2], --run-tokens N [16], --cache-experts K,
+# --run-modes "M,..." [lru: with prefetch on, prefetched experts still cross the link as copies,
+# at 1 GbE seconds per token]; anything after `--` goes to every bench call. JSON per run lands
+# in --work.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
 [ -x "$PYTHON" ] || PYTHON=python3
 STORE="" SHAPE=mixtral-8x7b WORK="" DEVICE=cuda RATES="1gbit 2.5gbit 10gbit" RTT_MS=0.3
-COPY_TOKENS=2 RUN_TOKENS=16 CACHE_EXPERTS=4 EXTRA=()
+COPY_TOKENS=2 RUN_TOKENS=16 CACHE_EXPERTS=4 RUN_MODES=lru LAYERS="" EXTRA=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --store) STORE=$2; shift 2 ;;
@@ -31,8 +34,10 @@ while [ $# -gt 0 ]; do
         --copy-tokens) COPY_TOKENS=$2; shift 2 ;;
         --run-tokens) RUN_TOKENS=$2; shift 2 ;;
         --cache-experts) CACHE_EXPERTS=$2; shift 2 ;;
+        --run-modes) RUN_MODES=$2; shift 2 ;;
+        --layers) LAYERS=$2; shift 2 ;;
         --) shift; EXTRA=("$@"); break ;;
-        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "placement_bench.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -49,8 +54,9 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 if [ -z "$STORE" ]; then
-    STORE=$WORK/store-$SHAPE
-    [ -f "$STORE/manifest.json" ] || "$PYTHON" -m coordinator make-synthetic --shape "$SHAPE" --out "$STORE" --quiet
+    STORE=$WORK/store-$SHAPE${LAYERS:+-$LAYERS-layers}
+    [ -f "$STORE/manifest.json" ] || "$PYTHON" -m coordinator make-synthetic --shape "$SHAPE" --out "$STORE" --quiet \
+        ${LAYERS:+--layers "$LAYERS"}
 fi
 
 echo "== expert host on $STORE (log: $WORK/host.log)"
@@ -85,8 +91,8 @@ for rate in $RATES; do
     echo "   copy: $COPY_TOKENS tokens"
     bench "$WORK/$rate-copy.json" --modes lru+prefetch --placements copy --tokens "$COPY_TOKENS" \
         --warmup-tokens 0 --profile-tokens 1
-    echo "   run, auto: $RUN_TOKENS tokens"
-    bench "$WORK/$rate-run.json" --modes lru,lru+prefetch --placements run,auto --tokens "$RUN_TOKENS" \
+    echo "   run, auto ($RUN_MODES): $RUN_TOKENS tokens"
+    bench "$WORK/$rate-run.json" --modes "$RUN_MODES" --placements run,auto --tokens "$RUN_TOKENS" \
         --warmup-tokens 2 --profile-tokens 2
     kill "$PROXY_PID" && wait "$PROXY_PID" 2>/dev/null || true
 done
