@@ -37,6 +37,10 @@ def _add_serve(commands) -> None:
                         help="on SIGTERM/SIGINT, seconds to let calls in flight finish (default 5)")
     parser.add_argument("--parent-pid", type=int, default=None, metavar="PID",
                         help="PID of the process that starts this host: stop when it exits (the coordinator's --local-host uses it)")
+    parser.add_argument("--shared-memory", type=Path, default=None, metavar="FILE",
+                        help="hold the shard in FILE, made new with mode 0600 (under /dev/shm: RAM), so that a "
+                        "coordinator on this machine maps it instead of fetching over gRPC (--local-host does); "
+                        "removed when the host stops")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
                         help="what to log on stderr: info logs each client and every refused call (default info)")
     # Test hooks (fault injection), hidden from --help: only the tests use them.
@@ -69,6 +73,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         address_file=args.address_file,
         grace_period_s=args.grace_period,
         parent_pid=args.parent_pid,
+        shared_file=args.shared_memory,
         faults=FaultInjection(fetch_delay_s=args.test_fetch_delay, corrupt_chunks=args.test_corrupt_chunks,
                               load_delay_s=args.test_load_delay),
     )

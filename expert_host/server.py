@@ -111,6 +111,7 @@ def serve_expert_host(
     address_file: str | Path | None = None,
     grace_period_s: float = 5.0,
     parent_pid: int | None = None,
+    shared_file: str | Path | None = None,
     faults: FaultInjection = FaultInjection(),
 ) -> None:
     address = HostAddress.parse(listen, what="--listen", allow_any_port=True)
@@ -133,10 +134,17 @@ def serve_expert_host(
     def load_shard() -> tuple[ExpertShard, float]:
         if faults.load_delay_s:
             time.sleep(faults.load_delay_s)
-        return ExpertShard(opened, held, mmap=mmap), measure_memory_gbps()
+        shard = ExpertShard(opened, held, mmap=mmap, shared_file=Path(shared_file) if shared_file else None)
+        return shard, measure_memory_gbps()
 
-    asyncio.run(_serve(load_shard, address, faults=faults, credentials=credentials, tls_mode=tls_mode, token=token,
-                       address_file=address_file, grace_period_s=grace_period_s, parent_pid=parent_pid))
+    if shared_file is not None and mmap:
+        raise ConfigError("--shared-memory holds the shard in RAM; it does not go with --mmap")
+    try:
+        asyncio.run(_serve(load_shard, address, faults=faults, credentials=credentials, tls_mode=tls_mode, token=token,
+                           address_file=address_file, grace_period_s=grace_period_s, parent_pid=parent_pid))
+    finally:
+        if shared_file is not None:  # a coordinator that mapped it may have removed it already
+            Path(shared_file).unlink(missing_ok=True)
 
 
 async def _serve(load_shard: Callable[[], tuple[ExpertShard, float]], address: HostAddress, *, faults: FaultInjection,

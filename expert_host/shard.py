@@ -5,14 +5,19 @@ In RAM, every blob is read once at start into one allocation and checked against
 way it reads), blobs stay in the page cache / on the SSD and each fetch preads its blob into a
 fresh buffer: no memory map, so a file that shrinks or changes is a StoreError naming it (the
 servicer answers DATA_LOSS and serves other experts), never a SIGBUS. The blob is checked on
-its first read and whenever its file may have changed (ExpertStore.read_blob_into). Knows
-nothing of gRPC: the servicer asks it for blobs by ExpertId."""
+its first read and whenever its file may have changed (ExpertStore.read_blob_into). With a
+`shared_file` (`--shared-memory`, what `--local-host` asks for), the RAM copy is that file, made
+new with mode 0600 (on /dev/shm: memory, not disk), the blobs in the order of `experts`, so that
+a coordinator on this machine can map it and read the experts without any call (the caller
+removes the file when done). Knows nothing of gRPC: the servicer asks it for blobs by ExpertId."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -25,7 +30,8 @@ log = logging.getLogger(__name__)
 
 
 class ExpertShard:
-    def __init__(self, store: ExpertStore, experts: list[ExpertId], *, mmap: bool = False, progress: bool | None = None) -> None:
+    def __init__(self, store: ExpertStore, experts: list[ExpertId], *, mmap: bool = False, progress: bool | None = None,
+                 shared_file: Path | None = None) -> None:
         """`progress=None`: a progress bar when stderr is a terminal, log lines otherwise."""
         self.store = store
         self.manifest = store.manifest
@@ -35,13 +41,14 @@ class ExpertShard:
         self._index = {eid: i for i, eid in enumerate(self.experts)}
         self._arena: torch.Tensor | None = None
         if not mmap:
-            self._load_into_ram(progress)
+            self._load_into_ram(progress, shared_file)
 
-    def _load_into_ram(self, progress: bool | None) -> None:
+    def _load_into_ram(self, progress: bool | None, shared_file: Path | None) -> None:
         total = len(self.experts) * self.blob_nbytes
         log.info("loading %d experts (%.2f GB) of %s into RAM", len(self.experts), total / 1e9, self.store.folder)
         started = time.perf_counter()
-        self._arena = torch.empty((len(self.experts), self.blob_nbytes), dtype=torch.uint8)  # [experts, blob bytes]
+        shape = (len(self.experts), self.blob_nbytes)  # [experts, blob bytes]
+        self._arena = torch.empty(shape, dtype=torch.uint8) if shared_file is None else _shared_arena(shared_file, shape)
         for eid in tqdm(self.experts, desc="loading experts", unit="expert", disable=None if progress is None else not progress):
             self.store.read_blob_into(eid, self._arena[self._index[eid]], always_verify=True)
         seconds = time.perf_counter() - started
@@ -72,3 +79,17 @@ class ExpertShard:
         layers = sorted({eid.layer for eid in self.experts})
         where = "read from the store's files per fetch" if self.mmap else "in RAM"
         return f"{len(self.experts)} experts of {len(layers)} layers, {where}"
+
+
+def _shared_arena(path: Path, shape: tuple[int, int]) -> torch.Tensor:
+    """A new file of the arena's size at `path`, only this user's (refused if it exists), mapped
+    shared: what we write there, a coordinator that maps the file sees."""
+    nbytes = shape[0] * shape[1]
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(descriptor, nbytes)
+    finally:
+        os.close(descriptor)
+    if nbytes == 0:
+        return torch.empty(shape, dtype=torch.uint8)
+    return torch.from_file(str(path), shared=True, size=nbytes, dtype=torch.uint8).view(shape)

@@ -4,18 +4,22 @@ host never outlives its coordinator. Plus the argument checks of source_from_arg
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 
 from common.errors import ConfigError
 from conftest import ROOT, coordinator_cli
-from coordinator.cli.engine_args import add_engine_arguments, source_from_args
+from coordinator.cli.engine_args import add_engine_arguments, open_engine, source_from_args
 from coordinator.runtime.engine import Engine
+from coordinator.sources.local_host import SHARED_FILE_PREFIX, SHARED_MEMORY_ROOT
+from coordinator.sources.shared_memory import ORIGIN
 from expert_host_processes import expert_hosts  # noqa: F401  (fixture)
 
 PROMPT = "The quick brown fox"
@@ -48,13 +52,34 @@ def reference(store4):
     return generation.token_ids
 
 
+def shared_files_of(pid: int) -> list[Path]:
+    """What --local-host of process `pid` has in /dev/shm."""
+    return sorted(SHARED_MEMORY_ROOT.glob(f"{SHARED_FILE_PREFIX}{pid}-*"))
+
+
 def test_generate_with_local_host_gives_the_in_process_tokens_and_leaves_no_host(store4, reference):
     result = generate_json(store4, "--local-host")
     assert result["token_ids"] == reference
     (origin,) = result["stats"]["bytes_by_source"]
-    assert origin.startswith("unix:")
+    assert origin == ORIGIN  # read from the host's shared memory, not over its socket
     assert result["stats"]["fetches_by_source"][origin] > 0
     assert expert_host_processes_of(store4) == []
+    assert shared_files_of(os.getpid()) == []
+
+
+def test_local_host_experts_in_shared_memory_outlive_a_killed_host_and_leave_nothing_in_dev_shm(store4, reference):
+    engine = open_engine(parse_for(store4, "--local-host", "--cache-experts", "2"), progress=False)
+    try:
+        assert shared_files_of(os.getpid()) == []  # mapped, then removed at once
+        (host,) = expert_host_processes_of(store4)
+        host.kill()
+        host.wait(10)
+        generation = engine.generate(PROMPT, max_new_tokens=12)
+        list(generation)  # fetches read the mapping, which the host's death does not take away
+        assert generation.token_ids == reference
+    finally:
+        engine.close()
+    assert shared_files_of(os.getpid()) == [] and expert_host_processes_of(store4) == []
 
 
 def test_generate_with_a_cluster_file_gives_the_in_process_tokens(expert_hosts, store4, reference, tmp_path):  # noqa: F811
@@ -81,6 +106,7 @@ def test_a_killed_coordinator_takes_its_local_host_with_it(store2):
         coordinator.wait(10)
         gone, alive = psutil.wait_procs(hosts, timeout=10)
         assert alive == [], "the local expert host outlived its coordinator"
+        assert shared_files_of(coordinator.pid) == [], "the local host's shared memory outlived both"
     finally:
         if coordinator.poll() is None:
             coordinator.kill()
@@ -88,10 +114,14 @@ def test_a_killed_coordinator_takes_its_local_host_with_it(store2):
             host.kill()
 
 
-def parse(*argv):
+def parse_for(store, *argv):
     parser = argparse.ArgumentParser()
     add_engine_arguments(parser)
-    return parser.parse_args(["--store", "S", *argv])
+    return parser.parse_args(["--store", str(store), *argv])
+
+
+def parse(*argv):
+    return parse_for("S", *argv)
 
 
 def test_source_arguments_turn_into_a_source_or_a_clear_error():

@@ -153,6 +153,7 @@ def open_engine(args: argparse.Namespace, *, progress: bool = True):
         options = engine_options_from_args(args, source=source if isinstance(source, str) else "custom", progress=progress)
         if local_host is not None:
             local_host.start()
+            source = local_host.source_over(source, pin=options.device != "cpu")  # its experts in shared memory
         engine = Engine.from_options(args.store, options, None if isinstance(source, str) else source)
     except BaseException:
         if local_host is not None:
