@@ -4,7 +4,8 @@
 # carries too), run the CUDA tests, check the CLI on the tiny model (CPU vs CUDA, in-process vs
 # a local expert host), measure gRPC fetch against a raw socket copy, then make the synthetic
 # Mixtral-8x7B store and benchmark it. Logs go to $OUT.
-#   usage: scripts/gpu_session.sh [tests,cli,fetch,bench] [bench-args...]   (default: all)
+#   usage: scripts/gpu_session.sh [tests,cli,fetch,bench,placement,localhost,link] [bench-args...]
+#   (default: tests,cli,fetch,bench; placement, localhost and link are issue 9's placement runs)
 set -uo pipefail
 OUT=${OUT:-/tmp/moe-edge-out}
 mkdir -p "$OUT"
@@ -56,16 +57,20 @@ if [[ $steps == *fetch* ]]; then
   python3 -m coordinator bench-fetch --store "$F/store16" --seconds 4 --streams 8 2>&1 | tee -a "$OUT/fetch.txt"
 fi
 
-if [[ $steps == *bench* ]]; then
-  S=/tmp/moe-edge-synthetic
+S=/tmp/moe-edge-synthetic
+synthetic_store() {
   if [[ ! -f $S/manifest.json ]]; then
     started=$SECONDS
     python3 -m coordinator make-synthetic --shape mixtral-8x7b --expert-bits 2 --dense-bits 4 --out $S --quiet 2>&1 | tee "$OUT/synthetic.log"
     echo "make-synthetic took $((SECONDS - started)) s" | tee -a "$OUT/synthetic.log"
   fi
-  python3 -m coordinator bench --store $S --device cuda --cache-experts 4 --json "$@" > "$OUT/bench.json" 2> "$OUT/bench.err"
-  tail -5 "$OUT/bench.err"
-  python3 - "$OUT/bench.json" <<'PY' | tee "$OUT/bench.txt"
+}
+
+bench() {  # bench NAME ARGS...: one bench on the synthetic store, its JSON and table in $OUT
+  local name=$1; shift
+  python3 -m coordinator bench --store $S --device cuda --cache-experts 4 --json "$@" > "$OUT/$name.json" 2> "$OUT/$name.err"
+  tail -5 "$OUT/$name.err"
+  python3 - "$OUT/$name.json" <<'PY' | tee "$OUT/$name.txt"
 import json, sys
 from coordinator.bench.decode import BenchReport, ModeResult
 from coordinator.bench.report import render
@@ -74,4 +79,25 @@ data.pop("copy_bound_tokens_per_s", None)
 data["results"] = [ModeResult(**r) for r in data["results"]]
 print(render(BenchReport(**data)))
 PY
+}
+
+if [[ $steps == *bench* ]]; then
+  synthetic_store
+  bench bench "$@"
+fi
+
+# Placement (issue 9): experts in local RAM run on this CPU, side by side with copying them; the
+# local expert host (its experts in shared memory) against in-process RAM; a host behind a
+# shaped link at 1, 2.5 and 10 GbE (scripts/placement_bench.sh).
+if [[ $steps == *placement* ]]; then
+  synthetic_store
+  bench placement --modes lru,lru+prefetch --placements copy,run,auto "$@"
+fi
+if [[ $steps == *localhost* ]]; then
+  synthetic_store
+  bench localhost --modes lru+prefetch,resident --local-host "$@"
+fi
+if [[ $steps == *link* ]]; then
+  synthetic_store
+  scripts/placement_bench.sh --store $S --device cuda --work /tmp/placement-link "$@" 2>&1 | tee "$OUT/link.txt"
 fi

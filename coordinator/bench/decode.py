@@ -292,7 +292,7 @@ def run_bench(*, store: str | Path, options: EngineOptions, tokens: int = 32, pr
             results=results,
             cuda_graphs=engine.options.cuda_graphs and engine.device.type == "cuda",
             host_peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
-            source=engine.source.name if engine.runs_elsewhere_on == "cpu" else "hosts " + ",".join(
+            source=engine.source.name if engine.source.name != "hosts" else "expert hosts " + ",".join(
                 sorted(engine.source.bytes_by_origin())),
             runs_elsewhere_on=engine.runs_elsewhere_on,
             prepare_runs_s=prepare_s,
