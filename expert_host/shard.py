@@ -87,7 +87,11 @@ def _shared_arena(path: Path, shape: tuple[int, int]) -> torch.Tensor:
     nbytes = shape[0] * shape[1]
     descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.ftruncate(descriptor, nbytes)
+        if nbytes:  # reserved now: a full /dev/shm is an error here, not a SIGBUS at some write later
+            os.posix_fallocate(descriptor, 0, nbytes)
+    except OSError as err:
+        path.unlink(missing_ok=True)
+        raise StoreError(f"--shared-memory {path}: cannot reserve {nbytes / 1e9:.2f} GB there ({err.strerror})") from None
     finally:
         os.close(descriptor)
     if nbytes == 0:

@@ -136,3 +136,17 @@ def test_source_arguments_turn_into_a_source_or_a_clear_error():
         source_from_args(parse("--hosts", "ram-pc-1"))
     with pytest.raises(ConfigError, match="--tls-cert/--tls-key need --tls-ca"):
         source_from_args(parse("--hosts", "127.0.0.1:50051", "--tls-cert", "c.pem", "--tls-key", "k.pem"))
+
+
+def test_a_dev_shm_too_small_for_the_experts_leaves_them_on_the_socket_and_says_so(store4, monkeypatch, caplog):
+    from types import SimpleNamespace
+
+    from coordinator.sources import local_host
+
+    monkeypatch.setattr(local_host.os, "statvfs", lambda path: SimpleNamespace(f_bavail=16, f_frsize=4096))
+    host = local_host.LocalHost(store4)
+    try:
+        assert host.shared_file is None
+        assert "serves them over its socket" in caplog.text
+    finally:
+        host.stop()

@@ -48,7 +48,7 @@ class LocalHost:
         self._folder = Path(tempfile.mkdtemp(prefix="moe-edge-host-"))
         self.address = HostAddress(unix_path=str(self._folder / "expert-host.sock"))
         self.shared_file: Path | None = None  # the host's experts, until this process maps them
-        if shared_memory and not mmap and SHARED_MEMORY_ROOT.is_dir():
+        if shared_memory and not mmap and _shared_memory_fits(self.store):
             self.shared_file = SHARED_MEMORY_ROOT / f"{SHARED_FILE_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
         self.process: subprocess.Popen | None = None
         atexit.register(self.stop)
@@ -115,3 +115,21 @@ class LocalHost:
         shutil.rmtree(self._folder, ignore_errors=True)
         if self.shared_file is not None:  # gone already once mapped, or removed by the host as it stopped
             self.shared_file.unlink(missing_ok=True)
+
+
+def _shared_memory_fits(store: Path) -> bool:
+    """Whether /dev/shm has room for the store's experts (a container's is often 64 MB)."""
+    from common.store.manifest import Manifest
+
+    if not SHARED_MEMORY_ROOT.is_dir():
+        return False
+    manifest = Manifest.read(store)
+    need = manifest.layout.nbytes * len(manifest.experts)
+    stat = os.statvfs(SHARED_MEMORY_ROOT)
+    free = stat.f_bavail * stat.f_frsize
+    if free < need + (64 << 20):
+        log.warning("%s has %.2f GB free and the store's experts need %.2f GB: the local host serves them over its "
+                    "socket instead of shared memory (slower; a larger /dev/shm, e.g. docker --shm-size, avoids it)",
+                    SHARED_MEMORY_ROOT, free / 1e9, need / 1e9)
+        return False
+    return True
