@@ -29,6 +29,7 @@ class GenerationStats:
     bytes_fetched: int = 0
     experts_run_elsewhere: int = 0  # uses that placement ran where the expert lives
     wait_s: float = 0.0  # time the token loop waited on expert loads
+    run_wait_s: float = 0.0  # time it waited on experts run where they live, after the device's
     bytes_by_source: dict[str, int] = field(default_factory=dict)
     fetches_by_source: dict[str, int] = field(default_factory=dict)  # experts delivered (one blob each)
     run_seconds_by_source: dict[str, float] = field(default_factory=dict)  # waiting on hosts running experts
@@ -44,6 +45,7 @@ class GenerationStats:
         self.bytes_fetched = delta.total("bytes_fetched")
         self.experts_run_elsewhere = delta.total("runs_elsewhere")
         self.wait_s = delta.wait_s
+        self.run_wait_s = delta.run_wait_s
         self.bytes_by_source = delta.bytes_by_source
         self.fetches_by_source = delta.fetches_by_source
         self.run_seconds_by_source = delta.run_seconds_by_source
