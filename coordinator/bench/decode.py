@@ -233,7 +233,7 @@ def _bytes_per_link(delta: EngineSnapshot, tokens: int) -> dict[str, dict[str, f
     for origin in sorted(set(delta.bytes_by_source) | set(delta.run_bytes_by_source)):
         received = delta.run_bytes_received_by_source.get(origin, 0)
         link = {"fetched": delta.bytes_by_source.get(origin, 0) / tokens}
-        if origin in delta.run_bytes_by_source:
+        if delta.run_bytes_by_source.get(origin):
             link["run_sent"] = (delta.run_bytes_by_source[origin] - received) / tokens
             link["run_received"] = received / tokens
         if any(link.values()):

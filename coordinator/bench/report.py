@@ -21,7 +21,7 @@ def _links(report: BenchReport, r) -> str:
     """Bytes per token over each link, both directions for a host."""
     parts = []
     for origin, link in r.bytes_per_token_by_link.items():
-        if origin in ("ram", "disk"):
+        if "run_sent" not in link:  # only copies came from there: ram, disk, shared memory, a host copy only
             parts.append(f"{origin}->device {_size(link['fetched'])}")
         else:
             parts.append(f"{origin}: to us {_size(link['fetched'] + link.get('run_received', 0))} "
