@@ -5,10 +5,10 @@ At load, each HQQ-quantized matrix of the expert (2, 3 or 4-bit codes, planar bi
 scale and zero per group: common/quantization.py) is repacked, exactly, for one of two kernels:
 - the native one (common/cpu_kernels: C++ built on first use where it runs), NativeMatrix: 2-bit
   codes stay 2-bit, 3 and 4-bit ones become 4-bit; it computes s * (q . x - z * sum x) per group
-  in fp32, the HQQ formula w = (q - z) * s within fp32 rounding. Used wherever it builds and the
-  group size is a multiple of 64;
-- torch's int4 weight-only matmul (`torch._weight_int4pack_mm_for_cpu`), Int4Matrix, the
-  fallback (no compiler, a failed build, MOE_EDGE_CPU_KERNEL=int4pack, other group sizes). HQQ's
+  in fp32, the HQQ formula w = (q - z) * s within fp32 rounding. Used for 2-bit matrices wherever
+  it builds and the group size is a multiple of 64 (for all with MOE_EDGE_CPU_KERNEL=native);
+- torch's int4 weight-only matmul (`torch._weight_int4pack_mm_for_cpu`), Int4Matrix: 3 and 4-bit
+  matrices, and the fallback (no compiler, a failed build, MOE_EDGE_CPU_KERNEL=int4pack). HQQ's
   w = (q - z) * s is torch's (q - 8) * s + z' with z' = (8 - z) * s, and codes of fewer than 4
   bits are 4-bit codes that leave the top bits zero; every code is read at 4 bits.
 An unquantized expert keeps its matrices in the compute dtype and uses a plain matmul; so does an
@@ -84,7 +84,7 @@ class NativeMatrix:
         return packed.view(out_features, padded // per_byte)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, I] -> [T, O] in the compute dtype (fp32 arithmetic; bf16 x multiplied as given)."""
+        """x [T, I] -> [T, O] in the compute dtype (fp32 arithmetic; bf16 x is widened exactly)."""
         if x.dtype != torch.bfloat16:
             x = x.to(torch.float32)
         x = x.contiguous()
@@ -141,7 +141,7 @@ class CpuExpert:
 
     def _matrix(self, weight) -> NativeMatrix | Int4Matrix | PlainMatrix:
         if isinstance(weight, QuantizedMatrix):
-            library = cpu_kernels.native_library(self.kernel) if can_run_native(weight) else None
+            library = cpu_kernels.native_library(self.kernel) if self._wants_native(weight) else None
             if library is not None:
                 return NativeMatrix(weight, self.dtype, library)
             if can_run_int4(weight):
@@ -150,6 +150,14 @@ class CpuExpert:
         if isinstance(weight, Mxfp4Matrix):
             return PlainMatrix(weight.dequantize(torch.float32), self.dtype)
         return PlainMatrix(weight, self.dtype)
+
+    def _wants_native(self, weight: QuantizedMatrix) -> bool:
+        """Auto: the native kernel for 2-bit codes (half the bytes of int4pack, about as fast at one
+        token, slower at 4 and more: scripts/cpu_expert_bench.py) and where int4pack cannot run;
+        3 and 4-bit ones, the same bytes either way, stay on int4pack. "native" wants it for all."""
+        if not can_run_native(weight):
+            return False
+        return weight.bits == 2 or not can_run_int4(weight) or cpu_kernels.kernel_choice(self.kernel) == "native"
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

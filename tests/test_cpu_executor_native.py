@@ -1,8 +1,8 @@
 """The native CPU kernel (common/cpu_kernels/hqq_matmul.cpp, through common/cpu_executor.py's
 NativeMatrix) gives what the dequantized reference matmul gives, within fp32 rounding: 2, 3 and
 4-bit codes, groups of 64 and 128, widths that are not whole 32-byte units of codes, 1 to 16
-tokens, fp32 and bf16 activations, and in each instruction set a build can choose (AVX-512 with
-and without bf16 pairs, AVX2, plain C++). MOE_EDGE_CPU_KERNEL and a failed build pick torch's
+tokens, fp32 and bf16 activations, and in each instruction set a build can choose (AVX-512,
+AVX2, plain C++). MOE_EDGE_CPU_KERNEL and a failed build pick torch's
 int4pack path instead."""
 
 import logging
@@ -51,13 +51,12 @@ def test_the_native_kernel_equals_the_dequantized_matmul(library, bits, group_si
     weight = quantized.dequantize(torch.float64)
     matrix = NativeMatrix(quantized, torch.float32, library)
     for tokens in (1, 3, 16):
-        for dtype in (torch.float32, torch.bfloat16):  # bf16 x is multiplied as given, not rounded again
+        for dtype in (torch.float32, torch.bfloat16):  # bf16 x is widened exactly, not rounded again
             x = torch.randn(tokens, shape[1], generator=torch.Generator().manual_seed(tokens)).to(dtype)
             assert relative_error(matrix, weight, x) < BOUND, (tokens, dtype)
 
 
-@pytest.mark.parametrize("extra_flags", [("-mno-avx512bf16",), ("-mno-avx512f",), ("-mno-avx512f", "-mno-avx2", "-mno-fma")],
-                         ids=["avx512-without-bf16", "avx2", "scalar"])
+@pytest.mark.parametrize("extra_flags", [("-mno-avx512f",), ("-mno-avx512f", "-mno-avx2", "-mno-fma")], ids=["avx2", "plain"])
 def test_every_instruction_set_gives_the_same_products(tmp_path, monkeypatch, extra_flags):
     monkeypatch.setenv("MOE_EDGE_CACHE_DIR", str(tmp_path))
     library = cpu_kernels.open_library(cpu_kernels.build(cpu_kernels.compiler(), cpu_kernels.FLAGS + extra_flags))
@@ -116,3 +115,13 @@ def test_an_unknown_kernel_name_is_refused(monkeypatch, fresh_choice):
     monkeypatch.setenv("MOE_EDGE_CPU_KERNEL", "fastest")
     with pytest.raises(ConfigError, match="MOE_EDGE_CPU_KERNEL"):
         cpu_kernels.native_library()
+
+
+def test_auto_runs_2_bit_matrices_natively_and_4_bit_ones_on_int4pack(monkeypatch, fresh_choice):
+    monkeypatch.delenv("MOE_EDGE_CPU_KERNEL", raising=False)
+    for bits, expected in ((2, NativeMatrix), (3, Int4Matrix), (4, Int4Matrix)):
+        weights = ExpertWeights(w13=random_matrix(256, 128, QuantSpec(bits, 64), seed=1),
+                                w2=random_matrix(128, 128, QuantSpec(bits, 64), seed=2))
+        expert = CpuExpert(weights, dtype=torch.bfloat16)
+        assert isinstance(expert.w13, expected) and isinstance(expert.w2, expected), bits
+        assert isinstance(CpuExpert(weights, dtype=torch.bfloat16, kernel="native").w13, NativeMatrix)

@@ -115,9 +115,7 @@ def native_library(choice: str | None = None) -> ctypes.CDLL | None:
 
 def describe(library: ctypes.CDLL) -> str:
     """What the build chose on this CPU, in words."""
-    bits = library.hqq_vector_bits()
-    vectors = {512: "AVX-512", 256: "AVX2"}.get(bits & ~1, "scalar")
-    return vectors + (", bf16 activations as bf16 pairs" if bits & 1 else "")
+    return {512: "AVX-512", 256: "AVX2"}.get(library.hqq_vector_bits(), "plain C++")
 
 
 def _load() -> tuple[ctypes.CDLL | None, str]:
