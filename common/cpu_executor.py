@@ -2,10 +2,15 @@
 in its RAM) and an expert host (experts it holds) use to run an expert where it lives.
 
 At load, each HQQ-quantized matrix of the expert (2, 3 or 4-bit codes, planar bit planes, an fp16
-scale and zero per group: common/quantization.py) is repacked, exactly, for torch's int4
-weight-only matmul (`torch._weight_int4pack_mm_for_cpu`), which reads the packed codes once per
-call. The two formulas agree term by term: HQQ's w = (q - z) * s is torch's (q - 8) * s + z' with
-z' = (8 - z) * s, and codes of fewer than 4 bits are 4-bit codes that leave the top bits zero.
+scale and zero per group: common/quantization.py) is repacked, exactly, for one of two kernels:
+- the native one (common/cpu_kernels: C++ built on first use where it runs), NativeMatrix: 2-bit
+  codes stay 2-bit, 3 and 4-bit ones become 4-bit; it computes s * (q . x - z * sum x) per group
+  in fp32, the HQQ formula w = (q - z) * s within fp32 rounding. Used for 2-bit matrices wherever
+  it builds and the group size is a multiple of 64 (for all with MOE_EDGE_CPU_KERNEL=native);
+- torch's int4 weight-only matmul (`torch._weight_int4pack_mm_for_cpu`), Int4Matrix: 3 and 4-bit
+  matrices, and the fallback (no compiler, a failed build, MOE_EDGE_CPU_KERNEL=int4pack). HQQ's
+  w = (q - z) * s is torch's (q - 8) * s + z' with z' = (8 - z) * s, and codes of fewer than 4
+  bits are 4-bit codes that leave the top bits zero; every code is read at 4 bits.
 An unquantized expert keeps its matrices in the compute dtype and uses a plain matmul; so does an
 MXFP4 one (common/mxfp4.py), dequantized at load: torch has no CPU matmul that reads e2m1 codes.
 
@@ -18,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import cpu_kernels
 from .mxfp4 import Mxfp4Matrix
 from .quantization import QuantizedMatrix
 from .store.blob_layout import ExpertWeights
@@ -47,6 +53,54 @@ class Int4Matrix:
         return self.packed.numel() + self.scale_and_zero.numel() * self.scale_and_zero.element_size()
 
 
+class NativeMatrix:
+    """One [O, I] HQQ matrix for the native kernel (common/cpu_kernels): 2-bit codes kept at 2
+    bits, 3 and 4-bit ones at 4, in the kernel's unit layout; the fp16 scales and zeros as stored."""
+
+    def __init__(self, matrix: QuantizedMatrix, dtype: torch.dtype, library) -> None:
+        self.library = library
+        self.dtype = dtype
+        self.group_size = matrix.group_size
+        self.out_features, self.in_features = matrix.shape
+        self.bits = 2 if matrix.bits == 2 else 4
+        self.codes = self.repack(matrix.codes(), self.bits)  # [O, I * bits / 8] uint8
+        self.scale = matrix.scale.to(torch.float16).contiguous().clone()  # [O, G], owned: the blob may go
+        self.zero = matrix.zero.to(torch.float16).contiguous().clone()  # [O, G]
+
+    @staticmethod
+    def repack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+        """[O, I] codes -> the kernel's layout: 32-byte units of 32 * p columns (p = 8 / bits codes
+        per byte; the row padded with zero codes to whole units), byte w of a unit holding the
+        unit's columns 32 j + w at bit bits * j."""
+        per_byte = 8 // bits
+        out_features, in_features = codes.shape
+        unit_columns = 32 * per_byte
+        padded = -(-in_features // unit_columns) * unit_columns
+        codes = F.pad(codes.to(torch.uint8), (0, padded - in_features))
+        units = codes.view(out_features, padded // unit_columns, per_byte, 32)
+        packed = units[:, :, 0].clone()
+        for j in range(1, per_byte):
+            packed |= units[:, :, j] << (bits * j)
+        return packed.view(out_features, padded // per_byte)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, I] -> [T, O] in the compute dtype (fp32 arithmetic; bf16 x is widened exactly)."""
+        if x.dtype != torch.bfloat16:
+            x = x.to(torch.float32)
+        x = x.contiguous()
+        y = torch.empty(x.shape[0], self.out_features, dtype=torch.float32)
+        status = self.library.hqq_matmul(self.codes.data_ptr(), self.scale.data_ptr(), self.zero.data_ptr(), self.bits,
+                                         self.group_size, self.out_features, self.in_features, x.data_ptr(),
+                                         int(x.dtype == torch.bfloat16), x.shape[0], y.data_ptr(), torch.get_num_threads())
+        assert status == 0, "NativeMatrix was made for a shape the kernel refuses"
+        return y.to(self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a call reads: the codes and the fp16 scales and zeros."""
+        return self.codes.numel() + 2 * self.scale.numel() * self.scale.element_size()
+
+
 class PlainMatrix:
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype) -> None:
         self.weight = weight.to(dtype).contiguous()
@@ -59,6 +113,11 @@ class PlainMatrix:
         return self.weight.numel() * self.weight.element_size()
 
 
+def can_run_native(matrix: QuantizedMatrix) -> bool:
+    out_features, in_features = matrix.shape
+    return matrix.bits <= 4 and matrix.group_size % 64 == 0 and in_features % matrix.group_size == 0
+
+
 def can_run_int4(matrix: QuantizedMatrix) -> bool:
     out_features, in_features = matrix.shape
     return matrix.bits <= 4 and matrix.group_size in INT4_GROUP_SIZES and in_features % matrix.group_size == 0
@@ -69,22 +128,36 @@ class CpuExpert:
     biases; the activation and biases come with the weights, as in common/expert_ffn.py), ready
     to run on the CPU."""
 
-    def __init__(self, weights: ExpertWeights, *, dtype: torch.dtype = torch.bfloat16) -> None:
+    def __init__(self, weights: ExpertWeights, *, dtype: torch.dtype = torch.bfloat16, kernel: str | None = None) -> None:
+        """kernel: "native", "int4pack" or "auto" for quantized matrices (common/cpu_kernels);
+        None reads $MOE_EDGE_CPU_KERNEL."""
         self.dtype = dtype
+        self.kernel = kernel
         self.w13 = self._matrix(weights.w13)  # [2F, H]: gate and up
         self.w2 = self._matrix(weights.w2)  # [H, F]
         self.b13 = None if weights.b13 is None else weights.b13.to(dtype)  # [2F]
         self.b2 = None if weights.b2 is None else weights.b2.to(dtype)  # [H]
         self.activation = weights.activation
 
-    def _matrix(self, weight) -> Int4Matrix | PlainMatrix:
+    def _matrix(self, weight) -> NativeMatrix | Int4Matrix | PlainMatrix:
         if isinstance(weight, QuantizedMatrix):
+            library = cpu_kernels.native_library(self.kernel) if self._wants_native(weight) else None
+            if library is not None:
+                return NativeMatrix(weight, self.dtype, library)
             if can_run_int4(weight):
                 return Int4Matrix(weight, self.dtype)
             return PlainMatrix(weight.dequantize(torch.float32), self.dtype)  # a group size torch's kernel lacks
         if isinstance(weight, Mxfp4Matrix):
             return PlainMatrix(weight.dequantize(torch.float32), self.dtype)
         return PlainMatrix(weight, self.dtype)
+
+    def _wants_native(self, weight: QuantizedMatrix) -> bool:
+        """Auto: the native kernel for 2-bit codes (half the bytes of int4pack, about as fast at one
+        token, slower at 4 and more: scripts/cpu_expert_bench.py) and where int4pack cannot run;
+        3 and 4-bit ones, the same bytes either way, stay on int4pack. "native" wants it for all."""
+        if not can_run_native(weight):
+            return False
+        return weight.bits == 2 or not can_run_int4(weight) or cpu_kernels.kernel_choice(self.kernel) == "native"
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -2,9 +2,10 @@
 returns their weighted sum, for RunExperts.
 
 An expert is made ready for the CPU on its first use in a dtype and kept: a CpuExpert per
-(expert, dtype), never evicted. What that costs in memory on top of the shard: an int4-repacked
-quantized expert about 0.56 bytes per weight (4-bit codes, plus a scale and a shifted zero per
-group of 64 in the compute dtype), whatever its HQQ bits; an unquantized one nothing when the
+(expert, dtype), never evicted. What that costs in memory on top of the shard: a quantized expert
+on the native kernel about 0.31 bytes per weight at 2 bits and 0.56 at 3 or 4 (codes at 2 or 4
+bits, plus the fp16 scale and zero per group of 64); on torch's int4pack fallback about 0.56,
+whatever its HQQ bits; an unquantized one nothing when the
 compute dtype is the store's (its matrices stay views of the blob held in RAM), else a copy
 in the compute dtype. With --mmap the blob read for the first use stays referenced instead.
 

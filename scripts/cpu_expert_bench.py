@@ -3,9 +3,12 @@ floor that memory bandwidth sets (bytes the call reads / the CPU's read GB/s, me
 
 Random HQQ codes of a real model's expert shape (timing does not depend on the values); batch 1
 (one decode token) and a few tokens; torch's own threads (set OMP_NUM_THREADS to change them).
-Prints a table, then the same as one JSON line.
+Each kernel of common/cpu_kernels side by side: the native one (reads 2-bit codes at 2 bits;
+built on first use, seconds) and torch's int4pack (reads every code at 4 bits). Prints a table,
+then the same as one JSON line. Needs only torch and numpy besides this checkout.
 
-    python scripts/cpu_expert_bench.py [--shape mixtral-8x7b|qwen3-30b-a3b] [--bits 2,4] [--repeats 20]"""
+    python -m scripts.cpu_expert_bench [--shape mixtral-8x7b|qwen3-30b-a3b] [--bits 2,4] [--tokens 1,8]
+        [--kernels native,int4pack] [--repeats 20]"""
 
 from __future__ import annotations
 
@@ -14,13 +17,11 @@ import json
 import statistics
 import time
 
-import numpy as np
 import torch
 
 from common.cpu_executor import CpuExpert
-from common.quantization import QuantSpec
+from common.quantization import QuantizedMatrix, QuantSpec, quantized_shapes
 from common.store.blob_layout import ExpertWeights
-from coordinator.tools.synthetic import random_quantized
 
 SHAPES = {"mixtral-8x7b": (4096, 14336), "qwen3-30b-a3b": (2048, 768)}  # hidden, expert FFN width
 
@@ -34,6 +35,17 @@ def read_gbps(nbytes: int = 1 << 30, repeats: int = 5) -> float:
         float(buffer.sum())
         best = min(best, time.perf_counter() - started)
     return nbytes / best / 1e9
+
+
+def random_quantized(out_features: int, in_features: int, spec: QuantSpec, generator: torch.Generator) -> QuantizedMatrix:
+    """Random codes, scales and zeros (imports only torch, so the script runs where only torch is)."""
+    shapes = quantized_shapes(out_features, in_features, spec)
+    planes = tuple(torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
+                   for name, (_, shape) in shapes.items() if name.startswith("codes"))
+    groups = shapes["scale"][1]
+    scale = (1e-3 * (1 + torch.rand(groups, generator=generator))).half()
+    zero = ((2**spec.bits - 1) / 2 + torch.randn(groups, generator=generator) * 0.1).half()
+    return QuantizedMatrix(planes, scale, zero, spec.bits, spec.group_size)
 
 
 def timed(function, repeats: int) -> float:
@@ -50,28 +62,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="mixtral-8x7b")
     parser.add_argument("--bits", default="2,4")
+    parser.add_argument("--tokens", default="1,8")
+    parser.add_argument("--kernels", default="native,int4pack")
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     hidden, width = SHAPES[args.shape]
-    generator, rng = torch.Generator().manual_seed(0), np.random.default_rng(0)
+    generator = torch.Generator().manual_seed(0)
     memory = read_gbps()
     rows = []
     for bits in (int(b) for b in args.bits.split(",")):
         spec = QuantSpec(bits, 64)
-        weights = ExpertWeights(w13=random_quantized(2 * width, hidden, spec, 0.02, generator, rng),
-                                w2=random_quantized(hidden, width, spec, 0.002, generator, rng))
-        expert = CpuExpert(weights, dtype=torch.bfloat16)
-        for tokens in (1, 8):
-            x = torch.randn(tokens, hidden, dtype=torch.bfloat16)
-            seconds = timed(lambda: expert(x), args.repeats)
-            floor = expert.nbytes / (memory * 1e9)
-            rows.append(dict(shape=args.shape, bits=bits, tokens=tokens, ms=seconds * 1e3, floor_ms=floor * 1e3,
-                             read_mb=expert.nbytes / 1e6, of_memory_bandwidth=floor / seconds))
+        weights = ExpertWeights(w13=random_quantized(2 * width, hidden, spec, generator),
+                                w2=random_quantized(hidden, width, spec, generator))
+        for kernel in args.kernels.split(","):
+            expert = CpuExpert(weights, dtype=torch.bfloat16, kernel=kernel)
+            used = type(expert.w13).__name__
+            for tokens in (int(t) for t in args.tokens.split(",")):
+                x = torch.randn(tokens, hidden, dtype=torch.bfloat16)
+                seconds = timed(lambda: expert(x), args.repeats)
+                floor = expert.nbytes / (memory * 1e9)
+                rows.append(dict(shape=args.shape, bits=bits, kernel=kernel, matrix=used, tokens=tokens, ms=seconds * 1e3,
+                                 floor_ms=floor * 1e3, read_mb=expert.nbytes / 1e6, of_memory_bandwidth=floor / seconds))
+            del expert
     print(f"CPU read bandwidth, measured now: {memory:.1f} GB/s, {torch.get_num_threads()} threads")
-    print(f"{'shape':14s} {'bits':>4s} {'tokens':>6s} {'ms':>8s} {'floor ms':>9s} {'MB read':>8s} {'of bw':>6s}")
+    print(f"{'shape':14s} {'bits':>4s} {'kernel':>9s} {'tokens':>6s} {'ms':>8s} {'floor ms':>9s} {'MB read':>8s} {'of bw':>6s}")
     for r in rows:
-        print(f"{r['shape']:14s} {r['bits']:4d} {r['tokens']:6d} {r['ms']:8.2f} {r['floor_ms']:9.2f} {r['read_mb']:8.1f} "
-              f"{r['of_memory_bandwidth']:6.0%}")
+        print(f"{r['shape']:14s} {r['bits']:4d} {r['kernel']:>9s} {r['tokens']:6d} {r['ms']:8.2f} {r['floor_ms']:9.2f} "
+              f"{r['read_mb']:8.1f} {r['of_memory_bandwidth']:6.0%}")
     print(json.dumps({"read_gbps": memory, "threads": torch.get_num_threads(), "results": rows}))
 
 

@@ -1,0 +1,127 @@
+"""The native CPU kernel (common/cpu_kernels/hqq_matmul.cpp, through common/cpu_executor.py's
+NativeMatrix) gives what the dequantized reference matmul gives, within fp32 rounding: 2, 3 and
+4-bit codes, groups of 64 and 128, widths that are not whole 32-byte units of codes, 1 to 16
+tokens, fp32 and bf16 activations, and in each instruction set a build can choose (AVX-512,
+AVX2, plain C++). MOE_EDGE_CPU_KERNEL and a failed build pick torch's
+int4pack path instead."""
+
+import logging
+
+import pytest
+import torch
+
+from common import cpu_kernels
+from common.cpu_executor import CpuExpert, Int4Matrix, NativeMatrix
+from common.errors import ConfigError
+from common.quantization import QuantizedMatrix, QuantSpec, quantized_shapes
+from common.store.blob_layout import ExpertWeights
+
+# [O, I]: odd rows; widths of 2, 5 and 7 groups of 64 (not whole 128 or 64-column units)
+SHAPES = [(7, 128), (33, 320), (40, 448), (130, 1024)]
+BOUND = 2e-6  # largest |error| / largest |output|: fp32 sums in another order
+
+
+def random_matrix(out_features: int, in_features: int, spec: QuantSpec, seed: int) -> QuantizedMatrix:
+    generator = torch.Generator().manual_seed(seed)
+    shapes = quantized_shapes(out_features, in_features, spec)
+    planes = tuple(torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
+                   for name, (_, shape) in shapes.items() if name.startswith("codes"))
+    groups = shapes["scale"][1]
+    scale = (0.01 * (0.5 + torch.rand(groups, generator=generator))).half()
+    zero = ((2**spec.bits - 1) * torch.rand(groups, generator=generator)).half()
+    return QuantizedMatrix(planes, scale, zero, spec.bits, spec.group_size)
+
+
+def relative_error(matrix: NativeMatrix, weight: torch.Tensor, x: torch.Tensor) -> float:
+    reference = x.double() @ weight.T  # the dequantized weight, float64
+    return ((matrix(x).double() - reference).abs().max() / reference.abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def library():
+    library = cpu_kernels.native_library("native")
+    assert library is not None
+    return library
+
+
+@pytest.mark.parametrize("bits,group_size,shape", [(bits, group_size, shape) for bits in (2, 3, 4) for group_size in (64, 128)
+                                                    for shape in SHAPES if shape[1] % group_size == 0])
+def test_the_native_kernel_equals_the_dequantized_matmul(library, bits, group_size, shape):
+    quantized = random_matrix(*shape, QuantSpec(bits, group_size), seed=bits * 1000 + shape[1])
+    weight = quantized.dequantize(torch.float64)
+    matrix = NativeMatrix(quantized, torch.float32, library)
+    for tokens in (1, 3, 16):
+        for dtype in (torch.float32, torch.bfloat16):  # bf16 x is widened exactly, not rounded again
+            x = torch.randn(tokens, shape[1], generator=torch.Generator().manual_seed(tokens)).to(dtype)
+            assert relative_error(matrix, weight, x) < BOUND, (tokens, dtype)
+
+
+@pytest.mark.parametrize("extra_flags", [("-mno-avx512f",), ("-mno-avx512f", "-mno-avx2", "-mno-fma")], ids=["avx2", "plain"])
+def test_every_instruction_set_gives_the_same_products(tmp_path, monkeypatch, extra_flags):
+    monkeypatch.setenv("MOE_EDGE_CACHE_DIR", str(tmp_path))
+    library = cpu_kernels.open_library(cpu_kernels.build(cpu_kernels.compiler(), cpu_kernels.FLAGS + extra_flags))
+    for bits, shape in ((2, (33, 320)), (4, (40, 448)), (3, (7, 128))):
+        quantized = random_matrix(*shape, QuantSpec(bits, 64), seed=bits)
+        weight = quantized.dequantize(torch.float64)
+        matrix = NativeMatrix(quantized, torch.float32, library)
+        for tokens in (1, 5, 9):
+            for dtype in (torch.float32, torch.bfloat16):
+                x = torch.randn(tokens, shape[1], generator=torch.Generator().manual_seed(tokens)).to(dtype)
+                assert relative_error(matrix, weight, x) < BOUND, (bits, tokens, dtype)
+
+
+def test_a_2_bit_matrix_keeps_its_codes_at_2_bits(library):
+    quantized = random_matrix(64, 1024, QuantSpec(2, 64), seed=0)
+    matrix = NativeMatrix(quantized, torch.bfloat16, library)
+    assert matrix.codes.numel() == 64 * 1024 // 4
+    assert matrix.nbytes == 64 * 1024 // 4 + 2 * 2 * 64 * 1024 // 64
+
+
+
+@pytest.fixture
+def fresh_choice():
+    cpu_kernels.forget_library()
+    yield
+    cpu_kernels.forget_library()
+
+
+def test_the_environment_variable_forces_torch_int4pack(monkeypatch, fresh_choice):
+    monkeypatch.setenv("MOE_EDGE_CPU_KERNEL", "int4pack")
+    weights = ExpertWeights(w13=random_matrix(256, 128, QuantSpec(2, 64), seed=1), w2=random_matrix(128, 128, QuantSpec(2, 64), seed=2))
+    expert = CpuExpert(weights, dtype=torch.float32)
+    assert isinstance(expert.w13, Int4Matrix) and isinstance(expert.w2, Int4Matrix)
+    monkeypatch.setenv("MOE_EDGE_CPU_KERNEL", "native")
+    native = CpuExpert(weights, dtype=torch.float32)
+    assert isinstance(native.w13, NativeMatrix) and isinstance(native.w2, NativeMatrix)
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(native(x), expert(x), rtol=1e-4, atol=1e-6)
+
+
+def test_a_failed_build_falls_back_to_int4pack_with_one_warning(tmp_path, monkeypatch, caplog, fresh_choice):
+    monkeypatch.setenv("MOE_EDGE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.delenv("MOE_EDGE_CPU_KERNEL", raising=False)
+    weights = ExpertWeights(w13=random_matrix(256, 128, QuantSpec(2, 64), seed=1), w2=random_matrix(128, 128, QuantSpec(2, 64), seed=2))
+    with caplog.at_level(logging.WARNING, logger="common.cpu_kernels"):
+        experts = [CpuExpert(weights, dtype=torch.float32) for _ in range(2)]
+    assert all(isinstance(e.w13, Int4Matrix) for e in experts)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "common.cpu_kernels"]
+    assert len(warnings) == 1 and "int4pack" in warnings[0] and "no-such-compiler" in warnings[0]
+    with pytest.raises(ConfigError, match="native"):
+        CpuExpert(weights, dtype=torch.float32, kernel="native")
+
+
+def test_an_unknown_kernel_name_is_refused(monkeypatch, fresh_choice):
+    monkeypatch.setenv("MOE_EDGE_CPU_KERNEL", "fastest")
+    with pytest.raises(ConfigError, match="MOE_EDGE_CPU_KERNEL"):
+        cpu_kernels.native_library()
+
+
+def test_auto_runs_2_bit_matrices_natively_and_4_bit_ones_on_int4pack(monkeypatch, fresh_choice):
+    monkeypatch.delenv("MOE_EDGE_CPU_KERNEL", raising=False)
+    for bits, expected in ((2, NativeMatrix), (3, Int4Matrix), (4, Int4Matrix)):
+        weights = ExpertWeights(w13=random_matrix(256, 128, QuantSpec(bits, 64), seed=1),
+                                w2=random_matrix(128, 128, QuantSpec(bits, 64), seed=2))
+        expert = CpuExpert(weights, dtype=torch.bfloat16)
+        assert isinstance(expert.w13, expected) and isinstance(expert.w2, expected), bits
+        assert isinstance(CpuExpert(weights, dtype=torch.bfloat16, kernel="native").w13, NativeMatrix)
