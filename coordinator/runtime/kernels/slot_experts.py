@@ -140,20 +140,41 @@ def _matrix(layout: BlobLayout, prefix: str) -> _Matrix:
                    codes.shape[0], codes.shape[1], scale.shape[1])
 
 
+def _fit(size: int, preferred: int, smallest: int) -> int:
+    """The largest block from `preferred` down (halving, not below `smallest`) that divides
+    `size`; 0 if none does."""
+    block = preferred
+    while block >= smallest:
+        if size % block == 0:
+            return block
+        block //= 2
+    return 0
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    rows: int  # BLOCK_O
+    bytes: int  # BLOCK_J
+    warps: int
+
+
+def _blocks(matrix: _Matrix, rows: int, preferred: tuple[int, int, int], group: int) -> _Blocks:
+    block_o, block_j, warps = preferred
+    return _Blocks(_fit(rows, block_o, 1), _fit(matrix.packed, max(block_j, group), group), warps)
+
+
 def supports(layout: BlobLayout) -> bool:
-    """Single-plane HQQ codes (2 or 4 bits), SiLU-gated, no biases, and shapes that split into
-    whole blocks; anything else takes the staged path."""
+    """Single-plane HQQ codes (2 or 4 bits), SiLU-gated, no biases, groups of whole 16-byte
+    chunks (a power of two), planes of whole groups; anything else takes the staged path."""
     spec = layout.spec
     if not spec.quantized or spec.is_mxfp4 or spec.bits not in (2, 4) or not layout.activation.is_default:
         return False
     names = {slot.name for slot in layout.slots}
-    if "w13.bias" in names or "w2.bias" in names:
+    group = spec.group_size
+    if "w13.bias" in names or "w2.bias" in names or group % CHUNK or group & (group - 1):
         return False
     w13, w2 = _matrix(layout, "w13"), _matrix(layout, "w2")
-    return (w13.rows % 2 == 0 and (w13.rows // 2) % W13_BLOCK_O == 0 and w2.rows % W2_BLOCK_O == 0
-            and all(m.packed % block == 0 and block % spec.group_size == 0
-                    and spec.group_size % CHUNK == 0
-                    for m, block in ((w13, W13_BLOCK_J), (w2, W2_BLOCK_J))))
+    return w13.packed % group == 0 and w2.packed % group == 0 and w13.rows % 2 == 0
 
 
 _ROUND = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
@@ -168,6 +189,9 @@ class SlotExperts:
         self.layout, self.top_k, self.round = layout, top_k, _ROUND[dtype]
         self.w13, self.w2 = _matrix(layout, "w13"), _matrix(layout, "w2")
         hidden, ffn = self.w2.rows, self.w13.rows // 2
+        group = layout.spec.group_size
+        self.blocks13 = _blocks(self.w13, ffn, (W13_BLOCK_O, W13_BLOCK_J, W13_WARPS), group)
+        self.blocks2 = _blocks(self.w2, hidden, (W2_BLOCK_O, W2_BLOCK_J, W2_WARPS), group)
         f32 = dict(dtype=torch.float32, device=device)
         self.x = torch.empty(1, hidden, **f32)  # the input in float32
         self.x_sums = torch.empty(hidden // CHUNK, **f32)  # its sums per CHUNK columns
@@ -183,17 +207,18 @@ class SlotExperts:
         ffn = w13.rows // 2
         self.x.copy_(x)
         torch.sum(self.x.view(-1, CHUNK), dim=1, out=self.x_sums)
-        _slot_gemv_kernel[(ffn // W13_BLOCK_O, 1, k)](
+        b13, b2 = self.blocks13, self.blocks2
+        _slot_gemv_kernel[(ffn // b13.rows, 1, k)](
             self.x, self.x_sums, memory, slots, weights, self.hidden_act, 1,
             X_STRIDE=0, NBYTES=nbytes, CODES=w13.codes, SCALE=w13.scale, ZERO=w13.zero,
             O=ffn, P=w13.packed, NG=w13.groups, WIDTH=spec.bits, GROUP=spec.group_size,
-            BLOCK_O=W13_BLOCK_O, BLOCK_J=W13_BLOCK_J, GATED=True, ROUND=self.round, num_warps=W13_WARPS,
+            BLOCK_O=b13.rows, BLOCK_J=b13.bytes, GATED=True, ROUND=self.round, num_warps=b13.warps,
         )
         torch.sum(self.hidden_act.view(k, -1, CHUNK), dim=2, out=self.hidden_sums)
-        _slot_gemv_kernel[(w2.rows // W2_BLOCK_O, W2_SPLIT, k)](
+        _slot_gemv_kernel[(w2.rows // b2.rows, W2_SPLIT, k)](
             self.hidden_act, self.hidden_sums, memory, slots, weights, self.partial, W2_SPLIT,
             X_STRIDE=ffn, NBYTES=nbytes, CODES=w2.codes, SCALE=w2.scale, ZERO=w2.zero,
             O=w2.rows, P=w2.packed, NG=w2.groups, WIDTH=spec.bits, GROUP=spec.group_size,
-            BLOCK_O=W2_BLOCK_O, BLOCK_J=W2_BLOCK_J, GATED=False, ROUND=self.round, num_warps=W2_WARPS,
+            BLOCK_O=b2.rows, BLOCK_J=b2.bytes, GATED=False, ROUND=self.round, num_warps=b2.warps,
         )
         out.add_(self.partial.sum(0, keepdim=True).to(out.dtype))
