@@ -155,6 +155,10 @@ class Decoder:
         self.cache_version = self.cache.version
         slot_map = self._all_resident()
         self.resident = slot_map is not None
+        # A slot per expert but not all loaded yet: checked each step until they are (cheap).
+        self.may_become_resident = (not self.resident and self.resident_path and self.moe.elsewhere is None
+                                    and not self.cache.forget_after_use
+                                    and self.cache.slots_per_layer >= c.num_experts)
         self.expert_slots = {layer: torch.tensor(slots, dtype=torch.long, device=device) for layer, slots in (slot_map or {}).items()}
         self.slot_experts = None
         if self.resident and getattr(self.moe.quantized_linear, "fused", False):
@@ -236,7 +240,9 @@ class Decoder:
         """Logits [1, V] float32 of the token at `position` (a static buffer: read it before the
         next step)."""
         clock = self.clock  # started by whoever set it; each mark charges the time since the last
-        if self.cache.version != self.cache_version:  # a slot changed hands since the capture
+        if self.resident and self.cache.version != self.cache_version:  # a slot changed hands since the capture
+            self._capture_all()
+        elif self.may_become_resident and self._all_resident() is not None:  # K = E and the last expert came in
             self._capture_all()
         self.token.fill_(token)
         self.position.fill_(position)

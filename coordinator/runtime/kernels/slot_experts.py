@@ -35,9 +35,18 @@ from common.store.blob_layout import BlobLayout
 # Block shapes: chosen from scripts/slot_expert_bench.py on an H200 (see BENCHMARKS.md).
 W13_BLOCK_O, W13_BLOCK_J, W13_WARPS = 32, 64, 4
 W2_BLOCK_O, W2_BLOCK_J, W2_WARPS, W2_SPLIT = 32, 64, 4, 4
+STREAM = False
 
 
 CHUNK = 16  # bytes of a row that one thread reduces on its own (one 16-byte load)
+
+
+@triton.jit
+def _load_codes(pointers, STREAM: tl.constexpr):
+    """STREAM: codes are read once, so past L1 (.cg), leaving it to the scales and zeros."""
+    if STREAM:
+        return tl.load(pointers, cache_modifier=".cg")
+    return tl.load(pointers)
 
 
 @triton.jit
@@ -47,7 +56,7 @@ def _slot_gemv_kernel(
     NBYTES: tl.constexpr, CODES: tl.constexpr, SCALE: tl.constexpr, ZERO: tl.constexpr,
     O: tl.constexpr, P: tl.constexpr, NG: tl.constexpr,
     WIDTH: tl.constexpr, GROUP: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_J: tl.constexpr,
-    GATED: tl.constexpr, ROUND: tl.constexpr,
+    GATED: tl.constexpr, ROUND: tl.constexpr, STREAM: tl.constexpr = False,
 ):
     """x float32 [*, I] and its sums per CHUNK columns x_sums [*, I / CHUNK]. GATED: rows r
     (gate) and r + O (up) of a [2O, I] matrix -> silu(gate) * up, rounded to ROUND (the model's
@@ -78,21 +87,21 @@ def _slot_gemv_kernel(
     tile = rows[:, None] * P + tl.arange(0, BLOCK_J)[None, :]  # [BO, BJ] byte offsets of a step's codes
     # The next step's codes are loaded before this step's arithmetic, so a load is always in
     # flight (past the last step it reads the bytes that follow, inside the blob, unused).
-    next_codes = tl.load(codes_ptr + tile + first_step * BLOCK_J)
+    next_codes = _load_codes(codes_ptr + tile + first_step * BLOCK_J, STREAM)
     # [BO, BJ/16] offsets of each chunk's group (scale, zero) and of its x sum, made once here:
     # in the loop they only move by a scalar, so they keep the products' layout (no shuffles).
     meta_base = rows[:, None] * NG + ((tl.arange(0, CHUNKS) * 16) // GROUP)[None, :]
     chunk_base = tl.zeros([BLOCK_O, CHUNKS], dtype=tl.int32) + tl.arange(0, CHUNKS)[None, :]
     if GATED:
-        next_up = tl.load(codes_ptr + O * P + tile + first_step * BLOCK_J)
+        next_up = _load_codes(codes_ptr + O * P + tile + first_step * BLOCK_J, STREAM)
     for step in range(first_step, last_step):
         j0 = step * BLOCK_J
         cols = j0 + tl.arange(0, BLOCK_J)  # [BJ]
         shifted = next_codes.to(tl.int32) << 15  # [BO, BJ]: a byte's bit 7 at mantissa bit 22
-        next_codes = tl.load(codes_ptr + tile + j0 + BLOCK_J)
+        next_codes = _load_codes(codes_ptr + tile + j0 + BLOCK_J, STREAM)
         if GATED:
             shifted_up = next_up.to(tl.int32) << 15
-            next_up = tl.load(codes_ptr + O * P + tile + j0 + BLOCK_J)
+            next_up = _load_codes(codes_ptr + O * P + tile + j0 + BLOCK_J, STREAM)
         for k in tl.static_range(PER_BYTE):
             mask = ((1 << WIDTH) - 1) << (23 - WIDTH * (k + 1))  # plane k's bits, below the top of the mantissa
             factor = 1 << (WIDTH * (k + 1))
@@ -212,13 +221,13 @@ class SlotExperts:
             self.x, self.x_sums, memory, slots, weights, self.hidden_act, 1,
             X_STRIDE=0, NBYTES=nbytes, CODES=w13.codes, SCALE=w13.scale, ZERO=w13.zero,
             O=ffn, P=w13.packed, NG=w13.groups, WIDTH=spec.bits, GROUP=spec.group_size,
-            BLOCK_O=b13.rows, BLOCK_J=b13.bytes, GATED=True, ROUND=self.round, num_warps=b13.warps,
+            BLOCK_O=b13.rows, BLOCK_J=b13.bytes, GATED=True, ROUND=self.round, STREAM=STREAM, num_warps=b13.warps,
         )
         torch.sum(self.hidden_act.view(k, -1, CHUNK), dim=2, out=self.hidden_sums)
         _slot_gemv_kernel[(w2.rows // b2.rows, W2_SPLIT, k)](
             self.hidden_act, self.hidden_sums, memory, slots, weights, self.partial, W2_SPLIT,
             X_STRIDE=ffn, NBYTES=nbytes, CODES=w2.codes, SCALE=w2.scale, ZERO=w2.zero,
             O=w2.rows, P=w2.packed, NG=w2.groups, WIDTH=spec.bits, GROUP=spec.group_size,
-            BLOCK_O=b2.rows, BLOCK_J=b2.bytes, GATED=False, ROUND=self.round, num_warps=b2.warps,
+            BLOCK_O=b2.rows, BLOCK_J=b2.bytes, GATED=False, ROUND=self.round, STREAM=STREAM, num_warps=b2.warps,
         )
         out.add_(self.partial.sum(0, keepdim=True).to(out.dtype))
