@@ -32,10 +32,13 @@ import triton.language as tl
 
 from common.store.blob_layout import BlobLayout
 
-# Block shapes: chosen from scripts/slot_expert_bench.py on an H200 (see BENCHMARKS.md).
-W13_BLOCK_O, W13_BLOCK_J, W13_WARPS = 32, 64, 4
-W2_BLOCK_O, W2_BLOCK_J, W2_WARPS, W2_SPLIT = 32, 64, 4, 4
-STREAM = False
+# Block shapes: the best of scripts/slot_expert_bench.py's sweeps on an H200 (2026-12-01).
+# BLOCK_J = 16 (one 16-byte load per row per thread, UNROLL of them per trip) keeps every
+# reduction inside a thread (no shared-memory layout changes in the loop, per the compiled PTX);
+# not measured yet on the GPU: scripts/slot_expert_bench.py sweeps it.
+W13_BLOCK_O, W13_BLOCK_J, W13_WARPS, W13_UNROLL = 128, 64, 4, 1
+W2_BLOCK_O, W2_BLOCK_J, W2_WARPS, W2_UNROLL, W2_SPLIT = 16, 256, 4, 1, 4
+STREAM = PREFETCH = False  # measured no better (STREAM) or worse (PREFETCH) on the H200: see the bench
 
 
 CHUNK = 16  # bytes of a row that one thread reduces on its own (one 16-byte load)
@@ -57,6 +60,7 @@ def _slot_gemv_kernel(
     O: tl.constexpr, P: tl.constexpr, NG: tl.constexpr,
     WIDTH: tl.constexpr, GROUP: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_J: tl.constexpr,
     GATED: tl.constexpr, ROUND: tl.constexpr, STREAM: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False, UNROLL: tl.constexpr = 1,
 ):
     """x float32 [*, I] and its sums per CHUNK columns x_sums [*, I / CHUNK]. GATED: rows r
     (gate) and r + O (up) of a [2O, I] matrix -> silu(gate) * up, rounded to ROUND (the model's
@@ -80,45 +84,53 @@ def _slot_gemv_kernel(
     rows = block * BLOCK_O + tl.arange(0, BLOCK_O)  # [BO]
     acc = tl.zeros([BLOCK_O, CHUNKS], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_O, CHUNKS], dtype=tl.float32)
-    steps: tl.constexpr = P // BLOCK_J
+    STEP: tl.constexpr = BLOCK_J * UNROLL  # bytes of a row per trip round the loop
+    steps: tl.constexpr = P // STEP
     per_part = (steps + SPLIT - 1) // SPLIT
     first_step = part * per_part
     last_step = tl.minimum(first_step + per_part, steps)
     tile = rows[:, None] * P + tl.arange(0, BLOCK_J)[None, :]  # [BO, BJ] byte offsets of a step's codes
-    # The next step's codes are loaded before this step's arithmetic, so a load is always in
-    # flight (past the last step it reads the bytes that follow, inside the blob, unused).
-    next_codes = _load_codes(codes_ptr + tile + first_step * BLOCK_J, STREAM)
+    # PREFETCH: the next step's codes are loaded before this step's arithmetic (past the last
+    # step that reads the bytes that follow, inside the blob, unused); more registers per thread.
+    if PREFETCH:
+        next_codes = _load_codes(codes_ptr + tile + first_step * STEP, STREAM)
+        if GATED:
+            next_up = _load_codes(codes_ptr + O * P + tile + first_step * STEP, STREAM)
     # [BO, BJ/16] offsets of each chunk's group (scale, zero) and of its x sum, made once here:
     # in the loop they only move by a scalar, so they keep the products' layout (no shuffles).
     meta_base = rows[:, None] * NG + ((tl.arange(0, CHUNKS) * 16) // GROUP)[None, :]
     chunk_base = tl.zeros([BLOCK_O, CHUNKS], dtype=tl.int32) + tl.arange(0, CHUNKS)[None, :]
-    if GATED:
-        next_up = _load_codes(codes_ptr + O * P + tile + first_step * BLOCK_J, STREAM)
     for step in range(first_step, last_step):
-        j0 = step * BLOCK_J
-        cols = j0 + tl.arange(0, BLOCK_J)  # [BJ]
-        shifted = next_codes.to(tl.int32) << 15  # [BO, BJ]: a byte's bit 7 at mantissa bit 22
-        next_codes = _load_codes(codes_ptr + tile + j0 + BLOCK_J, STREAM)
-        if GATED:
-            shifted_up = next_up.to(tl.int32) << 15
-            next_up = _load_codes(codes_ptr + O * P + tile + j0 + BLOCK_J, STREAM)
-        for k in tl.static_range(PER_BYTE):
-            mask = ((1 << WIDTH) - 1) << (23 - WIDTH * (k + 1))  # plane k's bits, below the top of the mantissa
-            factor = 1 << (WIDTH * (k + 1))
-            xk = tl.load(x_ptr + k * P + cols)  # [BJ]
-            x_sum = tl.load(x_sums_ptr + (k * P + j0) // 16 + chunk_base)  # [BO, BJ/16]
-            meta = meta_base + (k * P + j0) // GROUP  # [BO, BJ/16]
-            v = ((shifted & mask) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + c / factor
-            dot = tl.sum(tl.reshape(v * xk[None, :], [BLOCK_O, CHUNKS, 16]), axis=2)  # [BO, BJ/16]
-            scale = tl.load(scale_ptr + meta).to(tl.float32)
-            zero = tl.load(zero_ptr + meta).to(tl.float32)
-            acc += scale * (factor * (dot - x_sum) - zero * x_sum)  # sum over the chunk of W x
-            if GATED:
-                v = ((shifted_up & mask) | 0x3F800000).to(tl.float32, bitcast=True)
-                dot = tl.sum(tl.reshape(v * xk[None, :], [BLOCK_O, CHUNKS, 16]), axis=2)
-                scale = tl.load(scale_ptr + meta + O * NG).to(tl.float32)
-                zero = tl.load(zero_ptr + meta + O * NG).to(tl.float32)
-                acc_up += scale * (factor * (dot - x_sum) - zero * x_sum)
+        for unrolled in tl.static_range(UNROLL):  # independent loads, in flight together
+            j0 = step * STEP + unrolled * BLOCK_J
+            cols = j0 + tl.arange(0, BLOCK_J)  # [BJ]
+            if PREFETCH:
+                codes, up_codes = next_codes, next_up if GATED else next_codes
+                next_codes = _load_codes(codes_ptr + tile + j0 + BLOCK_J, STREAM)
+                if GATED:
+                    next_up = _load_codes(codes_ptr + O * P + tile + j0 + BLOCK_J, STREAM)
+            else:
+                codes = _load_codes(codes_ptr + tile + j0, STREAM)
+                up_codes = _load_codes(codes_ptr + O * P + tile + j0, STREAM) if GATED else codes
+            shifted = codes.to(tl.int32) << 15  # [BO, BJ]: a byte's bit 7 at mantissa bit 22
+            shifted_up = up_codes.to(tl.int32) << 15
+            for k in tl.static_range(PER_BYTE):
+                mask = ((1 << WIDTH) - 1) << (23 - WIDTH * (k + 1))  # plane k's bits, below the top of the mantissa
+                factor = 1 << (WIDTH * (k + 1))
+                xk = tl.load(x_ptr + k * P + cols)  # [BJ]
+                x_sum = tl.load(x_sums_ptr + (k * P + j0) // 16 + chunk_base)  # [BO, BJ/16]
+                meta = meta_base + (k * P + j0) // GROUP  # [BO, BJ/16]
+                v = ((shifted & mask) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + c / factor
+                dot = tl.sum(tl.reshape(v * xk[None, :], [BLOCK_O, CHUNKS, 16]), axis=2)  # [BO, BJ/16]
+                scale = tl.load(scale_ptr + meta).to(tl.float32)
+                zero = tl.load(zero_ptr + meta).to(tl.float32)
+                acc += scale * (factor * (dot - x_sum) - zero * x_sum)  # sum over the chunk of W x
+                if GATED:
+                    v = ((shifted_up & mask) | 0x3F800000).to(tl.float32, bitcast=True)
+                    dot = tl.sum(tl.reshape(v * xk[None, :], [BLOCK_O, CHUNKS, 16]), axis=2)
+                    scale = tl.load(scale_ptr + meta + O * NG).to(tl.float32)
+                    zero = tl.load(zero_ptr + meta + O * NG).to(tl.float32)
+                    acc_up += scale * (factor * (dot - x_sum) - zero * x_sum)
     total = tl.sum(acc, axis=1)  # [BO]
     if GATED:  # rounded where the plain path rounds: gate and up, silu(gate), the product
         gate = total.to(ROUND).to(tl.float32)
@@ -165,11 +177,14 @@ class _Blocks:
     rows: int  # BLOCK_O
     bytes: int  # BLOCK_J
     warps: int
+    unroll: int  # UNROLL
 
 
-def _blocks(matrix: _Matrix, rows: int, preferred: tuple[int, int, int], group: int) -> _Blocks:
-    block_o, block_j, warps = preferred
-    return _Blocks(_fit(rows, block_o, 1), _fit(matrix.packed, max(block_j, group), group), warps)
+def _blocks(matrix: _Matrix, rows: int, preferred: tuple[int, int, int, int]) -> _Blocks:
+    """Powers of two: a block of bytes and the group divide one another, as the kernel needs."""
+    block_o, block_j, warps, unroll = preferred
+    block_j = _fit(matrix.packed, block_j, CHUNK)
+    return _Blocks(_fit(rows, block_o, 1), block_j, warps, _fit(matrix.packed // block_j, unroll, 1))
 
 
 def supports(layout: BlobLayout) -> bool:
@@ -198,9 +213,8 @@ class SlotExperts:
         self.layout, self.top_k, self.round = layout, top_k, _ROUND[dtype]
         self.w13, self.w2 = _matrix(layout, "w13"), _matrix(layout, "w2")
         hidden, ffn = self.w2.rows, self.w13.rows // 2
-        group = layout.spec.group_size
-        self.blocks13 = _blocks(self.w13, ffn, (W13_BLOCK_O, W13_BLOCK_J, W13_WARPS), group)
-        self.blocks2 = _blocks(self.w2, hidden, (W2_BLOCK_O, W2_BLOCK_J, W2_WARPS), group)
+        self.blocks13 = _blocks(self.w13, ffn, (W13_BLOCK_O, W13_BLOCK_J, W13_WARPS, W13_UNROLL))
+        self.blocks2 = _blocks(self.w2, hidden, (W2_BLOCK_O, W2_BLOCK_J, W2_WARPS, W2_UNROLL))
         f32 = dict(dtype=torch.float32, device=device)
         self.x = torch.empty(1, hidden, **f32)  # the input in float32
         self.x_sums = torch.empty(hidden // CHUNK, **f32)  # its sums per CHUNK columns
@@ -221,13 +235,15 @@ class SlotExperts:
             self.x, self.x_sums, memory, slots, weights, self.hidden_act, 1,
             X_STRIDE=0, NBYTES=nbytes, CODES=w13.codes, SCALE=w13.scale, ZERO=w13.zero,
             O=ffn, P=w13.packed, NG=w13.groups, WIDTH=spec.bits, GROUP=spec.group_size,
-            BLOCK_O=b13.rows, BLOCK_J=b13.bytes, GATED=True, ROUND=self.round, STREAM=STREAM, num_warps=b13.warps,
+            BLOCK_O=b13.rows, BLOCK_J=b13.bytes, GATED=True, ROUND=self.round, STREAM=STREAM, PREFETCH=PREFETCH,
+            UNROLL=b13.unroll, num_warps=b13.warps,
         )
         torch.sum(self.hidden_act.view(k, -1, CHUNK), dim=2, out=self.hidden_sums)
         _slot_gemv_kernel[(w2.rows // b2.rows, W2_SPLIT, k)](
             self.hidden_act, self.hidden_sums, memory, slots, weights, self.partial, W2_SPLIT,
             X_STRIDE=ffn, NBYTES=nbytes, CODES=w2.codes, SCALE=w2.scale, ZERO=w2.zero,
             O=w2.rows, P=w2.packed, NG=w2.groups, WIDTH=spec.bits, GROUP=spec.group_size,
-            BLOCK_O=b2.rows, BLOCK_J=b2.bytes, GATED=False, ROUND=self.round, STREAM=STREAM, num_warps=b2.warps,
+            BLOCK_O=b2.rows, BLOCK_J=b2.bytes, GATED=False, ROUND=self.round, STREAM=STREAM, PREFETCH=PREFETCH,
+            UNROLL=b2.unroll, num_warps=b2.warps,
         )
         out.add_(self.partial.sum(0, keepdim=True).to(out.dtype))
