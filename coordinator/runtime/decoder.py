@@ -10,6 +10,13 @@ only what must be decided per token: read the layer's routing plan back (one syn
 the MoE block's dispatcher (loads, prefetches), and replay the graphs of the slots that hold the
 chosen experts.
 
+When every expert of every layer is resident (K slots = E experts, bench's `resident` mode) and
+nothing runs elsewhere, there is nothing to decide per token: the layer graph maps the chosen
+experts to their slots on the device (an expert -> slot table) and the experts run from there,
+through kernels that read each blob in place by its slot index (kernels/slot_experts.py; a
+staging copy where those kernels do not apply, the slot views themselves off CUDA). Then the
+whole token, every layer and the head, is one CUDA graph, with no read-back at all.
+
 It reuses the model's own functions for the math, on static buffers (attention runs over the
 whole KV capacity, masked past the position). Timing for the benchmark's breakdown lives here
 too: `clock`, a PhaseClock, is None except while bench profiles.
@@ -22,6 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from common.expert_ffn import expert_forward
+
+from .kernels import slot_experts_for
 
 from .model import KVCache, Transformer
 from .phase_clock import PhaseClock
@@ -41,13 +50,15 @@ MAX_EXPERT_GRAPHS = 2048  # past this, one graph per (layer, slot, position) cos
 
 class Decoder:
     def __init__(self, model: Transformer, kv: KVCache, *, cuda_graphs: bool = True,
-                 max_expert_graphs: int = MAX_EXPERT_GRAPHS) -> None:
+                 max_expert_graphs: int = MAX_EXPERT_GRAPHS, resident_path: bool = True) -> None:
         """`max_expert_graphs`: with more (layer, slot, top-k position) triples than that (many
         experts, many slots), each expert runs from a staging buffer per top-k position instead:
         one graph per (layer, position) copies the chosen slot there on the device (the slot's
         index is a device tensor), then computes; a blob's copy inside HBM, against thousands of
-        graphs otherwise."""
+        graphs otherwise. `resident_path=False` keeps the per-layer path even when every expert is
+        resident (tests compare the two)."""
         self.model, self.kv = model, kv
+        self.resident_path = resident_path
         self.capture = cuda_graphs and model.device.type == "cuda"
         self.max_expert_graphs = max_expert_graphs
         self.clock: PhaseClock | None = None
@@ -102,6 +113,27 @@ class Decoder:
         ys = expert_forward(self.moe_in, self.staging_views[position], self.moe.quantized_linear)  # [1, H]
         self.out.add_((ys * self.weights[:, position : position + 1]).to(self.out.dtype))
 
+    def _resident_experts(self, layer: int) -> None:
+        """Every expert resident: the chosen experts' slots come from the expert -> slot table on
+        the device. They run in ascending expert order, as the per-layer path runs them, so that
+        off CUDA both paths add the same numbers in the same order."""
+        k = self.config.top_k
+        experts, positions = torch.sort(self.plans[layer][:k])  # [k] each: experts, their top-k positions
+        torch.index_select(self.expert_slots[layer], 0, experts, out=self.slot_index)
+        memory = self.cache.layer_memory(layer)
+        if self.slot_experts is not None:  # in place, all k experts in two launches
+            weights = torch.index_select(self.weights, 1, positions)  # [1, k] in slot_index's order
+            self.slot_experts(self.moe_in, memory, self.slot_index, weights, self.out)
+            return
+        for rank in range(k):
+            if self.model.device.type == "cuda":  # the blob by its device index, through the staging buffer
+                torch.index_select(memory, 0, self.slot_index[rank : rank + 1], out=self.staging[rank : rank + 1])
+                ys = expert_forward(self.moe_in, self.staging_views[rank], self.moe.quantized_linear)  # [1, H]
+                weight = torch.index_select(self.weights, 1, positions[rank : rank + 1])  # [1, 1]
+                self.out.add_((ys * weight).to(self.out.dtype))
+            else:  # off CUDA the host reads the index for free: the slot's own views
+                self._expert(layer, int(self.slot_index[rank]), int(positions[rank]))
+
     def _head(self) -> None:
         torch.add(self.h, self.out, out=self.x)
         normed = rms_norm(self.x, self.model.weights.norm, self.config.rms_norm_eps)
@@ -109,23 +141,50 @@ class Decoder:
 
     # --- capture ---------------------------------------------------------------------------
 
+    def _all_resident(self) -> dict[int, list[int]] | None:
+        """The expert -> slot table of every layer, when the decode step needs no routing read-back:
+        every expert resident, none run elsewhere, no slot emptied after use."""
+        if not self.resident_path or self.moe.elsewhere is not None or self.cache.forget_after_use:
+            return None
+        return self.cache.slot_map(self.config.num_experts)
+
     def _capture_all(self) -> None:
         c = self.config
         self.moe_layers = set(self.cache.expert_layers)
         device, nbytes = self.model.device, self.cache.layout.nbytes
-        self.staged = len(self.moe_layers) * self.cache.slots_per_layer * c.top_k > self.max_expert_graphs
-        self.slot_index = torch.zeros(c.top_k, dtype=torch.long, device=device)  # staged path: each position's slot
+        self.cache_version = self.cache.version
+        slot_map = self._all_resident()
+        self.resident = slot_map is not None
+        # A slot per expert but not all loaded yet: checked each step until they are (cheap).
+        self.may_become_resident = (not self.resident and self.resident_path and self.moe.elsewhere is None
+                                    and not self.cache.forget_after_use
+                                    and self.cache.slots_per_layer >= c.num_experts)
+        self.expert_slots = {layer: torch.tensor(slots, dtype=torch.long, device=device) for layer, slots in (slot_map or {}).items()}
+        self.slot_experts = None
+        if self.resident and getattr(self.moe.quantized_linear, "fused", False):
+            self.slot_experts = slot_experts_for(device, self.cache.layout, c.top_k, self.model.dtype)
+        self.staged = not self.resident and len(self.moe_layers) * self.cache.slots_per_layer * c.top_k > self.max_expert_graphs
+        staging = self.staged or (self.resident and self.slot_experts is None and device.type == "cuda")
+        self.slot_index = torch.zeros(c.top_k, dtype=torch.long, device=device)  # each position's slot, on the device
         with torch.inference_mode(False):
-            self.staging = torch.zeros(c.top_k, nbytes, dtype=torch.uint8, device=device) if self.staged else None
-        self.staging_views = [self.cache.layout.views(row) for row in self.staging] if self.staged else []
+            self.staging = torch.zeros(c.top_k, nbytes, dtype=torch.uint8, device=device) if staging else None
+        self.staging_views = [self.cache.layout.views(row) for row in self.staging] if staging else []
+        self.plans = []
         for layer in range(c.num_layers):  # plan buffers, sized by a dry run of the router
             self.plans.append(torch.zeros_like(self.moe.route(layer, self.h)[2]) if layer in self.moe_layers else None)
         if self.capture:
             self._warm_up()
         self.embed_graph = self._graph(self._embed)
         self.layer_graphs = [self._graph(lambda l=layer: self._layer(l)) for layer in range(c.num_layers)]
+        self.head_graph = self._graph(self._head)
         slots = self.cache.slots_per_layer
-        if self.staged:
+        self.token_graph = None
+        if self.resident:
+            # One graph per layer's experts (for the phase clock's breakdown), and the whole token.
+            self.expert_graphs = [self._graph(lambda l=layer: self._resident_experts(l)) if layer in self.moe_layers
+                                  else None for layer in range(c.num_layers)]
+            self.token_graph = self._graph(self._token)
+        elif self.staged:
             self.expert_graphs = [
                 [self._graph(lambda l=layer, p=position: self._staged_expert(l, p)) for position in range(c.top_k)]
                 if layer in self.moe_layers else []
@@ -137,7 +196,6 @@ class Decoder:
                  for slot in range(slots)] if layer in self.moe_layers else []
                 for layer in range(c.num_layers)
             ]
-        self.head_graph = self._graph(self._head)
         if self.capture:
             torch.cuda.synchronize(self.model.device)
 
@@ -151,7 +209,10 @@ class Decoder:
             for layer in range(c.num_layers):
                 self._layer(layer)
                 if layer in self.moe_layers:
-                    self._staged_expert(layer, 0) if self.staged else self._expert(layer, 0, 0)
+                    if self.resident:
+                        self._resident_experts(layer)
+                    else:
+                        self._staged_expert(layer, 0) if self.staged else self._expert(layer, 0, 0)
             self._head()
         torch.cuda.current_stream(self.model.device).wait_stream(side)
 
@@ -163,6 +224,15 @@ class Decoder:
             work()
         return graph
 
+    def _token(self) -> None:
+        """The whole token when every expert is resident: what the whole-token graph holds."""
+        self._embed()
+        for layer in range(self.config.num_layers):
+            self._layer(layer)
+            if layer in self.moe_layers:
+                self._resident_experts(layer)
+        self._head()
+
     # --- one token ---------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -170,8 +240,15 @@ class Decoder:
         """Logits [1, V] float32 of the token at `position` (a static buffer: read it before the
         next step)."""
         clock = self.clock  # started by whoever set it; each mark charges the time since the last
+        if self.resident and self.cache.version != self.cache_version:  # a slot changed hands since the capture
+            self._capture_all()
+        elif self.may_become_resident and self._all_resident() is not None:  # K = E and the last expert came in
+            self._capture_all()
         self.token.fill_(token)
         self.position.fill_(position)
+        if self.resident:
+            self._step_resident(clock)
+            return self.logits
         self.embed_graph.replay()
         for layer in range(self.config.num_layers):
             self.layer_graphs[layer].replay()
@@ -205,3 +282,20 @@ class Decoder:
         if clock:
             clock.mark("other")
         return self.logits
+
+    def _step_resident(self, clock: PhaseClock | None) -> None:
+        """Every expert resident: one replay and no read-back; while the clock runs, the same
+        work as separate graphs so that each phase can be timed."""
+        self.cache.count_resident_uses(self.config.top_k)  # a token uses top_k experts of each layer, all hits
+        if clock is None:
+            self.token_graph.replay()
+            return
+        self.embed_graph.replay()
+        for layer in range(self.config.num_layers):
+            self.layer_graphs[layer].replay()
+            clock.mark("attention")
+            if layer in self.moe_layers:
+                self.expert_graphs[layer].replay()
+                clock.mark("expert compute")
+        self.head_graph.replay()
+        clock.mark("other")

@@ -70,6 +70,7 @@ class ExpertCache:
         self._layers = [_LayerSlots(slots_per_layer if self._memory[l] is not None else 0, self.cuda) for l in range(num_layers)]
         self._protected: set[int] = set()  # experts the current layer still needs
         self._current_layer = -1
+        self.version = 0  # moves whenever a slot changes hands: whoever captured slot_map() checks it
         self.counters = counters if counters is not None else ExpertCounters(num_layers)
 
     # --- the MoE block's side (ExpertProvider) ---------------------------------------------
@@ -122,6 +123,23 @@ class ExpertCache:
     def slot_weights(self, layer: int, index: int) -> ExpertWeights:
         """Views over one slot's memory (fixed addresses: CUDA graphs can read them)."""
         return self._views[layer][index]
+
+    def slot_map(self, num_experts: int) -> dict[int, list[int]] | None:
+        """When every one of the `num_experts` experts of every layer with experts sits loaded in
+        a slot (nothing in flight): layer -> the slot of each expert, by expert index. Else None.
+        Valid until `version` moves."""
+        slots: dict[int, list[int]] = {}
+        for layer in self.expert_layers:
+            state = self._layers[layer]
+            if sorted(state.slot_of) != list(range(num_experts)) or any(s.ticket is not None for s in state.slots):
+                return None
+            slots[layer] = [state.slot_of[expert] for expert in range(num_experts)]
+        return slots
+
+    def count_resident_uses(self, uses_per_layer: int) -> None:
+        """Uses the decoder served from slot_map() without asking: every one is a hit."""
+        for layer in self.expert_layers:
+            self.counters.hits[layer] += uses_per_layer
 
     def done(self, layer: int, expert: int) -> None:
         self._protected.discard(expert)
@@ -181,6 +199,7 @@ class ExpertCache:
         slot = state.slots[index]
         if slot.ticket is not None:
             self._wait(layer, index, quiet=True)
+        self.version += 1
         if slot.expert is not None:
             if slot.prefetched_unused:
                 self.counters.prefetch_wasted[layer] += 1
@@ -192,6 +211,7 @@ class ExpertCache:
     def _fill(self, layer: int, index: int, expert: int, *, prefetch: bool) -> None:
         state = self._layers[layer]
         slot = state.slots[index]
+        self.version += 1
         slot.expert, slot.prefetched_unused, slot.loading_for_prefetch = expert, prefetch, prefetch
         state.slot_of[expert] = index
         state.lru[expert] = None
@@ -219,6 +239,7 @@ class ExpertCache:
             self.counters.wait_s += time.perf_counter() - started
         expert, was_prefetch = slot.expert, slot.loading_for_prefetch
         slot.ticket = None
+        self.version += 1
         if expert is not None:
             del state.slot_of[expert]
             del state.lru[expert]

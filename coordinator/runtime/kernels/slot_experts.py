@@ -1,0 +1,249 @@
+"""A token's top-k experts computed straight from their cache slots: Triton kernels that take a
+layer's slot memory ([K, nbytes] uint8, one blob per slot) and a device tensor of slot indices,
+and find each expert's codes, scales and zeros by offset inside its blob (the blob layout is the
+same for every slot). No host sync picks the slots and nothing is copied: a CUDA graph can hold
+the whole expert step of a layer whatever the routing chose.
+
+Two launches per layer: w13 for every chosen expert at once with the SiLU gate applied on the
+way out (grid: row blocks x experts), then w2 for every expert, each split along its input into
+parts (grid: row blocks x parts x experts) whose float32 partial sums, already weighted by the
+routing weight, one small sum adds into the layer's output. No atomics: the sum is the same on
+every run.
+
+Codes become floats by the exponent trick instead of int -> float conversions (those run at a
+quarter of the rate on the GPU and bound the older kernel): a byte is shifted once so its top
+bit sits at the float's mantissa bit 22; masking out plane k's bits and OR-ing in the exponent of
+1.0 gives v = 1 + c / 2**(W*(k+1)), so sum c*x = 2**(W*(k+1)) * (sum v*x - sum x). That is one
+logical op and one FMA per weight.
+
+Off CUDA the decoder runs the same step in torch ops (decoder.py: the slot views gathered by
+index, dequantize, matmul), which is also these kernels' reference (tests/slot_expert_check.py).
+
+Legend: k = experts per token, K = slots per layer, H = hidden size, F = expert FFN width,
+O = output rows, P = packed bytes per row of a plane, G = groups per row, W = code width."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from common.store.blob_layout import BlobLayout
+
+# Block shapes: the best of scripts/slot_expert_bench.py's sweeps on an H200 (2026-12-01).
+# BLOCK_J = 16 (one 16-byte load per row per thread, UNROLL of them per trip) keeps every
+# reduction inside a thread (no shared-memory layout changes in the loop, per the compiled PTX);
+# not measured yet on the GPU: scripts/slot_expert_bench.py sweeps it.
+W13_BLOCK_O, W13_BLOCK_J, W13_WARPS, W13_UNROLL = 128, 64, 4, 1
+W2_BLOCK_O, W2_BLOCK_J, W2_WARPS, W2_UNROLL, W2_SPLIT = 16, 256, 4, 1, 4
+STREAM = PREFETCH = False  # measured no better (STREAM) or worse (PREFETCH) on the H200: see the bench
+
+
+CHUNK = 16  # bytes of a row that one thread reduces on its own (one 16-byte load)
+
+
+@triton.jit
+def _load_codes(pointers, STREAM: tl.constexpr):
+    """STREAM: codes are read once, so past L1 (.cg), leaving it to the scales and zeros."""
+    if STREAM:
+        return tl.load(pointers, cache_modifier=".cg")
+    return tl.load(pointers)
+
+
+@triton.jit
+def _slot_gemv_kernel(
+    x_ptr, x_sums_ptr, memory_ptr, slot_ptr, route_ptr, out_ptr, SPLIT,
+    X_STRIDE: tl.constexpr,  # elements between the experts' inputs (0: one input for all)
+    NBYTES: tl.constexpr, CODES: tl.constexpr, SCALE: tl.constexpr, ZERO: tl.constexpr,
+    O: tl.constexpr, P: tl.constexpr, NG: tl.constexpr,
+    WIDTH: tl.constexpr, GROUP: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_J: tl.constexpr,
+    GATED: tl.constexpr, ROUND: tl.constexpr, STREAM: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False, UNROLL: tl.constexpr = 1,
+):
+    """x float32 [*, I] and its sums per CHUNK columns x_sums [*, I / CHUNK]. GATED: rows r
+    (gate) and r + O (up) of a [2O, I] matrix -> silu(gate) * up, rounded to ROUND (the model's
+    dtype) where the plain path rounds, at at out[e, r]. Else: rows r of an [O, I] matrix,
+    times the routing weight of expert e, float32 partial sums at out[e * SPLIT + part, r].
+
+    Each step takes BLOCK_J bytes of each row; the products are summed per CHUNK bytes inside a
+    thread and kept per chunk ([BO, BJ / CHUNK], scaled by their group's scale and zero) until
+    the end, so the loop has no cross-thread reductions."""
+    PER_BYTE: tl.constexpr = 8 // WIDTH
+    CHUNKS: tl.constexpr = BLOCK_J // 16
+    block = tl.program_id(0)
+    part = tl.program_id(1)
+    expert = tl.program_id(2)
+    blob = memory_ptr + tl.multiple_of(tl.load(slot_ptr + expert).to(tl.int64) * NBYTES, 256)  # blobs are 256-aligned
+    codes_ptr = blob + CODES
+    scale_ptr = (blob + SCALE).to(tl.pointer_type(tl.float16))
+    zero_ptr = (blob + ZERO).to(tl.pointer_type(tl.float16))
+    x_ptr = x_ptr + expert * X_STRIDE
+    x_sums_ptr = x_sums_ptr + expert * (X_STRIDE // 16)
+    rows = block * BLOCK_O + tl.arange(0, BLOCK_O)  # [BO]
+    acc = tl.zeros([BLOCK_O, CHUNKS], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_O, CHUNKS], dtype=tl.float32)
+    STEP: tl.constexpr = BLOCK_J * UNROLL  # bytes of a row per trip round the loop
+    steps: tl.constexpr = P // STEP
+    per_part = (steps + SPLIT - 1) // SPLIT
+    first_step = part * per_part
+    last_step = tl.minimum(first_step + per_part, steps)
+    tile = rows[:, None] * P + tl.arange(0, BLOCK_J)[None, :]  # [BO, BJ] byte offsets of a step's codes
+    # PREFETCH: the next step's codes are loaded before this step's arithmetic (past the last
+    # step that reads the bytes that follow, inside the blob, unused); more registers per thread.
+    if PREFETCH:
+        next_codes = _load_codes(codes_ptr + tile + first_step * STEP, STREAM)
+        if GATED:
+            next_up = _load_codes(codes_ptr + O * P + tile + first_step * STEP, STREAM)
+    # [BO, BJ/16] offsets of each chunk's group (scale, zero) and of its x sum, made once here:
+    # in the loop they only move by a scalar, so they keep the products' layout (no shuffles).
+    meta_base = rows[:, None] * NG + ((tl.arange(0, CHUNKS) * 16) // GROUP)[None, :]
+    chunk_base = tl.zeros([BLOCK_O, CHUNKS], dtype=tl.int32) + tl.arange(0, CHUNKS)[None, :]
+    for step in range(first_step, last_step):
+        for unrolled in tl.static_range(UNROLL):  # independent loads, in flight together
+            j0 = step * STEP + unrolled * BLOCK_J
+            cols = j0 + tl.arange(0, BLOCK_J)  # [BJ]
+            if PREFETCH:
+                codes, up_codes = next_codes, next_up if GATED else next_codes
+                next_codes = _load_codes(codes_ptr + tile + j0 + BLOCK_J, STREAM)
+                if GATED:
+                    next_up = _load_codes(codes_ptr + O * P + tile + j0 + BLOCK_J, STREAM)
+            else:
+                codes = _load_codes(codes_ptr + tile + j0, STREAM)
+                up_codes = _load_codes(codes_ptr + O * P + tile + j0, STREAM) if GATED else codes
+            shifted = codes.to(tl.int32) << 15  # [BO, BJ]: a byte's bit 7 at mantissa bit 22
+            shifted_up = up_codes.to(tl.int32) << 15
+            for k in tl.static_range(PER_BYTE):
+                mask = ((1 << WIDTH) - 1) << (23 - WIDTH * (k + 1))  # plane k's bits, below the top of the mantissa
+                factor = 1 << (WIDTH * (k + 1))
+                xk = tl.load(x_ptr + k * P + cols)  # [BJ]
+                x_sum = tl.load(x_sums_ptr + (k * P + j0) // 16 + chunk_base)  # [BO, BJ/16]
+                meta = meta_base + (k * P + j0) // GROUP  # [BO, BJ/16]
+                v = ((shifted & mask) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + c / factor
+                dot = tl.sum(tl.reshape(v * xk[None, :], [BLOCK_O, CHUNKS, 16]), axis=2)  # [BO, BJ/16]
+                scale = tl.load(scale_ptr + meta).to(tl.float32)
+                zero = tl.load(zero_ptr + meta).to(tl.float32)
+                acc += scale * (factor * (dot - x_sum) - zero * x_sum)  # sum over the chunk of W x
+                if GATED:
+                    v = ((shifted_up & mask) | 0x3F800000).to(tl.float32, bitcast=True)
+                    dot = tl.sum(tl.reshape(v * xk[None, :], [BLOCK_O, CHUNKS, 16]), axis=2)
+                    scale = tl.load(scale_ptr + meta + O * NG).to(tl.float32)
+                    zero = tl.load(zero_ptr + meta + O * NG).to(tl.float32)
+                    acc_up += scale * (factor * (dot - x_sum) - zero * x_sum)
+    total = tl.sum(acc, axis=1)  # [BO]
+    if GATED:  # rounded where the plain path rounds: gate and up, silu(gate), the product
+        gate = total.to(ROUND).to(tl.float32)
+        up = tl.sum(acc_up, axis=1).to(ROUND).to(tl.float32)
+        silu = (gate / (1.0 + tl.exp(-gate))).to(ROUND).to(tl.float32)
+        tl.store(out_ptr + expert * O + rows, (silu * up).to(ROUND).to(out_ptr.dtype.element_ty))
+    else:
+        weight = tl.load(route_ptr + expert).to(tl.float32)
+        tl.store(out_ptr + (expert * SPLIT + part) * O + rows, total * weight)
+
+
+@dataclass(frozen=True)
+class _Matrix:
+    """Where one quantized matrix lies inside a blob, and its shape."""
+
+    codes: int
+    scale: int
+    zero: int
+    rows: int  # O
+    packed: int  # P
+    groups: int  # G
+
+
+def _matrix(layout: BlobLayout, prefix: str) -> _Matrix:
+    slots = {slot.name: slot for slot in layout.slots}
+    codes, scale = slots[f"{prefix}.codes.p0"], slots[f"{prefix}.scale"]
+    return _Matrix(codes.offset, scale.offset, slots[f"{prefix}.zero"].offset,
+                   codes.shape[0], codes.shape[1], scale.shape[1])
+
+
+def _fit(size: int, preferred: int, smallest: int) -> int:
+    """The largest block from `preferred` down (halving, not below `smallest`) that divides
+    `size`; 0 if none does."""
+    block = preferred
+    while block >= smallest:
+        if size % block == 0:
+            return block
+        block //= 2
+    return 0
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    rows: int  # BLOCK_O
+    bytes: int  # BLOCK_J
+    warps: int
+    unroll: int  # UNROLL
+
+
+def _blocks(matrix: _Matrix, rows: int, preferred: tuple[int, int, int, int]) -> _Blocks:
+    """Powers of two: a block of bytes and the group divide one another, as the kernel needs."""
+    block_o, block_j, warps, unroll = preferred
+    block_j = _fit(matrix.packed, block_j, CHUNK)
+    return _Blocks(_fit(rows, block_o, 1), block_j, warps, _fit(matrix.packed // block_j, unroll, 1))
+
+
+def supports(layout: BlobLayout) -> bool:
+    """Single-plane HQQ codes (2 or 4 bits), SiLU-gated, no biases, groups of whole 16-byte
+    chunks (a power of two), planes of whole groups; anything else takes the staged path."""
+    spec = layout.spec
+    if not spec.quantized or spec.is_mxfp4 or spec.bits not in (2, 4) or not layout.activation.is_default:
+        return False
+    names = {slot.name for slot in layout.slots}
+    group = spec.group_size
+    if "w13.bias" in names or "w2.bias" in names or group % CHUNK or group & (group - 1):
+        return False
+    w13, w2 = _matrix(layout, "w13"), _matrix(layout, "w2")
+    return w13.packed % group == 0 and w2.packed % group == 0 and w13.rows % 2 == 0
+
+
+_ROUND = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+class SlotExperts:
+    """The expert step of one layer shape on CUDA: `__call__(x, memory, slots, weights, out)`
+    adds sum_e weights[e] * expert_{slots[e]}(x) to out. Scratch buffers are made once (fixed
+    addresses, for CUDA graphs)."""
+
+    def __init__(self, layout: BlobLayout, top_k: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.layout, self.top_k, self.round = layout, top_k, _ROUND[dtype]
+        self.w13, self.w2 = _matrix(layout, "w13"), _matrix(layout, "w2")
+        hidden, ffn = self.w2.rows, self.w13.rows // 2
+        self.blocks13 = _blocks(self.w13, ffn, (W13_BLOCK_O, W13_BLOCK_J, W13_WARPS, W13_UNROLL))
+        self.blocks2 = _blocks(self.w2, hidden, (W2_BLOCK_O, W2_BLOCK_J, W2_WARPS, W2_UNROLL))
+        f32 = dict(dtype=torch.float32, device=device)
+        self.x = torch.empty(1, hidden, **f32)  # the input in float32
+        self.x_sums = torch.empty(hidden // CHUNK, **f32)  # its sums per CHUNK columns
+        self.hidden_act = torch.empty(top_k, ffn, **f32)  # [k, F] silu(gate) * up
+        self.hidden_sums = torch.empty(top_k, ffn // CHUNK, **f32)
+        self.partial = torch.empty(top_k * W2_SPLIT, hidden, **f32)  # [k*S, H]
+
+    def __call__(self, x: torch.Tensor, memory: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
+                 out: torch.Tensor) -> None:
+        """x [1, H]; memory [K, nbytes] uint8; slots [k] int64; weights [1, k] float32; out [1, H] += ."""
+        spec, k, nbytes = self.layout.spec, self.top_k, self.layout.nbytes
+        w13, w2 = self.w13, self.w2
+        ffn = w13.rows // 2
+        self.x.copy_(x)
+        torch.sum(self.x.view(-1, CHUNK), dim=1, out=self.x_sums)
+        b13, b2 = self.blocks13, self.blocks2
+        _slot_gemv_kernel[(ffn // b13.rows, 1, k)](
+            self.x, self.x_sums, memory, slots, weights, self.hidden_act, 1,
+            X_STRIDE=0, NBYTES=nbytes, CODES=w13.codes, SCALE=w13.scale, ZERO=w13.zero,
+            O=ffn, P=w13.packed, NG=w13.groups, WIDTH=spec.bits, GROUP=spec.group_size,
+            BLOCK_O=b13.rows, BLOCK_J=b13.bytes, GATED=True, ROUND=self.round, STREAM=STREAM, PREFETCH=PREFETCH,
+            UNROLL=b13.unroll, num_warps=b13.warps,
+        )
+        torch.sum(self.hidden_act.view(k, -1, CHUNK), dim=2, out=self.hidden_sums)
+        _slot_gemv_kernel[(w2.rows // b2.rows, W2_SPLIT, k)](
+            self.hidden_act, self.hidden_sums, memory, slots, weights, self.partial, W2_SPLIT,
+            X_STRIDE=ffn, NBYTES=nbytes, CODES=w2.codes, SCALE=w2.scale, ZERO=w2.zero,
+            O=w2.rows, P=w2.packed, NG=w2.groups, WIDTH=spec.bits, GROUP=spec.group_size,
+            BLOCK_O=b2.rows, BLOCK_J=b2.bytes, GATED=False, ROUND=self.round, STREAM=STREAM, PREFETCH=PREFETCH,
+            UNROLL=b2.unroll, num_warps=b2.warps,
+        )
+        out.add_(self.partial.sum(0, keepdim=True).to(out.dtype))

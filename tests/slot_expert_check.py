@@ -1,0 +1,89 @@
+"""Checks the in-place slot expert kernels (kernels/slot_experts.py) against float64 math on the
+dequantized weights, for random blobs in a [K, nbytes] slot memory and a device tensor of slot
+indices; run by tests/test_resident_decode.py on the GPU or (TRITON_INTERPRET=1) on the CPU.
+Prints the seed first (rerun: `python -m tests.slot_expert_check DEVICE SEED`), then one line per
+case, and exits non-zero on a miss. Not collected by pytest (no test_ prefix)."""
+
+import random
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from common.model_config import ModelConfig
+from common.quantization import QuantSpec
+from common.store.blob_layout import BlobLayout
+from coordinator.runtime.kernels import slot_experts
+
+BOUND = {torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 3e-2}  # relative L2 error: two matrices, rounded between
+# (hidden, ffn): the second has several steps per row and rows that need two row blocks
+SHAPES = {"cuda": [(128, 256), (256, 512), (512, 1024)], "cpu": [(128, 256), (256, 512)]}
+SLOTS = 4
+
+
+def layout_for(hidden: int, ffn: int, bits: int) -> BlobLayout:
+    config = ModelConfig(vocab_size=16, hidden_size=hidden, intermediate_size=ffn, num_layers=1, num_heads=1,
+                         num_kv_heads=1, head_dim=hidden, num_experts=SLOTS, top_k=2, rms_norm_eps=1e-5,
+                         rope_theta=1e4, max_position_embeddings=8, sliding_window=None,
+                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    return BlobLayout.for_expert(config, QuantSpec(bits, 64), torch.float16)
+
+
+def random_memory(layout: BlobLayout, generator: torch.Generator) -> torch.Tensor:
+    """[SLOTS, nbytes]: random codes, scales and zeros in their ranges."""
+    blobs = []
+    for _ in range(SLOTS):
+        tensors = {}
+        for slot in layout.slots:
+            if slot.dtype == "uint8":
+                tensors[slot.name] = torch.randint(0, 256, slot.shape, dtype=torch.uint8, generator=generator)
+            elif slot.name.endswith("scale"):
+                tensors[slot.name] = (torch.rand(slot.shape, generator=generator) * 0.02).half()
+            else:
+                tensors[slot.name] = (torch.rand(slot.shape, generator=generator) * (2**layout.spec.bits - 1)).half()
+        blobs.append(layout.pack(tensors))
+    return torch.stack(blobs)
+
+
+def reference(layout, memory, x, slots, weights) -> torch.Tensor:
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for position, slot in enumerate(slots.tolist()):
+        expert = layout.views(memory[slot].cpu())
+        gate_up = x.double().cpu() @ expert.w13.dequantize(torch.float32).double().T
+        gate, up = gate_up.chunk(2, dim=-1)
+        out += weights[0, position].item() * ((F.silu(gate) * up) @ expert.w2.dequantize(torch.float32).double().T)
+    return out
+
+
+def main(device: str, seed: int) -> int:
+    interpreter = "TRITON_INTERPRET=1 " if device == "cpu" else ""
+    print(f"seed {seed} (rerun: {interpreter}python -m tests.slot_expert_check {device} {seed})")
+    generator = torch.Generator().manual_seed(seed)
+    failures = 0
+    dtypes = [torch.float32] + ([torch.float16, torch.bfloat16] if device == "cuda" else [torch.bfloat16])
+    for bits in (2, 4):
+        for hidden, ffn in SHAPES[device]:
+            layout = layout_for(hidden, ffn, bits)
+            if not slot_experts.supports(layout):
+                continue
+            memory = random_memory(layout, generator).to(device)
+            for dtype in dtypes:
+                x = torch.randn(1, hidden, generator=generator).to(device=device, dtype=dtype)
+                slots = torch.randperm(SLOTS, generator=generator)[:2].to(device)
+                weights = torch.rand(1, 2, generator=generator).to(device)
+                run = slot_experts.SlotExperts(layout, 2, torch.device(device), dtype)
+                out = torch.full((1, hidden), float("nan"), dtype=dtype, device=device)
+                out.zero_()
+                run(x, memory, slots, weights, out)
+                want = reference(layout, memory, x, slots, weights)
+                error = ((out.double().cpu() - want).norm() / want.norm()).item()
+                ok = error < BOUND[dtype] and not torch.isnan(out).any()
+                failures += not ok
+                print(f"bits={bits} hidden={hidden} ffn={ffn} {str(dtype):>14} rel err {error:.2e} {'ok' if ok else 'FAIL'}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    device = sys.argv[1] if len(sys.argv) > 1 else "cuda"
+    seed = int(sys.argv[2]) if len(sys.argv) > 2 else random.randrange(2**31)
+    sys.exit(main(device, seed))
