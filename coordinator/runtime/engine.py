@@ -13,6 +13,7 @@ others wait for the engine's lock. See docs/architecture.md for the whole map.""
 from __future__ import annotations
 
 import gc
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -299,7 +300,10 @@ class Engine:
         """The decode path: logits [1, V] of one new token (a static buffer: read it before the
         next step). The decoder is made once per KV cache and cache."""
         if self._decoder is None or self._decoder.kv is not kv:
-            self._decoder = Decoder(self.model, kv, cuda_graphs=self.options.cuda_graphs)
+            # MOE_EDGE_RESIDENT_GRAPH=0 keeps the per-layer decode path when every expert is resident
+            # (a switch for comparing the two, and for ruling the one-graph token out when debugging).
+            self._decoder = Decoder(self.model, kv, cuda_graphs=self.options.cuda_graphs,
+                                    resident_path=os.environ.get("MOE_EDGE_RESIDENT_GRAPH", "1") != "0")
         return self._decoder.step(token, position)
 
     def _token_loop(self, gen: Generation, prompt_ids: list[int], max_new_tokens: int,
