@@ -1,7 +1,8 @@
 """What the deepseek_v3 family adds beyond tests/test_families.py: latent attention without a q
 bottleneck (`q_lora_rank` None, as DeepSeek-V2-Lite) and with rotary on the halves rather than
-interleaved pairs matches transformers; the multi-token-prediction layers are left out; FP8
-checkpoints and YaRN rope are refused by name before anything is written."""
+interleaved pairs matches transformers; the multi-token-prediction layers are left out;
+YaRN rope matches transformers; other quantization methods and rope types are refused by name before
+anything is written (tests/test_fp8_checkpoints.py reads FP8 block checkpoints)."""
 
 import json
 import math
@@ -150,15 +151,15 @@ def edited_copy(tiny, folder, *, config_changes=None, extra_tensor=None):
 
 
 @pytest.mark.parametrize("config_changes,extra_tensor,named", [
-    ({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}, None,
-     "FP8 block-quantized checkpoints are not read yet; dequantize to bf16 first"),
-    (None, "model.layers.1.self_attn.kv_a_proj_with_mqa.weight_scale_inv",
-     "FP8 block-quantized checkpoints are not read yet; dequantize to bf16 first"),
+    ({"quantization_config": {"quant_method": "gptq", "bits": 4}}, None,
+     "quantization_config.quant_method 'gptq' is not supported"),
+    (None, "model.layers.1.self_attn.kv_a_proj_with_mqa.weight_scale_inv",  # scales beside a bf16 weight
+     "is not used by moe-edge's deepseek_v3 reader"),
     ({"rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}}, None,
      "rope_type 'linear' is not supported"),
     ({"attention_bias": True}, None, "attention_bias True is not supported"),
 ])
-def test_fp8_other_rope_types_and_attention_biases_are_refused_by_name_before_writing(tiny, tmp_path, config_changes, extra_tensor, named):
+def test_other_quantizations_rope_types_and_attention_biases_are_refused_by_name_before_writing(tiny, tmp_path, config_changes, extra_tensor, named):
     model = edited_copy(tiny, tmp_path / "model", config_changes=config_changes, extra_tensor=extra_tensor)
     with pytest.raises(ConfigError, match=named.replace("(", r"\(")) as refusal:
         pack_checkpoint(model_dir=model, out=tmp_path / "store", progress=False)

@@ -12,9 +12,12 @@ scale is also multiplied by mscale(factor, mscale_all_dim)^2 (transformers' yarn
 ModelConfig.softmax_scale_factor.
 
 Knowingly left out: the multi-token-prediction layers (`num_nextn_predict_layers`, stored as
-layers past `num_hidden_layers`), which plain decoding does not use. Refused by name: FP8
-block-quantized checkpoints (a `quantization_config`, tensors ending in `weight_scale_inv`),
-rope types other than the default and YaRN, attention biases, activations other than SiLU."""
+layers past `num_hidden_layers`), which plain decoding does not use. The published FP8 block
+checkpoints are read as they come (quantization_config quant_method "fp8", a `weight_scale_inv`
+beside each block-scaled weight): the checkpoint reader dequantizes each weight as it is read
+(coordinator/tools/fp8_blocks.py), so nothing here sees FP8. Refused by name: other quantization
+methods, rope types other than the default and YaRN, attention biases, activations other than
+SiLU."""
 
 from __future__ import annotations
 
@@ -22,7 +25,6 @@ from typing import Any
 
 import torch
 
-from common.errors import ConfigError
 from common.model_config import ModelConfig
 from common.store import dense_names
 
@@ -30,15 +32,15 @@ from . import hf_layout
 
 MODEL_TYPE = "deepseek_v3"
 EXPERTS = "model.layers.{layer}.mlp.experts"
-FP8 = "FP8 block-quantized checkpoints are not read yet; dequantize to bf16 first"
 
 
 def model_config(hf: dict[str, Any], *, source: str = "config.json") -> ModelConfig:
     from transformers import DeepseekV3Config
 
-    if "quantization_config" in hf:
-        method = (hf["quantization_config"] or {}).get("quant_method", "?")
-        raise ConfigError(f"{source}: quantization_config ({method}): {FP8}")
+    if hf.get("quantization_config") is not None:  # fp8: its weights are dequantized as read (tools/fp8_blocks.py)
+        method = (hf["quantization_config"] or {}).get("quant_method")
+        hf_layout.require(source, "quantization_config.quant_method", method, ("fp8",),
+                          " block checkpoints, dequantized as pack reads them")
     config = hf_layout.hf_config(DeepseekV3Config, hf, source=source)
     hf_layout.require(source, "hidden_act", config.hidden_act, ("silu",))
     hf_layout.require(source, "attention_bias", bool(config.attention_bias), (False,))
@@ -75,9 +77,6 @@ def latent_attention(checkpoint, layer: int) -> dict[str, torch.Tensor]:
     """The layer's norms and its latent attention's tensors, under the store's names."""
     config, prefix = checkpoint.config, f"model.layers.{layer}"
     attn = f"{prefix}.self_attn"
-    for projection in ("kv_a_proj_with_mqa", "o_proj"):  # the rest is refused as unread tensors
-        if checkpoint.has(f"{attn}.{projection}.weight_scale_inv"):
-            raise ConfigError(f"{checkpoint.folder}: tensor {attn}.{projection}.weight_scale_inv: {FP8}")
     parts = {"kv_a_proj": "kv_a_proj_with_mqa", "kv_a_norm": "kv_a_layernorm", "kv_b_proj": "kv_b_proj"}
     if config.q_lora_rank is not None:
         parts.update(q_a_proj="q_a_proj", q_a_norm="q_a_layernorm", q_b_proj="q_b_proj")
