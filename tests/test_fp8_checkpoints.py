@@ -140,6 +140,13 @@ def test_an_unknown_quant_method_is_one_line_from_the_command_line(tiny, tmp_pat
     assert not (tmp_path / "store").exists()
 
 
+def test_pack_says_the_fp8_weights_are_dequantized(tiny, tmp_path):
+    fp8, _, _, _ = fp8_and_equivalent(tiny, tmp_path, 16, 16)
+    result = coordinator_cli("pack", "--model", fp8, "--out", tmp_path / "store", "--group-size", "32", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "FP8 block weights (16x16 scales) are dequantized to float32 as they are read" in result.stderr
+
+
 NAME = "model.layers.2.mlp.experts.3.down_proj.weight"
 
 
