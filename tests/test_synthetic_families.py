@@ -146,6 +146,17 @@ def test_deepseek_store_has_latent_attention_and_yarn(stores):
     assert second.shared_w13.shape == (256, 256) and second.router_bias.shape == (16,)
 
 
+def test_gpt_oss_experts_are_mxfp4_unless_a_width_is_given_on_the_command_line(tmp_path):
+    result = coordinator_cli("make-synthetic", "--shape", "small-gpt-oss", "--layers", "1", "--out", tmp_path / "m",
+                             "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "(MXFP4 as published, 4.31 bits/param)" in result.stdout and Manifest.read(tmp_path / "m").expert_quant.is_mxfp4
+    result = coordinator_cli("make-synthetic", "--shape", "small-gpt-oss", "--layers", "1", "--expert-bits", "4",
+                             "--out", tmp_path / "q", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "(4-bit HQQ, " in result.stdout and Manifest.read(tmp_path / "q").expert_quant.format == "hqq"
+
+
 def test_gpt_oss_takes_hqq_experts_when_a_width_is_given(tmp_path):
     plan = plan_synthetic_store(shape="small-gpt-oss", expert_bits=4)
     assert not plan.expert_spec.is_mxfp4 and plan.expert_spec.bits == 4

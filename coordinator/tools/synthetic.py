@@ -64,8 +64,11 @@ class SyntheticSummary:
         if c.num_layers < self.full_layers:
             cut = (f" (cut: first {c.num_layers} of {self.full_layers} layers; per-layer figures only: "
                    "benchmark figures of a cut model are per layer, not the whole model's)")
+        spec = self.layout.spec
+        how = ("MXFP4 as published" if spec.is_mxfp4 else f"{spec.bits}-bit HQQ" if spec.quantized
+               else self.layout.weight_dtype)
         return (f"wrote a synthetic store to {self.out}: {layers}{cut}, "
-                f"{self.layout.nbytes / 1e6:.1f} MB per expert ({self.layout.nbytes * 8 / c.expert_parameters:.2f} bits/param), "
+                f"{self.layout.nbytes / 1e6:.1f} MB per expert ({how}, {self.layout.nbytes * 8 / c.expert_parameters:.2f} bits/param), "
                 f"{self.layout.nbytes * experts / 1e9:.2f} GB of experts; weights are random (routing too)")
 
 
