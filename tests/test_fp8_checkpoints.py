@@ -2,9 +2,10 @@
 `weight_scale_inv` per block, config.json's quantization_config quant_method "fp8"): pack reads
 them as they come, and the store is identical, byte for byte, to the one packed from the same
 weights dequantized to float32 beforehand (w = fp8 * scale_inv per block), unquantized and at
-4-bit HQQ, with blocks that divide the matrices or leave cut-short blocks at their edges. Other
-quantization methods and malformed FP8 tensors are refused by name in one line before anything
-is written."""
+4-bit HQQ, with blocks that divide the matrices or leave cut-short blocks at their edges (and
+the same for a Qwen3-MoE checkpoint: the reader is no family's). Other quantization methods, for
+every family, and malformed FP8 tensors are refused by name in one line before anything is
+written."""
 
 import json
 import math
@@ -27,6 +28,15 @@ def tiny(tmp_path_factory):
     from coordinator.tools.tiny_model import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("deepseek-fp8") / "model", family="deepseek_v3", **SIZES)
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen3(tmp_path_factory):
+    """Qwen3-MoE's FP8 checkpoints (Qwen3-30B-A3B-FP8) are the same format: the reader is the family's."""
+    from coordinator.tools.tiny_model import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("qwen3-fp8") / "model", family="qwen3_moe",
+                           **{**SIZES, "num_kv_heads": 2})
 
 
 def is_block_scaled(name: str) -> bool:
@@ -97,6 +107,31 @@ def test_an_fp8_block_checkpoint_packs_into_the_store_of_its_dequantized_weights
     assert ours.model_id == theirs.model_id
     assert ours.experts == theirs.experts and ours.dense_checksum == theirs.dense_checksum
     assert ours.dtype == "float32" and ours.hf_config["quantization_config"]["quant_method"] == "fp8"
+
+
+def test_another_familys_fp8_block_checkpoint_packs_into_the_store_of_its_dequantized_weights(tiny_qwen3, tmp_path):
+    fp8, plain, _, _ = fp8_and_equivalent(tiny_qwen3, tmp_path, 16, 16)
+    options = dict(expert_bits=4, dense_bits=16, group_size=32, progress=False)
+    ours = pack_checkpoint(model_dir=fp8, out=tmp_path / "from-fp8", **options).manifest
+    theirs = pack_checkpoint(model_dir=plain, out=tmp_path / "from-plain", **options).manifest
+    assert ours.model.family == "qwen3_moe" and ours.model_id == theirs.model_id
+
+
+def test_a_quant_method_is_refused_by_name_for_families_that_do_not_look_at_it(tiny_qwen3, tmp_path):
+    model = copy_with(tiny_qwen3, tmp_path / "model", load_file(tiny_qwen3 / "model.safetensors"),
+                      {"quant_method": "gptq", "bits": 4})
+    refused(model, tmp_path, "quantization_config.quant_method 'gptq' is not supported")
+
+
+def test_gpt_oss_reads_only_its_mxfp4(tmp_path):
+    from coordinator.tools.tiny_model import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "gpt-oss", family="gpt_oss", num_layers=1, hidden_size=64, intermediate_size=32,
+                            num_heads=4, num_kv_heads=2, num_experts=4)
+    config = json.loads((model / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [16, 16]}
+    (model / "config.json").write_text(json.dumps(config))
+    assert "(moe-edge runs 'mxfp4')" in refused(model, tmp_path, "quantization_config.quant_method 'fp8' is not supported")
 
 
 def test_the_store_of_an_fp8_checkpoint_generates(tiny, tmp_path):

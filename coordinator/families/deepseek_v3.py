@@ -15,9 +15,9 @@ Knowingly left out: the multi-token-prediction layers (`num_nextn_predict_layers
 layers past `num_hidden_layers`), which plain decoding does not use. The published FP8 block
 checkpoints are read as they come (quantization_config quant_method "fp8", a `weight_scale_inv`
 beside each block-scaled weight): the checkpoint reader dequantizes each weight as it is read
-(coordinator/tools/fp8_blocks.py), so nothing here sees FP8. Refused by name: other quantization
-methods, rope types other than the default and YaRN, attention biases, activations other than
-SiLU."""
+(coordinator/tools/fp8_blocks.py), so nothing here sees FP8; it refuses other quantization
+methods by name. Refused here by name: rope types other than the default and YaRN, attention
+biases, activations other than SiLU."""
 
 from __future__ import annotations
 
@@ -37,10 +37,6 @@ EXPERTS = "model.layers.{layer}.mlp.experts"
 def model_config(hf: dict[str, Any], *, source: str = "config.json") -> ModelConfig:
     from transformers import DeepseekV3Config
 
-    if hf.get("quantization_config") is not None:  # fp8: its weights are dequantized as read (tools/fp8_blocks.py)
-        method = (hf["quantization_config"] or {}).get("quant_method")
-        hf_layout.require(source, "quantization_config.quant_method", method, ("fp8",),
-                          " block checkpoints, dequantized as pack reads them")
     config = hf_layout.hf_config(DeepseekV3Config, hf, source=source)
     hf_layout.require(source, "hidden_act", config.hidden_act, ("silu",))
     hf_layout.require(source, "attention_bias", bool(config.attention_bias), (False,))

@@ -36,6 +36,7 @@ MODEL_TYPE = "gpt_oss"
 SWIGLU_ALPHA, SWIGLU_LIMIT = 1.702, 7.0  # GPT-OSS's own values, for configs that do not carry them
 EXPERTS = "model.layers.{layer}.mlp.experts"
 LAYER_TYPES = ("sliding_attention", "full_attention")
+QUANT_METHODS = ("mxfp4",)  # the only checkpoint quantization read (kept as stored); FP8 blocks are not
 
 
 def model_config(hf: dict[str, Any], *, source: str = "config.json") -> ModelConfig:

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from common.errors import ConfigError, MoeEdgeError, StoreError
 from common.model_config import ModelConfig
 
-from ..families import family_for
+from ..families import family_for, hf_layout
 from . import fp8_blocks
 
 TOKENIZER_FILES = (
@@ -56,6 +56,7 @@ class HFCheckpoint:
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise StoreError(f"{config_path}: not valid JSON ({err})") from None
         self.family = family_for(self.hf_config, source=str(config_path))
+        self._refuse_other_quantization(str(config_path))
         self.config: ModelConfig = self.family.model_config(self.hf_config, source=str(config_path))
         self.fp8_blocks = fp8_blocks.block_format(self.hf_config, source=str(config_path))  # None: no fp8 weights
         self._handles = {}
@@ -74,6 +75,16 @@ class HFCheckpoint:
             self._handles[shard.name] = handle
             for name in handle.keys():
                 self._where[name] = shard.name
+
+    def _refuse_other_quantization(self, source: str) -> None:
+        """A quantization_config is read only where it names the family's QUANT_METHODS (GPT-OSS:
+        its MXFP4, kept as stored) or, for a family that names none, FP8 blocks (dequantized as
+        read); any other method is refused by name, before its tensors would be."""
+        method = (self.hf_config.get("quantization_config") or {}).get("quant_method")
+        allowed = getattr(self.family, "QUANT_METHODS", ("fp8",))
+        if method is not None:
+            hf_layout.require(source, "quantization_config.quant_method", method, allowed,
+                              "; fp8 block weights are dequantized as pack reads them" if "fp8" in allowed else "")
 
     def _shards(self) -> list[Path]:
         """The shards the index file names (each must exist), else every *.safetensors file."""
