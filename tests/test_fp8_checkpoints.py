@@ -201,6 +201,14 @@ def test_scales_of_the_wrong_shape_are_refused_by_name(tiny, tmp_path):
     assert NAME in refused(fp8, tmp_path, r"must be torch.float32 \[4, 2\]")
 
 
+def test_scales_beside_a_weight_that_is_not_fp8_are_refused_by_name(tiny, tmp_path):
+    fp8, _, original, _ = fp8_and_equivalent(tiny, tmp_path, 16, 16)
+    weights = load_file(fp8 / "model.safetensors")
+    weights[NAME] = original[NAME]  # float32 again, its scales still beside it
+    save_file(weights, fp8 / "model.safetensors", metadata={"format": "pt"})
+    assert NAME in refused(fp8, tmp_path, "torch.float32, not fp8")
+
+
 def test_fp8_weights_without_an_fp8_quantization_config_are_refused_by_name(tiny, tmp_path):
     fp8, _, _, _ = fp8_and_equivalent(tiny, tmp_path, 16, 16)
     edited = json.loads((fp8 / "config.json").read_text())

@@ -188,6 +188,9 @@ class HFCheckpoint:
         if dtype in fp8_blocks.FP8_DTYPES:  # checked now, and read as the dequantized weight it becomes
             self._fp8_pair(name, dtype, tuple(view.get_shape()))
             dtype = self.dtype
+        elif self.scale_of(name) is not None:  # scales that would go unapplied
+            raise ConfigError(f"{self.file_of(name)}: tensor {name}{fp8_blocks.SCALE_SUFFIX} scales {name}, which is "
+                              f"{dtype}, not fp8; pack does not know what it would mean")
         return torch.empty(view.get_shape(), dtype=dtype, device="meta")
 
     @property
