@@ -74,6 +74,7 @@ class ModelConfig:
     rope_beta_slow: float = 1.0
     rope_truncate: bool = True  # yarn: round the ramp's bounds to whole dimensions
     rope_attention_factor: float = 1.0  # cos and sin are multiplied by it (yarn's mscale)
+    softmax_scale_factor: float = 1.0  # latent attention with yarn (DeepSeek-V3): the softmax scale times mscale^2
     expert_bias: bool = False  # each expert's w13 and w2 have biases (in the blob)
     expert_activation: str = "silu_gated"  # EXPERT_ACTIVATIONS
     swiglu_alpha: float | None = None  # clamped_swiglu: gate * sigmoid(alpha * gate)
@@ -133,7 +134,7 @@ FAMILY_FIELDS = ("family", "attention_bias", "qk_norm", "rotary_dim", "router", 
                  "rope_interleave",
                  "attention_sinks", "output_bias", "sliding_layers", "rope_type", "rope_factor",
                  "rope_original_max_position_embeddings", "rope_beta_fast", "rope_beta_slow", "rope_truncate",
-                 "rope_attention_factor", "expert_bias", "expert_activation", "swiglu_alpha", "swiglu_limit")
+                 "rope_attention_factor", "softmax_scale_factor", "expert_bias", "expert_activation", "swiglu_alpha", "swiglu_limit")
 
 
 def _json(value: Any) -> Any:

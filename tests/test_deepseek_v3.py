@@ -1,9 +1,11 @@
 """What the deepseek_v3 family adds beyond tests/test_families.py: latent attention without a q
 bottleneck (`q_lora_rank` None, as DeepSeek-V2-Lite) and with rotary on the halves rather than
-interleaved pairs matches transformers; the multi-token-prediction layers are left out; FP8
-checkpoints and YaRN rope are refused by name before anything is written."""
+interleaved pairs matches transformers; the multi-token-prediction layers are left out;
+YaRN rope matches transformers; other quantization methods and rope types are refused by name before
+anything is written (tests/test_fp8_checkpoints.py reads FP8 block checkpoints)."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -62,6 +64,55 @@ def test_without_a_q_bottleneck_and_with_half_split_rotary_logits_match_transfor
             past, token = theirs.past_key_values, int(theirs.logits[0, -1].argmax())
 
 
+YARN = {  # DeepSeek-V3's and R1's config.json (rope_theta beside it)
+    "v3": dict(rope_type="yarn", rope_theta=10000.0, factor=40.0, original_max_position_embeddings=4096, beta_fast=32,
+               beta_slow=1, mscale=1.0, mscale_all_dim=1.0),
+    # mscale and mscale_all_dim apart, so cos and sin are scaled too, not only the softmax
+    "mscales-differ": dict(rope_type="yarn", rope_theta=10000.0, factor=16.0, original_max_position_embeddings=256,
+                           beta_fast=32, beta_slow=1, mscale=0.707, mscale_all_dim=1.0),
+}
+PROMPT, STEPS = 24, 16
+
+
+@pytest.mark.parametrize("settings", YARN)
+@torch.inference_mode()
+def test_yarn_rope_logits_and_greedy_tokens_match_transformers(tmp_path, settings):
+    from transformers import AutoModelForCausalLM
+
+    model = make_model(tmp_path / "model", rope_parameters=dict(YARN[settings]))
+    pack_checkpoint(model_dir=model, out=tmp_path / "store", progress=False)
+    reference = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, attn_implementation="eager").eval()
+    reference.generation_config.eos_token_id = None
+    prompt = torch.randint(3, 300, (PROMPT,), generator=torch.Generator().manual_seed(1234))
+    with Engine.open(tmp_path / "store", cache_experts=2) as engine:
+        assert engine.config.rope_type == "yarn" and engine.config.softmax_scale_factor > 1.0
+        kv = KVCache(engine.config, PROMPT + STEPS, torch.device("cpu"), torch.float32)
+        ours = engine.model.forward(prompt, 0, kv, all_logits=True)
+        theirs = reference(prompt[None], use_cache=True)
+        assert (ours - theirs.logits[0]).abs().max().item() < 1e-4
+        past, token = theirs.past_key_values, int(theirs.logits[0, -1].argmax())
+        for position in range(PROMPT, PROMPT + STEPS):
+            ours = engine._decode_step(token, position, kv)
+            theirs = reference(torch.tensor([[token]]), past_key_values=past, use_cache=True)
+            assert (ours[0] - theirs.logits[0, -1]).abs().max().item() < 1e-4
+            past, token = theirs.past_key_values, int(theirs.logits[0, -1].argmax())
+        generation = engine.generate(prompt.tolist(), max_new_tokens=STEPS, stop_at_eos=False)
+        list(generation)
+    expected = reference.generate(prompt[None], do_sample=False, max_new_tokens=STEPS)[0, PROMPT:].tolist()
+    assert generation.token_ids == expected
+
+
+def test_the_yarn_softmax_scale_is_deepseeks_mscale_squared():
+    from transformers import DeepseekV3Config
+
+    from coordinator.families import deepseek_v3
+
+    hf = DeepseekV3Config(rope_scaling={**YARN["v3"], "type": "yarn"}, max_position_embeddings=163840).to_dict()
+    config = deepseek_v3.model_config(hf)
+    assert config.softmax_scale_factor == pytest.approx((0.1 * math.log(40) + 1) ** 2, rel=1e-12)
+    assert config.rope_attention_factor == 1.0 and config.rope_factor == 40.0
+
+
 def test_the_kv_cache_holds_the_latent_and_k_pe_per_position(tiny, tmp_path):
     pack_checkpoint(model_dir=tiny, out=tmp_path / "store", progress=False)
     with Engine.open(tmp_path / "store") as engine:
@@ -100,16 +151,15 @@ def edited_copy(tiny, folder, *, config_changes=None, extra_tensor=None):
 
 
 @pytest.mark.parametrize("config_changes,extra_tensor,named", [
-    ({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}, None,
-     "FP8 block-quantized checkpoints are not read yet; dequantize to bf16 first"),
-    (None, "model.layers.1.self_attn.kv_a_proj_with_mqa.weight_scale_inv",
-     "FP8 block-quantized checkpoints are not read yet; dequantize to bf16 first"),
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 40.0, "rope_theta": 10000.0, "mscale": 1.0,
-                          "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096}}, None,
-     "rope_type 'yarn' is not supported"),
+    ({"quantization_config": {"quant_method": "gptq", "bits": 4}}, None,
+     "quantization_config.quant_method 'gptq' is not supported"),
+    (None, "model.layers.1.self_attn.kv_a_proj_with_mqa.weight_scale_inv",  # scales beside a bf16 weight
+     "is not used by moe-edge's deepseek_v3 reader"),
+    ({"rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}}, None,
+     "rope_type 'linear' is not supported"),
     ({"attention_bias": True}, None, "attention_bias True is not supported"),
 ])
-def test_fp8_yarn_and_attention_biases_are_refused_by_name_before_writing(tiny, tmp_path, config_changes, extra_tensor, named):
+def test_other_quantizations_rope_types_and_attention_biases_are_refused_by_name_before_writing(tiny, tmp_path, config_changes, extra_tensor, named):
     model = edited_copy(tiny, tmp_path / "model", config_changes=config_changes, extra_tensor=extra_tensor)
     with pytest.raises(ConfigError, match=named.replace("(", r"\(")) as refusal:
         pack_checkpoint(model_dir=model, out=tmp_path / "store", progress=False)

@@ -94,6 +94,7 @@ class ModelFields(_Strict):
     rope_beta_slow: Annotated[float, Field(gt=0)] = 1.0
     rope_truncate: bool = True
     rope_attention_factor: Annotated[float, Field(gt=0)] = 1.0
+    softmax_scale_factor: Annotated[float, Field(gt=0)] = 1.0
     expert_bias: bool = False
     expert_activation: Literal[EXPERT_ACTIVATIONS] = "silu_gated"  # type: ignore[valid-type]
     swiglu_alpha: Annotated[float, Field(gt=0)] | None = None
@@ -326,7 +327,8 @@ def check_consistency(doc: ManifestDocument, *, source: Path) -> tuple[ModelConf
     fields = doc.model.model_dump()
     fields.update(rms_norm_eps=float(fields["rms_norm_eps"]), rope_theta=float(fields["rope_theta"]),  # 1e6 written as 1000000
                   routed_scaling_factor=float(fields["routed_scaling_factor"]), dense_layers=tuple(fields["dense_layers"]))
-    for name in ("rope_factor", "rope_beta_fast", "rope_beta_slow", "rope_attention_factor", "swiglu_alpha", "swiglu_limit"):
+    for name in ("rope_factor", "rope_beta_fast", "rope_beta_slow", "rope_attention_factor", "softmax_scale_factor", "swiglu_alpha",
+                 "swiglu_limit"):
         fields[name] = None if fields[name] is None else float(fields[name])
     config = ModelConfig(**fields)
     expert_quant = _quant_spec(doc.quantization.experts, "quantization.experts", source)

@@ -9,14 +9,18 @@ def register(commands) -> None:
 
     parser = commands.add_parser(
         "make-synthetic",
-        help="write a store of real shapes (e.g. Mixtral-8x7B, Qwen3-30B-A3B, GLM-4.5-Air) with random weights, for benchmarks",
+        help="write a store of real shapes (e.g. Mixtral-8x7B, Qwen3-30B-A3B, GLM-4.5-Air, gpt-oss-20b, DeepSeek-V3) "
+        "with random weights, for benchmarks",
         description="Write a store in exactly the layout `pack` writes, with random quantized codes and plausible "
         "scales: timing does not depend on weight values (routing does, and comes from these random weights).",
     )
     # Not argparse choices: an unknown name is one line of ours (exit 2) naming the shapes there are.
     parser.add_argument("--shape", required=True, metavar="NAME", help=f"model shape: {', '.join(SHAPES)}")
     parser.add_argument("--out", required=True, metavar="STORE", help="store folder to create")
-    parser.add_argument("--expert-bits", type=int, choices=(16, 4, 3, 2), default=2, help="bits per expert weight (default 2)")
+    parser.add_argument("--expert-bits", type=int, choices=(16, 4, 3, 2), default=None,
+                        help="bits per expert weight, HQQ (16: bf16, unquantized); default 2, except for the gpt-oss "
+                        "shapes, whose experts are then MXFP4 as the published checkpoints store them and pack keeps "
+                        "them (4.25 bits); a width given for gpt-oss writes HQQ experts, as pack makes from a bf16 copy")
     parser.add_argument("--dense-bits", type=int, choices=(16, 4), default=4, help="bits of attention projections (default 4)")
     parser.add_argument("--group-size", type=int, default=64, help="quantization group size (default 64)")
     parser.add_argument("--layers", type=int, metavar="N",

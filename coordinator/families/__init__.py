@@ -5,7 +5,9 @@ settings moe-edge does not implement), which checkpoint tensors become the store
 and expert matrices, and which it knowingly leaves out (`left_out`); pack refuses every other
 tensor by name. The module interface: MODEL_TYPE, model_config(hf, source=), dense_tensors(
 checkpoint), expert_matrices(checkpoint, layer, expert), left_out(name, config), and where the
-config says the experts have biases (expert_bias), expert_biases(checkpoint, layer, expert). What the
+config says the experts have biases (expert_bias), expert_biases(checkpoint, layer, expert), and
+where the family reads quantized checkpoints its own way, QUANT_METHODS (GPT-OSS's "mxfp4", kept
+as stored; for the others, FP8 blocks, which the checkpoint reader dequantizes: tools/fp8_blocks.py). What the
 runtime does with the config's family fields is in coordinator/runtime (weights.py, model.py,
 router.py). The store, the cache, the sources and the expert host know nothing of families
 beyond the blob layout. Adding a family is one new module listed in FAMILIES (and its name in

@@ -6,11 +6,18 @@ choice only, group-limited top-k (`n_group`, `topk_group`), renormalised when `n
 scaled by `routed_scaling_factor`; `n_shared_experts` shared experts on the device; the first
 `first_k_dense_replace` layers dense.
 
+Rotary: the default or YaRN (DeepSeek-V3's and R1's published configs: factor 40 over 4096
+positions), on the qk_rope_head_dim part, resolved as transformers does; with YaRN the softmax
+scale is also multiplied by mscale(factor, mscale_all_dim)^2 (transformers' yarn_apply_mscale),
+ModelConfig.softmax_scale_factor.
+
 Knowingly left out: the multi-token-prediction layers (`num_nextn_predict_layers`, stored as
-layers past `num_hidden_layers`), which plain decoding does not use. Refused by name: FP8
-block-quantized checkpoints (a `quantization_config`, tensors ending in `weight_scale_inv`),
-YaRN and every other rope type but the default (DeepSeek-V3's and R1's published configs use
-YaRN), attention biases, activations other than SiLU."""
+layers past `num_hidden_layers`), which plain decoding does not use. The published FP8 block
+checkpoints are read as they come (quantization_config quant_method "fp8", a `weight_scale_inv`
+beside each block-scaled weight): the checkpoint reader dequantizes each weight as it is read
+(coordinator/tools/fp8_blocks.py), so nothing here sees FP8; it refuses other quantization
+methods by name. Refused here by name: rope types other than the default and YaRN, attention
+biases, activations other than SiLU."""
 
 from __future__ import annotations
 
@@ -18,7 +25,6 @@ from typing import Any
 
 import torch
 
-from common.errors import ConfigError
 from common.model_config import ModelConfig
 from common.store import dense_names
 
@@ -26,25 +32,19 @@ from . import hf_layout
 
 MODEL_TYPE = "deepseek_v3"
 EXPERTS = "model.layers.{layer}.mlp.experts"
-FP8 = "FP8 block-quantized checkpoints are not read yet; dequantize to bf16 first"
 
 
 def model_config(hf: dict[str, Any], *, source: str = "config.json") -> ModelConfig:
     from transformers import DeepseekV3Config
 
-    if "quantization_config" in hf:
-        method = (hf["quantization_config"] or {}).get("quant_method", "?")
-        raise ConfigError(f"{source}: quantization_config ({method}): {FP8}")
     config = hf_layout.hf_config(DeepseekV3Config, hf, source=source)
     hf_layout.require(source, "hidden_act", config.hidden_act, ("silu",))
-    rope = dict(config.rope_parameters or {})
-    hf_layout.require(source, "rope_type", rope.get("rope_type", rope.get("type", "default")), ("default",),
-                      "; DeepSeek-V3's and R1's own configs use YaRN, which moe-edge does not run yet")
     hf_layout.require(source, "attention_bias", bool(config.attention_bias), (False,))
     dense = tuple(range(min(config.first_k_dense_replace, config.num_hidden_layers)))
     return ModelConfig(
         **hf_layout.shared_fields(
-            config, source, intermediate_size=config.moe_intermediate_size, num_experts=config.n_routed_experts,
+            config, source, rope_types=("default", "yarn"), intermediate_size=config.moe_intermediate_size,
+            num_experts=config.n_routed_experts,
             top_k=config.num_experts_per_tok, head_dim=config.qk_nope_head_dim + config.qk_rope_head_dim,
             num_kv_heads=config.num_attention_heads),  # latent attention: every query head has its own k and v
         family=MODEL_TYPE,
@@ -64,6 +64,8 @@ def model_config(hf: dict[str, Any], *, source: str = "config.json") -> ModelCon
         qk_rope_head_dim=config.qk_rope_head_dim,
         v_head_dim=config.v_head_dim,
         rope_interleave=bool(config.rope_interleave),
+        # YaRN on the qk_rope_head_dim part (transformers' config sets head_dim to it for this)
+        **hf_layout.yarn_fields(config, source, MODEL_TYPE, softmax_mscale=True),
     )
 
 
@@ -71,9 +73,6 @@ def latent_attention(checkpoint, layer: int) -> dict[str, torch.Tensor]:
     """The layer's norms and its latent attention's tensors, under the store's names."""
     config, prefix = checkpoint.config, f"model.layers.{layer}"
     attn = f"{prefix}.self_attn"
-    for projection in ("kv_a_proj_with_mqa", "o_proj"):  # the rest is refused as unread tensors
-        if checkpoint.has(f"{attn}.{projection}.weight_scale_inv"):
-            raise ConfigError(f"{checkpoint.folder}: tensor {attn}.{projection}.weight_scale_inv: {FP8}")
     parts = {"kv_a_proj": "kv_a_proj_with_mqa", "kv_a_norm": "kv_a_layernorm", "kv_b_proj": "kv_b_proj"}
     if config.q_lora_rank is not None:
         parts.update(q_a_proj="q_a_proj", q_a_norm="q_a_layernorm", q_b_proj="q_b_proj")

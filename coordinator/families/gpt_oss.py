@@ -21,7 +21,6 @@ other than sliding and full attention. Nothing is knowingly left out."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -37,6 +36,7 @@ MODEL_TYPE = "gpt_oss"
 SWIGLU_ALPHA, SWIGLU_LIMIT = 1.702, 7.0  # GPT-OSS's own values, for configs that do not carry them
 EXPERTS = "model.layers.{layer}.mlp.experts"
 LAYER_TYPES = ("sliding_attention", "full_attention")
+QUANT_METHODS = ("mxfp4",)  # the only checkpoint quantization read (kept as stored); FP8 blocks are not
 
 
 def model_config(hf: dict[str, Any], *, source: str = "config.json") -> ModelConfig:
@@ -61,7 +61,7 @@ def model_config(hf: dict[str, Any], *, source: str = "config.json") -> ModelCon
         num_experts=config.num_local_experts,
         top_k=config.num_experts_per_tok,
         rms_norm_eps=float(config.rms_norm_eps),
-        rope_theta=_rope_theta(config, source),
+        rope_theta=hf_layout.rope_theta(config, source, types=("yarn", "default")),
         max_position_embeddings=config.max_position_embeddings,
         sliding_window=config.sliding_window if sliding else None,
         tie_word_embeddings=bool(config.tie_word_embeddings),
@@ -78,53 +78,8 @@ def model_config(hf: dict[str, Any], *, source: str = "config.json") -> ModelCon
         # transformers before 5.2x fixed alpha at 1.702 in the model code and kept only the limit in the config
         swiglu_alpha=float(getattr(config, "swiglu_alpha", None) or hf.get("swiglu_alpha", SWIGLU_ALPHA)),
         swiglu_limit=float(getattr(config, "swiglu_limit", None) or hf.get("swiglu_limit", SWIGLU_LIMIT)),
-        **_yarn(config, source),
+        **hf_layout.yarn_fields(config, source, MODEL_TYPE),
     )
-
-
-def _rope_theta(config, source: str) -> float:
-    theta = dict(config.rope_parameters or {}).get("rope_theta", getattr(config, "rope_theta", None))
-    if theta is None:
-        raise ConfigError(f"{source}: no rope_theta")
-    return float(theta)
-
-
-def _yarn(config, source: str) -> dict[str, Any]:
-    """The ModelConfig rope fields, resolved as transformers' _compute_yarn_parameters does."""
-    rope = dict(config.rope_parameters or {})
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    hf_layout.require(source, "rope_parameters.rope_type", rope_type, ("yarn", "default"))
-    if hf_layout.partial_rotary_factor(config) != 1.0:
-        raise ConfigError(f"{source}: rope_parameters.partial_rotary_factor is not supported for {MODEL_TYPE}")
-    if rope_type == "default":
-        return {}
-    original = rope.get("original_max_position_embeddings")
-    if original is None:
-        raise ConfigError(f"{source}: rope_parameters.original_max_position_embeddings is needed for rope_type 'yarn'")
-    factor = rope.get("factor")
-    if factor is None:
-        factor = config.max_position_embeddings / original
-    attention_factor = rope.get("attention_factor")
-    if attention_factor is None:
-        mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
-        if mscale and mscale_all_dim:
-            attention_factor = _mscale(factor, mscale) / _mscale(factor, mscale_all_dim)
-        else:
-            attention_factor = _mscale(factor)
-    return dict(
-        rope_type="yarn",
-        rope_factor=float(factor),
-        rope_original_max_position_embeddings=int(original),
-        rope_beta_fast=float(rope.get("beta_fast") or 32),  # `or`: a 0 means the default, as in transformers
-        rope_beta_slow=float(rope.get("beta_slow") or 1),
-        rope_truncate=bool(rope.get("truncate", True)),
-        rope_attention_factor=float(attention_factor),
-    )
-
-
-def _mscale(scale: float, mscale: float = 1.0) -> float:
-    """YaRN's attention scaling for a context extended `scale` times (transformers' get_mscale)."""
-    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
 def dense_tensors(checkpoint) -> dict[str, torch.Tensor]:

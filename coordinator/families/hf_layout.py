@@ -8,6 +8,7 @@ family reads (every other tensor is refused by name, tools/pack.py)."""
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -33,15 +34,64 @@ def require(source: str, setting: str, value: Any, allowed: tuple, why: str = ""
         raise ConfigError(f"{source}: {setting} {value!r} is not supported (moe-edge runs {choices}{why})")
 
 
-def rope_theta(config, source: str) -> float:
-    """The default rotary embedding's base; any other rope type (YaRN, linear, dynamic) is refused."""
+def rope_theta(config, source: str, types: tuple[str, ...] = ("default",)) -> float:
+    """The rotary embedding's base; a rope type not in `types` (by default every one but the
+    default: YaRN, linear, dynamic) is refused."""
     rope = dict(getattr(config, "rope_parameters", None) or {})
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    require(source, "rope_type", rope_type, ("default",))
+    require(source, "rope_type", _rope_type(rope), types)
     theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
     if theta is None:
         raise ConfigError(f"{source}: no rope_theta")
     return float(theta)
+
+
+def _rope_type(rope: dict[str, Any]) -> str:
+    return rope.get("rope_type", rope.get("type", "default"))
+
+
+def yarn_fields(config, source: str, family: str, *, softmax_mscale: bool = False) -> dict[str, Any]:
+    """The ModelConfig rope fields of a config whose rope is YaRN or the default, resolved as
+    transformers' _compute_yarn_parameters does ({} for the default). `softmax_mscale`:
+    the family also multiplies its softmax scale by mscale(factor, mscale_all_dim)^2 (DeepSeek's
+    yarn_apply_mscale), recorded as softmax_scale_factor."""
+    rope = dict(config.rope_parameters or {})
+    rope_type = _rope_type(rope)
+    require(source, "rope_parameters.rope_type", rope_type, ("yarn", "default"))
+    if partial_rotary_factor(config) != 1.0:
+        raise ConfigError(f"{source}: rope_parameters.partial_rotary_factor is not supported for {family}")
+    if rope_type == "default":
+        return {}
+    original = rope.get("original_max_position_embeddings")
+    if original is None:
+        raise ConfigError(f"{source}: rope_parameters.original_max_position_embeddings is needed for rope_type 'yarn'")
+    factor = rope.get("factor")
+    if factor is None:
+        factor = config.max_position_embeddings / original
+    mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+    attention_factor = rope.get("attention_factor")
+    if attention_factor is None:
+        if mscale and mscale_all_dim:
+            attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = yarn_mscale(factor)
+    fields = dict(
+        rope_type="yarn",
+        rope_factor=float(factor),
+        rope_original_max_position_embeddings=int(original),
+        rope_beta_fast=float(rope.get("beta_fast") or 32),  # `or`: a 0 means the default, as in transformers
+        rope_beta_slow=float(rope.get("beta_slow") or 1),
+        rope_truncate=bool(rope.get("truncate", True)),
+        rope_attention_factor=float(attention_factor),
+    )
+    if softmax_mscale and mscale_all_dim:
+        fields["softmax_scale_factor"] = yarn_mscale(factor, mscale_all_dim) ** 2
+    return fields
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention scaling for a context extended `scale` times (transformers' get_mscale
+    and DeepSeek's yarn_get_mscale)."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
 def partial_rotary_factor(config) -> float:
@@ -107,9 +157,10 @@ def routed_expert(checkpoint, layer: int, expert: int, experts_prefix: str) -> t
     raise StoreError(f"{checkpoint.folder}: no weights for layer {layer} expert {expert} ({prefix}.{expert}.gate_proj.weight)")
 
 
-def shared_fields(config, source: str, **overrides: Any) -> dict[str, Any]:
+def shared_fields(config, source: str, rope_types: tuple[str, ...] = ("default",), **overrides: Any) -> dict[str, Any]:
     """The ModelConfig fields every family here reads the same way from its transformers config,
-    with a family's `overrides` (its experts' sizes, a head size of its own) over them."""
+    with a family's `overrides` (its experts' sizes, a head size of its own) over them; a rope
+    type not in `rope_types` is refused."""
     return {**dict(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
@@ -118,7 +169,7 @@ def shared_fields(config, source: str, **overrides: Any) -> dict[str, Any]:
         num_kv_heads=config.num_key_value_heads,
         head_dim=head_dim(config),
         rms_norm_eps=float(config.rms_norm_eps),
-        rope_theta=rope_theta(config, source),
+        rope_theta=rope_theta(config, source, rope_types),
         max_position_embeddings=config.max_position_embeddings,
         sliding_window=None,
         tie_word_embeddings=bool(config.tie_word_embeddings),

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from common.model_config import ModelConfig
 from common.store import dense_names
 
+from . import rope
 from .rms_norm import rms_norm
 
 # transformers and DeepSeek's own code build q_a_layernorm and kv_a_layernorm with RMSNorm's
@@ -87,11 +88,10 @@ class LatentRotary:
     transformers: q_pe and k_pe get the same layout, so their dot products are the same."""
 
     def __init__(self, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
-        dim = config.qk_rope_head_dim
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        inv_freq, scaling = rope.inverse_frequencies(config, config.qk_rope_head_dim)  # [R/2]; YaRN's mscale
         freqs = torch.arange(config.max_position_embeddings, dtype=torch.float32)[:, None] * inv_freq[None, :]  # [P, R/2]
-        self.cos = freqs.cos().to(device=device, dtype=dtype)
-        self.sin = freqs.sin().to(device=device, dtype=dtype)
+        self.cos = (freqs.cos() * scaling).to(device=device, dtype=dtype)
+        self.sin = (freqs.sin() * scaling).to(device=device, dtype=dtype)
         self.interleave = config.rope_interleave
 
     def apply(self, x: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
@@ -111,7 +111,8 @@ class LatentAttention:
     def __init__(self, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
         self.config = config
         self.rotary = LatentRotary(config, device, dtype)
-        self.scale = (config.qk_nope_head_dim + config.qk_rope_head_dim) ** -0.5
+        # with YaRN, DeepSeek also scales the softmax by mscale(factor, mscale_all_dim)^2 (yarn_apply_mscale)
+        self.scale = (config.qk_nope_head_dim + config.qk_rope_head_dim) ** -0.5 * config.softmax_scale_factor
 
     def forward(self, x: torch.Tensor, weights: LatentWeights, o_proj: torch.Tensor, layer: int,
                 start: int | torch.Tensor, kv, mask: torch.Tensor | None) -> torch.Tensor:

@@ -19,9 +19,10 @@ import torch
 from common.model_config import ModelConfig
 
 
-def inverse_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
-    """(inv_freq [R/2] float32, the factor cos and sin are multiplied by)."""
-    dim, base = config.rotary_width, config.rope_theta
+def inverse_frequencies(config: ModelConfig, dim: int | None = None) -> tuple[torch.Tensor, float]:
+    """(inv_freq [R/2] float32, the factor cos and sin are multiplied by); R is `dim` where given
+    (latent attention's qk_rope_head_dim), else the config's rotary width."""
+    dim, base = dim or config.rotary_width, config.rope_theta
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim  # [R/2]
     if config.rope_type == "default":
         return 1.0 / (base**exponents), config.rope_attention_factor

@@ -3,7 +3,8 @@ coordinator/tools/hub_checkpoint.py) -> a moe-edge store (docs/architecture.md, 
 
 Each expert is HQQ-quantized (or kept in the checkpoint's dtype at 16 bits) and written as one
 blob; a checkpoint whose experts are MXFP4 (GPT-OSS's published ones) keeps them as stored, bytes
-unchanged, whatever --expert-bits says; attention projections are optionally quantized too; routers, norms, embeddings and the
+unchanged, whatever --expert-bits says; FP8 block weights (DeepSeek-V3's published checkpoints)
+are dequantized as they are read (tools/fp8_blocks.py) and then stored like any other; attention projections are optionally quantized too; routers, norms, embeddings and the
 LM head stay in the checkpoint's dtype.
 
 Before any packing work the destination is checked (common/store/writer.py) and the store's size
@@ -149,6 +150,11 @@ def pack_checkpoint(
               f"--expert-bits applies only to bf16 or float32 experts", file=sys.stderr)
         expert_spec = stored
     dtype = checkpoint.dtype
+    if checkpoint.fp8_blocks is not None:
+        blocks = checkpoint.fp8_blocks
+        print(f"note: {checkpoint.folder}: the FP8 block weights ({blocks.rows}x{blocks.columns} scales) are dequantized "
+              f"to {dtype_name(dtype)} as they are read, then stored as --expert-bits and --dense-bits say",
+              file=sys.stderr)
     layout = BlobLayout.for_expert(config, expert_spec, dtype)
     fields = dict(
         model=config,
