@@ -9,7 +9,8 @@ Modes (same store, same weights, same token stream):
 Each mode first runs the prompt once untimed and starts again from a cold cache, so no mode's
 timed prompt pays the one-time warm-up. Decode steps are fed a fixed, seeded random token stream
 (teacher forcing), so routing varies from token to token as in real text rather than collapsing
-onto a loop of one token; routing itself comes from random weights, which the report says. The breakdown per token comes from a
+onto a loop of one token; routing itself comes from random weights, which the report says, unless
+`--routing FILE` replays a trained model's routing trace (replay_routing). The breakdown per token comes from a
 separate pass that synchronizes at each phase boundary (runtime/phase_clock.py).
 
 A client of the engine, not a second engine: one Engine is built from EngineOptions, and each
@@ -188,8 +189,9 @@ def _fill(result: ModeResult, delta: EngineSnapshot, decode_s: float, busy_s: fl
 
 def run_bench(*, store: str | Path, options: EngineOptions, tokens: int = 32, prompt_tokens: int = 16,
               warmup_tokens: int = 4, profile_tokens: int = 8, modes: tuple[str, ...] = CACHE_MODES,
-              seed: int = 0) -> BenchReport:
-    """Every mode of `modes` on one Engine built from `options` (K, depth, device, dtype...)."""
+              seed: int = 0, routing: str | Path | None = None) -> BenchReport:
+    """Every mode of `modes` on one Engine built from `options` (K, depth, device, dtype...).
+    `routing`: a routing trace file to replay instead of the store's routers (replay_routing)."""
     unknown = [m for m in modes if m not in CACHE_MODES]
     if unknown:
         raise ConfigError(f"--modes {','.join(unknown)}: choose from {', '.join(CACHE_MODES)}")
@@ -198,6 +200,9 @@ def run_bench(*, store: str | Path, options: EngineOptions, tokens: int = 32, pr
     with Engine.from_options(store, options) as engine:
         c = engine.config
         total = warmup_tokens + tokens + profile_tokens
+        replayed = replay_routing(engine, routing, decode_steps=total) if routing is not None else None
+        if replayed is not None:
+            prompt_tokens = replayed[0]
         if prompt_tokens + total > c.max_position_embeddings:
             raise ConfigError(f"prompt + tokens exceed the model's context of {c.max_position_embeddings}")
         generator = torch.Generator().manual_seed(seed)
@@ -223,4 +228,25 @@ def run_bench(*, store: str | Path, options: EngineOptions, tokens: int = 32, pr
             results=results,
             cuda_graphs=engine.options.cuda_graphs and engine.device.type == "cuda",
             host_peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+            routing=replayed[1] if replayed is not None else BenchReport.routing,
         )
+
+
+def replay_routing(engine: Engine, routing: str | Path, *, decode_steps: int) -> tuple[int, str]:
+    """bench --routing: every mode's prompt and decode steps route as the trace did (its
+    experts, and its guesses where the mode prefetches; runtime/routing_trace.py). The prompt
+    takes the trace's prompt length; past the trace's decode steps, they wrap around. Returns
+    (prompt tokens, what the report says about routing)."""
+    from ..runtime.routing_trace import RoutingTrace
+
+    trace = RoutingTrace.read(routing)
+    engine.replay_routing(trace, source=str(routing))
+    notes = [f"{trace.prompt_tokens}-token prompt and {trace.decode_steps} decode steps"]
+    if decode_steps > trace.decode_steps:
+        notes.append(f"the {decode_steps} decode steps of each mode wrap around the trace's {trace.decode_steps}")
+    layers = len(engine.config.moe_layers)
+    if layers != trace.moe_layers:
+        notes.append(f"the store's {layers} layers with experts cycle the trace's {trace.moe_layers}")
+    notes.append(f"guesses as recorded, depth {trace.lookahead_depth}, width {trace.lookahead_width}")
+    made = trace.made_by.get("model")
+    return trace.prompt_tokens, f"replayed from {routing}" + (f" ({made})" if made else "") + ": " + "; ".join(notes)

@@ -27,6 +27,10 @@ def register(commands) -> None:
     parser.add_argument("--modes", default=MODES, help=f"comma-separated subset of {MODES}")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt and token stream (default 0)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    parser.add_argument("--routing", metavar="FILE",
+                        help="replay a routing trace (from `generate --record-routing`) instead of the store's routers: "
+                        "its experts per layer and its lookahead guesses; the prompt takes the trace's length "
+                        "(--prompt-tokens is not used), decode steps wrap around past its end")
     parser.set_defaults(run=run)
 
 
@@ -38,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         store=args.store, options=engine_options_from_args(args, source=args.source, progress=sys.stderr.isatty()),
         tokens=args.tokens, prompt_tokens=args.prompt_tokens, warmup_tokens=args.warmup_tokens,
         profile_tokens=args.profile_tokens, modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
-        seed=args.seed,
+        seed=args.seed, routing=args.routing,
     )
     print(json.dumps(report.to_dict(), indent=1) if args.json else render(report))
     return 0
