@@ -8,7 +8,7 @@ import json
 import pytest
 
 from common.errors import ConfigError, StoreError
-from conftest import coordinator_cli
+from conftest import coordinator_cli, requires_cuda
 from coordinator.bench.decode import run_bench
 from coordinator.runtime.engine import Engine
 from coordinator.runtime.engine_options import EngineOptions
@@ -127,6 +127,20 @@ def test_bench_replay_hits_and_misses_match_the_recorded_generate(store16, recor
     assert report.prompt_tokens == trace.prompt_tokens
     assert report.routing.startswith(f"replayed from {trace_file}")
     assert "wrap around" in report.routing  # the profile pass runs one step past the trace
+
+
+@requires_cuda
+@pytest.mark.parametrize("mode", ["lru", "lru+prefetch"])
+def test_bench_replay_through_cuda_graphs_matches_the_recorded_generate(store16, recorded, trace_file, mode):
+    """The decoder's graphs find each expert's top-k position by plan.chosen.index: a replayed
+    plan must keep that consistent, and the counts those of the CPU recording."""
+    trace = recorded[0]
+    expected = recorded[2] if mode == "lru+prefetch" else _record(store16, prefetch=False)[2]
+    report = run_bench(store=store16, options=EngineOptions(device="cuda", cache_experts=K), tokens=trace.decode_steps,
+                       warmup_tokens=0, profile_tokens=1, modes=(mode,), routing=trace_file)
+    assert report.cuda_graphs
+    assert report.results[0].hit_rate == pytest.approx(expected.total("hits") / expected.uses)
+    assert report.results[0].experts_copied_per_token == pytest.approx(expected.experts_copied / trace.decode_steps)
 
 
 @pytest.fixture(scope="module")

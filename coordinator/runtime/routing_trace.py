@@ -276,13 +276,15 @@ class LayerLocality:
     layer: int
     reuse: float  # mean share of a token's experts that the previous token also chose
     random_reuse: float  # what independent uniform routing gives: top_k / experts
+    independent_reuse: float  # what independent routing with this layer's expert shares gives
     lookahead_recall: list[float]  # per depth d: share of this layer's experts guessed d layers before
     expert_share: list[float]  # share of the layer's expert uses per expert (balance)
 
 
 def locality(trace: RoutingTrace) -> list[LayerLocality]:
     """Per layer: temporal reuse over the token sequence (prompt tokens, then decode tokens) and
-    the recall of the lookahead's guesses made for it during the decode steps."""
+    the recall of the lookahead's guesses made for it during the decode steps (uniform guesses
+    would recall width / experts)."""
     k, experts = trace.top_k, trace.experts
     result = []
     for layer in range(trace.moe_layers):
@@ -304,13 +306,17 @@ def locality(trace: RoutingTrace) -> list[LayerLocality]:
             for expert in chosen:
                 counts[expert] += 1
         share = [count / max(1, sum(counts)) for count in counts]
-        result.append(LayerLocality(layer, reuse, k / experts, recall, share))
+        chance = [k * value for value in share]  # the chance that a token chooses each expert
+        result.append(LayerLocality(layer, reuse, k / experts, sum(c * c for c in chance) / k, recall, share))
     return result
 
 
 def render_locality(trace: RoutingTrace) -> str:
-    lines = [f"{'layer':>5} {'reuse':>6} {'random':>6}  lookahead recall by depth   busiest expert share"]
+    """A table: reuse of the previous token's experts, against independent routing (uniform,
+    and with the layer's own expert shares), the lookahead's recall, the busiest expert's share."""
+    lines = [f"{'layer':>5} {'reuse':>6} {'unif.':>6} {'indep.':>6}  {'lookahead recall':<18} busiest expert"]
     for row in locality(trace):
         recall = " ".join(f"d{d + 1} {value:.2f}" for d, value in enumerate(row.lookahead_recall)) or "-"
-        lines.append(f"{row.layer:>5} {row.reuse:>6.2f} {row.random_reuse:>6.2f}  {recall:<26} {max(row.expert_share):.2f}")
+        lines.append(f"{row.layer:>5} {row.reuse:>6.2f} {row.random_reuse:>6.2f} {row.independent_reuse:>6.2f}  "
+                     f"{recall:<18} {max(row.expert_share):.2f}")
     return "\n".join(lines)
