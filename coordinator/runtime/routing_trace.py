@@ -50,7 +50,6 @@ from .routing_plan import RoutingPlan
 
 FORMAT = "moe-edge-routing-trace"
 VERSION = 1
-KINDS = ("prompt", "decode")
 
 
 class RoutingHook(Protocol):
@@ -128,8 +127,11 @@ class RoutingTrace:
                 raise _Malformed(f"header field {name} is {value!r}, expected a whole number")
         if not 1 <= sizes["top_k"] <= sizes["experts"] or sizes["moe_layers"] < 1 or sizes["prompt_tokens"] < 1:
             raise _Malformed(f"header sizes make no trace: {sizes}")
+        made_by = header.get("made_by", {})
+        if not isinstance(made_by, dict):
+            raise _Malformed(f"header field made_by is {made_by!r}, expected an object")
         trace = cls(sizes["experts"], sizes["top_k"], sizes["moe_layers"], sizes["lookahead_depth"],
-                    sizes["lookahead_width"], [], header.get("made_by") or {})
+                    sizes["lookahead_width"], [], made_by)
         body = [line for line in lines[1:] if line.strip()]
         if len(body) != 1 + sizes["decode_steps"]:
             raise _Malformed(f"{len(body)} step lines, the header promises {1 + sizes['decode_steps']} (truncated?)")
