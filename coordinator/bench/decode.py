@@ -245,8 +245,12 @@ def replay_routing(engine: Engine, routing: str | Path, *, decode_steps: int) ->
     if decode_steps > trace.decode_steps:
         notes.append(f"the {decode_steps} decode steps of each mode wrap around the trace's {trace.decode_steps}")
     layers = len(engine.config.moe_layers)
-    if layers != trace.moe_layers:
+    if layers > trace.moe_layers:
         notes.append(f"the store's {layers} layers with experts cycle the trace's {trace.moe_layers}")
-    notes.append(f"guesses as recorded, depth {trace.lookahead_depth}, width {trace.lookahead_width}")
+    elif layers < trace.moe_layers:
+        notes.append(f"the store's {layers} layers with experts take the first {layers} of the trace's {trace.moe_layers}")
+    depth = min(engine.options.prefetch_depth, trace.lookahead_depth)
+    notes.append(f"prefetch replays the recorded guesses to depth {depth} (of {trace.lookahead_depth} recorded), "
+                 f"width {trace.lookahead_width}")
     made = trace.made_by.get("model")
     return trace.prompt_tokens, f"replayed from {routing}" + (f" ({made})" if made else "") + ": " + "; ".join(notes)
