@@ -14,7 +14,8 @@ ready to run (repacked) before anything is timed, once for all modes (`Engine.pr
 Each mode first runs the prompt once untimed and starts again from a cold cache, so no mode's
 timed prompt pays the one-time warm-up. Decode steps are fed a fixed, seeded random token stream
 (teacher forcing), so routing varies from token to token as in real text rather than collapsing
-onto a loop of one token; routing itself comes from random weights, which the report says. The breakdown per token comes from a
+onto a loop of one token; routing itself comes from random weights, which the report says, unless
+`--routing FILE` replays a trained model's routing trace (replay_routing). The breakdown per token comes from a
 separate pass that synchronizes at each phase boundary (runtime/phase_clock.py).
 
 A client of the engine, not a second engine: one Engine is built from EngineOptions, and each
@@ -244,10 +245,11 @@ def _bytes_per_link(delta: EngineSnapshot, tokens: int) -> dict[str, dict[str, f
 def run_bench(*, store: str | Path, options: EngineOptions, tokens: int = 32, prompt_tokens: int = 16,
               warmup_tokens: int = 4, profile_tokens: int = 8, modes: tuple[str, ...] = CACHE_MODES,
               placements: tuple[str, ...] | None = None, seed: int = 0,
-              open_engine: Callable[[], Engine] | None = None) -> BenchReport:
+              open_engine: Callable[[], Engine] | None = None, routing: str | Path | None = None) -> BenchReport:
     """Every (mode, placement) pair of `modes` x `placements` (default: the options' placement)
     on one Engine built from `options` (K, depth, device, dtype...), or opened by `open_engine`
-    (the CLI's way, for expert hosts)."""
+    (the CLI's way, for expert hosts). `routing`: a routing trace file to replay instead of the
+    store's routers (replay_routing)."""
     unknown = [m for m in modes if m not in CACHE_MODES]
     if unknown:
         raise ConfigError(f"--modes {','.join(unknown)}: choose from {', '.join(CACHE_MODES)}")
@@ -264,6 +266,9 @@ def run_bench(*, store: str | Path, options: EngineOptions, tokens: int = 32, pr
     with (open_engine() if open_engine is not None else Engine.from_options(store, options)) as engine:
         c = engine.config
         total = warmup_tokens + tokens + profile_tokens
+        replayed = replay_routing(engine, routing, decode_steps=total) if routing is not None else None
+        if replayed is not None:
+            prompt_tokens = replayed[0]
         if prompt_tokens + total > c.max_position_embeddings:
             raise ConfigError(f"prompt + tokens exceed the model's context of {c.max_position_embeddings}")
         generator = torch.Generator().manual_seed(seed)
@@ -296,4 +301,29 @@ def run_bench(*, store: str | Path, options: EngineOptions, tokens: int = 32, pr
                 sorted(engine.source.bytes_by_origin())),
             runs_elsewhere_on=engine.runs_elsewhere_on,
             prepare_runs_s=prepare_s,
+            routing=replayed[1] if replayed is not None else BenchReport.routing,
         )
+
+
+def replay_routing(engine: Engine, routing: str | Path, *, decode_steps: int) -> tuple[int, str]:
+    """bench --routing: every mode's prompt and decode steps route as the trace did (its
+    experts, and its guesses where the mode prefetches; runtime/routing_trace.py). The prompt
+    takes the trace's prompt length; past the trace's decode steps, they wrap around. Returns
+    (prompt tokens, what the report says about routing)."""
+    from ..runtime.routing_trace import RoutingTrace
+
+    trace = RoutingTrace.read(routing)
+    engine.replay_routing(trace, source=str(routing))
+    notes = [f"{trace.prompt_tokens}-token prompt and {trace.decode_steps} decode steps"]
+    if decode_steps > trace.decode_steps:
+        notes.append(f"the {decode_steps} decode steps of each mode wrap around the trace's {trace.decode_steps}")
+    layers = len(engine.config.moe_layers)
+    if layers > trace.moe_layers:
+        notes.append(f"the store's {layers} layers with experts cycle the trace's {trace.moe_layers}")
+    elif layers < trace.moe_layers:
+        notes.append(f"the store's {layers} layers with experts take the first {layers} of the trace's {trace.moe_layers}")
+    depth = min(engine.options.prefetch_depth, trace.lookahead_depth)
+    notes.append(f"prefetch replays the recorded guesses to depth {depth} (of {trace.lookahead_depth} recorded), "
+                 f"width {trace.lookahead_width}")
+    made = trace.made_by.get("model")
+    return trace.prompt_tokens, f"replayed from {routing}" + (f" ({made})" if made else "") + ": " + "; ".join(notes)

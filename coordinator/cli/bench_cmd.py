@@ -29,6 +29,10 @@ def register(commands) -> None:
                         "lru and lru+prefetch run once per placement, naive and resident only with copy")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt and token stream (default 0)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    parser.add_argument("--routing", metavar="FILE",
+                        help="replay a routing trace (from `generate --record-routing`) instead of the store's routers: "
+                        "its experts per layer and its lookahead guesses; the prompt takes the trace's length "
+                        "(--prompt-tokens is not used), decode steps wrap around past its end")
     parser.set_defaults(run=run)
 
 
@@ -42,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         store=args.store, options=engine_options_from_args(args, source=args.source or "ram", progress=progress),
         tokens=args.tokens, prompt_tokens=args.prompt_tokens, warmup_tokens=args.warmup_tokens,
         profile_tokens=args.profile_tokens, modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
-        placements=placements, seed=args.seed,
+        placements=placements, seed=args.seed, routing=args.routing,
         open_engine=lambda: open_engine(args, progress=progress),  # the experts' source: RAM, disk or expert hosts
     )
     print(json.dumps(report.to_dict(), indent=1) if args.json else render(report))

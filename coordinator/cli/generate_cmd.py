@@ -25,6 +25,9 @@ def register(commands) -> None:
     parser.add_argument("--seed", type=int, default=None, metavar="S",
                         help="seed for sampling: any integer, reduced modulo 2**64 (only with --temperature)")
     parser.add_argument("--json", action="store_true", help="end with one JSON line: token_ids, text, stats")
+    parser.add_argument("--record-routing", metavar="FILE",
+                        help="write the routing of this generation to FILE (JSON lines: each token's experts per "
+                        "layer and the lookahead's guesses; `bench --routing FILE` replays it)")
     parser.set_defaults(run=run)
 
 
@@ -48,6 +51,7 @@ def sampling_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     sampling = sampling_from_args(args)
     with open_engine(args, progress=sys.stderr.isatty()) as engine:
+        recorder = engine.record_routing(made_by=_made_by(args, engine)) if args.record_routing else None
         generation = engine.generate(
             args.prompt,
             max_new_tokens=args.max_new_tokens,
@@ -60,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
+        if recorder is not None:
+            recorder.trace().write(args.record_routing)
         stats = generation.stats
         if args.json:
             print(json.dumps({"token_ids": generation.token_ids, "text": generation.text,
@@ -71,3 +77,12 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
     return 0
+
+
+def _made_by(args: argparse.Namespace, engine) -> dict:
+    """How a recorded routing trace was made, for its header."""
+    options = engine.options
+    return {"model": engine.store.manifest.model_id, "store": str(args.store), "command": "generate",
+            "prompt": args.prompt, "max_new_tokens": args.max_new_tokens,
+            "sampling": "greedy" if args.temperature is None else f"temperature {args.temperature}",
+            "prefetch": options.prefetch, "device": options.device}

@@ -11,7 +11,8 @@ the MoE block's dispatcher (loads, prefetches), and replay the graphs of the slo
 chosen experts.
 
 When every expert of every layer is resident (K slots = E experts, bench's `resident` mode) and
-nothing runs elsewhere, there is nothing to decide per token: the layer graph maps the chosen
+nothing runs elsewhere (and no routing trace is recorded or replayed), there is nothing to decide
+per token: the layer graph maps the chosen
 experts to their slots on the device (an expert -> slot table) and the experts run from there,
 through kernels that read each blob in place by its slot index (kernels/slot_experts.py; a
 staging copy where those kernels do not apply, the slot views themselves off CUDA). Then the
@@ -144,7 +145,8 @@ class Decoder:
     def _all_resident(self) -> dict[int, list[int]] | None:
         """The expert -> slot table of every layer, when the decode step needs no routing read-back:
         every expert resident, none run elsewhere, no slot emptied after use."""
-        if not self.resident_path or self.moe.elsewhere is not None or self.cache.forget_after_use:
+        if (not self.resident_path or self.moe.elsewhere is not None or self.cache.forget_after_use
+                or getattr(self.moe, "routing_hook", None) is not None):  # a trace records or replays read-backs
             return None
         return self.cache.slot_map(self.config.num_experts)
 
@@ -157,7 +159,7 @@ class Decoder:
         self.resident = slot_map is not None
         # A slot per expert but not all loaded yet: checked each step until they are (cheap).
         self.may_become_resident = (not self.resident and self.resident_path and self.moe.elsewhere is None
-                                    and not self.cache.forget_after_use
+                                    and not self.cache.forget_after_use and getattr(self.moe, "routing_hook", None) is None
                                     and self.cache.slots_per_layer >= c.num_experts)
         self.expert_slots = {layer: torch.tensor(slots, dtype=torch.long, device=device) for layer, slots in (slot_map or {}).items()}
         self.slot_experts = None

@@ -40,6 +40,7 @@ from .model import KVCache, Transformer
 from .placement import HostRunner, LocalCpuRunner, PlacementDispatcher, measure_copy_seconds
 from .moe import MoEBlock
 from .prefetcher import RouterLookahead
+from .routing_trace import RoutingHook, RoutingRecorder, RoutingReplay, RoutingTrace
 from .sampler import Sampler, SamplingParams
 from .weights import DenseWeights
 
@@ -74,6 +75,7 @@ class Engine:
         self._runner = None  # placement run/auto: runs experts where they live
         self._kv: KVCache | None = None
         self._decoder: Decoder | None = None
+        self.routing_hook: RoutingHook | None = None  # a routing trace being recorded or replayed
         self._lock = threading.Lock()
         try:
             self.source = self._make_source(source)
@@ -129,6 +131,7 @@ class Engine:
             predictor = RouterLookahead(c, self.dense.layers, depth=self.options.prefetch_depth,
                                         experts_per_layer=self.options.prefetch_width, prompt_experts_per_layer=slots)
         self.moe = MoEBlock(c, self.dense.layers, self.cache, predictor, self.quantized_linear, self.counters)
+        self.moe.routing_hook = self.routing_hook
         if self.options.placement != "copy" and not forget_after_use:
             self._place_misses()
         self.model = Transformer(c, self.dense, self.moe, self.device, self.dtype)
@@ -204,6 +207,35 @@ class Engine:
             self._build(slots=slots, prefetch=mode == "lru+prefetch", forget_after_use=mode == "naive")
             if mode == "resident":
                 self.cache.load_all()
+
+    def record_routing(self, made_by: dict | None = None) -> RoutingRecorder:
+        """Record the routing of the next generation (its prompt, then each decode step):
+        `recorder.trace().write(path)` afterwards. Changes no token; replaces any replay."""
+        c, options = self.config, self.options
+        recorder = RoutingRecorder(moe_layers=c.moe_layers, experts=c.num_experts, top_k=c.top_k,
+                                   lookahead_depth=options.prefetch_depth if options.prefetch else 0,
+                                   lookahead_width=options.prefetch_width if options.prefetch else 0,
+                                   made_by=made_by)
+        self._set_routing_hook(recorder)
+        return recorder
+
+    def replay_routing(self, trace: RoutingTrace, *, source: str = "the trace") -> RoutingReplay:
+        """Route every following generation as `trace` did, from its start (routing_trace.py
+        says how); ConfigError if its experts per layer or top-k differ from this store's."""
+        c = self.config
+        replay = RoutingReplay(trace, moe_layers=c.moe_layers, experts=c.num_experts, top_k=c.top_k, source=source)
+        self._set_routing_hook(replay)
+        return replay
+
+    def stop_routing_trace(self) -> None:
+        """Route by the routers again, recording nothing."""
+        self._set_routing_hook(None)
+
+    def _set_routing_hook(self, hook: RoutingHook | None) -> None:
+        with self._lock:
+            self.routing_hook = hook
+            if self.moe is not None:
+                self.moe.routing_hook = hook
 
     def snapshot(self) -> EngineSnapshot:
         """The lifetime counters, bytes per source and host health, now (any thread)."""
@@ -289,9 +321,12 @@ class Engine:
     def _prefill(self, prompt_ids: list[int], kv: KVCache) -> torch.Tensor:
         """The prompt path: logits [1, V] of the last prompt token. A long prompt goes through in
         chunks of `prompt_chunk` tokens (each attends to the KV cache of the ones before), so its
-        activations' memory is bounded whatever its length."""
+        activations' memory is bounded whatever its length (not while a routing trace is recorded or
+        replayed: a trace's prompt step is the whole prompt)."""
+        if self.routing_hook is not None:  # a trace's prompt step is the whole prompt: not chunked
+            self.routing_hook.begin_step("prompt", prompt_ids)
         tokens = torch.tensor(prompt_ids, device=self.device)
-        chunk = self.options.prompt_chunk
+        chunk = self.options.prompt_chunk if self.routing_hook is None else len(prompt_ids)
         for start in range(0, len(prompt_ids), chunk):
             logits = self.model.forward(tokens[start:start + chunk], start, kv)
         return logits
@@ -304,6 +339,8 @@ class Engine:
             # (a switch for comparing the two, and for ruling the one-graph token out when debugging).
             self._decoder = Decoder(self.model, kv, cuda_graphs=self.options.cuda_graphs,
                                     resident_path=os.environ.get("MOE_EDGE_RESIDENT_GRAPH", "1") != "0")
+        if self.routing_hook is not None:
+            self.routing_hook.begin_step("decode", [token])
         return self._decoder.step(token, position)
 
     def _token_loop(self, gen: Generation, prompt_ids: list[int], max_new_tokens: int,

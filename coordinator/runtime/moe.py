@@ -80,6 +80,7 @@ class MoEBlock:
         self.elsewhere = None  # an executor for experts run where they live (placement.py), when placement asks for one
         self.quantized_linear = quantized_linear  # fused CUDA kernels, or plain dequantize+matmul
         self.counters = counters  # ExpertCounters: the wait on runs elsewhere is counted there
+        self.routing_hook = None  # a routing trace recorded or replayed here (routing_trace.py), when the engine has one
 
     def route(self, layer: int, hidden: torch.Tensor):
         """Device work only (a CUDA graph can hold it): hidden [T, H] after attention ->
@@ -94,9 +95,15 @@ class MoEBlock:
     def read_plan(self, layer: int, plan: torch.Tensor, tokens: int) -> RoutingPlan:
         """The one device->host sync of a layer: its routing and every guess together."""
         predictor = self.predictor
-        return RoutingPlan.read_back(layer, plan, tokens=tokens, top_k=self.config.top_k,
-                                     layers_ahead=predictor.layers_ahead(layer) if predictor else [],
-                                     width=predictor.width_for(tokens) if predictor else 0)
+        layers_ahead = predictor.layers_ahead(layer) if predictor else []
+        read = RoutingPlan.read_back(layer, plan, tokens=tokens, top_k=self.config.top_k,
+                                     layers_ahead=layers_ahead, width=predictor.width_for(tokens) if predictor else 0)
+        if self.routing_hook is None:
+            return read
+        # Recording keeps the plan; a replay swaps in the trace's experts and guesses, and so what
+        # the cache loads and which expert graphs run. The routing weights stay the router's on
+        # the device: top-k position p's weight scales whatever expert the plan puts at p.
+        return self.routing_hook.on_plan(read, layers_ahead)
 
     def forward(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """The prompt path: hidden [T, H], the residual stream after attention -> the MoE output

@@ -33,8 +33,9 @@ Hello world! How are you today? The weather is fine, the tea is warm and the cod
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2: Mixtral's unk, bos and eos ids
 
 
-def build_tokenizer(vocab_size: int = 512):
-    """A byte-level BPE tokenizer wrapped for transformers (adds <s> in front, as Mixtral's does)."""
+def build_tokenizer(vocab_size: int = 512, texts: list[str] | None = None):
+    """A byte-level BPE tokenizer wrapped for transformers (adds <s> in front, as Mixtral's does),
+    trained on `texts` (default: the few paragraphs above)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -47,7 +48,7 @@ def build_tokenizer(vocab_size: int = 512):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator([CORPUS] * 4, trainer=trainer)
+    tokenizer.train_from_iterator([CORPUS] * 4 if texts is None else texts, trainer=trainer)
     tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
