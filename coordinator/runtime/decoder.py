@@ -33,7 +33,7 @@ from common.expert_ffn import expert_forward
 
 from .kernels import slot_experts_for
 
-from .model import KVCache, Transformer
+from .model import KVCache, StepTables, Transformer
 from .phase_clock import PhaseClock
 from .rms_norm import rms_norm
 from .weights import shared_expert
@@ -75,6 +75,7 @@ class Decoder:
         self.weights = torch.zeros(1, c.top_k, dtype=torch.float32, device=device)
         self.logits = torch.zeros(1, c.vocab_size, dtype=torch.float32, device=device)
         self.plans: list[torch.Tensor] = []
+        self.step_tables = StepTables(model, kv.capacity)
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
         with torch.inference_mode():
             self._capture_all()
@@ -83,13 +84,14 @@ class Decoder:
 
     def _embed(self) -> None:
         self.x.copy_(F.embedding(self.token, self.model.weights.embed))
+        self.step_tables.fill(self.position)  # the rotary rows and masks every layer of this token reads
 
     def _layer(self, layer: int) -> None:
         if layer > 0:
             torch.add(self.h, self.out, out=self.x)
         weights = self.model.weights.layers[layer]
         normed = rms_norm(self.x, weights.input_norm, self.config.rms_norm_eps)
-        self.h.copy_(self.x + self.model.attention(normed, layer, self.position, self.kv))
+        self.h.copy_(self.x + self.model.attention(normed, layer, self.position, self.kv, self.step_tables))
         if weights.router is None:  # a dense layer: its FFN is all of it, no plan, no experts
             self.out.copy_(self.model.ffn(layer, self.h))
             return

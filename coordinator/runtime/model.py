@@ -45,10 +45,13 @@ class RotaryEmbedding:
         self.dim = dim
         self.partial = dim < config.head_dim
 
-    def apply(self, x: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, start: int | torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x [heads, T, D] at positions start..start+T-1 (or one token at a position held in a
-        device tensor [1], for CUDA graphs)."""
-        if isinstance(start, torch.Tensor):
+        device tensor [1], for CUDA graphs). `rows`: that token's (cos, sin) [1, R], when the
+        decode step looked them up once for every layer."""
+        if rows is not None:
+            cos, sin = rows
+        elif isinstance(start, torch.Tensor):
             cos, sin = self.cos.index_select(0, start), self.sin.index_select(0, start)  # [1, R]
         else:
             length = x.shape[-2]
@@ -93,6 +96,34 @@ class KVCache:
         return self.keys[layer, :, :end], self.values[layer, :, :end]
 
 
+class StepTables:
+    """What every layer of one decode step shares, looked up once per token instead of once per
+    layer: the position's rotary (cos, sin) rows and the additive mask over the KV capacity for
+    each sliding window the model has (None: none). Static buffers, filled by `fill` (inside the
+    decoder's embed graph): on a fast GPU a decode step is bound by its kernel count."""
+
+    def __init__(self, model: "Transformer", capacity: int) -> None:
+        c = model.config
+        self.model, self.capacity = model, capacity
+        windows = {c.window_of(layer) for layer in range(c.num_layers)}
+        self.masks: dict[int | None, torch.Tensor | None] = {window: None for window in windows}
+        self.rotary_rows = None
+        if model.rotary is not None:
+            width = model.rotary.cos.shape[1]
+            self.rotary_rows = (torch.zeros(1, width, device=model.device, dtype=model.dtype),
+                                torch.zeros(1, width, device=model.device, dtype=model.dtype))
+        for window in windows:
+            self.masks[window] = torch.zeros(1, capacity, device=model.device, dtype=model.dtype)
+
+    def fill(self, position: torch.Tensor) -> None:
+        """position: the token's position, a device tensor [1]."""
+        if self.rotary_rows is not None:
+            torch.index_select(self.model.rotary.cos, 0, position, out=self.rotary_rows[0])
+            torch.index_select(self.model.rotary.sin, 0, position, out=self.rotary_rows[1])
+        for window, mask in self.masks.items():
+            mask.copy_(self.model._mask(position, 1, self.capacity, window))
+
+
 class Transformer:
     def __init__(self, config: ModelConfig, weights: DenseWeights, moe: MoEBlock, device: torch.device, dtype: torch.dtype) -> None:
         self.config = config
@@ -105,14 +136,23 @@ class Transformer:
         self.latent = LatentAttention(config, device, dtype) if latent else None
         self.scale = config.head_dim**-0.5
 
-    def attention(self, x: torch.Tensor, layer: int, start: int | torch.Tensor, kv: KVCache) -> torch.Tensor:
-        """x [T, H] (normed) -> [T, H]. `start` may be a device tensor [1] (one token, CUDA graphs)."""
+    def attention(self, x: torch.Tensor, layer: int, start: int | torch.Tensor, kv: KVCache,
+                  step: "StepTables | None" = None) -> torch.Tensor:
+        """x [T, H] (normed) -> [T, H]. `start` may be a device tensor [1] (one token, CUDA graphs);
+        then `step` may hold what every layer of that token shares (its rotary rows and masks)."""
         c, w = self.config, self.weights.layers[layer]
         length = x.shape[0]
+        window = c.window_of(layer)
+        mask = step.masks[window] if step is not None else None
         if self.latent is not None:  # DeepSeek-V3's multi-head latent attention: latent_attention.py
             total = kv.capacity if isinstance(start, torch.Tensor) else start + length
-            return self.latent.forward(x, w.latent, w.o_proj, layer, start, kv, self._mask(start, length, total, c.window_of(layer)))
-        q, k, v = F.linear(x, w.q_proj, w.q_bias), F.linear(x, w.k_proj, w.k_bias), F.linear(x, w.v_proj, w.v_bias)
+            if step is None:
+                mask = self._mask(start, length, total, window)
+            return self.latent.forward(x, w.latent, w.o_proj, layer, start, kv, mask)
+        if w.qkv_proj is not None:  # one matmul for the three projections (views of one weight)
+            q, k, v = F.linear(x, w.qkv_proj, w.qkv_bias).split(w.qkv_widths, dim=-1)
+        else:
+            q, k, v = F.linear(x, w.q_proj, w.q_bias), F.linear(x, w.k_proj, w.k_bias), F.linear(x, w.v_proj, w.v_bias)
         if c.qk_norm == "projection":  # OLMoE: one RMSNorm over all heads of the projection
             q, k = rms_norm(q, w.q_norm, c.rms_norm_eps), rms_norm(k, w.k_norm, c.rms_norm_eps)
         q = q.view(length, c.num_heads, c.head_dim)  # [T, Q, D]
@@ -121,11 +161,13 @@ class Transformer:
             q, k = rms_norm(q, w.q_norm, c.rms_norm_eps), rms_norm(k, w.k_norm, c.rms_norm_eps)
         q, k = q.transpose(0, 1), k.transpose(0, 1)  # [Q, T, D], [K, T, D]
         v = v.view(length, c.num_kv_heads, c.head_dim).transpose(0, 1)  # [K, T, D]
-        q, k = self.rotary.apply(q, start), self.rotary.apply(k, start)
+        rows = step.rotary_rows if step is not None else None
+        q, k = self.rotary.apply(q, start, rows), self.rotary.apply(k, start, rows)
         keys, values = kv.update(layer, start, k, v)  # [K, S, D]
         group = c.num_heads // c.num_kv_heads
         q = q.reshape(c.num_kv_heads, group * length, c.head_dim)  # query heads of one KV head side by side
-        mask = self._mask(start, length, keys.shape[1], c.window_of(layer))
+        if step is None:
+            mask = self._mask(start, length, keys.shape[1], window)
         if length > 1 and w.sinks is None:  # a prompt: one fused kernel, no [T, S] scores kept per head
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=None if mask is None else mask.repeat(group, 1),
                                                  scale=self.scale)  # [K, group*T, D]

@@ -1,11 +1,11 @@
 """RMSNorm exactly as Mixtral computes it."""
 
 import torch
+import torch.nn.functional as F
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Normalise in float32, cast back to x's dtype, then scale (the order matters in fp16)."""
+    """Normalise in float32, cast back to x's dtype, then scale (the order matters in fp16).
+    torch's own rms_norm does the float32 part in one kernel on CUDA, where five ran before."""
     dtype = x.dtype
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(dtype)
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(dtype)

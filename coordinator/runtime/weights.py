@@ -47,6 +47,21 @@ class LayerWeights:
     o_bias: torch.Tensor | None = None  # [H]
     sinks: torch.Tensor | None = None  # [Q]: each query head's attention sink logit
     router_logit_bias: torch.Tensor | None = None  # [E]: added to the router's logits (topk_softmax)
+    qkv_proj: torch.Tensor | None = None  # [(Q+2K)*D, H]: q, k and v stacked (then those three are None)
+    qkv_bias: torch.Tensor | None = None  # [(Q+2K)*D]
+    qkv_widths: tuple[int, int, int] | None = None  # (Q*D, K*D, K*D): where qkv_proj's output splits
+
+    def fuse_qkv(self) -> None:
+        """Stack q, k and v into one weight: one matmul instead of three per layer (a decode
+        step is bound by its kernel count on a fast GPU). Biases are stacked when all three have
+        one; with some but not all, the projections stay apart."""
+        biases = (self.q_bias, self.k_bias, self.v_bias)
+        if self.q_proj is None or (any(b is None for b in biases) and any(b is not None for b in biases)):
+            return
+        self.qkv_widths = (self.q_proj.shape[0], self.k_proj.shape[0], self.v_proj.shape[0])
+        self.qkv_proj = torch.cat([self.q_proj, self.k_proj, self.v_proj])
+        self.qkv_bias = None if self.q_bias is None else torch.cat(biases)
+        self.q_proj = self.k_proj = self.v_proj = self.q_bias = self.k_bias = self.v_bias = None
 
     def tensors(self) -> list[torch.Tensor]:
         own = [t for t in vars(self).values() if isinstance(t, torch.Tensor)]
@@ -112,6 +127,8 @@ class DenseWeights:
             )
             for l in range(config.num_layers)
         ]
+        for layer in layers:
+            layer.fuse_qkv()
         return cls(embed, plain(dense_names.FINAL_NORM), lm_head, layers)
 
     def nbytes(self) -> int:
