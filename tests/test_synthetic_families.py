@@ -87,7 +87,7 @@ def test_glm_store_has_biases_shared_experts_and_a_dense_first_layer(stores):
     engine = Engine.open(stores / "small-glm4", device="cpu")
     first, second = engine.dense.layers[0], engine.dense.layers[1]
     assert first.router is None and first.dense_w13 is not None and first.shared_w13 is None
-    assert second.router_bias is not None and second.shared_w13 is not None and second.q_bias is not None
+    assert second.router_bias is not None and second.shared_w13 is not None and second.qkv_bias is not None  # q/k/v biases, stacked with the weights
 
 
 def test_real_shapes_read_as_their_family_reads_them():

@@ -37,7 +37,7 @@ def render(report: BenchReport) -> str:
         f"  {report.layers} layers with experts x {report.experts} experts, {report.expert_bits}-bit experts (group {report.group_size}, "
         f"{report.expert_mb:.1f} MB each), K = {report.cache_experts} slots per layer; prompt {report.prompt_tokens} tokens, "
         f"{report.tokens} decode tokens (seeded random token stream)",
-        f"  routing comes from {report.routing}",
+        f"  routing: {report.routing}",
         f"  pinned host->device copy peak, measured now: {report.pinned_peak_gbps:.1f} GB/s",
         f"  experts from {report.source}; run/auto run a miss on "
         + ("this machine's CPU" if report.runs_elsewhere_on == "cpu" else "the expert host that holds it")
