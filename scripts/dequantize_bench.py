@@ -9,16 +9,12 @@ import torch
 import triton
 
 from coordinator.runtime.kernels import quantized_linear as ql
-from scripts.kernel_bench import random_matrix
+from scripts.kernel_bench import device_copy_gbps, random_matrix
 
 
 def main() -> None:
     device = torch.device("cuda")
-    big = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-    copy_ms = triton.testing.do_bench(lambda: big[: 1 << 29].copy_(big[1 << 29:]), return_mode="median")
-    peak = 2 * (1 << 29) / copy_ms / 1e6
-    print(f"device copy (read+write): {peak:.0f} GB/s")
-    del big
+    peak = device_copy_gbps(device)
     print(f"{'bits':>4} {'shape':>12} {'block_o':>7} {'warps':>5} {'us':>8} {'GB/s':>7} {'of copy':>7}")
     for bits, (rows, cols) in itertools.product((2, 4), ((28672, 4096), (4096, 14336))):
         matrices = [random_matrix(rows, cols, bits, 64, device) for _ in range(4)]  # rotate: no L2 reuse

@@ -19,13 +19,18 @@ def random_matrix(rows, cols, bits, group, device):
     return QuantizedMatrix(planes, scale, zero, bits, group)
 
 
-def main():
-    device = torch.device("cuda")
+def device_copy_gbps(device: torch.device) -> float:
+    """GB/s of a 512 MB copy inside device memory, read + write (printed): the yardstick."""
     big = torch.empty(1 << 30, dtype=torch.uint8, device=device)
     copy_ms = triton.testing.do_bench(lambda: big[: 1 << 29].copy_(big[1 << 29 :]), return_mode="median")
     peak = 2 * (1 << 29) / copy_ms / 1e6
     print(f"device copy (read+write): {peak:.0f} GB/s")
-    del big
+    return peak
+
+
+def main():
+    device = torch.device("cuda")
+    peak = device_copy_gbps(device)
     for bits, (rows, cols) in itertools.product((2, 4), ((28672, 4096), (4096, 14336))):
         matrices = [random_matrix(rows, cols, bits, 64, device) for _ in range(8)]  # rotate: no L2 reuse
         nbytes = sum(t.numel() * t.element_size() for t in (matrices[0].planes[0], matrices[0].scale, matrices[0].zero))

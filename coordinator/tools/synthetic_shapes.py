@@ -27,6 +27,14 @@ class Shape:
         return self.config["num_hidden_layers"]
 
 
+# gpt-oss-20b's published config.json (gpt-oss-120b differs in its layers and experts only).
+GPT_OSS_20B = dict(
+    vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=24, num_attention_heads=64,
+    num_key_value_heads=8, head_dim=64, num_local_experts=32, num_experts_per_tok=4, sliding_window=128,
+    attention_bias=True, rms_norm_eps=1e-5, max_position_embeddings=131072, swiglu_limit=7.0,
+    rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0, beta_slow=1.0,
+                         truncate=False, original_max_position_embeddings=4096))
+
 SHAPES = {
     # Mixtral-8x7B: 32 layers x 8 experts, hidden 4096, expert FFN 14336, 32 heads / 8 KV heads.
     "mixtral-8x7b": Shape("mixtral", dict(
@@ -70,19 +78,9 @@ SHAPES = {
     # 8 KV heads of 64 with q/k/v/o biases and a sink per head, a 128-token window on every other layer
     # (GptOssConfig's default layer_types: sliding first), YaRN (factor 32 over 4096 positions),
     # router and expert biases, the clamped SwiGLU (limit 7).
-    "gpt-oss-20b": Shape("gpt_oss", dict(
-        vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=24, num_attention_heads=64,
-        num_key_value_heads=8, head_dim=64, num_local_experts=32, num_experts_per_tok=4, sliding_window=128,
-        attention_bias=True, rms_norm_eps=1e-5, max_position_embeddings=131072, swiglu_limit=7.0,
-        rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0, beta_slow=1.0,
-                             truncate=False, original_max_position_embeddings=4096)), expert_format="mxfp4"),
+    "gpt-oss-20b": Shape("gpt_oss", GPT_OSS_20B, expert_format="mxfp4"),
     # gpt-oss-120b: as gpt-oss-20b with 36 layers x 128 experts (GptOssConfig's defaults are its values).
-    "gpt-oss-120b": Shape("gpt_oss", dict(
-        vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=36, num_attention_heads=64,
-        num_key_value_heads=8, head_dim=64, num_local_experts=128, num_experts_per_tok=4, sliding_window=128,
-        attention_bias=True, rms_norm_eps=1e-5, max_position_embeddings=131072, swiglu_limit=7.0,
-        rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0, beta_slow=1.0,
-                             truncate=False, original_max_position_embeddings=4096)), expert_format="mxfp4"),
+    "gpt-oss-120b": Shape("gpt_oss", {**GPT_OSS_20B, "num_hidden_layers": 36, "num_local_experts": 128}, expert_format="mxfp4"),
     "small-gpt-oss": Shape("gpt_oss", dict(
         vocab_size=1024, hidden_size=256, intermediate_size=256, num_hidden_layers=4, num_attention_heads=8,
         num_key_value_heads=2, head_dim=32, num_local_experts=8, num_experts_per_tok=2, sliding_window=16,
