@@ -65,3 +65,23 @@ def test_mxfp4_kernel_reads_blob_views_and_leaves_unaligned_codes_to_the_plain_p
     assert not supports(Mxfp4Matrix(aligned.codes.T, scales))  # columns not of unit stride
     x = torch.randn(2, columns)
     torch.testing.assert_close(mxfp4_linear(x, unaligned), x @ unaligned.dequantize(torch.float32).T)  # no kernel launched
+
+
+@needs_triton
+def test_the_fused_path_sends_mxfp4_matrices_to_the_mxfp4_kernels(monkeypatch):
+    from common.mxfp4 import Mxfp4Matrix
+    from common.quantization import QuantSpec, quantize_matrix
+    from coordinator.runtime import kernels
+    from coordinator.runtime.kernels import mxfp4_linear, quantized_linear
+
+    calls = []
+    monkeypatch.setattr(kernels, "available", lambda: True)  # as on a CUDA machine with Triton
+    monkeypatch.setattr(mxfp4_linear, "mxfp4_linear", lambda x, weight: calls.append("mxfp4") or x)
+    monkeypatch.setattr(quantized_linear, "quantized_linear", lambda x, weight: calls.append("hqq") or x)
+    linear = kernels.quantized_linear_for(torch.device("cuda"))
+    assert getattr(linear, "fused", False)
+    x = torch.randn(1, 64)
+    linear(x, Mxfp4Matrix(torch.zeros(8, 32, dtype=torch.uint8), torch.full((8, 2), 127, dtype=torch.uint8)))
+    linear(x, quantize_matrix(torch.randn(8, 64), QuantSpec(4, 64)))
+    assert calls == ["mxfp4", "hqq"]
+    assert kernels.quantized_linear_for(torch.device("cuda"), fused=False) is kernels.dequantize_linear
