@@ -85,3 +85,46 @@ def test_the_fused_path_sends_mxfp4_matrices_to_the_mxfp4_kernels(monkeypatch):
     linear(x, quantize_matrix(torch.randn(8, 64), QuantSpec(4, 64)))
     assert calls == ["mxfp4", "hqq"]
     assert kernels.quantized_linear_for(torch.device("cuda"), fused=False) is kernels.dequantize_linear
+
+
+def _compile_for_sm90(kernel, arguments: dict, constants: dict, num_warps: int):
+    """`kernel` compiled for an H100/H200 (sm_90) with no GPU here, specialised as a launch with
+    `arguments` (name -> (Triton type, value)) would be: pointers and multiples of 16 marked
+    divisible by 16."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, attributes = {}, {}
+    for index, name in enumerate(kernel.arg_names):
+        if name in constants:
+            signature[name] = "constexpr"
+            continue
+        kind, value = arguments[name]
+        signature[name] = kind
+        if kind.startswith("*") or value % 16 == 0:
+            attributes[(index,)] = [["tt.divisibility", 16]]
+    source = ASTSource(kernel, signature, constants, attributes)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+
+@needs_triton
+def test_mxfp4_kernels_compile_for_sm90_with_16_byte_loads_and_subnormals_kept():
+    """What the interpreter cannot see: the kernels lower to sm_90 code (Triton's own ptxas), the
+    GEMV loads its codes 16 bytes an instruction at GPT-OSS's w13 shape, and no float multiply
+    flushes subnormals (the e2m1 decode relies on them)."""
+    from coordinator.runtime.kernels import mxfp4_linear as kernels
+
+    rows, blocks = 5760, 90  # w13 [5760, 2880]: 90 scale blocks a row
+    gemv = _compile_for_sm90(kernels._gemv_kernel, dict(
+        x_ptr=("*bf16", 0), words_ptr=("*i32", 0), scales_ptr=("*u8", 0), out_ptr=("*bf16", 0), O=("i32", rows),
+        NB=("i32", blocks), x_stride=("i32", 2880), codes_block_stride=("i32", blocks), scales_stride=("i32", blocks),
+        out_stride=("i32", rows)), {"BLOCK_O": 16, "BLOCK_W": kernels.GEMV_BLOCK_W}, 4)
+    dequantize = _compile_for_sm90(kernels._dequantize_kernel, dict(
+        codes_ptr=("*u8", 0), scales_ptr=("*u8", 0), out_ptr=("*bf16", 0), O=("i32", rows), NB=("i32", blocks),
+        codes_block_stride=("i32", blocks), scales_stride=("i32", blocks), out_stride=("i32", 2880)),
+        {"BLOCK_O": kernels.DEQUANTIZE_BLOCK_O, "BLOCK_J": kernels.DEQUANTIZE_BLOCK_J}, kernels.DEQUANTIZE_WARPS)
+    for compiled in (gemv, dequantize):
+        assert compiled.asm["cubin"]
+        assert ".ftz" not in compiled.asm["ptx"]
+    assert "ld.global.v4.b32" in gemv.asm["ptx"]
