@@ -129,8 +129,9 @@ def _gemv_kernel(
             low, high = _e2m1_pair_over_2_126(packed, k)
             x_low = tl.load(x_row + 8 * words + k, mask=word_ok, other=0).to(tl.float32) * X_SCALE  # [BW]
             x_high = tl.load(x_row + 8 * words + k + 4, mask=word_ok, other=0).to(tl.float32) * X_SCALE
-            word_sums += low * x_low[None, :]  # two separate adds: one FMA each
-            word_sums += high * x_high[None, :]
+            # Explicit FMAs: Triton 3.10 stops contracting a * b + c by default.
+            word_sums = tl.fma(low, x_low[None, :], word_sums)
+            word_sums = tl.fma(high, x_high[None, :], word_sums)
         block_sums = tl.sum(tl.reshape(word_sums, [BLOCK_O, BLOCKS, 4]), axis=2) * SUM_SCALE  # [BO, BW/4]
         blocks = w0 // 4 + tl.arange(0, BLOCKS)
         scale = tl.load(scales_ptr + rows[:, None] * scales_stride + blocks[None, :],
