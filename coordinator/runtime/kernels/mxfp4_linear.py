@@ -54,7 +54,7 @@ WORDS_PER_BLOCK = BYTES_PER_BLOCK // 4
 # instructions a weight; 8 to 13 at 8 or 4 words a thread) and from the programs it makes at
 # GPT-OSS's shapes (360 for w13 and w2 on 132 SMs). Never timed: scripts/mxfp4_bench.py sweeps it.
 GEMV_BLOCK_W, GEMV_WORDS_PER_THREAD = 128, 16
-DEQUANTIZE_BLOCK_O, DEQUANTIZE_BLOCK_J, DEQUANTIZE_WARPS = 8, 128, 8  # likewise
+DEQUANTIZE_BLOCK_O, DEQUANTIZE_BLOCK_J, DEQUANTIZE_WARPS = 8, 128, 8  # the HQQ dequantize kernel's tile; never timed for MXFP4
 
 
 SIGN_BIT = tl.constexpr(-(1 << 31))  # bit 31 of an int32
