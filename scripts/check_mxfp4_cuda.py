@@ -1,6 +1,8 @@
 """On a CUDA machine: a GPT-OSS store whose experts are kept in MXFP4 (made from the tiny random
 model as tests/test_mxfp4.py makes it) gives the CPU's greedy tokens on the GPU (float32, through
-CUDA graphs, with the MXFP4 experts dequantized before the matmul). One line; exit 1 if not.
+CUDA graphs), both with the fused MXFP4 kernels (kernels/mxfp4_linear.py, the default) and with
+the experts dequantized before a plain matmul (fused_kernels=False). One line each; exit 1 if
+either differs.
 
     python scripts/check_mxfp4_cuda.py [WORKDIR]"""
 
@@ -33,9 +35,13 @@ def main() -> int:
     store = work / "store"
     pack_checkpoint(model_dir=mxfp4, out=store, progress=False)
     cpu = tokens(store, device="cpu", dtype="float32", cache_experts=2)
-    gpu = tokens(store, device="cuda", dtype="float32", cache_experts=2)
-    print(f"gpt_oss MXFP4 store: float32 cpu == cuda (graphs): {cpu == gpu}", flush=True)
-    return 0 if cpu == gpu else 1
+    same = True
+    for fused in (True, False):
+        gpu = tokens(store, device="cuda", dtype="float32", cache_experts=2, fused_kernels=fused)
+        how = "fused MXFP4 kernels" if fused else "dequantize + matmul"
+        print(f"gpt_oss MXFP4 store: float32 cpu == cuda (graphs, {how}): {cpu == gpu}", flush=True)
+        same &= cpu == gpu
+    return 0 if same else 1
 
 
 if __name__ == "__main__":

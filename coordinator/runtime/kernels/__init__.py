@@ -1,4 +1,4 @@
-"""Fast expert compute on CUDA: Triton kernels that read HQQ codes straight from a cache slot.
+"""Fast expert compute on CUDA: Triton kernels that read HQQ or MXFP4 codes straight from a cache slot.
 
 `quantized_linear_for(device)` gives the engine the fused path where CUDA and Triton are
 present; elsewhere (the CPU, CI) the plain dequantize+matmul of common.expert_ffn runs, which is
@@ -8,15 +8,17 @@ also the reference the kernels are tested against.
 token's top-k experts straight from their cache slots by device-side slot indices
 (slot_experts.py), or None where they do not apply (then the decoder stages or runs directly).
 
-The kernels read HQQ codes only: an MXFP4 matrix (GPT-OSS's experts as stored, common/mxfp4.py)
-is dequantized and multiplied on the device by the plain path. A fused MXFP4 kernel is not
-written yet."""
+An HQQ matrix goes to quantized_linear.py, an MXFP4 matrix (GPT-OSS's experts as stored,
+common/mxfp4.py) to mxfp4_linear.py: for a few tokens a fused GEMV on the packed codes, for more
+a dequantize kernel and one matmul. The biases and the activation between the matrices stay in
+common.expert_ffn, whichever linear runs."""
 
 from __future__ import annotations
 
 import torch
 
 from common.expert_ffn import Linear, dequantize_linear
+from common.mxfp4 import Mxfp4Matrix
 from common.quantization import QuantizedMatrix
 
 
@@ -30,15 +32,18 @@ def available() -> bool:
 
 def quantized_linear_for(device: torch.device, *, fused: bool = True) -> Linear:
     if fused and device.type == "cuda" and available():
+        from .mxfp4_linear import mxfp4_linear
         from .quantized_linear import quantized_linear
 
-        def fused_where_hqq(x: torch.Tensor, weight) -> torch.Tensor:
+        def fused_where_quantized(x: torch.Tensor, weight) -> torch.Tensor:
             if isinstance(weight, QuantizedMatrix):
                 return quantized_linear(x, weight)
-            return dequantize_linear(x, weight)  # MXFP4: no fused kernel yet
+            if isinstance(weight, Mxfp4Matrix):
+                return mxfp4_linear(x, weight)
+            return dequantize_linear(x, weight)
 
-        fused_where_hqq.fused = True  # the decoder's cue that fused kernels are wanted
-        return fused_where_hqq
+        fused_where_quantized.fused = True  # the decoder's cue that fused kernels are wanted
+        return fused_where_quantized
     return dequantize_linear
 
 
