@@ -10,10 +10,15 @@ token's top-k experts straight from their cache slots by device-side slot indice
 
 An HQQ matrix goes to quantized_linear.py, an MXFP4 matrix (GPT-OSS's experts as stored,
 common/mxfp4.py) to mxfp4_linear.py: for a few tokens a fused GEMV on the packed codes, for more
-a dequantize kernel and one matmul. The biases and the activation between the matrices stay in
-common.expert_ffn, whichever linear runs."""
+a dequantize kernel and one matmul. That path has run only under Triton's CPU interpreter and
+compiled for sm_90, never on a GPU yet, so it is opt-in (MOE_EDGE_MXFP4_KERNEL=1) until it is
+checked there (tests/test_kernels.py's CUDA twin, scripts/check_mxfp4_cuda.py); by default an
+MXFP4 matrix is dequantized and multiplied as before. The biases and the activation between the
+matrices stay in common.expert_ffn, whichever linear runs."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -35,10 +40,12 @@ def quantized_linear_for(device: torch.device, *, fused: bool = True) -> Linear:
         from .mxfp4_linear import mxfp4_linear
         from .quantized_linear import quantized_linear
 
+        fused_mxfp4 = os.environ.get("MOE_EDGE_MXFP4_KERNEL", "0") == "1"  # not yet run on a GPU: opt-in
+
         def fused_where_quantized(x: torch.Tensor, weight) -> torch.Tensor:
             if isinstance(weight, QuantizedMatrix):
                 return quantized_linear(x, weight)
-            if isinstance(weight, Mxfp4Matrix):
+            if isinstance(weight, Mxfp4Matrix) and fused_mxfp4:
                 return mxfp4_linear(x, weight)
             return dequantize_linear(x, weight)
 
