@@ -68,6 +68,20 @@ def test_the_pool_keeps_one_stream_per_host_and_gives_what_unary_calls_give(shar
         assert sent_received == {host.address: (2 * (3 * HIDDEN * 4 + 3 * 2 * 4), 2 * 3 * HIDDEN * 4)}  # as unary counted
 
 
+def test_requests_in_flight_together_on_one_stream_each_get_their_own_reply(shared_store16_host, store16):
+    pool = Pool(store16, shared_store16_host)
+    try:
+        steps = {layer: step(2, torch.float32, seed=10 + layer) for layer in range(4)}
+        calls = {layer: pool.loop.submit(pool.pool.run_layer(layer, [0, 5, 7], *steps[layer])) for layer in steps}
+        outputs = {layer: call.result(timeout=60) for layer, call in calls.items()}
+        assert pool.pool.runs_by_origin() == {shared_store16_host.address: 4}
+    finally:
+        pool.close()
+    for layer, (hidden, weights) in steps.items():
+        expected = local_sum(store16, hidden, weights, layer=layer, experts=[0, 5, 7])
+        assert torch.allclose(outputs[layer], expected, atol=1e-5, rtol=0), layer
+
+
 REFUSALS = [
     (dict(experts=[1, 5]), grpc.StatusCode.NOT_FOUND, "layer 2 expert 5: not held"),
     (dict(layer=4), grpc.StatusCode.INVALID_ARGUMENT, "layer 4: the model has layers 0-3"),

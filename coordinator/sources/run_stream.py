@@ -57,6 +57,10 @@ class RunStream:
             except (asyncio.InvalidStateError, grpc.aio.UsageError):  # the call ended: the reader says why
                 await asyncio.wait({self._reader}, timeout=1.0)
                 self.close(HostCallError(f"{self._name}: its RunExperts stream ended"))
+            except asyncio.CancelledError:
+                if self.failure is None:  # this call itself was cancelled (its deadline): the caller closes the stream
+                    raise
+                # else the stream was closed (another call's failure) while this write waited: its failure is ours
             return await future
         finally:
             self._pending.pop(request_id, None)
