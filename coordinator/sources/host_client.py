@@ -240,9 +240,9 @@ class HostClient:
     async def _run_streamed(self, request: pb.RunExpertsRequest, doing: str, timeout_s: float) -> pb.RunExpertsReply:
         """`request` on the open stream (opened first if there is none); its reply, or HostCallError."""
         if not self.run_stream_open:
-            call = self._open_run_stream(metadata=self._metadata)  # no deadline: each request has its own
-            self._run_stream = RunStream(call, lambda err: self._call_error(err, "running experts on its RunExperts stream",
-                                                                            timeout_s), str(self))
+            self._run_stream = RunStream(self._open_run_stream(metadata=self._metadata),  # no deadline: each request has its own
+                                         lambda err: self._call_error(err, "running experts on its RunExperts stream", timeout_s),
+                                         str(self))
         stream = self._run_stream
         try:
             reply = await asyncio.wait_for(stream.exchange(request), timeout_s)
@@ -318,4 +318,7 @@ class HostClient:
 
     async def close(self) -> None:
         self.close_run_stream(HostCallError(f"{self}: the client is closing", grpc.StatusCode.CANCELLED))
+        if self._run_stream is not None:
+            await self._run_stream.ended()
+            self._run_stream = None
         await self._channel.close()

@@ -87,6 +87,14 @@ class RunStream:
         finally:
             self.close(failure or HostCallError(f"{self._name}: its RunExperts stream failed"))
 
+    async def ended(self, timeout_s: float = 1.0) -> None:
+        """Once closed: wait for the reader to finish, then let go of the call. The errors of a
+        stream's end sit in reference cycles (their tracebacks hold our frames) that would keep
+        the call, and with it the connection of a channel closed next, alive until the garbage
+        collector runs."""
+        await asyncio.wait({self._reader}, timeout=timeout_s)
+        self._call = None
+
     def close(self, failure: HostError) -> None:
         """End the stream: every request in flight on it fails with `failure` (the first
         failure given is kept)."""
@@ -96,6 +104,7 @@ class RunStream:
             if not future.done():
                 future.set_exception(self.failure)
         self._pending.clear()
-        self._call.cancel()  # no-op once the call is over
+        if self._call is not None:
+            self._call.cancel()  # no-op once the call is over
         if self._reader is not asyncio.current_task():
             self._reader.cancel()
