@@ -47,6 +47,7 @@ def _add_serve(commands) -> None:
     parser.add_argument("--test-fetch-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--test-corrupt-chunks", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--test-load-delay", type=float, default=0.0, help=argparse.SUPPRESS)
+    parser.add_argument("--test-run-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.set_defaults(run=_run_serve)
 
 
@@ -75,7 +76,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         parent_pid=args.parent_pid,
         shared_file=args.shared_memory,
         faults=FaultInjection(fetch_delay_s=args.test_fetch_delay, corrupt_chunks=args.test_corrupt_chunks,
-                              load_delay_s=args.test_load_delay),
+                              load_delay_s=args.test_load_delay, run_delay_s=args.test_run_delay),
     )
     return 0
 

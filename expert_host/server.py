@@ -195,6 +195,7 @@ async def _serve(load_shard: Callable[[], tuple[ExpertShard, float]], address: H
             log.info("stopping while the shard loads")
     finally:
         await health.enter_graceful_shutdown()
+        servicer.end_streams()  # idle RunExpertsStreams would otherwise hold the stop for the whole grace period
         await server.stop(grace_period_s)
         if runner is not None:
             runner.close()

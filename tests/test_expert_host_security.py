@@ -64,7 +64,9 @@ def test_a_missing_or_wrong_token_is_unauthenticated(hosts, secrets, metadata):
         stub = pb_grpc.ExpertHostStub(channel)
         for call in (lambda: stub.Info(pb.InfoRequest(), timeout=10, metadata=metadata),
                      lambda: list(stub.FetchExpert(pb.FetchExpertRequest(id=pb.ExpertId(layer=0, expert=0)),
-                                                   timeout=10, metadata=metadata))):
+                                                   timeout=10, metadata=metadata)),
+                     lambda: list(stub.RunExpertsStream(iter([pb.RunExpertsRequest(layer=0, experts=[0])]),
+                                                        timeout=10, metadata=metadata))):
             with pytest.raises(grpc.RpcError) as refused:
                 call()
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -97,6 +99,9 @@ def test_tls_with_a_self_signed_ca_and_the_token_works(hosts, secrets, store4):
     pool, loop = open_pool(store4, hosts["tls_token"], tls=ClientTls(ca=secrets["ca"].files.cert), token_file=secrets["token"])
     try:
         fetch_one(pool, loop, store4)
+        hidden, weights = torch.randn(1, 128).to(torch.bfloat16), torch.ones(1, 2)  # the tiny Mixtral's hidden size
+        assert loop.run(pool.run_layer(0, [0, 1], hidden, weights), timeout=30).shape == (1, 128)  # on its stream
+        assert pool._hosts[0].client.run_stream_open
     finally:
         pool.close()
         loop.close()

@@ -209,3 +209,20 @@ def test_a_negative_host_restart_wait_or_one_without_hosts_is_refused():
         _cluster_from_args(source_args("--hosts", "127.0.0.1:1", "--host-restart-wait", "-1"), None)
     with pytest.raises(ConfigError, match="--host-restart-wait applies to expert hosts"):
         source_from_args(source_args("--host-restart-wait", "5"))
+
+
+def test_run_experts_unary_comes_from_the_flag_or_cluster_toml_and_a_wrong_value_is_refused(tmp_path):
+    assert _cluster_from_args(source_args("--hosts", "127.0.0.1:1"), None).pool.run_experts == "stream"
+    cluster = _cluster_from_args(source_args("--hosts", "127.0.0.1:1", "--run-experts", "unary"), None)
+    assert cluster.pool.run_experts == "unary"
+    toml = tmp_path / "cluster.toml"
+    toml.write_text('[pool]\nrun_experts = "unary"\n[[hosts]]\naddress = "127.0.0.1:1"\n')
+    assert read_cluster_config(toml).pool.run_experts == "unary"
+    toml.write_text('[pool]\nrun_experts = "rpc"\n[[hosts]]\naddress = "127.0.0.1:1"\n')
+    with pytest.raises(ConfigError, match="run_experts = 'rpc': choose stream or unary"):
+        read_cluster_config(toml)
+    toml.write_text('[pool]\nrun_experts = 1\n[[hosts]]\naddress = "127.0.0.1:1"\n')
+    with pytest.raises(ConfigError, match=r"\[pool\] run_experts must be a string"):
+        read_cluster_config(toml)
+    with pytest.raises(ConfigError, match="--run-experts applies to expert hosts"):
+        source_from_args(source_args("--run-experts", "unary"))

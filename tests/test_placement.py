@@ -56,15 +56,17 @@ def test_an_unknown_placement_is_refused_in_one_line(store16):
     assert result.returncode == 2 and "--placement" in result.stderr
 
 
-@pytest.mark.parametrize("shards", [("0-7",), ("0-5", "3-7", "0-2,6-7")], ids=["one host", "three hosts, two replicas each"])
+@pytest.mark.parametrize("shards,run_experts", [(("0-7",), "stream"), (("0-5", "3-7", "0-2,6-7"), "stream"), (("0-7",), "unary")],
+                         ids=["one host", "three hosts, two replicas each", "one host, unary calls"])
 def test_greedy_tokens_with_experts_run_on_expert_hosts_equal_the_in_process_ones(store16, reference_tokens, expert_hosts,
-                                                                                   shards):  # noqa: F811
+                                                                                   shards, run_experts):  # noqa: F811
     from common.host_address import HostAddress
-    from coordinator.sources.cluster_config import ClusterConfig
+    from coordinator.sources.cluster_config import ClusterConfig, PoolSettings
     from coordinator.sources.expert_pool import ExpertPool
 
     hosts = [expert_hosts.start(store16, "--experts", spec) for spec in shards]
-    source = ExpertPool.source_factory(ClusterConfig(hosts=tuple(HostAddress.parse(h.address) for h in hosts)))
+    source = ExpertPool.source_factory(ClusterConfig(hosts=tuple(HostAddress.parse(h.address) for h in hosts),
+                                                     pool=PoolSettings(run_experts=run_experts)))
     tokens, stats, _ = generate(store16, source=source, cache_experts=2, placement="run")
     assert tokens == reference_tokens and stats.experts_run_elsewhere > 0
     assert sum(stats.run_bytes_by_source.values()) > 0 and sum(stats.run_seconds_by_source.values()) > 0
@@ -83,8 +85,9 @@ def test_gpt_oss_experts_with_biases_and_the_clamped_swiglu_run_on_the_cpu_as_on
 
 
 def test_a_host_killed_while_it_runs_experts_costs_no_token(store16, reference_tokens, expert_hosts):  # noqa: F811
-    """Issue 9: a host that dies during generation with placement run hands its experts' runs to a
-    replica; the tokens are the in-process ones, and the dead host is marked down."""
+    """Issue 9: a host that dies during generation with placement run, its RunExpertsStream open,
+    hands its experts' runs to a replica; the tokens are the in-process ones, and the dead host is
+    marked down."""
     from common.host_address import HostAddress
     from coordinator.sources.cluster_config import ClusterConfig
     from coordinator.sources.expert_pool import ExpertPool
@@ -97,8 +100,10 @@ def test_a_host_killed_while_it_runs_experts_costs_no_token(store16, reference_t
         for count, _ in enumerate(generation, start=1):
             if count == 4:
                 ran_before_kill.update(engine.source.runs_by_origin())
+                stream_open = next(h.client.run_stream_open for h in engine.source._hosts if h.address == a.address)
                 a.kill()
         assert generation.token_ids == reference_tokens
-        assert ran_before_kill[a.address] > 0  # A really ran experts before it died
+        assert ran_before_kill[a.address] > 0  # A really ran experts before it died...
+        assert stream_open  # ...on its RunExpertsStream, open when it was killed
         assert engine.source.host_status()[a.address] is False
         assert engine.source.runs_by_origin()[a.address] == ran_before_kill[a.address]

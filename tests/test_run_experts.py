@@ -44,13 +44,16 @@ def local_sum(store, hidden, weights, layer=LAYER, experts=EXPERTS):
 class Pool:
     """An ExpertPool on its own fetch loop, closed with it."""
 
-    def __init__(self, store, *hosts):
+    def __init__(self, store, *hosts, settings=SETTINGS):
         self.loop = FetchLoop()
-        cluster = ClusterConfig(hosts=tuple(HostAddress.parse(h.address) for h in hosts), pool=SETTINGS)
+        cluster = ClusterConfig(hosts=tuple(HostAddress.parse(h.address) for h in hosts), pool=settings)
         self.pool = ExpertPool.open(cluster, ExpertStore(store, with_experts=False).manifest, self.loop)
 
-    def run_layer(self, hidden, weights, layer=LAYER, experts=EXPERTS):
-        return self.loop.run(self.pool.run_layer(layer, experts, hidden, weights), timeout=60)
+    def run_layer(self, hidden, weights, layer=LAYER, experts=EXPERTS, **kwargs):
+        return self.loop.run(self.pool.run_layer(layer, experts, hidden, weights, **kwargs), timeout=60)
+
+    def streams_open(self) -> dict[str, bool]:
+        return {host.address: host.client.run_stream_open for host in self.pool._hosts}
 
     def close(self):
         self.pool.close()

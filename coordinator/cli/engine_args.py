@@ -100,6 +100,10 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     hosts.add_argument("--host-restart-wait", type=float, default=None, metavar="S",
                        help="when every host holding an expert is down, seconds to wait for one to restart and "
                        "finish loading before the generation fails (default 60; 0: fail at once)")
+    hosts.add_argument("--run-experts", choices=("stream", "unary"), default=None,
+                       help="how experts run on the hosts (--placement run/auto) are sent: stream, one long-lived "
+                       "RunExpertsStream per host (the shorter round trip), or unary, one RunExperts call per layer "
+                       "and host (overrides run_experts of --cluster; default stream)")
 
 
 def source_from_args(args: argparse.Namespace, *, local_host=None):
@@ -108,7 +112,7 @@ def source_from_args(args: argparse.Namespace, *, local_host=None):
     from common.errors import ConfigError
 
     client_options = [name for name in ("token_file", "tls_ca", "tls_cert", "tls_key", "fetch_deadline",
-                                            "host_restart_wait")
+                                            "host_restart_wait", "run_experts")
                       if getattr(args, name) is not None]
     if not (args.hosts or args.cluster or local_host is not None):
         if client_options:
@@ -140,6 +144,8 @@ def _cluster_from_args(args: argparse.Namespace, local_host):
         cluster = replace(cluster, pool=replace(cluster.pool, fetch_deadline_s=args.fetch_deadline))
     if args.host_restart_wait is not None:
         cluster = replace(cluster, pool=replace(cluster.pool, host_restart_wait_s=args.host_restart_wait))
+    if args.run_experts is not None:
+        cluster = replace(cluster, pool=replace(cluster.pool, run_experts=args.run_experts))
     return cluster.with_hosts([local_host]) if local_host is not None else cluster
 
 

@@ -1,7 +1,8 @@
 """Placement per miss: for each expert a decode step needs that is not on the device, copy it
 into the cache, or run it where it lives: on this machine's CPU (LocalCpuRunner: the CPU expert
 executor, common/cpu_executor.py, over the RAM or disk source's blobs), or on the expert host
-that holds it (HostRunner: one RunExperts call per layer and host). Both are `ExpertRunner`s.
+that holds it (HostRunner: one RunExperts request per layer and host, on the host's long-lived
+RunExpertsStream unless --run-experts unary). Both are `ExpertRunner`s.
 
     copy  every miss is copied into the cache (the behaviour without placement)
     run   every miss runs where it lives; the cache holds what is already resident or loading
@@ -104,8 +105,9 @@ class LocalCpuRunner:
 
 
 class HostRunner:
-    """Runs experts on the expert hosts that hold them: ExpertPool.run_layer, one RunExperts call
-    per layer and host, on the fetch loop; a host that fails hands its experts to a replica."""
+    """Runs experts on the expert hosts that hold them: ExpertPool.run_layer, one RunExperts request
+    per layer and host (on its stream, see host_client.py), on the fetch loop; a host that fails
+    hands its experts to a replica."""
 
     def __init__(self, pool, fetch_loop, *, hidden_size: int, dtype: torch.dtype) -> None:
         self.pool, self.fetch_loop = pool, fetch_loop

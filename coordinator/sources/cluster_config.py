@@ -9,6 +9,7 @@ settings from the command line (--hosts, --token-file, --tls-*).
     [pool]                          # optional
     fetch_deadline_s = 30           #   a fetch not done by then is retried on another replica
     host_restart_wait_s = 60        #   with every holder of an expert down, wait this long for one to come back
+    run_experts = "stream"          #   RunExperts on one long-lived stream per host, or "unary": a call per layer and host
     [[hosts]]
     address = "192.168.1.21:50051"  # one table per host
 
@@ -38,6 +39,10 @@ class ClientTls:
     key: Path | None = None
 
 
+RUN_EXPERTS_CALLS = ("stream", "unary")
+_TEXT_SETTINGS = ("run_experts",)  # the [pool] settings that are strings, not numbers
+
+
 @dataclass(frozen=True)
 class PoolSettings:
     fetch_deadline_s: float = 30.0  # one attempt at one host
@@ -48,10 +53,19 @@ class PoolSettings:
     # With every host that holds an expert unreachable or loading, a fetch waits this long for
     # one to come back (a restart) before it fails; 0: fail at once.
     host_restart_wait_s: float = 60.0
+    # How experts run on hosts (placement run/auto) travel: "stream", one long-lived
+    # RunExpertsStream per host (the shorter round trip, scripts/run_experts_round_trip.py), or
+    # "unary", one RunExperts call per layer and host (what older hosts answer in any case).
+    run_experts: str = "stream"
 
     def __post_init__(self) -> None:
+        if self.run_experts not in RUN_EXPERTS_CALLS:
+            raise ConfigError(f"pool setting run_experts = {self.run_experts!r}: choose {' or '.join(RUN_EXPERTS_CALLS)} "
+                              "(--run-experts)")
         may_be_zero = ("chunk_bytes", "host_restart_wait_s")
         for item in fields(self):
+            if item.name in _TEXT_SETTINGS:
+                continue
             value = getattr(self, item.name)
             if value < 0 or (item.name not in may_be_zero and value == 0):
                 rule = "must not be negative" if item.name in may_be_zero else "must be positive"
@@ -139,7 +153,10 @@ def read_cluster_config(path: str | Path) -> ClusterConfig:
         )
     pool_table = _check_keys(data.get("pool", {}), {f.name for f in fields(PoolSettings)}, f"{path}: [pool]")
     for key, value in pool_table.items():
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
+        if key in _TEXT_SETTINGS:
+            if not isinstance(value, str):
+                raise ConfigError(f"{path}: [pool] {key} must be a string")
+        elif not isinstance(value, (int, float)) or isinstance(value, bool):
             raise ConfigError(f"{path}: [pool] {key} must be a number")
     return ClusterConfig(
         hosts=tuple(hosts),

@@ -15,7 +15,9 @@ wrongly (a bad checksum, a missed deadline) is not waited for.
 
 `run_layer` runs a layer's chosen experts on the hosts instead (RunExperts): the experts are
 grouped by an up host that holds them (as few hosts as cover them, one call per host, all at
-once), the replies summed. A host that fails or misses the deadline is marked down as for a
+once), the replies summed. Each call is one request on the host's long-lived RunExpertsStream
+(or a unary RunExperts call with `run_experts = "unary"`, see host_client.py); the deadline,
+the failover and the counters are the same either way. A host that fails or misses the deadline is marked down as for a
 fetch and its experts move to another holder; with none left it fails at once, without the
 restart wait (the caller can fetch the experts instead), with an ExpertUnavailableError naming
 the experts and the hosts tried.
@@ -112,7 +114,8 @@ class ExpertPool:
     # --- opening -------------------------------------------------------------------------
 
     async def _connect(self, cluster: ClusterConfig, credentials: ClientCredentials) -> None:
-        self._hosts = [_Host(HostClient(address, credentials)) for address in cluster.hosts]
+        stream_runs = self.settings.run_experts == "stream"
+        self._hosts = [_Host(HostClient(address, credentials, stream_runs=stream_runs)) for address in cluster.hosts]
         answers = await asyncio.gather(*(self._info_once_loaded(host) for host in self._hosts), return_exceptions=True)
         for host, answer in zip(self._hosts, answers):
             if isinstance(answer, HostCallError) and answer.is_setup_mistake:

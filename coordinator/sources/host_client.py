@@ -2,6 +2,14 @@
 Info, FetchExpert streamed straight into a caller's buffer with its checksum verified, and
 RunExperts (a layer's experts run there: hidden states out, their weighted sum back).
 
+RunExperts requests go on one long-lived RunExpertsStream (run_stream.py) unless `stream_runs`
+is off: opened at the first run call, kept while it works (a stream costs nothing idle, and
+keeping it spares the next generation's first layer the set-up), torn down by any failure of a
+call on it (the host died, stopped, missed the deadline or answered wrongly) and opened again
+at the next call, which the pool makes only to a host it has marked up again (or as the last
+try of a host marked down). A host that does not know the stream (UNIMPLEMENTED: an older
+moe-edge) gets unary RunExperts calls from then on.
+
 Knows nothing of replicas or failover (expert_pool.py does that): every failure becomes one
 HostError that names the host, what we were doing and, where it helps, what to check. Made
 and used on the fetch loop only (a grpc.aio channel belongs to the event loop it was made on)."""
@@ -28,36 +36,20 @@ from common.rpc.wire_limits import AUTHORIZATION_KEY, channel_options
 from common.store.checksum import StreamingChecksum
 
 from .cluster_config import ClusterConfig
+from .host_call_error import HostCallError
+from .run_stream import RunStream
 from .tls_check import diagnose_tls
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExpertHost"].full_name
 
 
 RUN_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}  # a streamed reply's error_code -> its status
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     """A CPU tensor's row-major bytes (bfloat16 included, which numpy lacks)."""
     return tensor.contiguous().view(torch.uint8).numpy().tobytes()
-
-
-class HostCallError(HostError):
-    """A call to a host failed; `code` is the gRPC status (None: the host answered wrongly)."""
-
-    def __init__(self, message: str, code: grpc.StatusCode | None = None, *, certificate_refused: bool = False) -> None:
-        super().__init__(message)
-        self.code = code
-        self.certificate_refused = certificate_refused  # a TLS handshake failed over a certificate
-
-    @property
-    def may_come_back(self) -> bool:
-        """Unreachable or still loading: a host that restarts answers again soon."""
-        return self.code == grpc.StatusCode.UNAVAILABLE and not self.certificate_refused
-
-    @property
-    def is_setup_mistake(self) -> bool:
-        """A wrong token or certificate: retrying elsewhere or later will not mend it."""
-        return self.certificate_refused or self.code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 
 @dataclass(frozen=True)
@@ -124,8 +116,10 @@ class ClientCredentials:
 
 
 class HostClient:
-    def __init__(self, address: HostAddress, credentials: ClientCredentials) -> None:
+    def __init__(self, address: HostAddress, credentials: ClientCredentials, *, stream_runs: bool = True) -> None:
         self.address = address
+        self.stream_runs = stream_runs  # False: unary RunExperts calls (the switch, or a host without the stream)
+        self._run_stream: RunStream | None = None
         self.credentials = credentials
         self.tls = credentials.root_ca is not None and not address.is_unix  # a Unix socket is local: no TLS
         if self.tls:
@@ -140,6 +134,7 @@ class HostClient:
         self._info = pb_grpc.ExpertHostStub(self._channel).Info
         self._health = health_pb2_grpc.HealthStub(self._channel).Check
         self._run_experts = pb_grpc.ExpertHostStub(self._channel).RunExperts
+        self._open_run_stream = pb_grpc.ExpertHostStub(self._channel).RunExpertsStream
         self._fetch = self._channel.unary_stream(
             FETCH_EXPERT_METHOD, request_serializer=pb.FetchExpertRequest.SerializeToString, response_deserializer=decode_chunk,
         )
@@ -222,15 +217,56 @@ class HostClient:
             hidden=_tensor_bytes(hidden), weights=_tensor_bytes(weights.float()), model_id=model_id,
         )
         doing = f"running layer {layer} experts {list(experts)}"
-        try:
-            reply = await self._run_experts(request, timeout=timeout_s, metadata=self._metadata)
-        except grpc.aio.AioRpcError as err:
-            raise self._call_error(err, doing, timeout_s) from None
+        if self.stream_runs:
+            reply = await self._run_streamed(request, doing, timeout_s)
+        else:
+            try:
+                reply = await self._run_experts(request, timeout=timeout_s, metadata=self._metadata)
+            except grpc.aio.AioRpcError as err:
+                raise self._call_error(err, doing, timeout_s) from None
         if list(reply.shape) != [tokens, hidden_size] or len(reply.output) != tokens * hidden_size * 4:
-            raise HostCallError(f"{self}: answered {doing} with shape {list(reply.shape)} and {len(reply.output)} bytes; "
-                                f"expected float32 [{tokens}, {hidden_size}]")
+            error = HostCallError(f"{self}: answered {doing} with shape {list(reply.shape)} and {len(reply.output)} bytes; "
+                                  f"expected float32 [{tokens}, {hidden_size}]")
+            self.close_run_stream(error)
+            raise error
         # bytearray: torch.frombuffer wants a writable buffer; the copy is one step's activations
         return torch.frombuffer(bytearray(reply.output), dtype=torch.float32).view(tokens, hidden_size)  # [T, H]
+
+    @property
+    def run_stream_open(self) -> bool:
+        """Whether a RunExpertsStream to this host is open now."""
+        return self._run_stream is not None and not self._run_stream.closed
+
+    async def _run_streamed(self, request: pb.RunExpertsRequest, doing: str, timeout_s: float) -> pb.RunExpertsReply:
+        """`request` on the open stream (opened first if there is none); its reply, or HostCallError."""
+        if not self.run_stream_open:
+            self._run_stream = RunStream(self._open_run_stream(metadata=self._metadata),  # no deadline: each request has its own
+                                         lambda err: self._call_error(err, "running experts on its RunExperts stream", timeout_s),
+                                         str(self))
+        stream = self._run_stream
+        try:
+            reply = await asyncio.wait_for(stream.exchange(request), timeout_s)
+        except asyncio.TimeoutError:
+            error = HostCallError(f"{self}: no answer within {timeout_s:g} s while {doing}", grpc.StatusCode.DEADLINE_EXCEEDED)
+            stream.close(error)
+            raise error from None
+        except HostCallError as err:  # the stream ended, for every request on it
+            if err.code != grpc.StatusCode.UNIMPLEMENTED:
+                raise HostCallError(f"{err} (the request: {doing})", err.code,
+                                    certificate_refused=err.certificate_refused) from None
+            self.stream_runs = False  # an older host: it answers unary calls
+            try:
+                return await self._run_experts(request, timeout=timeout_s, metadata=self._metadata)
+            except grpc.aio.AioRpcError as unary_err:
+                raise self._call_error(unary_err, doing, timeout_s) from None
+        if reply.error_code:  # the host refused this request; the stream goes on
+            code = _STATUS_CODES.get(reply.error_code, grpc.StatusCode.UNKNOWN)
+            raise HostCallError(f"{self}: {code.name} while {doing}: {reply.error_message}", code)
+        return reply
+
+    def close_run_stream(self, failure: HostCallError) -> None:
+        if self._run_stream is not None:
+            self._run_stream.close(failure)
 
     def _check_first_chunk(self, eid: ExpertId, total_bytes: int, host_checksum: str, size: int, checksum: str) -> None:
         if total_bytes != size:
@@ -248,6 +284,8 @@ class HostClient:
             message = f"{self}: refused our token while {doing} ({details}); check the token file (--token-file / token_file)"
         elif code == grpc.StatusCode.UNAVAILABLE and "still loading its shard" in details:
             message = f"{self}: still loading its shard while {doing}"
+        elif code == grpc.StatusCode.UNAVAILABLE and "host is stopping" in details:
+            message = f"{self}: stopping (a graceful stop) while {doing}"
         elif code == grpc.StatusCode.UNAVAILABLE:
             if self.tls:
                 hint = ("is it up, does it serve TLS, and is its certificate signed by our CA (--tls-ca) "
@@ -279,4 +317,8 @@ class HostClient:
         return HostCallError(f"{self}: {reason} (while {doing})", err.code(), certificate_refused=True) if reason else None
 
     async def close(self) -> None:
+        self.close_run_stream(HostCallError(f"{self}: the client is closing", grpc.StatusCode.CANCELLED))
+        if self._run_stream is not None:
+            await self._run_stream.ended()
+            self._run_stream = None
         await self._channel.close()
