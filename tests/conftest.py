@@ -95,6 +95,17 @@ def run_module(module: str, *args: str, timeout: float = 300, cwd: Path | None =
     )
 
 
+def check_kernels(module: str, device: str) -> None:
+    """Run a kernel check module (tests/*_check.py) on `device` in a process of its own: on "cpu"
+    under Triton's interpreter (TRITON_INTERPRET is read when triton is imported). Its output,
+    whose first line is the seed to rerun a failure with, is printed; no case may fail."""
+    env = {"TRITON_INTERPRET": "1"} if device == "cpu" else None
+    result = run_module(module, device, env_extra=env, timeout=600)
+    print(result.stdout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "FAIL" not in result.stdout
+
+
 @pytest.fixture
 def run_coordinator():
     def run(*args, **kwargs) -> subprocess.CompletedProcess:

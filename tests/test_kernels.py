@@ -9,7 +9,7 @@ import importlib.util
 import pytest
 import torch
 
-from conftest import requires_cuda, run_module
+from conftest import check_kernels, requires_cuda
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -17,36 +17,25 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, re
 @needs_triton
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test below runs the real kernels here")
 def test_fused_kernels_match_dequantize_matmul_in_the_cpu_interpreter():
-    # A process of its own: TRITON_INTERPRET is read when triton is imported.
-    result = run_module("tests.kernel_check", "cpu", env_extra={"TRITON_INTERPRET": "1"}, timeout=600)
-    print(result.stdout)  # its first line is the seed, to rerun a failure with
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "FAIL" not in result.stdout
+    check_kernels("tests.kernel_check", "cpu")
 
 
 @requires_cuda
 @needs_triton
 def test_fused_kernels_match_dequantize_matmul_on_the_gpu():
-    result = run_module("tests.kernel_check", "cuda", timeout=600)
-    print(result.stdout)
-    assert result.returncode == 0, result.stdout + result.stderr
+    check_kernels("tests.kernel_check", "cuda")
 
 
 @needs_triton
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test below runs the real kernels here")
 def test_mxfp4_kernels_match_dequantize_matmul_in_the_cpu_interpreter():
-    result = run_module("tests.mxfp4_kernel_check", "cpu", env_extra={"TRITON_INTERPRET": "1"}, timeout=600)
-    print(result.stdout)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "FAIL" not in result.stdout
+    check_kernels("tests.mxfp4_kernel_check", "cpu")
 
 
 @requires_cuda
 @needs_triton
 def test_mxfp4_kernels_match_dequantize_matmul_on_the_gpu():
-    result = run_module("tests.mxfp4_kernel_check", "cuda", timeout=600)
-    print(result.stdout)
-    assert result.returncode == 0, result.stdout + result.stderr
+    check_kernels("tests.mxfp4_kernel_check", "cuda")
 
 
 @needs_triton

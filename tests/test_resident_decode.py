@@ -10,7 +10,7 @@ import importlib.util
 import pytest
 import torch
 
-from conftest import requires_cuda, run_module
+from conftest import check_kernels, requires_cuda
 from coordinator.runtime.decoder import Decoder
 from coordinator.runtime.engine import Engine
 from coordinator.runtime.model import KVCache
@@ -90,14 +90,10 @@ def test_the_resident_token_graph_gives_the_per_layer_graphs_tokens_on_cuda(requ
 @needs_triton
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test below runs the real kernels here")
 def test_slot_kernels_match_float64_math_in_the_cpu_interpreter():
-    result = run_module("tests.slot_expert_check", "cpu", env_extra={"TRITON_INTERPRET": "1"}, timeout=600)
-    print(result.stdout)
-    assert result.returncode == 0, result.stdout + result.stderr
+    check_kernels("tests.slot_expert_check", "cpu")
 
 
 @requires_cuda
 @needs_triton
 def test_slot_kernels_match_float64_math_on_the_gpu():
-    result = run_module("tests.slot_expert_check", "cuda", timeout=600)
-    print(result.stdout)
-    assert result.returncode == 0, result.stdout + result.stderr
+    check_kernels("tests.slot_expert_check", "cuda")
