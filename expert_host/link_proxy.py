@@ -90,6 +90,7 @@ class LinkProxy:
             raise ConfigError(f"--listen {listen}: link-proxy is a test and benchmark tool and listens on loopback only")
         self.listen, self.to, self.shape = listen, to, shape
         self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task] = set()  # one task per client connection, ended at close
         self.address = ""
         self.bytes_to_host = [0]  # every byte that crossed the link, each way (a list: the pumps add to it)
         self.bytes_to_client = [0]
@@ -101,6 +102,14 @@ class LinkProxy:
         return self.address
 
     async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._connections.add(task)
+        try:
+            await self._relay(client_reader, client_writer)
+        finally:
+            self._connections.discard(task)
+
+    async def _relay(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         try:
             upstream_reader, upstream_writer = await asyncio.open_connection(self.to.host, self.to.port)
         except OSError:
@@ -121,8 +130,13 @@ class LinkProxy:
         return self.bytes_to_host[0] + self.bytes_to_client[0]
 
     async def close(self) -> None:
+        """Stop accepting, end the connections still open (a client that has not closed its
+        channel yet), then wait for the server: nothing is left pending on the loop."""
         if self._server is not None:
             self._server.close()
+            for task in list(self._connections):
+                task.cancel()
+            await asyncio.gather(*self._connections, return_exceptions=True)
             await self._server.wait_closed()
 
 
