@@ -87,11 +87,7 @@ def latent_attention(checkpoint, layer: int) -> dict[str, torch.Tensor]:
 
 
 def dense_tensors(checkpoint) -> dict[str, torch.Tensor]:
-    tensors = hf_layout.embeddings_and_head(checkpoint)
-    for layer in range(checkpoint.config.num_layers):
-        tensors.update(latent_attention(checkpoint, layer))
-        tensors.update(hf_layout.ffn_tensors(checkpoint, layer, router_bias=True, shared_prefix="shared_experts"))
-    return tensors
+    return hf_layout.layered_dense_tensors(checkpoint, attention_of=latent_attention, router_bias=True, shared_prefix="shared_experts")
 
 
 def expert_matrices(checkpoint, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -51,22 +51,9 @@ def model_config(hf: dict[str, Any], *, source: str = "config.json") -> ModelCon
         hf_layout.require(source, f"layer_types[{index}]", layer_type, LAYER_TYPES)
     sliding = tuple(i for i, t in enumerate(config.layer_types) if t == "sliding_attention")
     return ModelConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_layers=config.num_hidden_layers,
-        num_heads=config.num_attention_heads,
-        num_kv_heads=config.num_key_value_heads,
-        head_dim=hf_layout.head_dim(config),
-        num_experts=config.num_local_experts,
-        top_k=config.num_experts_per_tok,
-        rms_norm_eps=float(config.rms_norm_eps),
-        rope_theta=hf_layout.rope_theta(config, source, types=("yarn", "default")),
-        max_position_embeddings=config.max_position_embeddings,
-        sliding_window=config.sliding_window if sliding else None,
-        tie_word_embeddings=bool(config.tie_word_embeddings),
-        bos_token_id=config.bos_token_id,
-        eos_token_id=hf_layout.first_eos(config),
+        **hf_layout.shared_fields(config, source, ("yarn", "default"), intermediate_size=config.intermediate_size,
+                                  num_experts=config.num_local_experts, top_k=config.num_experts_per_tok,
+                                  sliding_window=config.sliding_window if sliding else None),
         family=MODEL_TYPE,
         attention_bias=bool(config.attention_bias),
         output_bias=bool(config.attention_bias),  # one setting for all four projections

@@ -198,6 +198,18 @@ def ffn_tensors(checkpoint, layer: int, *, router_bias: bool = False, shared_pre
     return tensors
 
 
+def layered_dense_tensors(checkpoint, *, attention_of=None, **ffn_options: Any) -> dict[str, torch.Tensor]:
+    """The store's dense tensors of a family in transformers' layout: embeddings and head, then
+    per layer its attention (`attention_of`, default `attention`) and its FFN part (ffn_tensors
+    with `ffn_options`)."""
+    attention_of = attention_of or attention
+    tensors = embeddings_and_head(checkpoint)
+    for layer in range(checkpoint.config.num_layers):
+        tensors.update(attention_of(checkpoint, layer))
+        tensors.update(ffn_tensors(checkpoint, layer, **ffn_options))
+    return tensors
+
+
 def past_the_layers(name: str, config) -> bool:
     """A tensor of a layer numbered from num_hidden_layers on: GLM's and DeepSeek's
     multi-token-prediction layers, which plain decoding does not use."""

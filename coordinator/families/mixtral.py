@@ -26,45 +26,17 @@ def model_config(hf: dict[str, Any], *, source: str = "config.json") -> ModelCon
 
     config = hf_layout.hf_config(MixtralConfig, hf, source=source)
     hf_layout.require(source, "hidden_act", config.hidden_act, ("silu",))
-    rope_theta = hf_layout.rope_theta(config, source)
-    eos = hf_layout.first_eos(config)
-    head_dim = hf_layout.head_dim(config)
-    return ModelConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_layers=config.num_hidden_layers,
-        num_heads=config.num_attention_heads,
-        num_kv_heads=config.num_key_value_heads,
-        head_dim=head_dim,
-        num_experts=config.num_local_experts,
-        top_k=config.num_experts_per_tok,
-        rms_norm_eps=float(config.rms_norm_eps),
-        rope_theta=float(rope_theta),
-        max_position_embeddings=config.max_position_embeddings,
-        sliding_window=config.sliding_window,
-        tie_word_embeddings=bool(config.tie_word_embeddings),
-        bos_token_id=config.bos_token_id,
-        eos_token_id=eos,
-    )
+    return ModelConfig(**hf_layout.shared_fields(
+        config, source, intermediate_size=config.intermediate_size, num_experts=config.num_local_experts,
+        top_k=config.num_experts_per_tok, sliding_window=config.sliding_window))
 
 
 def dense_tensors(checkpoint) -> dict[str, torch.Tensor]:
     """The store's dense tensors (dense_names) from the checkpoint, unquantized."""
-    config = checkpoint.config
-    tensors = {
-        dense_names.EMBED: checkpoint.tensor("model.embed_tokens.weight"),
-        dense_names.FINAL_NORM: checkpoint.tensor("model.norm.weight"),
-    }
-    if not config.tie_word_embeddings:
-        tensors[dense_names.LM_HEAD] = checkpoint.tensor("lm_head.weight")
-    for layer in range(config.num_layers):
-        prefix = f"model.layers.{layer}"
-        tensors[dense_names.input_norm(layer)] = checkpoint.tensor(f"{prefix}.input_layernorm.weight")
-        tensors[dense_names.post_attention_norm(layer)] = checkpoint.tensor(f"{prefix}.post_attention_layernorm.weight")
+    tensors = hf_layout.embeddings_and_head(checkpoint)
+    for layer in range(checkpoint.config.num_layers):
+        tensors.update(hf_layout.attention(checkpoint, layer))  # Mixtral's config has no biases or q/k norms
         tensors[dense_names.router(layer)] = _router(checkpoint, layer)
-        for projection in dense_names.ATTENTION_PROJECTIONS:
-            tensors[dense_names.attention(layer, projection)] = checkpoint.tensor(f"{prefix}.self_attn.{projection}.weight")
     return tensors
 
 

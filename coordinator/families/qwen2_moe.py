@@ -41,11 +41,7 @@ def model_config(hf: dict[str, Any], *, source: str = "config.json") -> ModelCon
 
 
 def dense_tensors(checkpoint) -> dict[str, torch.Tensor]:
-    tensors = hf_layout.embeddings_and_head(checkpoint)
-    for layer in range(checkpoint.config.num_layers):
-        tensors.update(hf_layout.attention(checkpoint, layer))
-        tensors.update(hf_layout.ffn_tensors(checkpoint, layer, shared_prefix="shared_expert", shared_gate=True))
-    return tensors
+    return hf_layout.layered_dense_tensors(checkpoint, shared_prefix="shared_expert", shared_gate=True)
 
 
 def expert_matrices(checkpoint, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
