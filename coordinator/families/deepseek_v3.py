@@ -40,7 +40,6 @@ def model_config(hf: dict[str, Any], *, source: str = "config.json") -> ModelCon
     config = hf_layout.hf_config(DeepseekV3Config, hf, source=source)
     hf_layout.require(source, "hidden_act", config.hidden_act, ("silu",))
     hf_layout.require(source, "attention_bias", bool(config.attention_bias), (False,))
-    dense = tuple(range(min(config.first_k_dense_replace, config.num_hidden_layers)))
     return ModelConfig(
         **hf_layout.shared_fields(
             config, source, rope_types=("default", "yarn"), intermediate_size=config.moe_intermediate_size,
@@ -48,15 +47,7 @@ def model_config(hf: dict[str, Any], *, source: str = "config.json") -> ModelCon
             top_k=config.num_experts_per_tok, head_dim=config.qk_nope_head_dim + config.qk_rope_head_dim,
             num_kv_heads=config.num_attention_heads),  # latent attention: every query head has its own k and v
         family=MODEL_TYPE,
-        router="sigmoid_grouped",
-        norm_topk_prob=bool(config.norm_topk_prob),
-        router_bias=True,
-        n_group=config.n_group,
-        topk_group=config.topk_group,
-        routed_scaling_factor=float(config.routed_scaling_factor),
-        dense_layers=dense,
-        dense_intermediate_size=config.intermediate_size if dense else None,
-        shared_expert_intermediate_size=config.moe_intermediate_size * config.n_shared_experts,
+        **hf_layout.grouped_sigmoid_fields(config),
         attention="latent",
         q_lora_rank=config.q_lora_rank,
         kv_lora_rank=config.kv_lora_rank,

@@ -29,7 +29,6 @@ def model_config(hf: dict[str, Any], *, source: str = "config.json") -> ModelCon
     hf_layout.require(source, "hidden_act", config.hidden_act, ("silu",))
     head_dim = hf_layout.head_dim(config)
     rotary_dim = int(head_dim * hf_layout.partial_rotary_factor(config))
-    dense = tuple(range(min(config.first_k_dense_replace, config.num_hidden_layers)))
     return ModelConfig(
         **hf_layout.shared_fields(config, source, head_dim=head_dim, intermediate_size=config.moe_intermediate_size,
                                   num_experts=config.n_routed_experts, top_k=config.num_experts_per_tok),
@@ -37,15 +36,7 @@ def model_config(hf: dict[str, Any], *, source: str = "config.json") -> ModelCon
         attention_bias=bool(config.attention_bias),
         qk_norm="head" if config.use_qk_norm else "none",
         rotary_dim=rotary_dim if rotary_dim < head_dim else None,
-        router="sigmoid_grouped",
-        norm_topk_prob=bool(config.norm_topk_prob),
-        router_bias=True,
-        n_group=config.n_group,
-        topk_group=config.topk_group,
-        routed_scaling_factor=float(config.routed_scaling_factor),
-        dense_layers=dense,
-        dense_intermediate_size=config.intermediate_size if dense else None,
-        shared_expert_intermediate_size=config.moe_intermediate_size * config.n_shared_experts,
+        **hf_layout.grouped_sigmoid_fields(config),
     )
 
 

@@ -178,6 +178,23 @@ def shared_fields(config, source: str, rope_types: tuple[str, ...] = ("default",
     ), **overrides}
 
 
+def grouped_sigmoid_fields(config) -> dict[str, Any]:
+    """The ModelConfig fields of DeepSeek-V3's MoE layout, which GLM-4.5 shares: sigmoid routing
+    with a correction bias, group-limited top-k, routed scaling, dense first layers, shared experts."""
+    dense = tuple(range(min(config.first_k_dense_replace, config.num_hidden_layers)))
+    return dict(
+        router="sigmoid_grouped",
+        norm_topk_prob=bool(config.norm_topk_prob),
+        router_bias=True,
+        n_group=config.n_group,
+        topk_group=config.topk_group,
+        routed_scaling_factor=float(config.routed_scaling_factor),
+        dense_layers=dense,
+        dense_intermediate_size=config.intermediate_size if dense else None,
+        shared_expert_intermediate_size=config.moe_intermediate_size * config.n_shared_experts,
+    )
+
+
 def ffn_tensors(checkpoint, layer: int, *, router_bias: bool = False, shared_prefix: str | None = None,
                 shared_gate: bool = False) -> dict[str, torch.Tensor]:
     """A layer's FFN part of the dense tensors: a dense layer's MLP; or a MoE layer's router (with
