@@ -148,7 +148,7 @@ class Decoder:
         """The expert -> slot table of every layer, when the decode step needs no routing read-back:
         every expert resident, none run elsewhere, no slot emptied after use."""
         if (not self.resident_path or self.moe.elsewhere is not None or self.cache.forget_after_use
-                or getattr(self.moe, "routing_hook", None) is not None):  # a trace records or replays read-backs
+                or self.moe.routing_hook is not None):  # a trace records or replays read-backs
             return None
         return self.cache.slot_map(self.config.num_experts)
 
@@ -161,7 +161,7 @@ class Decoder:
         self.resident = slot_map is not None
         # A slot per expert but not all loaded yet: checked each step until they are (cheap).
         self.may_become_resident = (not self.resident and self.resident_path and self.moe.elsewhere is None
-                                    and not self.cache.forget_after_use and getattr(self.moe, "routing_hook", None) is None
+                                    and not self.cache.forget_after_use and self.moe.routing_hook is None
                                     and self.cache.slots_per_layer >= c.num_experts)
         self.expert_slots = {layer: torch.tensor(slots, dtype=torch.long, device=device) for layer, slots in (slot_map or {}).items()}
         self.slot_experts = None

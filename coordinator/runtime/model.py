@@ -99,21 +99,19 @@ class KVCache:
 class StepTables:
     """What every layer of one decode step shares, looked up once per token instead of once per
     layer: the position's rotary (cos, sin) rows and the additive mask over the KV capacity for
-    each sliding window the model has (None: none). Static buffers, filled by `fill` (inside the
+    each sliding window the model has (keyed by the window; None: no window). Static buffers, filled by `fill` (inside the
     decoder's embed graph): on a fast GPU a decode step is bound by its kernel count."""
 
     def __init__(self, model: "Transformer", capacity: int) -> None:
         c = model.config
         self.model, self.capacity = model, capacity
         windows = {c.window_of(layer) for layer in range(c.num_layers)}
-        self.masks: dict[int | None, torch.Tensor | None] = {window: None for window in windows}
+        self.masks = {window: torch.zeros(1, capacity, device=model.device, dtype=model.dtype) for window in windows}
         self.rotary_rows = None
         if model.rotary is not None:
             width = model.rotary.cos.shape[1]
             self.rotary_rows = (torch.zeros(1, width, device=model.device, dtype=model.dtype),
                                 torch.zeros(1, width, device=model.device, dtype=model.dtype))
-        for window in windows:
-            self.masks[window] = torch.zeros(1, capacity, device=model.device, dtype=model.dtype)
 
     def fill(self, position: torch.Tensor) -> None:
         """position: the token's position, a device tensor [1]."""
