@@ -22,10 +22,9 @@ one power-of-two scale per matrix giving the same spreads."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
-
-import math
 
 import numpy as np
 import torch
@@ -180,8 +179,11 @@ def dense_nbytes(plan: list[DenseTensor], spec: QuantSpec, dtype: torch.dtype) -
 
 
 def random_bytes(shape: tuple[int, ...], rng: np.random.Generator) -> torch.Tensor:
-    """Uniform random uint8 (numpy's generator makes them ~5x faster than torch.randint)."""
-    return torch.from_numpy(rng.integers(0, 256, shape, dtype=np.uint8))
+    """Uniform random uint8: the bit generator's raw 64-bit words seen as bytes (2.4 GB/s, 9x
+    rng.integers; writing a Mixtral-8x7B store was bound by it)."""
+    count = math.prod(shape)
+    words = rng.bit_generator.random_raw((count + 7) // 8).view(np.uint8)
+    return torch.from_numpy(words[:count].reshape(shape))
 
 
 def random_quantized(out_features: int, in_features: int, spec: QuantSpec, std: float, generator: torch.Generator,
