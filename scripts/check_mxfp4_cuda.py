@@ -1,10 +1,10 @@
 """On a CUDA machine: a GPT-OSS store whose experts are kept in MXFP4 (made from the tiny random
 model as tests/test_mxfp4.py makes it) gives the CPU's greedy tokens on the GPU (float32, through
-CUDA graphs), both with the fused MXFP4 kernels (kernels/mxfp4_linear.py, opt-in until this
-passes on a GPU: run with MOE_EDGE_MXFP4_KERNEL=1) and with the experts dequantized before a plain
-matmul (fused_kernels=False). One line each; exit 1 if either differs.
+CUDA graphs), both with the fused MXFP4 kernels (kernels/mxfp4_linear.py, the default since this
+passed on an H200) and with the experts dequantized before a plain matmul (fused_kernels=False).
+One line each; exit 1 if either differs.
 
-    MOE_EDGE_MXFP4_KERNEL=1 python scripts/check_mxfp4_cuda.py [WORKDIR]"""
+    python scripts/check_mxfp4_cuda.py [WORKDIR]"""
 
 from __future__ import annotations
 

@@ -58,8 +58,8 @@ def test_mxfp4_kernel_reads_blob_views_and_leaves_unaligned_codes_to_the_plain_p
 
 @needs_triton
 def test_the_fused_path_sends_mxfp4_matrices_to_the_mxfp4_kernels(monkeypatch):
-    """With MOE_EDGE_MXFP4_KERNEL=1 (opt-in until the kernels have run on a GPU); without it an
-    MXFP4 matrix is dequantized and multiplied as before."""
+    """By default (the kernels ran on an H200); with MOE_EDGE_MXFP4_KERNEL=0 an MXFP4 matrix is
+    dequantized and multiplied instead."""
     from common.mxfp4 import Mxfp4Matrix
     from common.quantization import QuantSpec, quantize_matrix
     from coordinator.runtime import kernels
@@ -71,10 +71,10 @@ def test_the_fused_path_sends_mxfp4_matrices_to_the_mxfp4_kernels(monkeypatch):
     monkeypatch.setattr(quantized_linear, "quantized_linear", lambda x, weight: calls.append("hqq") or x)
     x = torch.randn(1, 64)
     mxfp4 = Mxfp4Matrix(torch.zeros(8, 32, dtype=torch.uint8), torch.full((8, 2), 127, dtype=torch.uint8))
-    monkeypatch.delenv("MOE_EDGE_MXFP4_KERNEL", raising=False)
+    monkeypatch.setenv("MOE_EDGE_MXFP4_KERNEL", "0")
     kernels.quantized_linear_for(torch.device("cuda"))(x, mxfp4)
-    assert calls == []  # the default: dequantized, not the kernel
-    monkeypatch.setenv("MOE_EDGE_MXFP4_KERNEL", "1")
+    assert calls == []  # switched off: dequantized, not the kernel
+    monkeypatch.delenv("MOE_EDGE_MXFP4_KERNEL")
     linear = kernels.quantized_linear_for(torch.device("cuda"))
     assert getattr(linear, "fused", False)
     linear(x, mxfp4)
