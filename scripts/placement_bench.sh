@@ -12,7 +12,8 @@
 #
 # Options: --store STORE (else --shape SHAPE [mixtral-8x7b] is made under --work, cut to its first
 # --layers N when given: faster, and the figures are then per N layers), --work DIR, --device,
-# --rates "R ...", --rtt-ms MS, --copy-tokens N [2], --run-tokens N [16], --cache-experts K,
+# --rates "R ...", --rtt-ms MS, --copy-tokens N [2], --copy-rates "R ..." [every rate: copy runs at
+# seconds per token on a slow link], --run-tokens N [16], --cache-experts K,
 # --run-modes "M,..." [lru: with prefetch on, prefetched experts still cross the link as copies,
 # at 1 GbE seconds per token]; anything after `--` goes to every bench call. JSON per run lands
 # in --work.
@@ -22,7 +23,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
 [ -x "$PYTHON" ] || PYTHON=python3
 STORE="" SHAPE=mixtral-8x7b WORK="" DEVICE=cuda RATES="1gbit 2.5gbit 10gbit" RTT_MS=0.3
-COPY_TOKENS=2 RUN_TOKENS=16 CACHE_EXPERTS=4 RUN_MODES=lru LAYERS="" EXTRA=()
+COPY_TOKENS=2 COPY_RATES="" RUN_TOKENS=16 CACHE_EXPERTS=4 RUN_MODES=lru LAYERS="" EXTRA=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --store) STORE=$2; shift 2 ;;
@@ -32,6 +33,7 @@ while [ $# -gt 0 ]; do
         --rates) RATES=$2; shift 2 ;;
         --rtt-ms) RTT_MS=$2; shift 2 ;;
         --copy-tokens) COPY_TOKENS=$2; shift 2 ;;
+        --copy-rates) COPY_RATES=$2; shift 2 ;;
         --run-tokens) RUN_TOKENS=$2; shift 2 ;;
         --cache-experts) CACHE_EXPERTS=$2; shift 2 ;;
         --run-modes) RUN_MODES=$2; shift 2 ;;
@@ -88,9 +90,11 @@ for rate in $RATES; do
     done
     PROXY=$(sed -n 's/^link-proxy on \([^ ]*\) .*/\1/p' "$WORK/proxy-$rate.log")
     echo "== $rate, ${RTT_MS} ms round trip: link proxy $PROXY -> $HOST"
-    echo "   copy: $COPY_TOKENS tokens"
-    bench "$WORK/$rate-copy.json" --modes lru+prefetch --placements copy --tokens "$COPY_TOKENS" \
-        --warmup-tokens 0 --profile-tokens 1
+    if [ -z "$COPY_RATES" ] || [[ " $COPY_RATES " == *" $rate "* ]]; then
+        echo "   copy: $COPY_TOKENS tokens"
+        bench "$WORK/$rate-copy.json" --modes lru+prefetch --placements copy --tokens "$COPY_TOKENS" \
+            --warmup-tokens 0 --profile-tokens 1
+    fi
     echo "   run, auto ($RUN_MODES): $RUN_TOKENS tokens"
     bench "$WORK/$rate-run.json" --modes "$RUN_MODES" --placements run,auto --tokens "$RUN_TOKENS" \
         --warmup-tokens 2 --profile-tokens 2
@@ -107,6 +111,8 @@ first = None
 rows = []
 for rate in rates:
     for part in ("copy", "run"):
+        if not (work / f"{rate}-{part}.json").exists():  # copy left out at this rate (--copy-rates)
+            continue
         report = json.loads((work / f"{rate}-{part}.json").read_text())
         first = first or report
         for r in report["results"]:

@@ -107,3 +107,22 @@ def test_a_host_killed_while_it_runs_experts_costs_no_token(store16, reference_t
         assert stream_open  # ...on its RunExpertsStream, open when it was killed
         assert engine.source.host_status()[a.address] is False
         assert engine.source.runs_by_origin()[a.address] == ran_before_kill[a.address]
+
+
+def test_auto_copies_the_misses_it_runs_elsewhere_into_empty_slots_for_later_uses(store16):
+    """A cache that starts empty (a one-token prompt) under auto with copies made to look slow:
+    every miss runs on the CPU, and while the link is idle it is also copied into an empty slot,
+    so the cache fills and later uses become hits; the tokens are the all-resident ones."""
+    with Engine.open(store16, cache_experts=8, prefetch=False) as engine:
+        generation = engine.generate([5], max_new_tokens=12, stop_at_eos=False)
+        list(generation)
+        want = generation.token_ids
+    with Engine.open(store16, cache_experts=2, placement="auto", prefetch=False) as engine:
+        engine.moe.dispatcher.copy_seconds = 1e9  # a copy never finishes first: every miss runs
+        generation = engine.generate([5], max_new_tokens=12, stop_at_eos=False)
+        list(generation)
+        stats, config = generation.stats, engine.config
+        assert generation.token_ids == want
+        assert all(len(engine.cache.resident(layer)) == 2 for layer in config.moe_layers)  # filled, nothing evicted
+    assert stats.experts_run_elsewhere > 0 and stats.cache_hits > 0 and stats.cache_misses == 0
+    assert stats.bytes_fetched == 2 * len(config.moe_layers) * engine.store.blob_nbytes  # one copy per slot, no more

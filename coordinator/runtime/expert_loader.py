@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import time
+from collections import deque
 
 import torch
 
@@ -44,6 +45,33 @@ class CopyTimer:
         self.cpu_seconds, self.bytes = 0.0, 0
 
 
+class CopyBacklog:
+    """How many loads are issued and not finished: fetches still on the fetch loop, plus device
+    copies the copy stream has not done. What placement auto weighs a new copy's wait by. The
+    copy stream finishes in issue order, so only the oldest pending copy is ever queried; a ring
+    of events made once marks them (past RING pending copies the count stops growing)."""
+
+    RING = 64
+
+    def __init__(self, cuda: bool) -> None:
+        self._events = [torch.cuda.Event() for _ in range(self.RING)] if cuda else []
+        self._pending: deque[int] = deque()
+        self._next = 0
+        self.fetches_started = 0   # written by the caller's thread only
+        self.fetches_finished = 0  # written by the fetch loop's thread only
+
+    def copy_issued(self, stream: torch.cuda.Stream) -> None:
+        if len(self._pending) < self.RING:
+            index = self._next = (self._next + 1) % self.RING
+            self._events[index].record(stream)
+            self._pending.append(index)
+
+    def __len__(self) -> int:
+        while self._pending and self._events[self._pending[0]].query():
+            self._pending.popleft()
+        return len(self._pending) + self.fetches_started - self.fetches_finished
+
+
 class ExpertLoader:
     def __init__(self, source: ExpertSource, device: torch.device, fetch_loop: FetchLoop, *, staging_buffers: int = 4) -> None:
         self.source = source
@@ -52,6 +80,7 @@ class ExpertLoader:
         self.cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self.timer: CopyTimer | None = None
+        self.backlog = CopyBacklog(self.cuda)
         self._staging: asyncio.Queue[torch.Tensor] | None = None
         with torch.inference_mode(False):  # written from the fetch loop's thread
             self._staging_buffers = [
@@ -68,9 +97,16 @@ class ExpertLoader:
             if resident is not None:
                 self._copy(resident, slot, slot_free, slot_ready)
                 return None
+        self.backlog.fetches_started += 1
         return self.fetch_loop.submit(self._load(eid, slot, slot_free, slot_ready))
 
     async def _load(self, eid: ExpertId, slot: torch.Tensor, slot_free, slot_ready) -> None:
+        try:
+            await self._fetch_and_copy(eid, slot, slot_free, slot_ready)
+        finally:
+            self.backlog.fetches_finished += 1
+
+    async def _fetch_and_copy(self, eid: ExpertId, slot: torch.Tensor, slot_free, slot_ready) -> None:
         if not self.cuda:
             started = time.perf_counter()
             resident = self.source.resident_blob(eid)
@@ -85,7 +121,7 @@ class ExpertLoader:
         staging = await self._take_staging()
         try:
             await self.source.fetch_into(eid, staging)
-            self._copy(staging, slot, slot_free, slot_ready)
+            self._copy(staging, slot, slot_free, slot_ready, counted=True)  # in the backlog as a fetch until done
             # The staging buffer is free again only once the device has read it.
             await asyncio.to_thread(slot_ready.synchronize)
         finally:
@@ -98,7 +134,7 @@ class ExpertLoader:
                 self._staging.put_nowait(buffer)
         return await self._staging.get()
 
-    def _copy(self, host: torch.Tensor, slot: torch.Tensor, slot_free, slot_ready) -> None:
+    def _copy(self, host: torch.Tensor, slot: torch.Tensor, slot_free, slot_ready, *, counted: bool = False) -> None:
         with torch.cuda.stream(self.copy_stream):
             self.copy_stream.wait_event(slot_free)
             if self.timer is not None:
@@ -106,6 +142,8 @@ class ExpertLoader:
                 start.record(self.copy_stream)
             slot.copy_(host, non_blocking=True)
             slot_ready.record(self.copy_stream)
+            if not counted:
+                self.backlog.copy_issued(self.copy_stream)
             if self.timer is not None:
                 end.record(self.copy_stream)
                 self.timer.events.append((start, end))

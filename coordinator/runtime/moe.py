@@ -117,7 +117,7 @@ class MoEBlock:
         out = torch.zeros_like(x) if shared is None else shared
         k = self.config.top_k
         spans, flat = _choices_by_expert(plan.chosen, work.on_device)
-        flat = torch.tensor(flat, device=x.device)  # one host->device copy per layer: each expert's (token, position)s
+        flat = torch.tensor(flat, dtype=torch.long, device=x.device)  # one host->device copy per layer: each expert's (token, position)s
         rows_all, route_weights = flat // k, weights.view(-1)[flat]
         for expert in work.on_device:
             begin, end = spans[expert]

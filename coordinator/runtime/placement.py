@@ -8,9 +8,12 @@ RunExpertsStream unless --run-experts unary). Both are `ExpertRunner`s.
     run   every miss runs where it lives; the cache holds what is already resident or loading
     auto  each miss goes to whichever finishes first by the costs measured while running: the
           copy, at the link speed measured at start (for an expert host, its fetch over the
-          network and then the device copy), behind the copies this layer already
-          queued; or the run, at the executor's measured time per expert, behind the runs
-          already given to it (the GPU meanwhile computes the hits)
+          network and then the device copy), behind the loads already queued (prefetches
+          included: the loader's backlog) and those this layer adds; or the run, at the
+          executor's measured time per expert, behind the runs already given to it (the GPU
+          meanwhile computes the hits). A miss run elsewhere while the link is idle is also
+          copied into an empty slot, if the layer has one, for its later uses: a cache that
+          starts empty fills without a token waiting on a copy
 
 Prompts (several tokens per expert) always copy: a copy serves every token, a run costs per
 token. Prefetch keeps working for copies. Knows nothing of the model's math: it only splits a
@@ -173,15 +176,22 @@ class PlacementDispatcher:
             return self.inner.dispatch(plan)
         held = set(self.cache.resident(plan.layer))  # resident or loading: computed on the device
         misses = [e for e in plan.needed if e not in held]
-        elsewhere = misses if self.placement == "run" else self._cheaper_to_run(misses)
+        if self.placement == "run":
+            elsewhere = misses
+        else:
+            backlog = len(self.cache.loader.backlog)
+            elsewhere = self._cheaper_to_run(misses, backlog)
+            if elsewhere and backlog == 0:
+                self.cache.copy_into_free_slots(plan.layer, elsewhere)
         on_device_plan = RoutingPlan(plan.layer, plan.tokens, [e for e in plan.chosen if e not in elsewhere], plan.guesses)
         work = self.inner.dispatch(on_device_plan)
         self.counters.runs_elsewhere[plan.layer] += len(elsewhere)
         return LayerWork(work.on_device, elsewhere)
 
-    def _cheaper_to_run(self, misses: list[int]) -> list[int]:
-        """Greedy: each miss to whichever queue (copies, runs) would finish it first."""
-        copy_busy, run_busy, run_each = 0.0, 0.0, self.runner.seconds_per_expert()
+    def _cheaper_to_run(self, misses: list[int], backlog: int) -> list[int]:
+        """Greedy: each miss to whichever queue (copies, behind `backlog` loads already queued;
+        runs) would finish it first."""
+        copy_busy, run_busy, run_each = backlog * self.copy_seconds, 0.0, self.runner.seconds_per_expert()
         elsewhere = []
         for expert in misses:
             if run_busy + run_each < copy_busy + self.copy_seconds:
