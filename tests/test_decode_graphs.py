@@ -6,6 +6,7 @@ CUDA, tests/test_cuda_engine.py checks captured graphs against the same steps ru
 import pytest
 import torch
 
+from conftest import requires_cuda
 from coordinator.runtime.engine import Engine
 from coordinator.runtime.model import KVCache
 
@@ -52,3 +53,31 @@ def test_the_staged_expert_path_for_many_slots_gives_the_same_logits(request, st
                 position += 1
             runs.append(torch.stack(steps))
         assert (runs[0] - runs[1]).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@requires_cuda
+def test_offloaded_decode_through_the_in_place_slot_kernels_gives_the_per_slot_graphs_tokens_on_cuda(store4, dtype):
+    """K < E on CUDA: a layer's on-device experts through one per-count graph of the slot
+    kernels (their slots and positions copied in per layer) against a graph per (slot, position)."""
+    from coordinator.runtime.decoder import Decoder
+
+    device = torch.device("cuda")
+    with Engine.open(store4, device="cuda", dtype=dtype, cache_experts=2) as engine, torch.inference_mode():
+        prompt = engine.encode("The quick brown fox")
+        runs = []
+        for slot_kernels in (False, True):
+            kv = KVCache(engine.config, 64, device, engine.dtype)
+            logits = engine._prefill(prompt, kv)
+            decoder = Decoder(engine.model, kv, slot_kernels=slot_kernels)
+            assert (decoder.counted_slot_experts is not None) == slot_kernels
+            tokens, steps, position = [], [], len(prompt)
+            for _ in range(STEPS):
+                tokens.append(int(logits[-1].argmax()))
+                logits = decoder.step(tokens[-1], position).clone()
+                steps.append(logits[0].float())
+                position += 1
+            runs.append((tokens, torch.stack(steps)))
+        (want, per_slot), (tokens, slotted) = runs
+        assert tokens == want
+        assert (slotted - per_slot).abs().max().item() < 5e-2 * per_slot.abs().max().item()

@@ -8,7 +8,10 @@ attention, router, lookahead guesses) is one graph, and the expert FFN on each (
 top-k position) is one graph that reads the slot at its fixed address. Between them Python does
 only what must be decided per token: read the layer's routing plan back (one sync), hand it to
 the MoE block's dispatcher (loads, prefetches), and replay the graphs of the slots that hold the
-chosen experts.
+chosen experts. Where the in-place slot kernels apply (kernels/slot_experts.py: CUDA, 2- or
+4-bit HQQ), a layer's on-device experts instead run in one graph per count of them: their slots
+and top-k positions go to the device in one small copy from a pinned buffer, and the kernels
+read each blob in place (no graph per slot, no staging copy).
 
 When every expert of every layer is resident (K slots = E experts, bench's `resident` mode) and
 nothing runs elsewhere (and no routing trace is recorded or replayed), there is nothing to decide
@@ -51,15 +54,18 @@ MAX_EXPERT_GRAPHS = 2048  # past this, one graph per (layer, slot, position) cos
 
 class Decoder:
     def __init__(self, model: Transformer, kv: KVCache, *, cuda_graphs: bool = True,
-                 max_expert_graphs: int = MAX_EXPERT_GRAPHS, resident_path: bool = True) -> None:
+                 max_expert_graphs: int = MAX_EXPERT_GRAPHS, resident_path: bool = True,
+                 slot_kernels: bool = True) -> None:
         """`max_expert_graphs`: with more (layer, slot, top-k position) triples than that (many
         experts, many slots), each expert runs from a staging buffer per top-k position instead:
         one graph per (layer, position) copies the chosen slot there on the device (the slot's
         index is a device tensor), then computes; a blob's copy inside HBM, against thousands of
         graphs otherwise. `resident_path=False` keeps the per-layer path even when every expert is
-        resident (tests compare the two)."""
+        resident (tests compare the two); `slot_kernels=False` keeps the graph per (layer, slot,
+        position) or the staging path where the in-place slot kernels would apply."""
         self.model, self.kv = model, kv
         self.resident_path = resident_path
+        self.use_slot_kernels = slot_kernels
         self.capture = cuda_graphs and model.device.type == "cuda"
         self.max_expert_graphs = max_expert_graphs
         self.clock: PhaseClock | None = None
@@ -116,6 +122,14 @@ class Decoder:
         ys = expert_forward(self.moe_in, self.staging_views[position], self.moe.quantized_linear)  # [1, H]
         self.out.add_((ys * self.weights[:, position : position + 1]).to(self.out.dtype))
 
+    def _slot_experts(self, layer: int, count: int) -> None:
+        """The first `count` on-device experts of the layer, by the slots and top-k positions
+        the step copied to `slot_positions`, read in place: what a per-count graph holds."""
+        k = self.config.top_k
+        weights = torch.index_select(self.weights, 1, self.slot_positions[k : k + count])  # [1, count]
+        self.counted_slot_experts[count - 1](self.moe_in, self.cache.layer_memory(layer),
+                                             self.slot_positions[:count], weights, self.out)
+
     def _resident_experts(self, layer: int) -> None:
         """Every expert resident: the chosen experts' slots come from the expert -> slot table on
         the device. They run in ascending expert order, as the per-layer path runs them, so that
@@ -165,9 +179,22 @@ class Decoder:
                                     and self.cache.slots_per_layer >= c.num_experts)
         self.expert_slots = {layer: torch.tensor(slots, dtype=torch.long, device=device) for layer, slots in (slot_map or {}).items()}
         self.slot_experts = None
-        if self.resident and getattr(self.moe.quantized_linear, "fused", False):
+        fused = getattr(self.moe.quantized_linear, "fused", False)
+        if self.resident and fused:
             self.slot_experts = slot_experts_for(device, self.cache.layout, c.top_k, self.model.dtype)
-        self.staged = not self.resident and len(self.moe_layers) * self.cache.slots_per_layer * c.top_k > self.max_expert_graphs
+        # Offloaded: one set of in-place kernels per count of on-device experts (1..k), when they apply.
+        self.counted_slot_experts = None
+        if not self.resident and fused and self.use_slot_kernels:
+            kernels = [slot_experts_for(device, self.cache.layout, n, self.model.dtype) for n in range(1, c.top_k + 1)]
+            self.counted_slot_experts = kernels if kernels[0] is not None else None
+        if self.counted_slot_experts is not None:
+            # per layer: the on-device experts' slots then their top-k positions, written by the host
+            # (a layer's buffer is rewritten only a token later, long after its copy ran)
+            self.host_slot_positions = torch.zeros(c.num_layers, 2 * c.top_k, dtype=torch.long, pin_memory=device.type == "cuda")
+            self.host_slot_positions_np = self.host_slot_positions.numpy()
+            self.slot_positions = torch.zeros(2 * c.top_k, dtype=torch.long, device=device)
+        self.staged = (not self.resident and self.counted_slot_experts is None
+                       and len(self.moe_layers) * self.cache.slots_per_layer * c.top_k > self.max_expert_graphs)
         staging = self.staged or (self.resident and self.slot_experts is None and device.type == "cuda")
         self.slot_index = torch.zeros(c.top_k, dtype=torch.long, device=device)  # each position's slot, on the device
         with torch.inference_mode(False):
@@ -188,6 +215,12 @@ class Decoder:
             self.expert_graphs = [self._graph(lambda l=layer: self._resident_experts(l)) if layer in self.moe_layers
                                   else None for layer in range(c.num_layers)]
             self.token_graph = self._graph(self._token)
+        elif self.counted_slot_experts is not None:
+            self.expert_graphs = [
+                [self._graph(lambda l=layer, n=count: self._slot_experts(l, n)) for count in range(1, c.top_k + 1)]
+                if layer in self.moe_layers else []
+                for layer in range(c.num_layers)
+            ]
         elif self.staged:
             self.expert_graphs = [
                 [self._graph(lambda l=layer, p=position: self._staged_expert(l, p)) for position in range(c.top_k)]
@@ -215,6 +248,9 @@ class Decoder:
                 if layer in self.moe_layers:
                     if self.resident:
                         self._resident_experts(layer)
+                    elif self.counted_slot_experts is not None:
+                        for count in range(1, c.top_k + 1):
+                            self._slot_experts(layer, count)
                     else:
                         self._staged_expert(layer, 0) if self.staged else self._expert(layer, 0, 0)
             self._head()
@@ -265,7 +301,9 @@ class Decoder:
             pending = self.moe.start_elsewhere(work, plan, self.moe_in, self.weights)  # overlaps the GPU's experts
             if clock:
                 clock.mark("routing")
-            for expert in work.on_device:
+            if self.counted_slot_experts is not None:
+                self._run_slot_experts(layer, plan, work.on_device, clock)
+            for expert in work.on_device if self.counted_slot_experts is None else ():
                 slot = self.cache.acquire(layer, expert)
                 if clock:
                     clock.mark("waiting on copies")
@@ -286,6 +324,23 @@ class Decoder:
         if clock:
             clock.mark("other")
         return self.logits
+
+    def _run_slot_experts(self, layer: int, plan, on_device: list[int], clock: PhaseClock | None) -> None:
+        """The layer's on-device experts through one per-count graph of the in-place kernels."""
+        if not on_device:
+            return
+        k, row = self.config.top_k, self.host_slot_positions_np[layer]
+        for rank, expert in enumerate(on_device):
+            row[rank] = self.cache.acquire(layer, expert)  # the stream waits for its copy, if any
+            row[k + rank] = plan.chosen.index(expert)
+        if clock:
+            clock.mark("waiting on copies")
+        self.slot_positions.copy_(self.host_slot_positions[layer], non_blocking=True)
+        self.expert_graphs[layer][len(on_device) - 1].replay()
+        for expert in on_device:
+            self.cache.done(layer, expert)
+        if clock:
+            clock.mark("expert compute")
 
     def _step_resident(self, clock: PhaseClock | None) -> None:
         """Every expert resident: one replay and no read-back; while the clock runs, the same

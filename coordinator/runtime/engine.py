@@ -336,9 +336,12 @@ class Engine:
         next step). The decoder is made once per KV cache and cache."""
         if self._decoder is None or self._decoder.kv is not kv:
             # MOE_EDGE_RESIDENT_GRAPH=0 keeps the per-layer decode path when every expert is resident
-            # (a switch for comparing the two, and for ruling the one-graph token out when debugging).
+            # (a switch for comparing the two, and for ruling the one-graph token out when debugging);
+            # MOE_EDGE_SLOT_KERNELS=0 keeps a graph per (layer, slot, position) where offloaded decode
+            # would run the in-place slot kernels.
             self._decoder = Decoder(self.model, kv, cuda_graphs=self.options.cuda_graphs,
-                                    resident_path=os.environ.get("MOE_EDGE_RESIDENT_GRAPH", "1") != "0")
+                                    resident_path=os.environ.get("MOE_EDGE_RESIDENT_GRAPH", "1") != "0",
+                                    slot_kernels=os.environ.get("MOE_EDGE_SLOT_KERNELS", "1") != "0")
         if self.routing_hook is not None:
             self.routing_hook.begin_step("decode", [token])
         return self._decoder.step(token, position)
