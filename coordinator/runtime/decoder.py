@@ -260,7 +260,10 @@ class Decoder:
         if not self.capture:
             return _Direct(work)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: the fetch loop's thread may touch CUDA meanwhile (an expert host's run
+        # results, a staging copy's sync); under the default global mode that invalidates the
+        # capture (seen on an H200 with experts run on a host through a link proxy).
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             work()
         return graph
 
