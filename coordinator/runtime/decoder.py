@@ -83,7 +83,7 @@ class Decoder:
     # --- what the graphs hold --------------------------------------------------------------
 
     def _embed(self) -> None:
-        self.x.copy_(F.embedding(self.token, self.model.weights.embed))
+        torch.index_select(self.model.weights.embed, 0, self.token, out=self.x)  # the token's embedding row
         self.step_tables.fill(self.position)  # the rotary rows and masks every layer of this token reads
 
     def _layer(self, layer: int) -> None:
@@ -91,15 +91,12 @@ class Decoder:
             torch.add(self.h, self.out, out=self.x)
         weights = self.model.weights.layers[layer]
         normed = rms_norm(self.x, weights.input_norm, self.config.rms_norm_eps)
-        self.h.copy_(self.x + self.model.attention(normed, layer, self.position, self.kv, self.step_tables))
+        torch.add(self.x, self.model.attention(normed, layer, self.position, self.kv, self.step_tables), out=self.h)
         if weights.router is None:  # a dense layer: its FFN is all of it, no plan, no experts
             self.out.copy_(self.model.ffn(layer, self.h))
             return
-        moe_in, route_weights, plan = self.moe.route(layer, self.h)
-        self.moe_in.copy_(moe_in)
-        self.weights.copy_(route_weights)
-        self.plans[layer].copy_(plan)
-        shared = shared_expert(moe_in, weights)  # the experts' outputs are added onto it
+        self.moe.route(layer, self.h, out=(self.moe_in, self.weights, self.plans[layer]))  # written in place
+        shared = shared_expert(self.moe_in, weights)  # the experts' outputs are added onto it
         if shared is None:
             self.out.zero_()
         else:
@@ -140,7 +137,7 @@ class Decoder:
     def _head(self) -> None:
         torch.add(self.h, self.out, out=self.x)
         normed = rms_norm(self.x, self.model.weights.norm, self.config.rms_norm_eps)
-        self.logits.copy_(F.linear(normed, self.model.weights.lm_head).float())
+        self.logits.copy_(F.linear(normed, self.model.weights.lm_head))  # to float32 on the way
 
     # --- capture ---------------------------------------------------------------------------
 
