@@ -114,25 +114,28 @@ class Decoder:
         self.out.add_((ys * self.weights[:, position : position + 1]).to(self.out.dtype))
 
     def _resident_experts(self, layer: int) -> None:
-        """Every expert resident: the chosen experts' slots come from the expert -> slot table on
-        the device. They run in ascending expert order, as the per-layer path runs them, so that
+        """Every expert resident: the chosen experts' slots are their own indices where each
+        expert sits in the slot of its index (as load_all leaves them), else come from the expert
+        -> slot table on the device. They run in ascending expert order, as the per-layer path runs them, so that
         off CUDA both paths add the same numbers in the same order."""
         k = self.config.top_k
         experts, positions = torch.sort(self.plans[layer][:k])  # [k] each: experts, their top-k positions
-        torch.index_select(self.expert_slots[layer], 0, experts, out=self.slot_index)
+        slots = experts  # where each expert sits in the slot of its own index (as load_all leaves them)
+        if layer in self.expert_slots:
+            slots = torch.index_select(self.expert_slots[layer], 0, experts, out=self.slot_index)
         memory = self.cache.layer_memory(layer)
         if self.slot_experts is not None:  # in place, all k experts in two launches
-            weights = torch.index_select(self.weights, 1, positions)  # [1, k] in slot_index's order
-            self.slot_experts(self.moe_in, memory, self.slot_index, weights, self.out)
+            weights = torch.index_select(self.weights, 1, positions)  # [1, k] in slots' order
+            self.slot_experts(self.moe_in, memory, slots, weights, self.out)
             return
         for rank in range(k):
             if self.model.device.type == "cuda":  # the blob by its device index, through the staging buffer
-                torch.index_select(memory, 0, self.slot_index[rank : rank + 1], out=self.staging[rank : rank + 1])
+                torch.index_select(memory, 0, slots[rank : rank + 1], out=self.staging[rank : rank + 1])
                 ys = expert_forward(self.moe_in, self.staging_views[rank], self.moe.quantized_linear)  # [1, H]
                 weight = torch.index_select(self.weights, 1, positions[rank : rank + 1])  # [1, 1]
                 self.out.add_((ys * weight).to(self.out.dtype))
             else:  # off CUDA the host reads the index for free: the slot's own views
-                self._expert(layer, int(self.slot_index[rank]), int(positions[rank]))
+                self._expert(layer, int(slots[rank]), int(positions[rank]))
 
     def _head(self) -> None:
         torch.add(self.h, self.out, out=self.x)
@@ -160,7 +163,9 @@ class Decoder:
         self.may_become_resident = (not self.resident and self.resident_path and self.moe.elsewhere is None
                                     and not self.cache.forget_after_use and self.moe.routing_hook is None
                                     and self.cache.slots_per_layer >= c.num_experts)
-        self.expert_slots = {layer: torch.tensor(slots, dtype=torch.long, device=device) for layer, slots in (slot_map or {}).items()}
+        # expert -> slot tables on the device, of the layers where an expert is not in the slot of its index
+        self.expert_slots = {layer: torch.tensor(slots, dtype=torch.long, device=device)
+                             for layer, slots in (slot_map or {}).items() if slots != list(range(len(slots)))}
         self.slot_experts = None
         if self.resident and getattr(self.moe.quantized_linear, "fused", False):
             self.slot_experts = slot_experts_for(device, self.cache.layout, c.top_k, self.model.dtype)
