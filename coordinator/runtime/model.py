@@ -111,7 +111,7 @@ class KVCache:
 
 class StepTables:
     """What every layer of one decode step shares, looked up once per token instead of once per
-    layer: the position's rotary (cos, sin) rows and the additive mask over the KV capacity for
+    layer: the position's rotary table row and the additive mask over the KV capacity for
     each sliding window the model has (keyed by the window; None: no window). Static buffers, filled by `fill` (inside the
     decoder's embed graph): on a fast GPU a decode step is bound by its kernel count."""
 
@@ -120,14 +120,13 @@ class StepTables:
         self.model, self.capacity = model, capacity
         windows = {c.window_of(layer) for layer in range(c.num_layers)}
         self.masks = {window: torch.zeros(1, capacity, device=model.device, dtype=model.dtype) for window in windows}
-        self.rotary_rows = None  # [1, 2R]: the position's [cos | sin'] (RotaryEmbedding)
-        if model.rotary is not None:
-            self.rotary_rows = torch.zeros(1, model.rotary.table.shape[1], device=model.device, dtype=model.dtype)
+        rotary = model.rotary if model.rotary is not None else model.latent.rotary
+        self.rotary_table = rotary.table  # [P, 2R]: RotaryEmbedding's, or LatentRotary's
+        self.rotary_rows = torch.zeros(1, rotary.table.shape[1], device=model.device, dtype=model.dtype)  # [1, 2R]
 
     def fill(self, position: torch.Tensor) -> None:
         """position: the token's position, a device tensor [1]."""
-        if self.rotary_rows is not None:
-            torch.index_select(self.model.rotary.table, 0, position, out=self.rotary_rows)
+        torch.index_select(self.rotary_table, 0, position, out=self.rotary_rows)
         for window, mask in self.masks.items():
             mask.copy_(self.model._mask(position, 1, self.capacity, window))
 
@@ -156,7 +155,8 @@ class Transformer:
             total = kv.capacity if isinstance(start, torch.Tensor) else start + length
             if step is None:
                 mask = self._mask(start, length, total, window)
-            return self.latent.forward(x, w.latent, w.o_proj, layer, start, kv, mask)
+            return self.latent.forward(x, w.latent, w.o_proj, layer, start, kv, mask,
+                                       step.rotary_rows if step is not None else None)
         qkv = None
         if w.qkv_proj is not None:  # one matmul for the three projections (views of one weight)
             qkv = F.linear(x, w.qkv_proj, w.qkv_bias)  # [T, (Q+2K)*D]
