@@ -169,11 +169,14 @@ class Transformer:
             rms_norm(q, w.q_norm, c.rms_norm_eps, out=q), rms_norm(k, w.k_norm, c.rms_norm_eps, out=k)
         q = q.view(length, c.num_heads, c.head_dim)  # [T, Q, D]
         k = k.view(length, c.num_kv_heads, c.head_dim)  # [T, K, D]
-        if c.qk_norm == "head":  # Qwen3: an RMSNorm over each head
+        heads = None if qkv is None else qkv.view(length, c.num_heads + 2 * c.num_kv_heads, c.head_dim)  # [T, Q+2K, D]
+        if w.qk_norm_rows is not None:  # Qwen3: an RMSNorm over each head, q's and k's heads at once
+            query_and_key = heads[:, : c.num_heads + c.num_kv_heads]  # [T, Q+K, D]
+            rms_norm(query_and_key, w.qk_norm_rows, c.rms_norm_eps, out=query_and_key)
+        elif c.qk_norm == "head":
             rms_norm(q, w.q_norm, c.rms_norm_eps, out=q), rms_norm(k, w.k_norm, c.rms_norm_eps, out=k)
         rows = step.rotary_rows if step is not None else self.rotary.rows(start, length)  # [T, 2R]
-        if qkv is not None:  # q and k side by side: turned together
-            heads = qkv.view(length, c.num_heads + 2 * c.num_kv_heads, c.head_dim)  # [T, Q+2K, D]
+        if heads is not None:  # q and k side by side: turned together
             self.rotary.turn_(heads[:, : c.num_heads + c.num_kv_heads].transpose(0, 1), rows)
             keys, values = kv.update_stacked(layer, start, heads[:, c.num_heads :].transpose(0, 1))  # [K, S, D] each
         else:

@@ -50,6 +50,7 @@ class LayerWeights:
     qkv_proj: torch.Tensor | None = None  # [(Q+2K)*D, H]: q, k and v stacked (then those three are None)
     qkv_bias: torch.Tensor | None = None  # [(Q+2K)*D]
     qkv_widths: tuple[int, int, int] | None = None  # (Q*D, K*D, K*D): where qkv_proj's output splits
+    qk_norm_rows: torch.Tensor | None = None  # [Q+K, D]: q_norm per query head, k_norm per key head (stack_qk_norms)
 
     def fuse_qkv(self) -> None:
         """Stack q, k and v into one weight: one matmul instead of three per layer (a decode
@@ -62,6 +63,13 @@ class LayerWeights:
         self.qkv_proj = torch.cat([self.q_proj, self.k_proj, self.v_proj])
         self.qkv_bias = None if self.q_bias is None else torch.cat(biases)
         self.q_proj = self.k_proj = self.v_proj = self.q_bias = self.k_bias = self.v_bias = None
+
+    def stack_qk_norms(self, query_heads: int, key_heads: int) -> None:
+        """With per-head q/k norms and one qkv weight: one weight row per head of q and k, so
+        that one RMSNorm over the [Q+K, D] heads, side by side in the qkv output, does both."""
+        if self.qkv_proj is None or self.q_norm is None:
+            return
+        self.qk_norm_rows = torch.cat([self.q_norm.expand(query_heads, -1), self.k_norm.expand(key_heads, -1)])
 
     def tensors(self) -> list[torch.Tensor]:
         own = [t for t in vars(self).values() if isinstance(t, torch.Tensor)]
@@ -129,6 +137,8 @@ class DenseWeights:
         ]
         for layer in layers:
             layer.fuse_qkv()
+            if config.qk_norm == "head":
+                layer.stack_qk_norms(config.num_heads, config.num_kv_heads)
         return cls(embed, plain(dense_names.FINAL_NORM), lm_head, layers)
 
     def nbytes(self) -> int:
