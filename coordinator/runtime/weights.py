@@ -45,7 +45,7 @@ class LayerWeights:
     dense_w2: torch.Tensor | None = None  # [H, F']
     latent: LatentWeights | None = None  # multi-head latent attention's own weights (DeepSeek-V3)
     o_bias: torch.Tensor | None = None  # [H]
-    sinks: torch.Tensor | None = None  # [Q]: each query head's attention sink logit
+    sinks: torch.Tensor | None = None  # [Q]: each query head's attention sink logit, float32 (from the model's dtype)
     router_logit_bias: torch.Tensor | None = None  # [E]: added to the router's logits (topk_softmax)
     qkv_proj: torch.Tensor | None = None  # [(Q+2K)*D, H]: q, k and v stacked (then those three are None)
     qkv_bias: torch.Tensor | None = None  # [(Q+2K)*D]
@@ -139,6 +139,8 @@ class DenseWeights:
             layer.fuse_qkv()
             if config.qk_norm == "head":
                 layer.stack_qk_norms(config.num_heads, config.num_kv_heads)
+            if layer.sinks is not None:  # in the model's dtype, then float32 once (the softmax's): no cast per step
+                layer.sinks = layer.sinks.float()
         return cls(embed, plain(dense_names.FINAL_NORM), lm_head, layers)
 
     def nbytes(self) -> int:
