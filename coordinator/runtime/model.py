@@ -128,7 +128,7 @@ class StepTables:
         """position: the token's position, a device tensor [1]."""
         torch.index_select(self.rotary_table, 0, position, out=self.rotary_rows)
         for window, mask in self.masks.items():
-            mask.copy_(self.model._mask(position, 1, self.capacity, window))
+            self.model._mask(position, 1, self.capacity, window, out=mask)
 
 
 class Transformer:
@@ -213,19 +213,20 @@ class Transformer:
                              weights.dense_w13, weights.dense_w2)
         return self.moe.forward(layer, h)
 
-    def _mask(self, start: int | torch.Tensor, length: int, total: int, window: int | None) -> torch.Tensor | None:
+    def _mask(self, start: int | torch.Tensor, length: int, total: int, window: int | None, *,
+              out: torch.Tensor | None = None) -> torch.Tensor | None:
         """Additive [T, S] mask: causal, and the layer's sliding window if it has one (Mistral's
-        on every layer, GPT-OSS's on alternate layers)."""
+        on every layer, GPT-OSS's on alternate layers). `out`: a [T, S] buffer to write it into."""
         static = isinstance(start, torch.Tensor)  # the whole KV capacity is attended: mask past `start`
         if length == 1 and not static and (window is None or total <= window):
             return None
         query_pos = (start if static else torch.arange(start, start + length, device=self.device))[:, None]
         key_pos = torch.arange(total, device=self.device)[None, :]
-        allowed = key_pos <= query_pos
+        blocked = key_pos > query_pos  # [T, S]: the positions after the query's
         if window is not None:
-            allowed &= key_pos > query_pos - window
-        mask = torch.zeros(allowed.shape, device=self.device, dtype=self.dtype)
-        return mask.masked_fill(~allowed, torch.finfo(self.dtype).min)
+            blocked |= key_pos <= query_pos - window  # and those that left its window
+        mask = torch.zeros(blocked.shape, device=self.device, dtype=self.dtype) if out is None else out.zero_()
+        return mask.masked_fill_(blocked, torch.finfo(self.dtype).min)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start: int, kv: KVCache, *, all_logits: bool = False) -> torch.Tensor:
