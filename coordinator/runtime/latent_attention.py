@@ -147,7 +147,7 @@ class LatentAttention:
         scores = scores * self.scale
         if mask is not None:
             scores = scores + mask
-        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        probs = F.softmax(scores, dim=-1)  # in float32 inside the kernel, rounded once to q's dtype on the way out
         attended = torch.matmul(probs, latents[0])  # [Q, T, C]
         out = torch.matmul(attended, w.v_up.transpose(1, 2))  # [Q, T, Vd]
         return F.linear(out.transpose(0, 1).reshape(length, -1), o_proj)  # [T, Q*Vd] -> [T, H]

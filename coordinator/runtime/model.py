@@ -198,7 +198,7 @@ class Transformer:
         if mask is not None:
             scores = scores + mask
         if w.sinks is None:
-            probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            probs = F.softmax(scores, dim=-1)  # in float32 inside the kernel, rounded once to q's dtype on the way out
         else:  # GPT-OSS
             probs = softmax_with_sinks(scores, w.sinks.view(c.num_kv_heads, group)).to(q.dtype)
         out = torch.matmul(probs.view(c.num_kv_heads, group * length, -1), values)  # [K, group*T, D]
