@@ -96,11 +96,8 @@ class Decoder:
             self.out.copy_(self.model.ffn(layer, self.h))
             return
         self.moe.route(layer, self.h, out=(self.moe_in, self.weights, self.plans[layer]))  # written in place
-        shared = shared_expert(self.moe_in, weights)  # the experts' outputs are added onto it
-        if shared is None:
+        if shared_expert(self.moe_in, weights, out=self.out) is None:  # the experts' outputs are added onto it
             self.out.zero_()
-        else:
-            self.out.copy_(shared)
 
     def _expert(self, layer: int, slot: int, position: int) -> None:
         ys = expert_forward(self.moe_in, self.cache.slot_weights(layer, slot), self.moe.quantized_linear)  # [1, H]

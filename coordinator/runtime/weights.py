@@ -151,17 +151,20 @@ class DenseWeights:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def gated_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """The SiLU-gated FFN of a dense layer or a shared expert: x [T, H] -> [T, H]."""
+def gated_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The SiLU-gated FFN of a dense layer or a shared expert: x [T, H] -> [T, H], written into
+    `out` where given (the same product as F.linear's: x @ w2.T, no bias)."""
     gate, up = F.linear(x, w13).chunk(2, dim=-1)  # [T, F] each
-    return F.linear(F.silu(gate) * up, w2)
+    hidden = F.silu(gate) * up
+    return F.linear(hidden, w2) if out is None else torch.matmul(hidden, w2.t(), out=out)
 
 
-def shared_expert(x: torch.Tensor, weights: LayerWeights) -> torch.Tensor | None:
-    """The shared expert's output for the normed MoE input x [T, H] (None where there is none)."""
+def shared_expert(x: torch.Tensor, weights: LayerWeights, *, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The shared expert's output for the normed MoE input x [T, H] (None where there is none),
+    written into `out` where given."""
     if weights.shared_w13 is None:
         return None
-    out = gated_ffn(x, weights.shared_w13, weights.shared_w2)
-    if weights.shared_gate is not None:
-        out = out * torch.sigmoid(F.linear(x, weights.shared_gate))  # [T, 1]
-    return out
+    if weights.shared_gate is None:
+        return gated_ffn(x, weights.shared_w13, weights.shared_w2, out=out)
+    return torch.mul(gated_ffn(x, weights.shared_w13, weights.shared_w2),
+                     torch.sigmoid(F.linear(x, weights.shared_gate)), out=out)  # [T, H] * [T, 1]
