@@ -2,8 +2,9 @@
 device: captured as CUDA graphs on CUDA, run directly (the same steps, uncaptured) elsewhere or
 with `cuda_graphs=False`. The prompt path is `Transformer.forward`.
 
-Run eagerly, a decode step launches some sixty small kernels per layer, and on a fast GPU their
-launch cost, not the GPU, bounds the speed. Here each layer's fixed part (residual add,
+Run eagerly, a decode step launches a few dozen small kernels per layer, and on a fast GPU their
+launch cost, not the GPU, bounds the speed; even inside a graph each costs a microsecond or two,
+so the math writes into these buffers in place where it can, without a copy after. Here each layer's fixed part (residual add,
 attention, router, lookahead guesses) is one graph, and the expert FFN on each (cache slot,
 top-k position) is one graph that reads the slot at its fixed address. Between them Python does
 only what must be decided per token: read the layer's routing plan back (one sync), hand it to
