@@ -47,6 +47,25 @@ def test_the_resident_path_gives_the_per_layer_paths_logits_exactly(request, sto
         assert torch.equal(resident, per_layer)
 
 
+def test_the_resident_path_finds_experts_that_sit_out_of_order_through_the_slot_table(store4):
+    with Engine.open(store4, cache_experts=2) as engine, torch.inference_mode():
+        engine.use_cache_mode("resident")
+        per_layer_tokens, per_layer, _ = decode(engine, torch.device("cpu"), resident_path=False)
+        cache, experts = engine.cache, engine.config.num_experts
+        for layer in cache.expert_layers:  # expert e moves to slot E-1-e
+            for slot in range(experts):
+                cache._evict(layer, slot)
+            for expert in reversed(range(experts)):
+                cache.begin_layer(layer, [expert])
+                cache.acquire(layer, expert)
+                cache.done(layer, expert)
+        assert cache.slot_map(experts)[cache.expert_layers[0]] == list(reversed(range(experts)))
+        tokens, resident, decoder = decode(engine, torch.device("cpu"), resident_path=True)
+        assert decoder.resident and decoder.expert_slots  # the table is read
+        assert tokens == per_layer_tokens
+        assert torch.equal(resident, per_layer)
+
+
 def test_resident_decode_counts_every_use_as_a_hit(store4):
     with Engine.open(store4, cache_experts=2) as engine, torch.inference_mode():
         engine.use_cache_mode("resident")

@@ -2,8 +2,9 @@
 device: captured as CUDA graphs on CUDA, run directly (the same steps, uncaptured) elsewhere or
 with `cuda_graphs=False`. The prompt path is `Transformer.forward`.
 
-Run eagerly, a decode step launches some sixty small kernels per layer, and on a fast GPU their
-launch cost, not the GPU, bounds the speed. Here each layer's fixed part (residual add,
+Run eagerly, a decode step launches a few dozen small kernels per layer, and on a fast GPU their
+launch cost, not the GPU, bounds the speed; even inside a graph each costs a microsecond or two,
+so the math writes into these buffers in place where it can, without a copy after. Here each layer's fixed part (residual add,
 attention, router, lookahead guesses) is one graph, and the expert FFN on each (cache slot,
 top-k position) is one graph that reads the slot at its fixed address. Between them Python does
 only what must be decided per token: read the layer's routing plan back (one sync), hand it to
@@ -89,7 +90,7 @@ class Decoder:
     # --- what the graphs hold --------------------------------------------------------------
 
     def _embed(self) -> None:
-        self.x.copy_(F.embedding(self.token, self.model.weights.embed))
+        torch.index_select(self.model.weights.embed, 0, self.token, out=self.x)  # the token's embedding row
         self.step_tables.fill(self.position)  # the rotary rows and masks every layer of this token reads
 
     def _layer(self, layer: int) -> None:
@@ -97,19 +98,13 @@ class Decoder:
             torch.add(self.h, self.out, out=self.x)
         weights = self.model.weights.layers[layer]
         normed = rms_norm(self.x, weights.input_norm, self.config.rms_norm_eps)
-        self.h.copy_(self.x + self.model.attention(normed, layer, self.position, self.kv, self.step_tables))
+        torch.add(self.x, self.model.attention(normed, layer, self.position, self.kv, self.step_tables), out=self.h)
         if weights.router is None:  # a dense layer: its FFN is all of it, no plan, no experts
             self.out.copy_(self.model.ffn(layer, self.h))
             return
-        moe_in, route_weights, plan = self.moe.route(layer, self.h)
-        self.moe_in.copy_(moe_in)
-        self.weights.copy_(route_weights)
-        self.plans[layer].copy_(plan)
-        shared = shared_expert(moe_in, weights)  # the experts' outputs are added onto it
-        if shared is None:
+        self.moe.route(layer, self.h, out=(self.moe_in, self.weights, self.plans[layer]))  # written in place
+        if shared_expert(self.moe_in, weights, out=self.out) is None:  # the experts' outputs are added onto it
             self.out.zero_()
-        else:
-            self.out.copy_(shared)
 
     def _expert(self, layer: int, slot: int, position: int) -> None:
         ys = expert_forward(self.moe_in, self.cache.slot_weights(layer, slot), self.moe.quantized_linear)  # [1, H]
@@ -131,30 +126,33 @@ class Decoder:
                                              self.slot_positions[:count], weights, self.out)
 
     def _resident_experts(self, layer: int) -> None:
-        """Every expert resident: the chosen experts' slots come from the expert -> slot table on
-        the device. They run in ascending expert order, as the per-layer path runs them, so that
+        """Every expert resident: the chosen experts' slots are their own indices where each
+        expert sits in the slot of its index (as load_all leaves them), else come from the expert
+        -> slot table on the device. They run in ascending expert order, as the per-layer path runs them, so that
         off CUDA both paths add the same numbers in the same order."""
         k = self.config.top_k
         experts, positions = torch.sort(self.plans[layer][:k])  # [k] each: experts, their top-k positions
-        torch.index_select(self.expert_slots[layer], 0, experts, out=self.slot_index)
+        slots = experts  # where each expert sits in the slot of its own index (as load_all leaves them)
+        if layer in self.expert_slots:
+            slots = torch.index_select(self.expert_slots[layer], 0, experts, out=self.slot_index)
         memory = self.cache.layer_memory(layer)
         if self.slot_experts is not None:  # in place, all k experts in two launches
-            weights = torch.index_select(self.weights, 1, positions)  # [1, k] in slot_index's order
-            self.slot_experts(self.moe_in, memory, self.slot_index, weights, self.out)
+            weights = torch.index_select(self.weights, 1, positions)  # [1, k] in slots' order
+            self.slot_experts(self.moe_in, memory, slots, weights, self.out)
             return
         for rank in range(k):
             if self.model.device.type == "cuda":  # the blob by its device index, through the staging buffer
-                torch.index_select(memory, 0, self.slot_index[rank : rank + 1], out=self.staging[rank : rank + 1])
+                torch.index_select(memory, 0, slots[rank : rank + 1], out=self.staging[rank : rank + 1])
                 ys = expert_forward(self.moe_in, self.staging_views[rank], self.moe.quantized_linear)  # [1, H]
                 weight = torch.index_select(self.weights, 1, positions[rank : rank + 1])  # [1, 1]
                 self.out.add_((ys * weight).to(self.out.dtype))
             else:  # off CUDA the host reads the index for free: the slot's own views
-                self._expert(layer, int(self.slot_index[rank]), int(positions[rank]))
+                self._expert(layer, int(slots[rank]), int(positions[rank]))
 
     def _head(self) -> None:
         torch.add(self.h, self.out, out=self.x)
         normed = rms_norm(self.x, self.model.weights.norm, self.config.rms_norm_eps)
-        self.logits.copy_(F.linear(normed, self.model.weights.lm_head).float())
+        self.logits.copy_(F.linear(normed, self.model.weights.lm_head))  # to float32 on the way
 
     # --- capture ---------------------------------------------------------------------------
 
@@ -177,7 +175,9 @@ class Decoder:
         self.may_become_resident = (not self.resident and self.resident_path and self.moe.elsewhere is None
                                     and not self.cache.forget_after_use and self.moe.routing_hook is None
                                     and self.cache.slots_per_layer >= c.num_experts)
-        self.expert_slots = {layer: torch.tensor(slots, dtype=torch.long, device=device) for layer, slots in (slot_map or {}).items()}
+        # expert -> slot tables on the device, of the layers where an expert is not in the slot of its index
+        self.expert_slots = {layer: torch.tensor(slots, dtype=torch.long, device=device)
+                             for layer, slots in (slot_map or {}).items() if slots != list(range(len(slots)))}
         self.slot_experts = None
         fused = getattr(self.moe.quantized_linear, "fused", False)
         if self.resident and fused:

@@ -85,26 +85,35 @@ class LatentRotary:
     """cos/sin of each position for the R rotary dims (float32 as transformers, cast once).
     DeepSeek's checkpoints pair the dims as (x0, x1), (x2, x3), ... (`rope_interleave`); the
     others as the two halves. Either way the turned pairs come out as [firsts | seconds], as in
-    transformers: q_pe and k_pe get the same layout, so their dot products are the same."""
+    transformers: q_pe and k_pe get the same layout, so their dot products are the same.
+
+    [f * cos - s * sin | s * cos + f * sin] for the pairs' firsts f and seconds s is computed as
+    [f | s | s | f] times one table row [cos | cos | -sin | sin], its two halves added: the same
+    numbers (a negation is exact) in three kernels."""
 
     def __init__(self, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
         inv_freq, scaling = rope.inverse_frequencies(config, config.qk_rope_head_dim)  # [R/2]; YaRN's mscale
         freqs = torch.arange(config.max_position_embeddings, dtype=torch.float32)[:, None] * inv_freq[None, :]  # [P, R/2]
-        self.cos = (freqs.cos() * scaling).to(device=device, dtype=dtype)
-        self.sin = (freqs.sin() * scaling).to(device=device, dtype=dtype)
+        cos = (freqs.cos() * scaling).to(device=device, dtype=dtype)
+        sin = (freqs.sin() * scaling).to(device=device, dtype=dtype)
+        self.table = torch.cat([cos, cos, -sin, sin], dim=-1)  # [P, 2R]
         self.interleave = config.rope_interleave
 
-    def apply(self, x: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
-        """x [heads, T, R] at positions start.. (or one token at a device position [1])."""
+    def rows(self, start: int | torch.Tensor, length: int) -> torch.Tensor:
+        """The table rows [T, 2R] of positions start..start+T-1 (or of a device position [1])."""
         if isinstance(start, torch.Tensor):
-            cos, sin = self.cos.index_select(0, start), self.sin.index_select(0, start)  # [1, R/2]
-        else:
-            cos, sin = self.cos[start : start + x.shape[-2]], self.sin[start : start + x.shape[-2]]  # [T, R/2]
+            return self.table.index_select(0, start)
+        return self.table[start : start + length]
+
+    def apply(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """x [heads, T, R] at the positions of the table rows [T, 2R] -> turned [heads, T, R]."""
         if self.interleave:
             first, second = x[..., 0::2], x[..., 1::2]
         else:
             first, second = x.chunk(2, dim=-1)
-        return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
+        products = torch.cat([first, second, second, first], dim=-1) * rows  # [heads, T, 2R]
+        width = x.shape[-1]
+        return products[..., :width] + products[..., width:]
 
 
 class LatentAttention:
@@ -115,9 +124,11 @@ class LatentAttention:
         self.scale = (config.qk_nope_head_dim + config.qk_rope_head_dim) ** -0.5 * config.softmax_scale_factor
 
     def forward(self, x: torch.Tensor, weights: LatentWeights, o_proj: torch.Tensor, layer: int,
-                start: int | torch.Tensor, kv, mask: torch.Tensor | None) -> torch.Tensor:
+                start: int | torch.Tensor, kv, mask: torch.Tensor | None,
+                rotary_rows: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, H] (normed) -> [T, H]. `kv` is model.KVCache laid out by cache_shapes; `mask`
-        the additive [T, S] causal mask (None when nothing needs masking)."""
+        the additive [T, S] causal mask (None when nothing needs masking); `rotary_rows` the
+        positions' LatentRotary rows [T, 2R] where the caller looked them up already."""
         c, w = self.config, weights
         length = x.shape[0]
         if w.q_a_proj is not None:
@@ -128,14 +139,15 @@ class LatentAttention:
         q_nope, q_pe = q.split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)  # [Q, T, N], [Q, T, R]
         latent, k_pe = F.linear(x, w.kv_a_proj).split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)  # [T, C], [T, R]
         latent = rms_norm(latent, w.kv_a_norm, LATENT_NORM_EPS)
-        q_pe, k_pe = self.rotary.apply(q_pe, start), self.rotary.apply(k_pe[None], start)  # [Q, T, R], [1, T, R]
+        rows = rotary_rows if rotary_rows is not None else self.rotary.rows(start, length)  # [T, 2R]
+        q_pe, k_pe = self.rotary.apply(q_pe, rows), self.rotary.apply(k_pe[None], rows)  # [Q, T, R], [1, T, R]
         latents, k_pes = kv.update(layer, start, latent[None], k_pe)  # [1, S, C], [1, S, R]
         q_latent = torch.matmul(q_nope, w.k_up)  # [Q, T, C]: kv_b's k part absorbed
         scores = torch.matmul(q_latent, latents[0].T) + torch.matmul(q_pe, k_pes[0].T)  # [Q, T, S]
         scores = scores * self.scale
         if mask is not None:
             scores = scores + mask
-        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        probs = F.softmax(scores, dim=-1)  # in float32 inside the kernel, rounded once to q's dtype on the way out
         attended = torch.matmul(probs, latents[0])  # [Q, T, C]
         out = torch.matmul(attended, w.v_up.transpose(1, 2))  # [Q, T, Vd]
         return F.linear(out.transpose(0, 1).reshape(length, -1), o_proj)  # [T, Q*Vd] -> [T, H]

@@ -29,7 +29,13 @@ class RotaryEmbedding:
     """cos/sin tables for every position, computed as transformers does (float32), cast once;
     the frequencies and their scaling per rope type are rope.py's. With a rotary_dim below the
     head dim (GLM-4.5's partial rotary), only the first rotary_dim of each head turn; the rest
-    pass through."""
+    pass through.
+
+    transformers turns x as x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2 | x1] for the
+    halves [x1 | x2]. Here one table row per position is [cos | sin'] with rotate_half's minus
+    folded into sin' = [-sin1 | sin2], so that x * cos + [x2 | x1] * sin' gives the same numbers
+    (a negation is exact) in three kernels: one copy [x | x2 | x1], one multiply by the row, one
+    add of its two halves, written back over x."""
 
     def __init__(self, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
         dim = config.rotary_width
@@ -40,46 +46,44 @@ class RotaryEmbedding:
         cos, sin = angles.cos(), angles.sin()
         if scaling != 1.0:  # YaRN's attention factor
             cos, sin = cos * scaling, sin * scaling
-        self.cos = cos.to(device=device, dtype=dtype)
-        self.sin = sin.to(device=device, dtype=dtype)
+        sin[:, : dim // 2] = -sin[:, : dim // 2]  # rotate_half's minus
+        self.table = torch.cat([cos, sin], dim=-1).to(device=device, dtype=dtype)  # [P, 2R]: [cos | sin']
         self.dim = dim
-        self.partial = dim < config.head_dim
 
-    def apply(self, x: torch.Tensor, start: int | torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """x [heads, T, D] at positions start..start+T-1 (or one token at a position held in a
-        device tensor [1], for CUDA graphs). `rows`: that token's (cos, sin) [1, R], when the
-        decode step looked them up once for every layer."""
-        if rows is not None:
-            cos, sin = rows
-        elif isinstance(start, torch.Tensor):
-            cos, sin = self.cos.index_select(0, start), self.sin.index_select(0, start)  # [1, R]
-        else:
-            length = x.shape[-2]
-            cos, sin = self.cos[start : start + length], self.sin[start : start + length]  # [T, R]
-        if self.partial:
-            turned, kept = x[..., : self.dim], x[..., self.dim :]
-            return torch.cat([self._turn(turned, cos, sin), kept], dim=-1)
-        return self._turn(x, cos, sin)
+    def rows(self, start: int | torch.Tensor, length: int) -> torch.Tensor:
+        """The table rows [T, 2R] of positions start..start+T-1 (or of a device position [1])."""
+        if isinstance(start, torch.Tensor):
+            return self.table.index_select(0, start)
+        return self.table[start : start + length]
 
-    @staticmethod
-    def _turn(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+    def turn_(self, x: torch.Tensor, rows: torch.Tensor) -> None:
+        """Turn x [heads, T, D] in place (x may be a view, e.g. into the qkv projection's output)
+        by the rows [T, 2R] of its positions; past the rotary width x is left as it is."""
+        dim, half = self.dim, self.dim // 2
+        spread = torch.cat([x[..., :dim], x[..., half:dim], x[..., :half]], dim=-1)  # [heads, T, 2R]: [x | x2 | x1]
+        products = spread * rows  # [x * cos | [x2 | x1] * sin']
+        torch.add(products[..., :dim], products[..., dim:], out=x[..., :dim])
 
 
 class KVCache:
     """Keys and values of one sequence, preallocated for `capacity` positions. With latent
     attention, the compressed cache instead: latents in `keys`, k_pe in `values`, one head each
-    (latent_attention.cache_shapes)."""
+    (latent_attention.cache_shapes).
+
+    Grouped attention keeps a layer's keys and values in one block [2K, S, D] (`keys` and
+    `values` are its halves, each [K, S, D] contiguous per layer), so that the new token's keys
+    and values, side by side in the qkv projection's output, go in with one copy."""
 
     def __init__(self, config: ModelConfig, capacity: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.stacked = None  # [L, 2K, S, D]: keys then values, per layer
         if config.attention == "latent":
             key_shape, value_shape = latent_attention.cache_shapes(config, capacity)  # [L, 1, S, C], [L, 1, S, R]
+            self.keys = torch.zeros(key_shape, device=device, dtype=dtype)
+            self.values = torch.zeros(value_shape, device=device, dtype=dtype)
         else:
-            key_shape = value_shape = (config.num_layers, config.num_kv_heads, capacity, config.head_dim)  # [L, K, S, D]
-        self.keys = torch.zeros(key_shape, device=device, dtype=dtype)
-        self.values = torch.zeros(value_shape, device=device, dtype=dtype)
+            heads = config.num_kv_heads
+            self.stacked = torch.zeros(config.num_layers, 2 * heads, capacity, config.head_dim, device=device, dtype=dtype)
+            self.keys, self.values = self.stacked[:, :heads], self.stacked[:, heads:]  # [L, K, S, D] each
         self.capacity = capacity
 
     def update(self, layer: int, start: int | torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
@@ -95,10 +99,19 @@ class KVCache:
         self.values[layer, :, start:end] = values
         return self.keys[layer, :, :end], self.values[layer, :, :end]
 
+    def update_stacked(self, layer: int, start: int | torch.Tensor, keys_and_values: torch.Tensor):
+        """`update` with keys and values given as one [2K, T, D] (keys first): one copy."""
+        if isinstance(start, torch.Tensor):
+            self.stacked[layer].index_copy_(1, start, keys_and_values)
+            return self.keys[layer], self.values[layer]
+        end = start + keys_and_values.shape[1]
+        self.stacked[layer, :, start:end] = keys_and_values
+        return self.keys[layer, :, :end], self.values[layer, :, :end]
+
 
 class StepTables:
     """What every layer of one decode step shares, looked up once per token instead of once per
-    layer: the position's rotary (cos, sin) rows and the additive mask over the KV capacity for
+    layer: the position's rotary table row and the additive mask over the KV capacity for
     each sliding window the model has (keyed by the window; None: no window). Static buffers, filled by `fill` (inside the
     decoder's embed graph): on a fast GPU a decode step is bound by its kernel count."""
 
@@ -107,19 +120,15 @@ class StepTables:
         self.model, self.capacity = model, capacity
         windows = {c.window_of(layer) for layer in range(c.num_layers)}
         self.masks = {window: torch.zeros(1, capacity, device=model.device, dtype=model.dtype) for window in windows}
-        self.rotary_rows = None
-        if model.rotary is not None:
-            width = model.rotary.cos.shape[1]
-            self.rotary_rows = (torch.zeros(1, width, device=model.device, dtype=model.dtype),
-                                torch.zeros(1, width, device=model.device, dtype=model.dtype))
+        rotary = model.rotary if model.rotary is not None else model.latent.rotary
+        self.rotary_table = rotary.table  # [P, 2R]: RotaryEmbedding's, or LatentRotary's
+        self.rotary_rows = torch.zeros(1, rotary.table.shape[1], device=model.device, dtype=model.dtype)  # [1, 2R]
 
     def fill(self, position: torch.Tensor) -> None:
         """position: the token's position, a device tensor [1]."""
-        if self.rotary_rows is not None:
-            torch.index_select(self.model.rotary.cos, 0, position, out=self.rotary_rows[0])
-            torch.index_select(self.model.rotary.sin, 0, position, out=self.rotary_rows[1])
+        torch.index_select(self.rotary_table, 0, position, out=self.rotary_rows)
         for window, mask in self.masks.items():
-            mask.copy_(self.model._mask(position, 1, self.capacity, window))
+            self.model._mask(position, 1, self.capacity, window, out=mask)
 
 
 class Transformer:
@@ -146,22 +155,35 @@ class Transformer:
             total = kv.capacity if isinstance(start, torch.Tensor) else start + length
             if step is None:
                 mask = self._mask(start, length, total, window)
-            return self.latent.forward(x, w.latent, w.o_proj, layer, start, kv, mask)
+            return self.latent.forward(x, w.latent, w.o_proj, layer, start, kv, mask,
+                                       step.rotary_rows if step is not None else None)
+        qkv = None
         if w.qkv_proj is not None:  # one matmul for the three projections (views of one weight)
-            q, k, v = F.linear(x, w.qkv_proj, w.qkv_bias).split(w.qkv_widths, dim=-1)
+            qkv = F.linear(x, w.qkv_proj, w.qkv_bias)  # [T, (Q+2K)*D]
+            q, k, v = qkv.split(w.qkv_widths, dim=-1)
         else:
             q, k, v = F.linear(x, w.q_proj, w.q_bias), F.linear(x, w.k_proj, w.k_bias), F.linear(x, w.v_proj, w.v_bias)
+        # From here q and k are normed and turned in place: with one qkv output, the turned keys
+        # end up beside the values, and the cache takes both in one copy.
         if c.qk_norm == "projection":  # OLMoE: one RMSNorm over all heads of the projection
-            q, k = rms_norm(q, w.q_norm, c.rms_norm_eps), rms_norm(k, w.k_norm, c.rms_norm_eps)
+            rms_norm(q, w.q_norm, c.rms_norm_eps, out=q), rms_norm(k, w.k_norm, c.rms_norm_eps, out=k)
         q = q.view(length, c.num_heads, c.head_dim)  # [T, Q, D]
         k = k.view(length, c.num_kv_heads, c.head_dim)  # [T, K, D]
-        if c.qk_norm == "head":  # Qwen3: an RMSNorm over each head
-            q, k = rms_norm(q, w.q_norm, c.rms_norm_eps), rms_norm(k, w.k_norm, c.rms_norm_eps)
-        q, k = q.transpose(0, 1), k.transpose(0, 1)  # [Q, T, D], [K, T, D]
-        v = v.view(length, c.num_kv_heads, c.head_dim).transpose(0, 1)  # [K, T, D]
-        rows = step.rotary_rows if step is not None else None
-        q, k = self.rotary.apply(q, start, rows), self.rotary.apply(k, start, rows)
-        keys, values = kv.update(layer, start, k, v)  # [K, S, D]
+        heads = None if qkv is None else qkv.view(length, c.num_heads + 2 * c.num_kv_heads, c.head_dim)  # [T, Q+2K, D]
+        if w.qk_norm_rows is not None:  # Qwen3: an RMSNorm over each head, q's and k's heads at once
+            query_and_key = heads[:, : c.num_heads + c.num_kv_heads]  # [T, Q+K, D]
+            rms_norm(query_and_key, w.qk_norm_rows, c.rms_norm_eps, out=query_and_key)
+        elif c.qk_norm == "head":
+            rms_norm(q, w.q_norm, c.rms_norm_eps, out=q), rms_norm(k, w.k_norm, c.rms_norm_eps, out=k)
+        rows = step.rotary_rows if step is not None else self.rotary.rows(start, length)  # [T, 2R]
+        if heads is not None:  # q and k side by side: turned together
+            self.rotary.turn_(heads[:, : c.num_heads + c.num_kv_heads].transpose(0, 1), rows)
+            keys, values = kv.update_stacked(layer, start, heads[:, c.num_heads :].transpose(0, 1))  # [K, S, D] each
+        else:
+            self.rotary.turn_(q.transpose(0, 1), rows)
+            self.rotary.turn_(k.transpose(0, 1), rows)
+            keys, values = kv.update(layer, start, k.transpose(0, 1), v.view(length, c.num_kv_heads, c.head_dim).transpose(0, 1))
+        q = q.transpose(0, 1)  # [Q, T, D]
         group = c.num_heads // c.num_kv_heads
         q = q.reshape(c.num_kv_heads, group * length, c.head_dim)  # query heads of one KV head side by side
         if step is None:
@@ -176,7 +198,7 @@ class Transformer:
         if mask is not None:
             scores = scores + mask
         if w.sinks is None:
-            probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            probs = F.softmax(scores, dim=-1)  # in float32 inside the kernel, rounded once to q's dtype on the way out
         else:  # GPT-OSS
             probs = softmax_with_sinks(scores, w.sinks.view(c.num_kv_heads, group)).to(q.dtype)
         out = torch.matmul(probs.view(c.num_kv_heads, group * length, -1), values)  # [K, group*T, D]
@@ -191,19 +213,20 @@ class Transformer:
                              weights.dense_w13, weights.dense_w2)
         return self.moe.forward(layer, h)
 
-    def _mask(self, start: int | torch.Tensor, length: int, total: int, window: int | None) -> torch.Tensor | None:
+    def _mask(self, start: int | torch.Tensor, length: int, total: int, window: int | None, *,
+              out: torch.Tensor | None = None) -> torch.Tensor | None:
         """Additive [T, S] mask: causal, and the layer's sliding window if it has one (Mistral's
-        on every layer, GPT-OSS's on alternate layers)."""
+        on every layer, GPT-OSS's on alternate layers). `out`: a [T, S] buffer to write it into."""
         static = isinstance(start, torch.Tensor)  # the whole KV capacity is attended: mask past `start`
         if length == 1 and not static and (window is None or total <= window):
             return None
         query_pos = (start if static else torch.arange(start, start + length, device=self.device))[:, None]
         key_pos = torch.arange(total, device=self.device)[None, :]
-        allowed = key_pos <= query_pos
+        blocked = key_pos > query_pos  # [T, S]: the positions after the query's
         if window is not None:
-            allowed &= key_pos > query_pos - window
-        mask = torch.zeros(allowed.shape, device=self.device, dtype=self.dtype)
-        return mask.masked_fill(~allowed, torch.finfo(self.dtype).min)
+            blocked |= key_pos <= query_pos - window  # and those that left its window
+        mask = torch.zeros(blocked.shape, device=self.device, dtype=self.dtype) if out is None else out.zero_()
+        return mask.masked_fill_(blocked, torch.finfo(self.dtype).min)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start: int, kv: KVCache, *, all_logits: bool = False) -> torch.Tensor:

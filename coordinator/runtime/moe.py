@@ -82,15 +82,20 @@ class MoEBlock:
         self.counters = counters  # ExpertCounters: the wait on runs elsewhere is counted there
         self.routing_hook = None  # a routing trace recorded or replayed here (routing_trace.py), when the engine has one
 
-    def route(self, layer: int, hidden: torch.Tensor):
+    def route(self, layer: int, hidden: torch.Tensor, *,
+              out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
         """Device work only (a CUDA graph can hold it): hidden [T, H] after attention ->
-        (x [T, H] normed MoE input, weights [T, k] float32, plan tensor: see routing_plan.py)."""
-        weights = self.layers[layer]
-        x = rms_norm(hidden, weights.post_attention_norm, self.config.rms_norm_eps)
+        (x [T, H] normed MoE input, weights [T, k] float32, plan tensor: see routing_plan.py).
+        `out`: the three buffers to write them into (the decoder's static ones), else new tensors."""
+        weights, tokens = self.layers[layer], hidden.shape[0]
+        x_out, weights_out, plan_out = out if out is not None else (None, None, None)
+        x = rms_norm(hidden, weights.post_attention_norm, self.config.rms_norm_eps, out=x_out)
         logits = F.linear(x, weights.router, weights.router_logit_bias)  # [T, E]
-        route_weights, experts = router.route(logits, self.config, weights.router_bias)
+        experts_out = None if plan_out is None else plan_out[: tokens * self.config.top_k].view(tokens, -1)
+        route_weights, experts = router.route(logits, self.config, weights.router_bias,
+                                              out=None if out is None else (weights_out, experts_out))
         guesses = self.predictor.predict(layer, hidden) if self.predictor is not None else []
-        return x, route_weights, routing_plan.pack(experts, guesses)
+        return x, route_weights, routing_plan.pack(experts, guesses, out=plan_out)
 
     def read_plan(self, layer: int, plan: torch.Tensor, tokens: int) -> RoutingPlan:
         """The one device->host sync of a layer: its routing and every guess together."""

@@ -31,28 +31,37 @@ def choice_scores(logits: torch.Tensor, config: ModelConfig, bias: torch.Tensor 
     return torch.softmax(logits.float(), dim=-1)
 
 
-def route(logits: torch.Tensor, config: ModelConfig, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """[T, E] logits -> (weights [T, k] float32, experts [T, k])."""
-    k = config.top_k
+def route(logits: torch.Tensor, config: ModelConfig, bias: torch.Tensor | None, *,
+          out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, E] logits -> (weights [T, k] float32, experts [T, k]), written into `out` where given
+    (the decoder's static buffers: no copy after), else into new tensors."""
+    tokens, k = logits.shape[0], config.top_k
+    weights, experts = out if out is not None else (
+        torch.empty(tokens, k, dtype=torch.float32, device=logits.device),
+        torch.empty(tokens, k, dtype=torch.long, device=logits.device))
     if config.router == "topk_softmax":
-        top_logits, experts = torch.topk(logits.float(), k, dim=-1)  # [T, k]
-        return torch.softmax(top_logits, dim=-1), experts
+        top_logits = torch.topk(logits.float(), k, dim=-1, out=(torch.empty_like(weights), experts)).values  # [T, k]
+        torch.softmax(top_logits, dim=-1, out=weights)
+        return weights, experts
     if config.router == "softmax":
-        weights, experts = torch.topk(torch.softmax(logits.float(), dim=-1), k, dim=-1)
+        # softmax casts to float32 inside its kernel: the numbers of logits.float() first
+        torch.topk(torch.softmax(logits, dim=-1, dtype=torch.float32), k, dim=-1, out=(weights, experts))
         if config.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+            weights.div_(weights.sum(dim=-1, keepdim=True))
         return weights, experts
     scores = torch.sigmoid(logits.float())  # [T, E]
     choice = scores + bias.float() if bias is not None else scores
     if config.n_group > 1:
-        tokens, groups = choice.shape[0], config.n_group
+        groups = config.n_group
         group_worth = choice.view(tokens, groups, -1).topk(2, dim=-1).values.sum(dim=-1)  # [T, G]
         best_groups = torch.topk(group_worth, config.topk_group, dim=-1, sorted=False).indices
         keep = torch.zeros_like(group_worth).scatter_(1, best_groups, 1.0)  # [T, G]
         keep = keep.unsqueeze(-1).expand(tokens, groups, choice.shape[1] // groups).reshape(tokens, -1)
         choice = choice.masked_fill(keep == 0, float("-inf"))
-    experts = torch.topk(choice, k, dim=-1, sorted=False).indices
-    weights = scores.gather(1, experts)
+    torch.topk(choice, k, dim=-1, sorted=False, out=(torch.empty_like(weights), experts))
+    torch.gather(scores, 1, experts, out=weights)
     if config.norm_topk_prob:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return weights * config.routed_scaling_factor, experts
+        weights.div_(weights.sum(dim=-1, keepdim=True) + 1e-20)
+    if config.routed_scaling_factor != 1.0:  # times 1.0 changes no number
+        weights.mul_(config.routed_scaling_factor)
+    return weights, experts

@@ -18,9 +18,17 @@ from typing import Protocol
 import torch
 
 
-def pack(experts: torch.Tensor, guesses: list[torch.Tensor]) -> torch.Tensor:
-    """Device side: experts [T, k] and one [N] guess per layer ahead -> plan [T*k + D*N] int64."""
-    return torch.cat([experts.view(-1), *guesses]) if guesses else experts.view(-1)
+def pack(experts: torch.Tensor, guesses: list[torch.Tensor], *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Device side: experts [T, k] and one [N] guess per layer ahead -> plan [T*k + D*N] int64.
+    `out`: a plan buffer whose first T*k entries `experts` already is (the router wrote them
+    there); the guesses go after them."""
+    if out is None:
+        return torch.cat([experts.view(-1), *guesses]) if guesses else experts.view(-1)
+    count = experts.numel()
+    assert experts.data_ptr() == out.data_ptr() and out.numel() == count + sum(g.numel() for g in guesses)
+    if guesses:
+        torch.cat(guesses, out=out[count:])
+    return out
 
 
 @dataclass(frozen=True)

@@ -45,11 +45,12 @@ class LayerWeights:
     dense_w2: torch.Tensor | None = None  # [H, F']
     latent: LatentWeights | None = None  # multi-head latent attention's own weights (DeepSeek-V3)
     o_bias: torch.Tensor | None = None  # [H]
-    sinks: torch.Tensor | None = None  # [Q]: each query head's attention sink logit
+    sinks: torch.Tensor | None = None  # [Q]: each query head's attention sink logit, float32 (from the model's dtype)
     router_logit_bias: torch.Tensor | None = None  # [E]: added to the router's logits (topk_softmax)
     qkv_proj: torch.Tensor | None = None  # [(Q+2K)*D, H]: q, k and v stacked (then those three are None)
     qkv_bias: torch.Tensor | None = None  # [(Q+2K)*D]
     qkv_widths: tuple[int, int, int] | None = None  # (Q*D, K*D, K*D): where qkv_proj's output splits
+    qk_norm_rows: torch.Tensor | None = None  # [Q+K, D]: q_norm per query head, k_norm per key head (stack_qk_norms)
 
     def fuse_qkv(self) -> None:
         """Stack q, k and v into one weight: one matmul instead of three per layer (a decode
@@ -62,6 +63,13 @@ class LayerWeights:
         self.qkv_proj = torch.cat([self.q_proj, self.k_proj, self.v_proj])
         self.qkv_bias = None if self.q_bias is None else torch.cat(biases)
         self.q_proj = self.k_proj = self.v_proj = self.q_bias = self.k_bias = self.v_bias = None
+
+    def stack_qk_norms(self, query_heads: int, key_heads: int) -> None:
+        """With per-head q/k norms and one qkv weight: one weight row per head of q and k, so
+        that one RMSNorm over the [Q+K, D] heads, side by side in the qkv output, does both."""
+        if self.qkv_proj is None or self.q_norm is None:
+            return
+        self.qk_norm_rows = torch.cat([self.q_norm.expand(query_heads, -1), self.k_norm.expand(key_heads, -1)])
 
     def tensors(self) -> list[torch.Tensor]:
         own = [t for t in vars(self).values() if isinstance(t, torch.Tensor)]
@@ -129,6 +137,10 @@ class DenseWeights:
         ]
         for layer in layers:
             layer.fuse_qkv()
+            if config.qk_norm == "head":
+                layer.stack_qk_norms(config.num_heads, config.num_kv_heads)
+            if layer.sinks is not None:  # in the model's dtype, then float32 once (the softmax's): no cast per step
+                layer.sinks = layer.sinks.float()
         return cls(embed, plain(dense_names.FINAL_NORM), lm_head, layers)
 
     def nbytes(self) -> int:
@@ -139,17 +151,20 @@ class DenseWeights:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def gated_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """The SiLU-gated FFN of a dense layer or a shared expert: x [T, H] -> [T, H]."""
+def gated_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The SiLU-gated FFN of a dense layer or a shared expert: x [T, H] -> [T, H], written into
+    `out` where given (the same product as F.linear's: x @ w2.T, no bias)."""
     gate, up = F.linear(x, w13).chunk(2, dim=-1)  # [T, F] each
-    return F.linear(F.silu(gate) * up, w2)
+    hidden = F.silu(gate) * up
+    return F.linear(hidden, w2) if out is None else torch.matmul(hidden, w2.t(), out=out)
 
 
-def shared_expert(x: torch.Tensor, weights: LayerWeights) -> torch.Tensor | None:
-    """The shared expert's output for the normed MoE input x [T, H] (None where there is none)."""
+def shared_expert(x: torch.Tensor, weights: LayerWeights, *, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The shared expert's output for the normed MoE input x [T, H] (None where there is none),
+    written into `out` where given."""
     if weights.shared_w13 is None:
         return None
-    out = gated_ffn(x, weights.shared_w13, weights.shared_w2)
-    if weights.shared_gate is not None:
-        out = out * torch.sigmoid(F.linear(x, weights.shared_gate))  # [T, 1]
-    return out
+    if weights.shared_gate is None:
+        return gated_ffn(x, weights.shared_w13, weights.shared_w2, out=out)
+    return torch.mul(gated_ffn(x, weights.shared_w13, weights.shared_w2),
+                     torch.sigmoid(F.linear(x, weights.shared_gate)), out=out)  # [T, H] * [T, 1]
