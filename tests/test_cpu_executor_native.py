@@ -1,8 +1,8 @@
 """The native CPU kernel (common/cpu_kernels/hqq_matmul.cpp, through common/cpu_executor.py's
 NativeMatrix) gives what the dequantized reference matmul gives, within fp32 rounding: 2, 3 and
 4-bit codes, groups of 64 and 128, widths that are not whole 32-byte units of codes, 1 to 16
-tokens, fp32 and bf16 activations, and in each instruction set a build can choose (AVX-512,
-AVX2, plain C++). MOE_EDGE_CPU_KERNEL and a failed build pick torch's
+tokens, fp32 and bf16 activations, and in each instruction set a build can choose (AVX-512 with
+and without AVX512-BF16, AVX2, plain C++). MOE_EDGE_CPU_KERNEL and a failed build pick torch's
 int4pack path instead."""
 
 import logging
@@ -56,7 +56,9 @@ def test_the_native_kernel_equals_the_dequantized_matmul(library, bits, group_si
             assert relative_error(matrix, weight, x) < BOUND, (tokens, dtype)
 
 
-@pytest.mark.parametrize("extra_flags", [("-mno-avx512f",), ("-mno-avx512f", "-mno-avx2", "-mno-fma")], ids=["avx2", "plain"])
+# -mno-avx512bf16: AVX-512 that multiplies bf16 x in fp32, as on a CPU without vdpbf16ps
+@pytest.mark.parametrize("extra_flags", [("-mno-avx512bf16",), ("-mno-avx512f",), ("-mno-avx512f", "-mno-avx2", "-mno-fma")],
+                         ids=["avx512-fp32", "avx2", "plain"])
 def test_every_instruction_set_gives_the_same_products(tmp_path, monkeypatch, extra_flags):
     monkeypatch.setenv("MOE_EDGE_CACHE_DIR", str(tmp_path))
     library = cpu_kernels.open_library(cpu_kernels.build(cpu_kernels.compiler(), cpu_kernels.FLAGS + extra_flags))

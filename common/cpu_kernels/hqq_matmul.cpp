@@ -12,8 +12,10 @@
 // Per row and group: y += s * (sum_i q_i x_i - z * sum_i x_i); the group sums of x are made
 // once per call. Codes are decoded by a table lookup (vpermps: lane i -> i & mask, a code as a
 // float in one step) and multiplied by x in fp32 (bf16 x is widened, exactly). The only rounding
-// beyond the reference's is the order of the fp32 sums. (bf16 pairs through vdpbf16ps were
-// tried: faster on a Zen 4, slower than this on the Sapphire Rapids host at one token.)
+// beyond the reference's is the order of the fp32 sums. Where the build has AVX512-BF16 (Zen 4,
+// Sapphire Rapids) and x is bf16, as the executor gives it, vdpbf16ps multiplies 32 codes by 32 x
+// and sums them pairwise into fp32, which halves the instructions per code (row_dot_bf16): still
+// exact products, fp32 sums.
 
 #include <immintrin.h>
 #include <omp.h>
@@ -63,8 +65,9 @@ struct Problem {
     const uint16_t* scale;  // [O, G] fp16
     const uint16_t* zero;   // [O, G] fp16
     int64_t group_size, rows, cols, padded_cols, tokens;
-    const float* x;         // [T, x_stride] fp32, zero past cols
-    int64_t x_stride;       // padded_cols + 16: tokens' rows of x not 4 KiB apart, so not in the same L1 sets
+    const float* x;         // [T, x_stride] fp32, zero past cols (null where x_bf16 is used)
+    const uint16_t* x_bf16; // [T, x_stride] bf16, zero past cols (AVX512-BF16 builds, bf16 x; else null)
+    int64_t x_stride;       // padded_cols + 32: tokens' rows of x not 4 KiB apart, so not in the same L1 sets
     const float* x_sums;    // [T, G]
     float* y;               // [T, O]
 };
@@ -222,6 +225,66 @@ void row_dot(const Problem& p, int64_t row, int64_t t0, int64_t u0, int64_t u1, 
     for (int t = 0; t < NT; ++t) p.y[(t0 + t) * p.rows + row] += total[t];
 }
 
+#if defined(__AVX512BF16__)
+// The same sum for bf16 x, two columns per fp32 lane: vdpbf16ps multiplies 32 bf16 codes by 32 bf16
+// x and adds the pairs into 16 fp32 lanes. A code (< 16) and a bf16 x have 4 + 8 significant bits,
+// so each product is exact in fp32 and only the order of the fp32 sums differs, as above; with half
+// the instructions per code. A unit's 32 bytes widen to 32 words: word w holds columns 32 j + w at
+// bit b j, and vpermw (lane i -> table[i], read from the low 5 bits of i) gives the codes of 32
+// consecutive columns, paired as x is: a table of bf16(i & mask) for the codes at bits 0 and 4,
+// one of bf16(i >> 2 & mask) for 2-bit codes at bits 2 and 6, so that one shift serves two codes.
+template <int BITS, int NT>
+void row_dot_bf16(const Problem& p, int64_t row, int64_t t0, int64_t u0, int64_t u1, RowScratch& scratch) {
+    constexpr int PER_BYTE = 8 / BITS;
+    constexpr int MASK = (1 << BITS) - 1;
+    constexpr int64_t UNIT_COLS = 32 * PER_BYTE;
+    constexpr int BLOCKS = UNIT_COLS / BLOCK;  // per unit: 2 (2-bit) or 1 (4-bit)
+    // at one or two tokens the chain acc += s * dot would bound the loop: two of them, alternating
+    constexpr int CHAINS = NT <= 2 ? 2 : 1;
+    row_scales<NT>(p, row, t0, u0 * UNIT_COLS, u1 * UNIT_COLS, scratch);
+    const float* block_scales = scratch.block_scales.data();
+    const uint8_t* unit = p.codes + (row * (p.padded_cols / UNIT_COLS) + u0) * 32;
+    const uint16_t* x = p.x_bf16 + t0 * p.x_stride;
+    alignas(64) uint16_t words[2][32];
+    for (int k = 0; k < 2; ++k)
+        for (int i = 0; i < 32; ++i) {
+            const float code = static_cast<float>(i >> (2 * k) & MASK);
+            uint32_t bits;
+            std::memcpy(&bits, &code, 4);
+            words[k][i] = static_cast<uint16_t>(bits >> 16);  // exact: a code has 4 significant bits
+        }
+    const __m512i tables[2] = {_mm512_load_si512(words[0]), _mm512_load_si512(words[1])};
+    __m512 acc[CHAINS][NT];
+    for (int c = 0; c < CHAINS; ++c)
+        for (int t = 0; t < NT; ++t) acc[c][t] = _mm512_setzero_ps();
+    for (int64_t u = u0, col0 = u0 * UNIT_COLS; u < u1; ++u, unit += 32, col0 += UNIT_COLS) {
+        const __m512i wide = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(unit)));
+        __m512 dot[BLOCKS][NT];
+        for (int b = 0; b < BLOCKS; ++b)
+            for (int t = 0; t < NT; ++t) dot[b][t] = _mm512_setzero_ps();
+#pragma GCC unroll 4
+        for (int j = 0; j < PER_BYTE; ++j) {
+            // the code at bit b j: shifted by whole nibbles, the 2 bits past one read by the second table
+            const int shift = BITS * j & ~3, table = (BITS * j & 3) / 2;
+            const __m512bh q = (__m512bh)_mm512_permutexvar_epi16(shift ? _mm512_srli_epi16(wide, shift) : wide, tables[table]);
+            const int b = 32 * j / BLOCK;
+            for (int t = 0; t < NT; ++t)
+                dot[b][t] = _mm512_dpbf16_ps(dot[b][t], q, (__m512bh)_mm512_loadu_si512(x + t * p.x_stride + col0 + 32 * j));
+        }
+        for (int b = 0; b < BLOCKS; ++b) {
+            const int c = CHAINS == 1 ? 0 : BLOCKS == 2 ? b : (u & 1);
+            const __m512 s = _mm512_set1_ps(block_scales[u * BLOCKS + b]);
+            for (int t = 0; t < NT; ++t) acc[c][t] = _mm512_fmadd_ps(s, dot[b][t], acc[c][t]);
+        }
+    }
+    for (int t = 0; t < NT; ++t) {
+        __m512 sum = acc[0][t];
+        for (int c = 1; c < CHAINS; ++c) sum = _mm512_add_ps(sum, acc[c][t]);
+        p.y[(t0 + t) * p.rows + row] += _mm512_reduce_add_ps(sum);
+    }
+}
+#endif
+
 #if defined(__AVX512F__)
 constexpr int MAX_TILE = 8;  // tokens per pass over a row: 3 * 8 accumulators of 32 registers
 #else
@@ -235,9 +298,16 @@ template <int BITS, int NT>
 void rows_tile(const Problem& p, int64_t r0, int64_t r1, int64_t t0, RowScratch& scratch) {
     constexpr int64_t UNIT_COLS = 32 * (8 / BITS);
     const int64_t units = p.padded_cols / UNIT_COLS;
-    const int64_t step = std::max<int64_t>(1, X_TILE_BYTES / (4 * NT * UNIT_COLS));
+    const int64_t x_bytes = p.x_bf16 ? 2 : 4;
+    const int64_t step = std::max<int64_t>(1, X_TILE_BYTES / (x_bytes * NT * UNIT_COLS));
     for (int64_t u0 = 0; u0 < units; u0 += step) {
         const int64_t u1 = std::min(units, u0 + step);
+#if defined(__AVX512BF16__)
+        if (p.x_bf16) {
+            for (int64_t row = r0; row < r1; ++row) row_dot_bf16<BITS, NT>(p, row, t0, u0, u1, scratch);
+            continue;
+        }
+#endif
         for (int64_t row = r0; row < r1; ++row) row_dot<BITS, NT>(p, row, t0, u0, u1, scratch);
     }
 }
@@ -276,6 +346,15 @@ int hqq_vector_bits() {
     return bits;
 }
 
+// 1 where bf16 x is multiplied through vdpbf16ps (AVX512-BF16), else 0: for the log.
+int hqq_bf16_products() {
+#if defined(__AVX512BF16__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 // x is [T, cols], fp32 (x_is_bf16 = 0) or bf16 (1); y is [T, rows] fp32. Returns 0, or -1 for a
 // shape the layout cannot hold (the caller checks these first).
 int hqq_matmul(const uint8_t* codes, const uint16_t* scale, const uint16_t* zero, int bits, int64_t group_size,
@@ -284,21 +363,31 @@ int hqq_matmul(const uint8_t* codes, const uint16_t* scale, const uint16_t* zero
     const int64_t unit_cols = 32 * (8 / bits);
     const int64_t padded_cols = (cols + unit_cols - 1) / unit_cols * unit_cols;
     const int64_t groups = cols / group_size;
-    // x as fp32, padded with zeros to whole units
-    const int64_t x_stride = padded_cols + 16;
-    std::vector<float> x32(tokens * x_stride, 0.f);
-    for (int64_t t = 0; t < tokens; ++t)
-        for (int64_t i = 0; i < cols; ++i)
-            x32[t * x_stride + i] = x_is_bf16 ? bf16_to_float(static_cast<const uint16_t*>(x)[t * cols + i])
-                                              : static_cast<const float*>(x)[t * cols + i];
-    std::vector<float> x_sums(tokens * groups);
+    // x padded with zeros to whole units: bf16 as given where the build has AVX512-BF16, else fp32
+    const int64_t x_stride = padded_cols + 32;
+#if defined(__AVX512BF16__)
+    const bool keep_bf16 = x_is_bf16;
+#else
+    const bool keep_bf16 = false;
+#endif
+    std::vector<float> x32(keep_bf16 ? 0 : tokens * x_stride, 0.f), x_sums(tokens * groups);
+    std::vector<uint16_t> x16(keep_bf16 ? tokens * x_stride + 32 : 0, 0);
+    // 64-byte aligned, so that a load of 32 bf16 columns is one cache line
+    uint16_t* xb = keep_bf16 ? x16.data() + (64 - reinterpret_cast<uintptr_t>(x16.data()) % 64) % 64 / 2 : nullptr;
     for (int64_t t = 0; t < tokens; ++t)
         for (int64_t g = 0; g < groups; ++g) {
             float sum = 0.f;
-            for (int64_t i = 0; i < group_size; ++i) sum += x32[t * x_stride + g * group_size + i];
+            for (int64_t i = g * group_size; i < (g + 1) * group_size; ++i) {
+                const float value = x_is_bf16 ? bf16_to_float(static_cast<const uint16_t*>(x)[t * cols + i])
+                                              : static_cast<const float*>(x)[t * cols + i];
+                if (keep_bf16) xb[t * x_stride + i] = static_cast<const uint16_t*>(x)[t * cols + i];
+                else x32[t * x_stride + i] = value;
+                sum += value;
+            }
             x_sums[t * groups + g] = sum;
         }
-    const Problem p{codes, scale, zero, group_size, rows, cols, padded_cols, tokens, x32.data(), x_stride, x_sums.data(), y};
+    const Problem p{codes, scale, zero, group_size, rows, cols, padded_cols, tokens, keep_bf16 ? nullptr : x32.data(), xb,
+                    x_stride, x_sums.data(), y};
     std::memset(y, 0, sizeof(float) * tokens * rows);
 #pragma omp parallel num_threads(threads)
     {
