@@ -233,17 +233,21 @@ void row_dot(const Problem& p, int64_t row, int64_t t0, int64_t u0, int64_t u1, 
 // bit b j, and vpermw (lane i -> table[i], read from the low 5 bits of i) gives the codes of 32
 // consecutive columns, paired as x is: a table of bf16(i & mask) for the codes at bits 0 and 4,
 // one of bf16(i >> 2 & mask) for 2-bit codes at bits 2 and 6, so that one shift serves two codes.
-template <int BITS, int NT>
-void row_dot_bf16(const Problem& p, int64_t row, int64_t t0, int64_t u0, int64_t u1, RowScratch& scratch) {
+template <int BITS, int NT, int ROWS>
+void row_dot_bf16(const Problem& p, int64_t row, int64_t t0, int64_t u0, int64_t u1, RowScratch* scratch) {
     constexpr int PER_BYTE = 8 / BITS;
     constexpr int MASK = (1 << BITS) - 1;
     constexpr int64_t UNIT_COLS = 32 * PER_BYTE;
     constexpr int BLOCKS = UNIT_COLS / BLOCK;  // per unit: 2 (2-bit) or 1 (4-bit)
-    // at one or two tokens the chain acc += s * dot would bound the loop: two of them, alternating
-    constexpr int CHAINS = NT <= 2 ? 2 : 1;
-    row_scales<NT>(p, row, t0, u0 * UNIT_COLS, u1 * UNIT_COLS, scratch);
-    const float* block_scales = scratch.block_scales.data();
-    const uint8_t* unit = p.codes + (row * (p.padded_cols / UNIT_COLS) + u0) * 32;
+    // at one or two tokens of one row the chain acc += s * dot would bound the loop: two, alternating
+    constexpr int CHAINS = NT * ROWS <= 2 ? 2 : 1;
+    const float* block_scales[ROWS];
+    const uint8_t* unit[ROWS];
+    for (int r = 0; r < ROWS; ++r) {
+        row_scales<NT>(p, row + r, t0, u0 * UNIT_COLS, u1 * UNIT_COLS, scratch[r]);
+        block_scales[r] = scratch[r].block_scales.data();
+        unit[r] = p.codes + ((row + r) * (p.padded_cols / UNIT_COLS) + u0) * 32;
+    }
     const uint16_t* x = p.x_bf16 + t0 * p.x_stride;
     alignas(64) uint16_t words[2][32];
     for (int k = 0; k < 2; ++k)
@@ -254,34 +258,44 @@ void row_dot_bf16(const Problem& p, int64_t row, int64_t t0, int64_t u0, int64_t
             words[k][i] = static_cast<uint16_t>(bits >> 16);  // exact: a code has 4 significant bits
         }
     const __m512i tables[2] = {_mm512_load_si512(words[0]), _mm512_load_si512(words[1])};
-    __m512 acc[CHAINS][NT];
+    __m512 acc[CHAINS][ROWS][NT];
     for (int c = 0; c < CHAINS; ++c)
-        for (int t = 0; t < NT; ++t) acc[c][t] = _mm512_setzero_ps();
-    for (int64_t u = u0, col0 = u0 * UNIT_COLS; u < u1; ++u, unit += 32, col0 += UNIT_COLS) {
-        const __m512i wide = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(unit)));
-        __m512 dot[BLOCKS][NT];
-        for (int b = 0; b < BLOCKS; ++b)
-            for (int t = 0; t < NT; ++t) dot[b][t] = _mm512_setzero_ps();
+        for (int r = 0; r < ROWS; ++r)
+            for (int t = 0; t < NT; ++t) acc[c][r][t] = _mm512_setzero_ps();
+    for (int64_t u = u0, col0 = u0 * UNIT_COLS; u < u1; ++u, col0 += UNIT_COLS) {
+        __m512i wide[ROWS];
+        for (int r = 0; r < ROWS; ++r)
+            wide[r] = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(unit[r] + (u - u0) * 32)));
+        __m512 dot[ROWS][BLOCKS][NT];
+        for (int r = 0; r < ROWS; ++r)
+            for (int b = 0; b < BLOCKS; ++b)
+                for (int t = 0; t < NT; ++t) dot[r][b][t] = _mm512_setzero_ps();
 #pragma GCC unroll 4
         for (int j = 0; j < PER_BYTE; ++j) {
             // the code at bit b j: shifted by whole nibbles, the 2 bits past one read by the second table
             const int shift = BITS * j & ~3, table = (BITS * j & 3) / 2;
-            const __m512bh q = (__m512bh)_mm512_permutexvar_epi16(shift ? _mm512_srli_epi16(wide, shift) : wide, tables[table]);
             const int b = 32 * j / BLOCK;
-            for (int t = 0; t < NT; ++t)
-                dot[b][t] = _mm512_dpbf16_ps(dot[b][t], q, (__m512bh)_mm512_loadu_si512(x + t * p.x_stride + col0 + 32 * j));
+            __m512bh q[ROWS];
+            for (int r = 0; r < ROWS; ++r)
+                q[r] = (__m512bh)_mm512_permutexvar_epi16(shift ? _mm512_srli_epi16(wide[r], shift) : wide[r], tables[table]);
+            for (int t = 0; t < NT; ++t) {
+                const __m512bh xs = (__m512bh)_mm512_loadu_si512(x + t * p.x_stride + col0 + 32 * j);  // one load, every row
+                for (int r = 0; r < ROWS; ++r) dot[r][b][t] = _mm512_dpbf16_ps(dot[r][b][t], q[r], xs);
+            }
         }
-        for (int b = 0; b < BLOCKS; ++b) {
-            const int c = CHAINS == 1 ? 0 : BLOCKS == 2 ? b : (u & 1);
-            const __m512 s = _mm512_set1_ps(block_scales[u * BLOCKS + b]);
-            for (int t = 0; t < NT; ++t) acc[c][t] = _mm512_fmadd_ps(s, dot[b][t], acc[c][t]);
+        for (int r = 0; r < ROWS; ++r)
+            for (int b = 0; b < BLOCKS; ++b) {
+                const int c = CHAINS == 1 ? 0 : BLOCKS == 2 ? b : (u & 1);
+                const __m512 s = _mm512_set1_ps(block_scales[r][u * BLOCKS + b]);
+                for (int t = 0; t < NT; ++t) acc[c][r][t] = _mm512_fmadd_ps(s, dot[r][b][t], acc[c][r][t]);
+            }
+    }
+    for (int r = 0; r < ROWS; ++r)
+        for (int t = 0; t < NT; ++t) {
+            __m512 sum = acc[0][r][t];
+            for (int c = 1; c < CHAINS; ++c) sum = _mm512_add_ps(sum, acc[c][r][t]);
+            p.y[(t0 + t) * p.rows + row + r] += _mm512_reduce_add_ps(sum);
         }
-    }
-    for (int t = 0; t < NT; ++t) {
-        __m512 sum = acc[0][t];
-        for (int c = 1; c < CHAINS; ++c) sum = _mm512_add_ps(sum, acc[c][t]);
-        p.y[(t0 + t) * p.rows + row] += _mm512_reduce_add_ps(sum);
-    }
 }
 #endif
 
@@ -295,7 +309,7 @@ constexpr int64_t X_TILE_BYTES = 24 * 1024;  // the slice of x a pass over rows 
 // Rows [r0, r1) for tokens [t0, t0 + NT): a column block at a time, so that the block's slice of
 // x stays in L1 while every row of the range reads it (8 tokens of a 14336-wide x are 458 KB).
 template <int BITS, int NT>
-void rows_tile(const Problem& p, int64_t r0, int64_t r1, int64_t t0, RowScratch& scratch) {
+void rows_tile(const Problem& p, int64_t r0, int64_t r1, int64_t t0, RowScratch* scratch) {
     constexpr int64_t UNIT_COLS = 32 * (8 / BITS);
     const int64_t units = p.padded_cols / UNIT_COLS;
     const int64_t x_bytes = p.x_bf16 ? 2 : 4;
@@ -304,16 +318,21 @@ void rows_tile(const Problem& p, int64_t r0, int64_t r1, int64_t t0, RowScratch&
         const int64_t u1 = std::min(units, u0 + step);
 #if defined(__AVX512BF16__)
         if (p.x_bf16) {
-            for (int64_t row = r0; row < r1; ++row) row_dot_bf16<BITS, NT>(p, row, t0, u0, u1, scratch);
+            // two rows at a time share each load of x: faster at 3 and 4 tokens (past 4, too few
+            // registers; at one and two tokens, slower on a Zen 4)
+            constexpr int ROWS = NT >= 3 && NT <= 4 ? 2 : 1;
+            int64_t row = r0;
+            for (; row + ROWS <= r1; row += ROWS) row_dot_bf16<BITS, NT, ROWS>(p, row, t0, u0, u1, scratch);
+            for (; row < r1; ++row) row_dot_bf16<BITS, NT, 1>(p, row, t0, u0, u1, scratch);
             continue;
         }
 #endif
-        for (int64_t row = r0; row < r1; ++row) row_dot<BITS, NT>(p, row, t0, u0, u1, scratch);
+        for (int64_t row = r0; row < r1; ++row) row_dot<BITS, NT>(p, row, t0, u0, u1, scratch[0]);
     }
 }
 
 template <int BITS>
-void rows_all_tokens(const Problem& p, int64_t r0, int64_t r1, RowScratch& scratch) {
+void rows_all_tokens(const Problem& p, int64_t r0, int64_t r1, RowScratch* scratch) {
     for (int64_t t0 = 0; t0 < p.tokens; t0 += MAX_TILE) {
         switch (std::min<int64_t>(p.tokens - t0, MAX_TILE)) {
             case 1: rows_tile<BITS, 1>(p, r0, r1, t0, scratch); break;
@@ -395,7 +414,7 @@ int hqq_matmul(const uint8_t* codes, const uint16_t* scale, const uint16_t* zero
         const int64_t count = omp_get_num_threads(), id = omp_get_thread_num();
         const int64_t blocks = (rows + 15) / 16;
         const int64_t r0 = std::min(rows, blocks * id / count * 16), r1 = std::min(rows, blocks * (id + 1) / count * 16);
-        RowScratch scratch(padded_cols / BLOCK, groups);
+        RowScratch scratch[2] = {RowScratch(padded_cols / BLOCK, groups), RowScratch(padded_cols / BLOCK, groups)};
         if (bits == 2) rows_all_tokens<2>(p, r0, r1, scratch);
         else rows_all_tokens<4>(p, r0, r1, scratch);
     }
