@@ -56,7 +56,10 @@ class Int4Matrix:
 
 class NativeMatrix:
     """One [O, I] HQQ matrix for the native kernel (common/cpu_kernels): 2-bit codes kept at 2
-    bits, 3 and 4-bit ones at 4, in the kernel's unit layout; the fp16 scales and zeros as stored."""
+    bits, 3 and 4-bit ones at 4, and the fp16 scales and zeros, in the kernel's tile layout (16
+    rows side by side, one vector lane each)."""
+
+    TILE = 16  # rows per tile: hqq_matmul.cpp's TILE
 
     def __init__(self, matrix: QuantizedMatrix, dtype: torch.dtype, library) -> None:
         self.library = library
@@ -64,25 +67,33 @@ class NativeMatrix:
         self.group_size = matrix.group_size
         self.out_features, self.in_features = matrix.shape
         self.bits = 2 if matrix.bits == 2 else 4
-        self.codes = self.repack(matrix.codes(), self.bits)  # [O, I * bits / 8] uint8
-        self.scale = matrix.scale.to(torch.float16).contiguous().clone()  # [O, G], owned: the blob may go
-        self.zero = matrix.zero.to(torch.float16).contiguous().clone()  # [O, G]
+        self.codes = self.repack(matrix.codes(), self.bits)  # [O / 16, I / 64, 32 / p, 32] uint8
+        self.scale = self.tiled(matrix.scale.to(torch.float16))  # [O / 16, G, 16], owned: the blob may go
+        self.zero = self.tiled(matrix.zero.to(torch.float16))  # [O / 16, G, 16]
 
-    @staticmethod
-    def repack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-        """[O, I] codes -> the kernel's layout: 32-byte units of 32 * p columns (p = 8 / bits codes
-        per byte; the row padded with zero codes to whole units), byte w of a unit holding the
-        unit's columns 32 j + w at bit bits * j."""
+    @classmethod
+    def tiled(cls, values: torch.Tensor) -> torch.Tensor:
+        """[O, G] per-row values -> [O / 16, G, 16] (rows padded with zeros to whole tiles)."""
+        out_features, groups = values.shape
+        tiles = -(-out_features // cls.TILE)
+        values = F.pad(values, (0, 0, 0, tiles * cls.TILE - out_features))
+        return values.view(tiles, cls.TILE, groups).transpose(1, 2).contiguous()
+
+    @classmethod
+    def repack(cls, codes: torch.Tensor, bits: int) -> torch.Tensor:
+        """[O, I] codes -> the kernel's layout: per tile of 16 rows (zero codes past O) and block of
+        64 columns, 32 / p chunks of 32 bytes (p = 8 / bits codes per byte), byte 2 i + e of chunk c
+        holding row i's columns 2 (p c + j) + e at bit bits * j."""
         per_byte = 8 // bits
         out_features, in_features = codes.shape
-        unit_columns = 32 * per_byte
-        padded = -(-in_features // unit_columns) * unit_columns
-        codes = F.pad(codes.to(torch.uint8), (0, padded - in_features))
-        units = codes.view(out_features, padded // unit_columns, per_byte, 32)
-        packed = units[:, :, 0].clone()
+        tiles, blocks, chunks = -(-out_features // cls.TILE), in_features // 64, 32 // per_byte
+        codes = F.pad(codes.to(torch.uint8), (0, 0, 0, tiles * cls.TILE - out_features))
+        # [tile, i, block, c, j, e] -> [tile, block, c, j, i, e]
+        codes = codes.view(tiles, cls.TILE, blocks, chunks, per_byte, 2).permute(0, 2, 3, 4, 1, 5)
+        packed = codes[:, :, :, 0].clone()
         for j in range(1, per_byte):
-            packed |= units[:, :, j] << (bits * j)
-        return packed.view(out_features, padded // per_byte)
+            packed |= codes[:, :, :, j] << (bits * j)
+        return packed.reshape(tiles, blocks, chunks, 2 * cls.TILE)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, I] -> [T, O] in the compute dtype (fp32 arithmetic; bf16 x is widened exactly)."""
