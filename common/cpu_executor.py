@@ -4,14 +4,15 @@ in its RAM) and an expert host (experts it holds) use to run an expert where it 
 At load, each HQQ-quantized matrix of the expert (2, 3 or 4-bit codes, planar bit planes, an fp16
 scale and zero per group: common/quantization.py) is repacked, exactly, for one of two kernels:
 - the native one (common/cpu_kernels: C++ built on first use where it runs), NativeMatrix: 2-bit
-  codes stay 2-bit, 3 and 4-bit ones become 4-bit; it computes s * (q . x - z * sum x) per group
-  in fp32, the HQQ formula w = (q - z) * s within fp32 rounding. Used for what int4pack cannot run,
-  and for every matrix with MOE_EDGE_CPU_KERNEL=native (2-bit experts then take half the memory);
-- torch's int4 weight-only matmul (`torch._weight_int4pack_mm_for_cpu`), Int4Matrix: the default
-  wherever it runs (it was the faster of the two on the GPU machine's host, _wants_native), and
-  the fallback (no compiler, a failed build, MOE_EDGE_CPU_KERNEL=int4pack). HQQ's
-  w = (q - z) * s is torch's (q - 8) * s + z' with z' = (8 - z) * s, and codes of fewer than 4
-  bits are 4-bit codes that leave the top bits zero; every code is read at 4 bits.
+  codes stay 2-bit, 3 and 4-bit ones become 4-bit, in tiles of 16 rows; it computes
+  s * (q . x) - s * z * sum x per group in fp32, the HQQ formula w = (q - z) * s within fp32
+  rounding. The default wherever it builds and runs (_wants_native): a 2-bit expert reads half
+  the bytes it reads through int4pack (0.31 bytes per weight instead of 0.56), and at 3 and 4 bits
+  (the same bytes either way) it was the faster of the two on a Zen 4 at 1 to 8 tokens;
+- torch's int4 weight-only matmul (`torch._weight_int4pack_mm_for_cpu`), Int4Matrix: the fallback
+  (no compiler, a failed build, a shape the native kernel refuses) and MOE_EDGE_CPU_KERNEL=int4pack.
+  HQQ's w = (q - z) * s is torch's (q - 8) * s + z' with z' = (8 - z) * s, and codes of fewer
+  than 4 bits are 4-bit codes that leave the top bits zero; every code is read at 4 bits.
 An unquantized expert keeps its matrices in the compute dtype and uses a plain matmul; so does an
 MXFP4 one (common/mxfp4.py), dequantized at load: torch has no CPU matmul that reads e2m1 codes.
 
@@ -164,15 +165,14 @@ class CpuExpert:
         return PlainMatrix(weight, self.dtype)
 
     def _wants_native(self, weight: QuantizedMatrix) -> bool:
-        """Auto: int4pack wherever it can run. On the H200 machine's 16-core host a 2-bit expert at
-        one token took 0.94 ms through int4pack (it reads 4 bits per code) and 1.21 ms through the
-        native kernel (2 bits per code), and int4pack is 1.3-1.4x faster at 4 and more tokens
-        (scripts/cpu_expert_bench.py): speed first. The native kernel runs what int4pack cannot,
-        and everything with MOE_EDGE_CPU_KERNEL=native, which keeps a 2-bit expert in 0.31 bytes
-        per weight instead of 0.56 (for a host short of RAM)."""
-        if not can_run_native(weight):
-            return False
-        return not can_run_int4(weight) or cpu_kernels.kernel_choice(self.kernel) == "native"
+        """Auto: the native kernel wherever it can run. A Mixtral-8x7B expert through
+        scripts/cpu_expert_bench.py's shapes, one thread of a Zen 4 (CPU time), native against
+        int4pack: 2-bit 4.1 against 9.6 ms at one token, 16 against 33 ms at eight (and 55 MB read
+        against 99); 4-bit 7.2 against 9.4 ms and 18 against 33 ms. (Before the native kernel put
+        rows in vector lanes, int4pack was the faster on the H200 machine's 16-core host, 0.94
+        against 1.21 ms for a 2-bit expert at one token.) MOE_EDGE_CPU_KERNEL=int4pack runs every
+        matrix int4pack can through torch instead."""
+        return can_run_native(weight)
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

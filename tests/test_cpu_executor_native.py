@@ -100,8 +100,8 @@ def test_the_environment_variable_forces_torch_int4pack(monkeypatch, fresh_choic
 
 
 def test_a_failed_build_falls_back_with_one_warning(tmp_path, monkeypatch, caplog, fresh_choice):
-    """Auto wants the native kernel only where int4pack cannot run (here: groups of 512); with no
-    compiler those matrices are dequantized instead, after one warning naming the compiler."""
+    """Auto wants the native kernel; with no compiler a matrix int4pack can run goes there, one it
+    cannot (here: groups of 512) is dequantized, after one warning naming the compiler."""
     monkeypatch.setenv("MOE_EDGE_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.delenv("MOE_EDGE_CPU_KERNEL", raising=False)
@@ -121,13 +121,14 @@ def test_an_unknown_kernel_name_is_refused(monkeypatch, fresh_choice):
         cpu_kernels.native_library()
 
 
-def test_auto_runs_int4pack_where_it_can_and_native_where_it_cannot(monkeypatch, fresh_choice):
+def test_auto_runs_the_native_kernel_and_int4pack_on_request(monkeypatch, fresh_choice):
     monkeypatch.delenv("MOE_EDGE_CPU_KERNEL", raising=False)
     for bits in (2, 3, 4):
         weights = ExpertWeights(w13=random_matrix(256, 128, QuantSpec(bits, 64), seed=1),
                                 w2=random_matrix(128, 128, QuantSpec(bits, 64), seed=2))
         expert = CpuExpert(weights, dtype=torch.bfloat16)
-        assert isinstance(expert.w13, Int4Matrix) and isinstance(expert.w2, Int4Matrix), bits
-        assert isinstance(CpuExpert(weights, dtype=torch.bfloat16, kernel="native").w13, NativeMatrix)
+        assert isinstance(expert.w13, NativeMatrix) and isinstance(expert.w2, NativeMatrix), bits
+        assert isinstance(CpuExpert(weights, dtype=torch.bfloat16, kernel="int4pack").w13, Int4Matrix)
     odd_group = ExpertWeights(w13=random_matrix(256, 512, QuantSpec(2, 512), seed=1), w2=random_matrix(512, 128, QuantSpec(2, 64), seed=2))
-    assert isinstance(CpuExpert(odd_group, dtype=torch.bfloat16).w13, NativeMatrix)
+    int4pack = CpuExpert(odd_group, dtype=torch.bfloat16, kernel="int4pack")
+    assert isinstance(int4pack.w13, PlainMatrix) and isinstance(int4pack.w2, Int4Matrix)  # int4pack lacks groups of 512
