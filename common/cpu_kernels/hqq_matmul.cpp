@@ -74,7 +74,7 @@ struct Problem {
 };
 
 // Chains of sums a group keeps apart: at few tokens one chain of dependent adds would bound the loop.
-constexpr int chains(int tokens) { return tokens == 1 ? 4 : tokens == 2 ? 2 : 1; }
+constexpr int chains(int tokens) { return tokens <= 2 ? 4 : tokens <= 4 ? 2 : 1; }
 
 #if defined(__AVX512F__)
 // y for tile `tile` and tokens [t0, t0 + NT): 16 rows in the lanes of one vector per token.
@@ -128,7 +128,8 @@ void tile_bf16(const Problem& p, int64_t tile, int64_t t0) {
         for (int c = 0; c < CHAINS; ++c)
             for (int t = 0; t < NT; ++t) dot[c][t] = _mm512_setzero_ps();
         for (int64_t block = g * blocks_per_group; block < (g + 1) * blocks_per_group; ++block) {
-            for (int c = 0; c < CHUNKS; ++c, chunk += 32) {
+#pragma GCC unroll 16
+            for (int c = 0; c < CHUNKS; ++c, chunk += 32) {  // unrolled, so that the chains are registers
                 const __m512i wide = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk)));
 #pragma GCC unroll 4
                 for (int j = 0; j < PER_BYTE; ++j) {
@@ -168,6 +169,7 @@ void tile_fp32(const Problem& p, int64_t tile, int64_t t0) {
         for (int c = 0; c < CHAINS; ++c)
             for (int t = 0; t < NT; ++t) dot[c][t] = _mm512_setzero_ps();
         for (int64_t block = g * blocks_per_group; block < (g + 1) * blocks_per_group; ++block) {
+#pragma GCC unroll 16
             for (int c = 0; c < CHUNKS; ++c, chunk += 32) {
                 const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk)));
 #pragma GCC unroll 8
@@ -205,6 +207,7 @@ void tile_fp32(const Problem& p, int64_t tile, int64_t t0) {
             for (int c = 0; c < CHAINS; ++c)
                 for (int t = 0; t < NT; ++t) dot[c][t] = _mm256_setzero_ps();
             for (int64_t block = g * blocks_per_group; block < (g + 1) * blocks_per_group; ++block) {
+#pragma GCC unroll 16
                 for (int c = 0; c < CHUNKS; ++c, chunk += 32) {
                     const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(chunk)));
 #pragma GCC unroll 8
