@@ -128,19 +128,23 @@ void tile_bf16(const Problem& p, int64_t tile, int64_t t0) {
         for (int c = 0; c < CHAINS; ++c)
             for (int t = 0; t < NT; ++t) dot[c][t] = _mm512_setzero_ps();
         for (int64_t block = g * blocks_per_group; block < (g + 1) * blocks_per_group; ++block) {
-#pragma GCC unroll 16
-            for (int c = 0; c < CHUNKS; ++c, chunk += 32) {  // unrolled, so that the chains are registers
-                const __m512i wide = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk)));
+            // STEP chunks a pass, unrolled, so that every chain is a register
+            constexpr int STEP = CHAINS > PER_BYTE ? CHAINS / PER_BYTE : 1;
+            for (int c0 = 0; c0 < CHUNKS; c0 += STEP) {
 #pragma GCC unroll 4
-                for (int j = 0; j < PER_BYTE; ++j) {
-                    const int shift = BITS * j & ~3, table = (BITS * j & 3) / 2;
-                    const __m512bh q = (__m512bh)_mm512_permutexvar_epi16(shift ? _mm512_srli_epi16(wide, shift) : wide, tables[table]);
-                    const int64_t column = block * BLOCK + 2 * (PER_BYTE * c + j);
-                    const int chain = (PER_BYTE * c + j) % CHAINS;
-                    for (int t = 0; t < NT; ++t) {
-                        uint32_t pair;  // x of the columns `column` and `column + 1`, to every lane
-                        std::memcpy(&pair, x + t * p.cols + column, 4);
-                        dot[chain][t] = _mm512_dpbf16_ps(dot[chain][t], q, (__m512bh)_mm512_set1_epi32(static_cast<int>(pair)));
+                for (int c = c0; c < c0 + STEP; ++c, chunk += 32) {
+                    const __m512i wide = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk)));
+#pragma GCC unroll 4
+                    for (int j = 0; j < PER_BYTE; ++j) {
+                        const int shift = BITS * j & ~3, table = (BITS * j & 3) / 2;
+                        const __m512bh q = (__m512bh)_mm512_permutexvar_epi16(shift ? _mm512_srli_epi16(wide, shift) : wide, tables[table]);
+                        const int64_t column = block * BLOCK + 2 * (PER_BYTE * c + j);
+                        const int chain = (PER_BYTE * (c - c0) + j) % CHAINS;
+                        for (int t = 0; t < NT; ++t) {
+                            uint32_t pair;  // x of the columns `column` and `column + 1`, to every lane
+                            std::memcpy(&pair, x + t * p.cols + column, 4);
+                            dot[chain][t] = _mm512_dpbf16_ps(dot[chain][t], q, (__m512bh)_mm512_set1_epi32(static_cast<int>(pair)));
+                        }
                     }
                 }
             }
@@ -169,7 +173,6 @@ void tile_fp32(const Problem& p, int64_t tile, int64_t t0) {
         for (int c = 0; c < CHAINS; ++c)
             for (int t = 0; t < NT; ++t) dot[c][t] = _mm512_setzero_ps();
         for (int64_t block = g * blocks_per_group; block < (g + 1) * blocks_per_group; ++block) {
-#pragma GCC unroll 16
             for (int c = 0; c < CHUNKS; ++c, chunk += 32) {
                 const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk)));
 #pragma GCC unroll 8
@@ -207,7 +210,6 @@ void tile_fp32(const Problem& p, int64_t tile, int64_t t0) {
             for (int c = 0; c < CHAINS; ++c)
                 for (int t = 0; t < NT; ++t) dot[c][t] = _mm256_setzero_ps();
             for (int64_t block = g * blocks_per_group; block < (g + 1) * blocks_per_group; ++block) {
-#pragma GCC unroll 16
                 for (int c = 0; c < CHUNKS; ++c, chunk += 32) {
                     const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(chunk)));
 #pragma GCC unroll 8
