@@ -59,6 +59,41 @@ inline float bf16_to_float(uint16_t h) {
     return f;
 }
 
+// sum of n (a multiple of 64) floats, in 16 lanes where the build has AVX-512.
+inline float float_sum(const float* values, int64_t n) {
+#if defined(__AVX512F__)
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) sum = _mm512_add_ps(sum, _mm512_loadu_ps(values + i));
+    return _mm512_reduce_add_ps(sum);
+#else
+    float sum = 0.f;
+    for (int64_t i = 0; i < n; ++i) sum += values[i];
+    return sum;
+#endif
+}
+
+// sum of n (a multiple of 64) bf16 values, each also written to `widened` as fp32 unless it is null.
+inline float bf16_sum(const uint16_t* values, int64_t n, float* widened) {
+#if defined(__AVX512F__)
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+        const __m512i words = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(values + i)));
+        const __m512 floats = _mm512_castsi512_ps(_mm512_slli_epi32(words, 16));  // exact
+        if (widened) _mm512_storeu_ps(widened + i, floats);
+        sum = _mm512_add_ps(sum, floats);
+    }
+    return _mm512_reduce_add_ps(sum);
+#else
+    float sum = 0.f;
+    for (int64_t i = 0; i < n; ++i) {
+        const float value = bf16_to_float(values[i]);
+        if (widened) widened[i] = value;
+        sum += value;
+    }
+    return sum;
+#endif
+}
+
 constexpr int TILE = 16;       // rows per tile: one fp32 lane of an AVX-512 vector each
 constexpr int64_t BLOCK = 64;  // columns per block of chunks: group sizes are multiples of it
 
@@ -347,18 +382,17 @@ int hqq_matmul(const uint8_t* codes, const uint16_t* scale, const uint16_t* zero
 #else
     const bool keep_bf16 = false;
 #endif
-    std::vector<float> x32(keep_bf16 ? 0 : tokens * cols), x_sums(tokens * groups);
+    // fp32 x as given; bf16 x as given or widened, where the build has no vdpbf16ps
+    std::vector<float> widened(x_is_bf16 && !keep_bf16 ? tokens * cols : 0), x_sums(tokens * groups);
+    const float* x32 = x_is_bf16 ? widened.data() : static_cast<const float*>(x);
     for (int64_t t = 0; t < tokens; ++t)
         for (int64_t g = 0; g < groups; ++g) {
-            float sum = 0.f;
-            for (int64_t i = t * cols + g * group_size; i < t * cols + (g + 1) * group_size; ++i) {
-                const float value = x_is_bf16 ? bf16_to_float(static_cast<const uint16_t*>(x)[i]) : static_cast<const float*>(x)[i];
-                if (!keep_bf16) x32[i] = value;
-                sum += value;
-            }
-            x_sums[t * groups + g] = sum;
+            const int64_t start = t * cols + g * group_size;
+            if (x_is_bf16) x_sums[t * groups + g] = bf16_sum(static_cast<const uint16_t*>(x) + start, group_size,
+                                                             keep_bf16 ? nullptr : widened.data() + start);
+            else x_sums[t * groups + g] = float_sum(x32 + start, group_size);
         }
-    const Problem p{codes, scale, zero, group_size, rows, cols, tokens, keep_bf16 ? nullptr : x32.data(),
+    const Problem p{codes, scale, zero, group_size, rows, cols, tokens, keep_bf16 ? nullptr : x32,
                     keep_bf16 ? static_cast<const uint16_t*>(x) : nullptr, x_sums.data(), y};
     const int64_t tiles = (rows + TILE - 1) / TILE;
 #pragma omp parallel num_threads(threads)
