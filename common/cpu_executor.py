@@ -166,12 +166,12 @@ class CpuExpert:
 
     def _wants_native(self, weight: QuantizedMatrix) -> bool:
         """Auto: the native kernel wherever it can run. A Mixtral-8x7B expert through
-        scripts/cpu_expert_bench.py's shapes, one thread of a Zen 4 (CPU time), native against
-        int4pack: 2-bit 4.1 against 9.6 ms at one token, 16 against 33 ms at eight (and 55 MB read
-        against 99); 4-bit 7.2 against 9.4 ms and 18 against 33 ms. (Before the native kernel put
-        rows in vector lanes, int4pack was the faster on the H200 machine's 16-core host, 0.94
-        against 1.21 ms for a 2-bit expert at one token.) MOE_EDGE_CPU_KERNEL=int4pack runs every
-        matrix int4pack can through torch instead."""
+        scripts/cpu_expert_bench.py on one thread of a Zen 4 (OMP_NUM_THREADS=1; it read 24 GB/s),
+        native against int4pack: 2-bit 3.7-3.8 against 10.8 ms at one token, 16.6 against 37-39 ms
+        at eight (55 MB read against 99); 4-bit 5.0-5.7 against 10.1-12.0 ms, 17 against 36-40 ms.
+        (Before the native kernel put rows in vector lanes, int4pack was the faster on the H200
+        machine's 16-core host: 0.94 against 1.21 ms for a 2-bit expert at one token.)
+        MOE_EDGE_CPU_KERNEL=int4pack runs every matrix int4pack can through torch instead."""
         return can_run_native(weight)
 
     @torch.inference_mode()
