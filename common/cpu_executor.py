@@ -4,14 +4,15 @@ in its RAM) and an expert host (experts it holds) use to run an expert where it 
 At load, each HQQ-quantized matrix of the expert (2, 3 or 4-bit codes, planar bit planes, an fp16
 scale and zero per group: common/quantization.py) is repacked, exactly, for one of two kernels:
 - the native one (common/cpu_kernels: C++ built on first use where it runs), NativeMatrix: 2-bit
-  codes stay 2-bit, 3 and 4-bit ones become 4-bit; it computes s * (q . x - z * sum x) per group
-  in fp32, the HQQ formula w = (q - z) * s within fp32 rounding. Used for what int4pack cannot run,
-  and for every matrix with MOE_EDGE_CPU_KERNEL=native (2-bit experts then take half the memory);
-- torch's int4 weight-only matmul (`torch._weight_int4pack_mm_for_cpu`), Int4Matrix: the default
-  wherever it runs (it was the faster of the two on the GPU machine's host, _wants_native), and
-  the fallback (no compiler, a failed build, MOE_EDGE_CPU_KERNEL=int4pack). HQQ's
-  w = (q - z) * s is torch's (q - 8) * s + z' with z' = (8 - z) * s, and codes of fewer than 4
-  bits are 4-bit codes that leave the top bits zero; every code is read at 4 bits.
+  codes stay 2-bit, 3 and 4-bit ones become 4-bit, in tiles of 16 rows; it computes
+  s * (q . x) - s * z * sum x per group in fp32, the HQQ formula w = (q - z) * s within fp32
+  rounding. The default wherever it builds and runs (_wants_native): a 2-bit expert reads half
+  the bytes it reads through int4pack (0.31 bytes per weight instead of 0.56), and at 3 and 4 bits
+  (the same bytes either way) it was the faster of the two on a Zen 4 at 1 to 8 tokens;
+- torch's int4 weight-only matmul (`torch._weight_int4pack_mm_for_cpu`), Int4Matrix: the fallback
+  (no compiler, a failed build, a shape the native kernel refuses) and MOE_EDGE_CPU_KERNEL=int4pack.
+  HQQ's w = (q - z) * s is torch's (q - 8) * s + z' with z' = (8 - z) * s, and codes of fewer
+  than 4 bits are 4-bit codes that leave the top bits zero; every code is read at 4 bits.
 An unquantized expert keeps its matrices in the compute dtype and uses a plain matmul; so does an
 MXFP4 one (common/mxfp4.py), dequantized at load: torch has no CPU matmul that reads e2m1 codes.
 
@@ -56,7 +57,10 @@ class Int4Matrix:
 
 class NativeMatrix:
     """One [O, I] HQQ matrix for the native kernel (common/cpu_kernels): 2-bit codes kept at 2
-    bits, 3 and 4-bit ones at 4, in the kernel's unit layout; the fp16 scales and zeros as stored."""
+    bits, 3 and 4-bit ones at 4, and the fp16 scales and zeros, in the kernel's tile layout (16
+    rows side by side, one vector lane each)."""
+
+    TILE = 16  # rows per tile: hqq_matmul.cpp's TILE
 
     def __init__(self, matrix: QuantizedMatrix, dtype: torch.dtype, library) -> None:
         self.library = library
@@ -64,25 +68,33 @@ class NativeMatrix:
         self.group_size = matrix.group_size
         self.out_features, self.in_features = matrix.shape
         self.bits = 2 if matrix.bits == 2 else 4
-        self.codes = self.repack(matrix.codes(), self.bits)  # [O, I * bits / 8] uint8
-        self.scale = matrix.scale.to(torch.float16).contiguous().clone()  # [O, G], owned: the blob may go
-        self.zero = matrix.zero.to(torch.float16).contiguous().clone()  # [O, G]
+        self.codes = self.repack(matrix.codes(), self.bits)  # [O / 16, I / 64, 32 / p, 32] uint8
+        self.scale = self.tiled(matrix.scale.to(torch.float16))  # [O / 16, G, 16], owned: the blob may go
+        self.zero = self.tiled(matrix.zero.to(torch.float16))  # [O / 16, G, 16]
 
-    @staticmethod
-    def repack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-        """[O, I] codes -> the kernel's layout: 32-byte units of 32 * p columns (p = 8 / bits codes
-        per byte; the row padded with zero codes to whole units), byte w of a unit holding the
-        unit's columns 32 j + w at bit bits * j."""
+    @classmethod
+    def tiled(cls, values: torch.Tensor) -> torch.Tensor:
+        """[O, G] per-row values -> [O / 16, G, 16] (rows padded with zeros to whole tiles)."""
+        out_features, groups = values.shape
+        tiles = -(-out_features // cls.TILE)
+        values = F.pad(values, (0, 0, 0, tiles * cls.TILE - out_features))
+        return values.view(tiles, cls.TILE, groups).transpose(1, 2).contiguous()
+
+    @classmethod
+    def repack(cls, codes: torch.Tensor, bits: int) -> torch.Tensor:
+        """[O, I] codes -> the kernel's layout: per tile of 16 rows (zero codes past O) and block of
+        64 columns, 32 / p chunks of 32 bytes (p = 8 / bits codes per byte), byte 2 i + e of chunk c
+        holding row i's columns 2 (p c + j) + e at bit bits * j."""
         per_byte = 8 // bits
         out_features, in_features = codes.shape
-        unit_columns = 32 * per_byte
-        padded = -(-in_features // unit_columns) * unit_columns
-        codes = F.pad(codes.to(torch.uint8), (0, padded - in_features))
-        units = codes.view(out_features, padded // unit_columns, per_byte, 32)
-        packed = units[:, :, 0].clone()
+        tiles, blocks, chunks = -(-out_features // cls.TILE), in_features // 64, 32 // per_byte
+        codes = F.pad(codes.to(torch.uint8), (0, 0, 0, tiles * cls.TILE - out_features))
+        # [tile, i, block, c, j, e] -> [tile, block, c, j, i, e]
+        codes = codes.view(tiles, cls.TILE, blocks, chunks, per_byte, 2).permute(0, 2, 3, 4, 1, 5)
+        packed = codes[:, :, :, 0].clone()
         for j in range(1, per_byte):
-            packed |= units[:, :, j] << (bits * j)
-        return packed.view(out_features, padded // per_byte)
+            packed |= codes[:, :, :, j] << (bits * j)
+        return packed.reshape(tiles, blocks, chunks, 2 * cls.TILE)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, I] -> [T, O] in the compute dtype (fp32 arithmetic; bf16 x is widened exactly)."""
@@ -153,15 +165,14 @@ class CpuExpert:
         return PlainMatrix(weight, self.dtype)
 
     def _wants_native(self, weight: QuantizedMatrix) -> bool:
-        """Auto: int4pack wherever it can run. On the H200 machine's 16-core host a 2-bit expert at
-        one token took 0.94 ms through int4pack (it reads 4 bits per code) and 1.21 ms through the
-        native kernel (2 bits per code), and int4pack is 1.3-1.4x faster at 4 and more tokens
-        (scripts/cpu_expert_bench.py): speed first. The native kernel runs what int4pack cannot,
-        and everything with MOE_EDGE_CPU_KERNEL=native, which keeps a 2-bit expert in 0.31 bytes
-        per weight instead of 0.56 (for a host short of RAM)."""
-        if not can_run_native(weight):
-            return False
-        return not can_run_int4(weight) or cpu_kernels.kernel_choice(self.kernel) == "native"
+        """Auto: the native kernel wherever it can run. A Mixtral-8x7B expert through
+        scripts/cpu_expert_bench.py on one thread of a Zen 4 (OMP_NUM_THREADS=1; it read 24 GB/s),
+        native against int4pack: 2-bit 3.7-3.8 against 10.8 ms at one token, 16.6 against 37-39 ms
+        at eight (55 MB read against 99); 4-bit 5.0-5.7 against 10.1-12.0 ms, 17 against 36-40 ms.
+        (Before the native kernel put rows in vector lanes, int4pack was the faster on the H200
+        machine's 16-core host: 0.94 against 1.21 ms for a 2-bit expert at one token.)
+        MOE_EDGE_CPU_KERNEL=int4pack runs every matrix int4pack can through torch instead."""
+        return can_run_native(weight)
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

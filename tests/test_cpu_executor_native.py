@@ -1,8 +1,8 @@
 """The native CPU kernel (common/cpu_kernels/hqq_matmul.cpp, through common/cpu_executor.py's
 NativeMatrix) gives what the dequantized reference matmul gives, within fp32 rounding: 2, 3 and
 4-bit codes, groups of 64 and 128, widths that are not whole 32-byte units of codes, 1 to 16
-tokens, fp32 and bf16 activations, and in each instruction set a build can choose (AVX-512,
-AVX2, plain C++). MOE_EDGE_CPU_KERNEL and a failed build pick torch's
+tokens, fp32 and bf16 activations, and in each instruction set a build can choose (AVX-512 with
+and without AVX512-BF16, AVX2, plain C++). MOE_EDGE_CPU_KERNEL and a failed build pick torch's
 int4pack path instead."""
 
 import logging
@@ -56,7 +56,9 @@ def test_the_native_kernel_equals_the_dequantized_matmul(library, bits, group_si
             assert relative_error(matrix, weight, x) < BOUND, (tokens, dtype)
 
 
-@pytest.mark.parametrize("extra_flags", [("-mno-avx512f",), ("-mno-avx512f", "-mno-avx2", "-mno-fma")], ids=["avx2", "plain"])
+# -mno-avx512bf16: AVX-512 that multiplies bf16 x in fp32, as on a CPU without vdpbf16ps
+@pytest.mark.parametrize("extra_flags", [("-mno-avx512bf16",), ("-mno-avx512f",), ("-mno-avx512f", "-mno-avx2", "-mno-fma")],
+                         ids=["avx512-fp32", "avx2", "plain"])
 def test_every_instruction_set_gives_the_same_products(tmp_path, monkeypatch, extra_flags):
     monkeypatch.setenv("MOE_EDGE_CACHE_DIR", str(tmp_path))
     library = cpu_kernels.open_library(cpu_kernels.build(cpu_kernels.compiler(), cpu_kernels.FLAGS + extra_flags))
@@ -68,6 +70,20 @@ def test_every_instruction_set_gives_the_same_products(tmp_path, monkeypatch, ex
             for dtype in (torch.float32, torch.bfloat16):
                 x = torch.randn(tokens, shape[1], generator=torch.Generator().manual_seed(tokens)).to(dtype)
                 assert relative_error(matrix, weight, x) < BOUND, (bits, tokens, dtype)
+
+
+def test_the_products_do_not_depend_on_the_thread_count(library):
+    """Each output row is one thread's, summed in one order: bit for bit the same on 1 or 3 threads."""
+    for bits, dtype in ((2, torch.bfloat16), (4, torch.float32)):
+        matrix = NativeMatrix(random_matrix(130, 1024, QuantSpec(bits, 64), seed=bits), torch.float32, library)
+        x = torch.randn(5, 1024, generator=torch.Generator().manual_seed(bits)).to(dtype)
+        outputs = []
+        for threads in (1, 3):
+            y = torch.empty(5, 130)
+            assert library.hqq_matmul(matrix.codes.data_ptr(), matrix.scale.data_ptr(), matrix.zero.data_ptr(), bits, 64, 130,
+                                      1024, x.data_ptr(), int(dtype == torch.bfloat16), 5, y.data_ptr(), threads) == 0
+            outputs.append(y)
+        assert torch.equal(outputs[0], outputs[1]), bits
 
 
 def test_a_2_bit_matrix_keeps_its_codes_at_2_bits(library):
@@ -98,8 +114,8 @@ def test_the_environment_variable_forces_torch_int4pack(monkeypatch, fresh_choic
 
 
 def test_a_failed_build_falls_back_with_one_warning(tmp_path, monkeypatch, caplog, fresh_choice):
-    """Auto wants the native kernel only where int4pack cannot run (here: groups of 512); with no
-    compiler those matrices are dequantized instead, after one warning naming the compiler."""
+    """Auto wants the native kernel; with no compiler a matrix int4pack can run goes there, one it
+    cannot (here: groups of 512) is dequantized, after one warning naming the compiler."""
     monkeypatch.setenv("MOE_EDGE_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.delenv("MOE_EDGE_CPU_KERNEL", raising=False)
@@ -119,13 +135,14 @@ def test_an_unknown_kernel_name_is_refused(monkeypatch, fresh_choice):
         cpu_kernels.native_library()
 
 
-def test_auto_runs_int4pack_where_it_can_and_native_where_it_cannot(monkeypatch, fresh_choice):
+def test_auto_runs_the_native_kernel_and_int4pack_on_request(monkeypatch, fresh_choice):
     monkeypatch.delenv("MOE_EDGE_CPU_KERNEL", raising=False)
     for bits in (2, 3, 4):
         weights = ExpertWeights(w13=random_matrix(256, 128, QuantSpec(bits, 64), seed=1),
                                 w2=random_matrix(128, 128, QuantSpec(bits, 64), seed=2))
         expert = CpuExpert(weights, dtype=torch.bfloat16)
-        assert isinstance(expert.w13, Int4Matrix) and isinstance(expert.w2, Int4Matrix), bits
-        assert isinstance(CpuExpert(weights, dtype=torch.bfloat16, kernel="native").w13, NativeMatrix)
+        assert isinstance(expert.w13, NativeMatrix) and isinstance(expert.w2, NativeMatrix), bits
+        assert isinstance(CpuExpert(weights, dtype=torch.bfloat16, kernel="int4pack").w13, Int4Matrix)
     odd_group = ExpertWeights(w13=random_matrix(256, 512, QuantSpec(2, 512), seed=1), w2=random_matrix(512, 128, QuantSpec(2, 64), seed=2))
-    assert isinstance(CpuExpert(odd_group, dtype=torch.bfloat16).w13, NativeMatrix)
+    int4pack = CpuExpert(odd_group, dtype=torch.bfloat16, kernel="int4pack")
+    assert isinstance(int4pack.w13, PlainMatrix) and isinstance(int4pack.w2, Int4Matrix)  # int4pack lacks groups of 512

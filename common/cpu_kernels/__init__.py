@@ -115,7 +115,8 @@ def native_library(choice: str | None = None) -> ctypes.CDLL | None:
 
 def describe(library: ctypes.CDLL) -> str:
     """What the build chose on this CPU, in words."""
-    return {512: "AVX-512", 256: "AVX2"}.get(library.hqq_vector_bits(), "plain C++")
+    words = {512: "AVX-512", 256: "AVX2"}.get(library.hqq_vector_bits(), "plain C++")
+    return words + (", bf16 x through AVX512-BF16" if library.hqq_bf16_products() else "")
 
 
 def _load() -> tuple[ctypes.CDLL | None, str]:
@@ -134,6 +135,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
 def open_library(path: Path) -> ctypes.CDLL:
     library = ctypes.CDLL(str(path))
     library.hqq_vector_bits.restype = ctypes.c_int
+    library.hqq_bf16_products.restype = ctypes.c_int
     library.hqq_matmul.restype = ctypes.c_int
     library.hqq_matmul.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64,
                                    ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64,

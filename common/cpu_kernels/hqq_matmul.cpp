@@ -3,17 +3,20 @@
 // common/cpu_executor.py's NativeMatrix. Built by common/cpu_kernels/__init__.py with
 // `g++ -O3 -march=native -fopenmp -shared`, called through ctypes: plain C pointers, no torch.
 //
-// Code layout (made at load by NativeMatrix.repack): each row is a run of 32-byte units, the row
-// padded with zero codes to whole units. With b bits per code and p = 8 / b codes per byte, a
-// unit holds 32 p consecutive columns, byte w holding the columns 32 j + w (j = 0 .. p - 1) at
-// bit b j. So a 16-byte half widened to 32-bit lanes and shifted by b j gives the codes of 16
-// consecutive columns (AVX2: an 8-byte quarter, 8 of them).
+// One vector lane per output row: rows go in tiles of 16 (the last padded with zero codes), and a
+// tile's codes, scales and zeros are laid out so that one load gives 16 rows at once (made at
+// load by NativeMatrix.repack). With b bits per code and p = 8 / b codes per byte, a tile holds,
+// per 64-column block, 32 / p chunks of 32 bytes; byte 2 i + e of chunk c holds row i's columns
+// 2 (p c + j) + e (j = 0 .. p - 1) at bit b j. The scales and zeros are [tile, group, 16] fp16.
+// So x is broadcast, never reduced across lanes, and the group's scale multiplies 16 rows' sums in
+// one instruction: y += s * (sum_i q_i x_i) - s z * sum_i x_i, the group sums of x made once.
 //
-// Per row and group: y += s * (sum_i q_i x_i - z * sum_i x_i); the group sums of x are made
-// once per call. Codes are decoded by a table lookup (vpermps: lane i -> i & mask, a code as a
-// float in one step) and multiplied by x in fp32 (bf16 x is widened, exactly). The only rounding
-// beyond the reference's is the order of the fp32 sums. (bf16 pairs through vdpbf16ps were
-// tried: faster on a Zen 4, slower than this on the Sapphire Rapids host at one token.)
+// Codes are decoded by a table lookup (a code as a number in one step: vpermps, lane i ->
+// i & mask) and multiplied by x in fp32 (bf16 x is widened, exactly). Where the build has
+// AVX512-BF16 (Zen 4, Sapphire Rapids) and x is bf16, as the executor gives it, vdpbf16ps
+// multiplies 16 rows' codes of two columns by those two x and adds both into fp32: a code (< 16)
+// and a bf16 x have 4 + 8 significant bits, so each product is exact. Either way the only rounding
+// beyond the reference's is the order of the fp32 sums, and it does not depend on the threads.
 
 #include <immintrin.h>
 #include <omp.h>
@@ -56,205 +59,301 @@ inline float bf16_to_float(uint16_t h) {
     return f;
 }
 
-constexpr int64_t BLOCK = 64;  // columns per scale step: group sizes are multiples of it
+// sum of n (a multiple of 64) floats, in 16 lanes where the build has AVX-512.
+inline float float_sum(const float* values, int64_t n) {
+#if defined(__AVX512F__)
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) sum = _mm512_add_ps(sum, _mm512_loadu_ps(values + i));
+    return _mm512_reduce_add_ps(sum);
+#else
+    float sum = 0.f;
+    for (int64_t i = 0; i < n; ++i) sum += values[i];
+    return sum;
+#endif
+}
+
+// sum of n (a multiple of 64) bf16 values, each also written to `widened` as fp32 unless it is null.
+inline float bf16_sum(const uint16_t* values, int64_t n, float* widened) {
+#if defined(__AVX512F__)
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+        const __m512i words = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(values + i)));
+        const __m512 floats = _mm512_castsi512_ps(_mm512_slli_epi32(words, 16));  // exact
+        if (widened) _mm512_storeu_ps(widened + i, floats);
+        sum = _mm512_add_ps(sum, floats);
+    }
+    return _mm512_reduce_add_ps(sum);
+#else
+    float sum = 0.f;
+    for (int64_t i = 0; i < n; ++i) {
+        const float value = bf16_to_float(values[i]);
+        if (widened) widened[i] = value;
+        sum += value;
+    }
+    return sum;
+#endif
+}
+
+constexpr int TILE = 16;       // rows per tile: one fp32 lane of an AVX-512 vector each
+constexpr int64_t BLOCK = 64;  // columns per block of chunks: group sizes are multiples of it
 
 struct Problem {
-    const uint8_t* codes;   // [O, U * 32] in the unit layout above
-    const uint16_t* scale;  // [O, G] fp16
-    const uint16_t* zero;   // [O, G] fp16
-    int64_t group_size, rows, cols, padded_cols, tokens;
-    const float* x;         // [T, x_stride] fp32, zero past cols
-    int64_t x_stride;       // padded_cols + 16: tokens' rows of x not 4 KiB apart, so not in the same L1 sets
+    const uint8_t* codes;   // [tiles, cols / 64, 32 / p, 32] in the tile layout above
+    const uint16_t* scale;  // [tiles, G, 16] fp16
+    const uint16_t* zero;   // [tiles, G, 16] fp16
+    int64_t group_size, rows, cols, tokens;
+    const float* x;         // [T, cols] fp32 (null where x_bf16 is used)
+    const uint16_t* x_bf16; // [T, cols] bf16, as given (AVX512-BF16 builds with bf16 x; else null)
     const float* x_sums;    // [T, G]
     float* y;               // [T, O]
 };
 
-// n fp16 values as float32.
-inline void halves_to_floats(const uint16_t* halves, float* floats, int64_t n) {
-    int64_t i = 0;
-#if defined(__AVX512F__)
-    for (; i + 16 <= n; i += 16)
-        _mm512_storeu_ps(floats + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(halves + i))));
+// A cache line of codes 4 KiB ahead of `chunk`, once per line: a thread's codes are one stream, and
+// at one token a Zen 4 core read it 10-20% faster with this than with its hardware prefetch alone.
+inline void prefetch_codes(const uint8_t* chunk) {
+#if defined(__SSE__)
+    _mm_prefetch(reinterpret_cast<const char*>(chunk) + 4096, _MM_HINT_T0);
+#else
+    (void)chunk;
 #endif
-#if defined(__F16C__) && defined(__AVX__)
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(floats + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(halves + i))));
-#endif
-    for (; i < n; ++i) floats[i] = half_to_float(halves[i]);
 }
 
-// sum_i a_i b_i c_i over n values.
-inline float triple_dot(const float* a, const float* b, const float* c, int64_t n) {
-    int64_t i = 0;
-    float sum = 0.f;
+// Chains of sums a group keeps apart: at few tokens one chain of dependent adds would bound the loop.
+constexpr int chains(int tokens) { return tokens <= 2 ? 4 : tokens <= 4 ? 2 : 1; }
+
 #if defined(__AVX512F__)
-    __m512 wide = _mm512_setzero_ps();
-    for (; i + 16 <= n; i += 16)
-        wide = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i)), _mm512_loadu_ps(c + i), wide);
-    sum = _mm512_reduce_add_ps(wide);
-#endif
-#if defined(__AVX2__) && defined(__FMA__)
-    __m256 acc = _mm256_setzero_ps();
-    for (; i + 8 <= n; i += 8)
-        acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)), _mm256_loadu_ps(c + i), acc);
-    const __m128 four = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
-    sum += _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
-#endif
-    for (; i < n; ++i) sum += a[i] * b[i] * c[i];
-    return sum;
-}
-
-// Room a thread needs for one row: its scales per 64-column block, its scales and zeros as float32.
-struct RowScratch {
-    std::vector<float> block_scales, scales, zeros;
-    RowScratch(int64_t blocks, int64_t groups) : block_scales(blocks, 0.f), scales(groups), zeros(groups) {}
-};
-
-// The row's scale per 64-column block for columns [c0, c1) (0 on the padding past the last
-// group), and, from the first columns (c0 = 0), its zero terms sum_g s z sum x for tokens
-// [t0, t0 + NT) taken from y.
+// y for tile `tile` and tokens [t0, t0 + NT): 16 rows in the lanes of one vector per token.
 template <int NT>
-void row_scales(const Problem& p, int64_t row, int64_t t0, int64_t c0, int64_t c1, RowScratch& scratch) {
-    const int64_t groups = p.cols / p.group_size, per_group = p.group_size / BLOCK;
-    const uint16_t* scale = p.scale + row * groups;
-    // with groups of 64 the block scales are the scales; else they are spread over their blocks
-    float* scales = per_group == 1 ? scratch.block_scales.data() : scratch.scales.data();
-    const int64_t g0 = c0 == 0 ? 0 : c0 / p.group_size;
-    const int64_t g1 = c0 == 0 ? groups : std::min(groups, (c1 + p.group_size - 1) / p.group_size);
-    halves_to_floats(scale + g0, scales + g0, g1 - g0);
-    if (c0 == 0) {
-        float* zeros = scratch.zeros.data();
-        halves_to_floats(p.zero + row * groups, zeros, groups);
-        for (int t = 0; t < NT; ++t)
-            p.y[(t0 + t) * p.rows + row] -= triple_dot(scales, zeros, p.x_sums + (t0 + t) * groups, groups);
-    }
-    if (per_group == 1) return;
-    float* block_scales = scratch.block_scales.data();  // zero past cols since it was made
-    for (int64_t g = g0; g < g1; ++g)
-        for (int64_t i = 0; i < per_group; ++i) block_scales[g * per_group + i] = scales[g];
+inline void store_tile(const Problem& p, int64_t tile, int64_t t0, const __m512* acc) {
+    const int64_t row0 = tile * TILE, live = std::min<int64_t>(TILE, p.rows - row0);
+    const __mmask16 mask = static_cast<__mmask16>((1u << live) - 1);
+    for (int t = 0; t < NT; ++t) _mm512_mask_storeu_ps(p.y + (t0 + t) * p.rows + row0, mask, acc[t]);
 }
 
-// Adds to y the dot products of row `row` over units [u0, u1) with tokens [t0, t0 + NT):
-// the sum over those 64-column blocks of s * (q . x).
+// acc[t] += s * dot[t] - s z * sum x, for group g of the tile.
+template <int NT, int CHAINS>
+inline void add_group(const Problem& p, int64_t tile, int64_t g, int64_t t0, __m512 (&dot)[CHAINS][NT], __m512* acc) {
+    const int64_t groups = p.cols / p.group_size, at = (tile * groups + g) * TILE;
+    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.scale + at)));
+    const __m512 z = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.zero + at)));
+    const __m512 sz = _mm512_mul_ps(s, z);
+    for (int t = 0; t < NT; ++t) {
+        __m512 sum = dot[0][t];
+        for (int c = 1; c < CHAINS; ++c) sum = _mm512_add_ps(sum, dot[c][t]);
+        acc[t] = _mm512_fmadd_ps(s, sum, acc[t]);
+        acc[t] = _mm512_fnmadd_ps(sz, _mm512_set1_ps(p.x_sums[(t0 + t) * groups + g]), acc[t]);
+    }
+}
+#endif
+
+#if defined(__AVX512BF16__)
+// A chunk's 32 bytes widen to 32 words, word 2 i + e holding row i's code at bit b j; vpermw
+// (lane k -> table[k], read from the low 5 bits of k) turns them into bf16 codes, paired as
+// vdpbf16ps pairs lanes: one table of bf16(k & mask) for the codes at bits 0 and 4, one of
+// bf16(k >> 2 & mask) for 2-bit codes at bits 2 and 6, so one shift serves two codes.
 template <int BITS, int NT>
-void row_dot(const Problem& p, int64_t row, int64_t t0, int64_t u0, int64_t u1, RowScratch& scratch) {
-    constexpr int PER_BYTE = 8 / BITS;
-    constexpr int MASK = (1 << BITS) - 1;
-    constexpr int64_t UNIT_COLS = 32 * PER_BYTE;
-    constexpr int BLOCKS = UNIT_COLS / BLOCK;  // per unit: 2 (2-bit) or 1 (4-bit)
-    row_scales<NT>(p, row, t0, u0 * UNIT_COLS, u1 * UNIT_COLS, scratch);
-    const float* block_scales = scratch.block_scales.data();
-    const uint8_t* unit = p.codes + (row * (p.padded_cols / UNIT_COLS) + u0) * 32;
-    float total[NT];
-    const float* x = p.x + t0 * p.x_stride;
-#if defined(__AVX512F__)
-    // vpermps reads the low 4 bits of each lane: a table of i & MASK decodes and converts in one step
-    const __m512 table = _mm512_setr_ps(0 & MASK, 1 & MASK, 2 & MASK, 3 & MASK, 4 & MASK, 5 & MASK, 6 & MASK, 7 & MASK,
-                                        8 & MASK, 9 & MASK, 10 & MASK, 11 & MASK, 12 & MASK, 13 & MASK, 14 & MASK, 15 & MASK);
+void tile_bf16(const Problem& p, int64_t tile, int64_t t0) {
+    constexpr int PER_BYTE = 8 / BITS, MASK = (1 << BITS) - 1, CHUNKS = 32 / PER_BYTE, CHAINS = chains(NT);
+    alignas(64) uint16_t words[2][32];
+    for (int k = 0; k < 2; ++k)
+        for (int i = 0; i < 32; ++i) {
+            const float code = static_cast<float>(i >> (2 * k) & MASK);
+            uint32_t bits;
+            std::memcpy(&bits, &code, 4);
+            words[k][i] = static_cast<uint16_t>(bits >> 16);  // exact: a code has 4 significant bits
+        }
+    const __m512i tables[2] = {_mm512_load_si512(words[0]), _mm512_load_si512(words[1])};
+    const int64_t groups = p.cols / p.group_size, blocks_per_group = p.group_size / BLOCK;
+    const uint8_t* chunk = p.codes + tile * (p.cols / BLOCK) * CHUNKS * 32;
+    const uint16_t* x = p.x_bf16 + t0 * p.cols;
     __m512 acc[NT];
     for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
-    for (int64_t u = u0, col0 = u0 * UNIT_COLS; u < u1; ++u, unit += 32, col0 += UNIT_COLS) {
-        __m512 dot[BLOCKS][NT];
-        for (int b = 0; b < BLOCKS; ++b)
-            for (int t = 0; t < NT; ++t) dot[b][t] = _mm512_setzero_ps();
-        for (int half = 0; half < 2; ++half) {
-            const __m512i wide = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(unit + 16 * half)));
+    for (int64_t g = 0; g < groups; ++g) {
+        __m512 dot[CHAINS][NT];
+        for (int c = 0; c < CHAINS; ++c)
+            for (int t = 0; t < NT; ++t) dot[c][t] = _mm512_setzero_ps();
+        for (int64_t block = g * blocks_per_group; block < (g + 1) * blocks_per_group; ++block) {
+            // STEP chunks a pass, unrolled, so that every chain is a register
+            constexpr int STEP = CHAINS > PER_BYTE ? CHAINS / PER_BYTE : 1;
+            for (int c0 = 0; c0 < CHUNKS; c0 += STEP) {
 #pragma GCC unroll 4
-            for (int j = 0; j < PER_BYTE; ++j) {
-                const __m512 q = _mm512_permutexvar_ps(j ? _mm512_srli_epi32(wide, BITS * j) : wide, table);
-                const int b = 32 * j / BLOCK;
-                for (int t = 0; t < NT; ++t)
-                    dot[b][t] = _mm512_fmadd_ps(q, _mm512_loadu_ps(x + t * p.x_stride + col0 + 32 * j + 16 * half), dot[b][t]);
-            }
-        }
-        for (int b = 0; b < BLOCKS; ++b) {
-            const __m512 s = _mm512_set1_ps(block_scales[u * BLOCKS + b]);
-            for (int t = 0; t < NT; ++t) acc[t] = _mm512_fmadd_ps(s, dot[b][t], acc[t]);
-        }
-    }
-    for (int t = 0; t < NT; ++t) total[t] = _mm512_reduce_add_ps(acc[t]);
-#elif defined(__AVX2__) && defined(__FMA__)
-    const __m256i mask = _mm256_set1_epi32(MASK);
-    const __m256 table = _mm256_setr_ps(0 & MASK, 1 & MASK, 2 & MASK, 3 & MASK, 4 & MASK, 5 & MASK, 6 & MASK, 7 & MASK);
-    __m256 acc[NT];
-    for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
-    for (int64_t u = u0, col0 = u0 * UNIT_COLS; u < u1; ++u, unit += 32, col0 += UNIT_COLS) {
-        __m256 dot[BLOCKS][NT];
-        for (int b = 0; b < BLOCKS; ++b)
-            for (int t = 0; t < NT; ++t) dot[b][t] = _mm256_setzero_ps();
-        for (int quarter = 0; quarter < 4; ++quarter) {
-            const __m256i wide = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(unit + 8 * quarter)));
+                for (int c = c0; c < c0 + STEP; ++c, chunk += 32) {
+                    if (c % 2 == 0) prefetch_codes(chunk);
+                    const __m512i wide = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk)));
 #pragma GCC unroll 4
-            for (int j = 0; j < PER_BYTE; ++j) {
-                const __m256i shifted = j ? _mm256_srli_epi32(wide, BITS * j) : wide;
-                // vpermps reads 3 bits: enough for 2-bit codes; 4-bit ones are masked and converted
-                const __m256 q = BITS == 2 ? _mm256_permutevar8x32_ps(table, shifted)
-                                           : _mm256_cvtepi32_ps(_mm256_and_si256(shifted, mask));
-                const int b = 32 * j / BLOCK;
-                for (int t = 0; t < NT; ++t)
-                    dot[b][t] = _mm256_fmadd_ps(q, _mm256_loadu_ps(x + t * p.x_stride + col0 + 32 * j + 8 * quarter), dot[b][t]);
+                    for (int j = 0; j < PER_BYTE; ++j) {
+                        const int shift = BITS * j & ~3, table = (BITS * j & 3) / 2;
+                        const __m512bh q = (__m512bh)_mm512_permutexvar_epi16(shift ? _mm512_srli_epi16(wide, shift) : wide, tables[table]);
+                        const int64_t column = block * BLOCK + 2 * (PER_BYTE * c + j);
+                        const int chain = (PER_BYTE * (c - c0) + j) % CHAINS;
+                        for (int t = 0; t < NT; ++t) {
+                            uint32_t pair;  // x of the columns `column` and `column + 1`, to every lane
+                            std::memcpy(&pair, x + t * p.cols + column, 4);
+                            dot[chain][t] = _mm512_dpbf16_ps(dot[chain][t], q, (__m512bh)_mm512_set1_epi32(static_cast<int>(pair)));
+                        }
+                    }
+                }
             }
         }
-        for (int b = 0; b < BLOCKS; ++b) {
-            const __m256 s = _mm256_set1_ps(block_scales[u * BLOCKS + b]);
-            for (int t = 0; t < NT; ++t) acc[t] = _mm256_fmadd_ps(s, dot[b][t], acc[t]);
-        }
+        add_group<NT, CHAINS>(p, tile, g, t0, dot, acc);
     }
-    for (int t = 0; t < NT; ++t) {
-        const __m128 four = _mm_add_ps(_mm256_castps256_ps128(acc[t]), _mm256_extractf128_ps(acc[t], 1));
-        const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
-        total[t] = _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
-    }
-#else
-    for (int t = 0; t < NT; ++t) total[t] = 0.f;
-    for (int64_t u = u0, col0 = u0 * UNIT_COLS; u < u1; ++u, unit += 32, col0 += UNIT_COLS) {
-        float dot[BLOCKS][NT] = {};
-        for (int w = 0; w < 32; ++w)
-            for (int j = 0; j < PER_BYTE; ++j) {
-                const float q = static_cast<float>((unit[w] >> (BITS * j)) & MASK);
-                for (int t = 0; t < NT; ++t) dot[32 * j / BLOCK][t] += q * x[t * p.x_stride + col0 + 32 * j + w];
-            }
-        for (int b = 0; b < BLOCKS; ++b)
-            for (int t = 0; t < NT; ++t) total[t] += block_scales[u * BLOCKS + b] * dot[b][t];
-    }
-#endif
-    for (int t = 0; t < NT; ++t) p.y[(t0 + t) * p.rows + row] += total[t];
+    store_tile<NT>(p, tile, t0, acc);
 }
+#endif
 
 #if defined(__AVX512F__)
-constexpr int MAX_TILE = 8;  // tokens per pass over a row: 3 * 8 accumulators of 32 registers
+// fp32 x: a chunk's 32 bytes as 16 words widen to 16 dwords, dword i holding row i's codes of
+// the even column at bit b j and of the odd one at 8 + b j; vpermps reads the low 4 bits.
+template <int BITS, int NT>
+void tile_fp32(const Problem& p, int64_t tile, int64_t t0) {
+    constexpr int PER_BYTE = 8 / BITS, MASK = (1 << BITS) - 1, CHUNKS = 32 / PER_BYTE, CHAINS = chains(NT);
+    const __m512 table = _mm512_setr_ps(0 & MASK, 1 & MASK, 2 & MASK, 3 & MASK, 4 & MASK, 5 & MASK, 6 & MASK, 7 & MASK,
+                                        8 & MASK, 9 & MASK, 10 & MASK, 11 & MASK, 12 & MASK, 13 & MASK, 14 & MASK, 15 & MASK);
+    const int64_t groups = p.cols / p.group_size, blocks_per_group = p.group_size / BLOCK;
+    const uint8_t* chunk = p.codes + tile * (p.cols / BLOCK) * CHUNKS * 32;
+    const float* x = p.x + t0 * p.cols;
+    __m512 acc[NT];
+    for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+        __m512 dot[CHAINS][NT];
+        for (int c = 0; c < CHAINS; ++c)
+            for (int t = 0; t < NT; ++t) dot[c][t] = _mm512_setzero_ps();
+        for (int64_t block = g * blocks_per_group; block < (g + 1) * blocks_per_group; ++block) {
+            for (int c = 0; c < CHUNKS; ++c, chunk += 32) {
+                if (c % 2 == 0) prefetch_codes(chunk);
+                const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk)));
+#pragma GCC unroll 8
+                for (int k = 0; k < 2 * PER_BYTE; ++k) {
+                    const int j = k / 2, e = k % 2, shift = 8 * e + BITS * j;
+                    const __m512 q = _mm512_permutexvar_ps(shift ? _mm512_srli_epi32(wide, shift) : wide, table);
+                    const int64_t column = block * BLOCK + 2 * (PER_BYTE * c + j) + e;
+                    const int chain = k % CHAINS;
+                    for (int t = 0; t < NT; ++t)
+                        dot[chain][t] = _mm512_fmadd_ps(q, _mm512_set1_ps(x[t * p.cols + column]), dot[chain][t]);
+                }
+            }
+        }
+        add_group<NT, CHAINS>(p, tile, g, t0, dot, acc);
+    }
+    store_tile<NT>(p, tile, t0, acc);
+}
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512F__)
+// AVX2: a tile as two halves of 8 rows (bytes 0-15 and 16-31 of each chunk), as tile_fp32.
+template <int BITS, int NT>
+void tile_fp32(const Problem& p, int64_t tile, int64_t t0) {
+    constexpr int PER_BYTE = 8 / BITS, MASK = (1 << BITS) - 1, CHUNKS = 32 / PER_BYTE, CHAINS = chains(NT);
+    const __m256i mask = _mm256_set1_epi32(MASK);
+    const __m256 table = _mm256_setr_ps(0 & MASK, 1 & MASK, 2 & MASK, 3 & MASK, 4 & MASK, 5 & MASK, 6 & MASK, 7 & MASK);
+    const int64_t groups = p.cols / p.group_size, blocks_per_group = p.group_size / BLOCK;
+    const float* x = p.x + t0 * p.cols;
+    for (int half = 0; half < 2; ++half) {
+        const uint8_t* chunk = p.codes + tile * (p.cols / BLOCK) * CHUNKS * 32 + 16 * half;
+        __m256 acc[NT];
+        for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
+        for (int64_t g = 0; g < groups; ++g) {
+            __m256 dot[CHAINS][NT];
+            for (int c = 0; c < CHAINS; ++c)
+                for (int t = 0; t < NT; ++t) dot[c][t] = _mm256_setzero_ps();
+            for (int64_t block = g * blocks_per_group; block < (g + 1) * blocks_per_group; ++block) {
+                for (int c = 0; c < CHUNKS; ++c, chunk += 32) {
+                    if (c % 2 == 0) prefetch_codes(chunk);
+                    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(chunk)));
+#pragma GCC unroll 8
+                    for (int k = 0; k < 2 * PER_BYTE; ++k) {
+                        const int j = k / 2, e = k % 2, shift = 8 * e + BITS * j;
+                        const __m256i shifted = shift ? _mm256_srli_epi32(wide, shift) : wide;
+                        // vpermps reads 3 bits: enough for 2-bit codes; 4-bit ones are masked and converted
+                        const __m256 q = BITS == 2 ? _mm256_permutevar8x32_ps(table, shifted)
+                                                   : _mm256_cvtepi32_ps(_mm256_and_si256(shifted, mask));
+                        const int64_t column = block * BLOCK + 2 * (PER_BYTE * c + j) + e;
+                        const int chain = k % CHAINS;
+                        for (int t = 0; t < NT; ++t)
+                            dot[chain][t] = _mm256_fmadd_ps(q, _mm256_set1_ps(x[t * p.cols + column]), dot[chain][t]);
+                    }
+                }
+            }
+            const int64_t at = (tile * groups + g) * TILE + 8 * half;
+            const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.scale + at)));
+            const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.zero + at)));
+            const __m256 sz = _mm256_mul_ps(s, z);
+            for (int t = 0; t < NT; ++t) {
+                __m256 sum = dot[0][t];
+                for (int c = 1; c < CHAINS; ++c) sum = _mm256_add_ps(sum, dot[c][t]);
+                acc[t] = _mm256_fmadd_ps(s, sum, acc[t]);
+                acc[t] = _mm256_fnmadd_ps(sz, _mm256_set1_ps(p.x_sums[(t0 + t) * groups + g]), acc[t]);
+            }
+        }
+        const int64_t row0 = tile * TILE + 8 * half, live = std::min<int64_t>(8, p.rows - row0);
+        for (int t = 0; t < NT; ++t) {
+            alignas(32) float lanes[8];
+            _mm256_store_ps(lanes, acc[t]);
+            for (int64_t i = 0; i < live; ++i) p.y[(t0 + t) * p.rows + row0 + i] = lanes[i];
+        }
+    }
+}
+#endif
+
+#if !defined(__AVX512F__) && !(defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
+// Plain C++: the same sums, a row at a time.
+template <int BITS, int NT>
+void tile_fp32(const Problem& p, int64_t tile, int64_t t0) {
+    constexpr int PER_BYTE = 8 / BITS, MASK = (1 << BITS) - 1, CHUNKS = 32 / PER_BYTE;
+    const int64_t groups = p.cols / p.group_size, blocks_per_group = p.group_size / BLOCK;
+    const uint8_t* codes = p.codes + tile * (p.cols / BLOCK) * CHUNKS * 32;
+    for (int64_t i = 0; i < TILE && tile * TILE + i < p.rows; ++i) {
+        float acc[NT] = {};
+        for (int64_t g = 0; g < groups; ++g) {
+            float dot[NT] = {};
+            for (int64_t block = g * blocks_per_group; block < (g + 1) * blocks_per_group; ++block)
+                for (int c = 0; c < CHUNKS; ++c)
+                    for (int e = 0; e < 2; ++e) {
+                        const uint8_t byte = codes[(block * CHUNKS + c) * 32 + 2 * i + e];
+                        for (int j = 0; j < PER_BYTE; ++j) {
+                            const float q = static_cast<float>((byte >> (BITS * j)) & MASK);
+                            const int64_t column = block * BLOCK + 2 * (PER_BYTE * c + j) + e;
+                            for (int t = 0; t < NT; ++t) dot[t] += q * p.x[(t0 + t) * p.cols + column];
+                        }
+                    }
+            const float s = half_to_float(p.scale[(tile * groups + g) * TILE + i]);
+            const float z = half_to_float(p.zero[(tile * groups + g) * TILE + i]);
+            for (int t = 0; t < NT; ++t) acc[t] += s * dot[t] - s * z * p.x_sums[(t0 + t) * groups + g];
+        }
+        for (int t = 0; t < NT; ++t) p.y[(t0 + t) * p.rows + tile * TILE + i] = acc[t];
+    }
+}
+#endif
+
+#if defined(__AVX512F__)
+constexpr int MAX_TILE = 8;  // tokens per pass over a tile: 8 accumulators and 8 sums of 32 registers
 #else
 constexpr int MAX_TILE = 4;  // AVX2 has 16 registers
 #endif
-constexpr int64_t X_TILE_BYTES = 24 * 1024;  // the slice of x a pass over rows reuses: kept in L1
 
-// Rows [r0, r1) for tokens [t0, t0 + NT): a column block at a time, so that the block's slice of
-// x stays in L1 while every row of the range reads it (8 tokens of a 14336-wide x are 458 KB).
 template <int BITS, int NT>
-void rows_tile(const Problem& p, int64_t r0, int64_t r1, int64_t t0, RowScratch& scratch) {
-    constexpr int64_t UNIT_COLS = 32 * (8 / BITS);
-    const int64_t units = p.padded_cols / UNIT_COLS;
-    const int64_t step = std::max<int64_t>(1, X_TILE_BYTES / (4 * NT * UNIT_COLS));
-    for (int64_t u0 = 0; u0 < units; u0 += step) {
-        const int64_t u1 = std::min(units, u0 + step);
-        for (int64_t row = r0; row < r1; ++row) row_dot<BITS, NT>(p, row, t0, u0, u1, scratch);
-    }
+void tile_tokens(const Problem& p, int64_t tile, int64_t t0) {
+#if defined(__AVX512BF16__)
+    if (p.x_bf16) return tile_bf16<BITS, NT>(p, tile, t0);
+#endif
+    tile_fp32<BITS, NT>(p, tile, t0);
 }
 
+// Every token for tile `tile`, MAX_TILE at a time: the tile's codes (2 * cols * bits bytes) stay
+// in L2 for the passes after the first.
 template <int BITS>
-void rows_all_tokens(const Problem& p, int64_t r0, int64_t r1, RowScratch& scratch) {
+void tile_all_tokens(const Problem& p, int64_t tile) {
     for (int64_t t0 = 0; t0 < p.tokens; t0 += MAX_TILE) {
         switch (std::min<int64_t>(p.tokens - t0, MAX_TILE)) {
-            case 1: rows_tile<BITS, 1>(p, r0, r1, t0, scratch); break;
-            case 2: rows_tile<BITS, 2>(p, r0, r1, t0, scratch); break;
-            case 3: rows_tile<BITS, 3>(p, r0, r1, t0, scratch); break;
-            case 4: rows_tile<BITS, 4>(p, r0, r1, t0, scratch); break;
+            case 1: tile_tokens<BITS, 1>(p, tile, t0); break;
+            case 2: tile_tokens<BITS, 2>(p, tile, t0); break;
+            case 3: tile_tokens<BITS, 3>(p, tile, t0); break;
+            case 4: tile_tokens<BITS, 4>(p, tile, t0); break;
 #if defined(__AVX512F__)
-            case 5: rows_tile<BITS, 5>(p, r0, r1, t0, scratch); break;
-            case 6: rows_tile<BITS, 6>(p, r0, r1, t0, scratch); break;
-            case 7: rows_tile<BITS, 7>(p, r0, r1, t0, scratch); break;
-            case 8: rows_tile<BITS, 8>(p, r0, r1, t0, scratch); break;
+            case 5: tile_tokens<BITS, 5>(p, tile, t0); break;
+            case 6: tile_tokens<BITS, 6>(p, tile, t0); break;
+            case 7: tile_tokens<BITS, 7>(p, tile, t0); break;
+            case 8: tile_tokens<BITS, 8>(p, tile, t0); break;
 #endif
         }
     }
@@ -268,7 +367,7 @@ extern "C" {
 int hqq_vector_bits() {
 #if defined(__AVX512F__)
     int bits = 512;
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
     int bits = 256;
 #else
     int bits = 0;
@@ -276,39 +375,47 @@ int hqq_vector_bits() {
     return bits;
 }
 
+// 1 where bf16 x is multiplied through vdpbf16ps (AVX512-BF16), else 0: for the log.
+int hqq_bf16_products() {
+#if defined(__AVX512BF16__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 // x is [T, cols], fp32 (x_is_bf16 = 0) or bf16 (1); y is [T, rows] fp32. Returns 0, or -1 for a
 // shape the layout cannot hold (the caller checks these first).
 int hqq_matmul(const uint8_t* codes, const uint16_t* scale, const uint16_t* zero, int bits, int64_t group_size,
                int64_t rows, int64_t cols, const void* x, int x_is_bf16, int64_t tokens, float* y, int threads) {
     if ((bits != 2 && bits != 4) || group_size <= 0 || cols % group_size || group_size % BLOCK) return -1;
-    const int64_t unit_cols = 32 * (8 / bits);
-    const int64_t padded_cols = (cols + unit_cols - 1) / unit_cols * unit_cols;
     const int64_t groups = cols / group_size;
-    // x as fp32, padded with zeros to whole units
-    const int64_t x_stride = padded_cols + 16;
-    std::vector<float> x32(tokens * x_stride, 0.f);
-    for (int64_t t = 0; t < tokens; ++t)
-        for (int64_t i = 0; i < cols; ++i)
-            x32[t * x_stride + i] = x_is_bf16 ? bf16_to_float(static_cast<const uint16_t*>(x)[t * cols + i])
-                                              : static_cast<const float*>(x)[t * cols + i];
-    std::vector<float> x_sums(tokens * groups);
+#if defined(__AVX512BF16__)
+    const bool keep_bf16 = x_is_bf16;  // multiplied as given
+#else
+    const bool keep_bf16 = false;
+#endif
+    // fp32 x as given; bf16 x as given or widened, where the build has no vdpbf16ps
+    std::vector<float> widened(x_is_bf16 && !keep_bf16 ? tokens * cols : 0), x_sums(tokens * groups);
+    const float* x32 = x_is_bf16 ? widened.data() : static_cast<const float*>(x);
     for (int64_t t = 0; t < tokens; ++t)
         for (int64_t g = 0; g < groups; ++g) {
-            float sum = 0.f;
-            for (int64_t i = 0; i < group_size; ++i) sum += x32[t * x_stride + g * group_size + i];
-            x_sums[t * groups + g] = sum;
+            const int64_t start = t * cols + g * group_size;
+            if (x_is_bf16) x_sums[t * groups + g] = bf16_sum(static_cast<const uint16_t*>(x) + start, group_size,
+                                                             keep_bf16 ? nullptr : widened.data() + start);
+            else x_sums[t * groups + g] = float_sum(x32 + start, group_size);
         }
-    const Problem p{codes, scale, zero, group_size, rows, cols, padded_cols, tokens, x32.data(), x_stride, x_sums.data(), y};
-    std::memset(y, 0, sizeof(float) * tokens * rows);
+    const Problem p{codes, scale, zero, group_size, rows, cols, tokens, keep_bf16 ? nullptr : x32,
+                    keep_bf16 ? static_cast<const uint16_t*>(x) : nullptr, x_sums.data(), y};
+    const int64_t tiles = (rows + TILE - 1) / TILE;
 #pragma omp parallel num_threads(threads)
     {
-        // each thread a contiguous range of rows, in blocks of 16 rows
+        // each thread a contiguous range of tiles: its codes one stream, its rows of y its own
         const int64_t count = omp_get_num_threads(), id = omp_get_thread_num();
-        const int64_t blocks = (rows + 15) / 16;
-        const int64_t r0 = std::min(rows, blocks * id / count * 16), r1 = std::min(rows, blocks * (id + 1) / count * 16);
-        RowScratch scratch(padded_cols / BLOCK, groups);
-        if (bits == 2) rows_all_tokens<2>(p, r0, r1, scratch);
-        else rows_all_tokens<4>(p, r0, r1, scratch);
+        for (int64_t tile = tiles * id / count; tile < tiles * (id + 1) / count; ++tile) {
+            if (bits == 2) tile_all_tokens<2>(p, tile);
+            else tile_all_tokens<4>(p, tile);
+        }
     }
     return 0;
 }
