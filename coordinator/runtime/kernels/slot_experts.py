@@ -32,6 +32,8 @@ import triton.language as tl
 
 from common.store.blob_layout import BlobLayout
 
+from .slot_gemv_v2 import slot_gemv_v2_kernel
+
 # Block shapes: the best of scripts/slot_expert_bench.py's sweeps on an H200 (2026-12-01).
 # BLOCK_J = 16 (one 16-byte load per row per thread, UNROLL of them per trip) keeps every
 # reduction inside a thread (no shared-memory layout changes in the loop, per the compiled PTX);
@@ -39,6 +41,11 @@ from common.store.blob_layout import BlobLayout
 W13_BLOCK_O, W13_BLOCK_J, W13_WARPS, W13_UNROLL = 128, 64, 4, 1
 W2_BLOCK_O, W2_BLOCK_J, W2_WARPS, W2_UNROLL, W2_SPLIT = 16, 256, 4, 1, 4
 STREAM = PREFETCH = False  # measured no better (STREAM) or worse (PREFETCH) on the H200: see the bench
+# v2 (slot_gemv_v2.py): (BLOCK_O, BLOCK_J, warps, unroll, stages) for w13, the same and the split
+# for w2. Not measured on a GPU yet: scripts/slot_expert_bench.py sweeps them and prints the line.
+V2_W13 = (32, 64, 4, 1, 3)
+V2_W2 = (32, 64, 4, 1, 3, 4)
+VARIANTS = ("v1", "v2")  # which formulation runs; kernels/__init__.py reads MOE_EDGE_SLOT_KERNEL
 
 
 CHUNK = 16  # bytes of a row that one thread reduces on its own (one 16-byte load)
@@ -178,13 +185,14 @@ class _Blocks:
     bytes: int  # BLOCK_J
     warps: int
     unroll: int  # UNROLL
+    stages: int = 1  # STAGES (v2 only)
 
 
-def _blocks(matrix: _Matrix, rows: int, preferred: tuple[int, int, int, int]) -> _Blocks:
+def _blocks(matrix: _Matrix, rows: int, preferred: tuple[int, ...]) -> _Blocks:
     """Powers of two: a block of bytes and the group divide one another, as the kernel needs."""
-    block_o, block_j, warps, unroll = preferred
+    block_o, block_j, warps, unroll, *stages = preferred
     block_j = _fit(matrix.packed, block_j, CHUNK)
-    return _Blocks(_fit(rows, block_o, 1), block_j, warps, _fit(matrix.packed // block_j, unroll, 1))
+    return _Blocks(_fit(rows, block_o, 1), block_j, warps, _fit(matrix.packed // block_j, unroll, 1), *stages)
 
 
 def supports(layout: BlobLayout) -> bool:
@@ -207,43 +215,55 @@ _ROUND = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32:
 class SlotExperts:
     """The expert step of one layer shape on CUDA: `__call__(x, memory, slots, weights, out)`
     adds sum_e weights[e] * expert_{slots[e]}(x) to out. Scratch buffers are made once (fixed
-    addresses, for CUDA graphs)."""
+    addresses, for CUDA graphs). `variant` picks the kernel ("v1": _slot_gemv_kernel with the
+    W13_* / W2_* blocks, "v2": slot_gemv_v2.py with V2_W13 / V2_W2)."""
 
-    def __init__(self, layout: BlobLayout, top_k: int, device: torch.device, dtype: torch.dtype) -> None:
-        self.layout, self.top_k, self.round = layout, top_k, _ROUND[dtype]
+    def __init__(self, layout: BlobLayout, top_k: int, device: torch.device, dtype: torch.dtype,
+                 variant: str = "v1") -> None:
+        if variant not in VARIANTS:
+            raise ValueError(f"slot kernel variant {variant!r} is not one of {VARIANTS}")
+        self.layout, self.top_k, self.round, self.variant = layout, top_k, _ROUND[dtype], variant
         self.w13, self.w2 = _matrix(layout, "w13"), _matrix(layout, "w2")
         hidden, ffn = self.w2.rows, self.w13.rows // 2
-        self.blocks13 = _blocks(self.w13, ffn, (W13_BLOCK_O, W13_BLOCK_J, W13_WARPS, W13_UNROLL))
-        self.blocks2 = _blocks(self.w2, hidden, (W2_BLOCK_O, W2_BLOCK_J, W2_WARPS, W2_UNROLL))
+        if variant == "v1":
+            self.kernel, self.split = _slot_gemv_kernel, W2_SPLIT
+            self.blocks13 = _blocks(self.w13, ffn, (W13_BLOCK_O, W13_BLOCK_J, W13_WARPS, W13_UNROLL))
+            self.blocks2 = _blocks(self.w2, hidden, (W2_BLOCK_O, W2_BLOCK_J, W2_WARPS, W2_UNROLL))
+        else:
+            self.kernel, self.split = slot_gemv_v2_kernel, V2_W2[5]
+            self.blocks13 = _blocks(self.w13, ffn, V2_W13)
+            self.blocks2 = _blocks(self.w2, hidden, V2_W2[:5])
         f32 = dict(dtype=torch.float32, device=device)
         self.x = torch.empty(1, hidden, **f32)  # the input in float32
         self.x_sums = torch.empty(hidden // CHUNK, **f32)  # its sums per CHUNK columns
         self.hidden_act = torch.empty(top_k, ffn, **f32)  # [k, F] silu(gate) * up
         self.hidden_sums = torch.empty(top_k, ffn // CHUNK, **f32)
-        self.partial = torch.empty(top_k * W2_SPLIT, hidden, **f32)  # [k*S, H]
+        self.partial = torch.empty(top_k * self.split, hidden, **f32)  # [k*S, H]
+
+    def _launch(self, matrix: _Matrix, blocks: _Blocks, rows: int, split: int, x, x_sums, memory, slots, weights,
+                out, *, x_stride: int, gated: bool) -> None:
+        """One launch over (row blocks, parts, experts): rows = O of the kernel (F gated, else H)."""
+        spec = self.layout.spec
+        extra = dict(STAGES=blocks.stages) if self.variant == "v2" else {}
+        self.kernel[(rows // blocks.rows, split, self.top_k)](
+            x, x_sums, memory, slots, weights, out, split,
+            X_STRIDE=x_stride, NBYTES=self.layout.nbytes, CODES=matrix.codes, SCALE=matrix.scale, ZERO=matrix.zero,
+            O=rows, P=matrix.packed, NG=matrix.groups, WIDTH=spec.bits, GROUP=spec.group_size,
+            BLOCK_O=blocks.rows, BLOCK_J=blocks.bytes, GATED=gated, ROUND=self.round, STREAM=STREAM,
+            PREFETCH=PREFETCH, UNROLL=blocks.unroll, num_warps=blocks.warps, **extra,
+        )
 
     def __call__(self, x: torch.Tensor, memory: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
                  out: torch.Tensor) -> None:
         """x [1, H]; memory [K, nbytes] uint8; slots [k] int64; weights [1, k] float32; out [1, H] += ."""
-        spec, k, nbytes = self.layout.spec, self.top_k, self.layout.nbytes
-        w13, w2 = self.w13, self.w2
+        k, w13, w2 = self.top_k, self.w13, self.w2
         ffn = w13.rows // 2
         self.x.copy_(x)
         torch.sum(self.x.view(-1, CHUNK), dim=1, out=self.x_sums)
         b13, b2 = self.blocks13, self.blocks2
-        _slot_gemv_kernel[(ffn // b13.rows, 1, k)](
-            self.x, self.x_sums, memory, slots, weights, self.hidden_act, 1,
-            X_STRIDE=0, NBYTES=nbytes, CODES=w13.codes, SCALE=w13.scale, ZERO=w13.zero,
-            O=ffn, P=w13.packed, NG=w13.groups, WIDTH=spec.bits, GROUP=spec.group_size,
-            BLOCK_O=b13.rows, BLOCK_J=b13.bytes, GATED=True, ROUND=self.round, STREAM=STREAM, PREFETCH=PREFETCH,
-            UNROLL=b13.unroll, num_warps=b13.warps,
-        )
+        self._launch(w13, b13, ffn, 1, self.x, self.x_sums, memory, slots, weights, self.hidden_act,
+                     x_stride=0, gated=True)
         torch.sum(self.hidden_act.view(k, -1, CHUNK), dim=2, out=self.hidden_sums)
-        _slot_gemv_kernel[(w2.rows // b2.rows, W2_SPLIT, k)](
-            self.hidden_act, self.hidden_sums, memory, slots, weights, self.partial, W2_SPLIT,
-            X_STRIDE=ffn, NBYTES=nbytes, CODES=w2.codes, SCALE=w2.scale, ZERO=w2.zero,
-            O=w2.rows, P=w2.packed, NG=w2.groups, WIDTH=spec.bits, GROUP=spec.group_size,
-            BLOCK_O=b2.rows, BLOCK_J=b2.bytes, GATED=False, ROUND=self.round, STREAM=STREAM, PREFETCH=PREFETCH,
-            UNROLL=b2.unroll, num_warps=b2.warps,
-        )
+        self._launch(w2, b2, w2.rows, self.split, self.hidden_act, self.hidden_sums, memory, slots, weights,
+                     self.partial, x_stride=ffn, gated=False)
         out.add_(self.partial.sum(0, keepdim=True).to(out.dtype))
