@@ -212,27 +212,31 @@ def supports(layout: BlobLayout) -> bool:
 _ROUND = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
+def default_shapes(variant: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The module's block shapes of a variant: (w13's, w2's with the split last)."""
+    if variant == "v1":
+        return (W13_BLOCK_O, W13_BLOCK_J, W13_WARPS, W13_UNROLL), (W2_BLOCK_O, W2_BLOCK_J, W2_WARPS, W2_UNROLL, W2_SPLIT)
+    return V2_W13, V2_W2
+
+
 class SlotExperts:
     """The expert step of one layer shape on CUDA: `__call__(x, memory, slots, weights, out)`
-    adds sum_e weights[e] * expert_{slots[e]}(x) to out. Scratch buffers are made once (fixed
-    addresses, for CUDA graphs). `variant` picks the kernel ("v1": _slot_gemv_kernel with the
-    W13_* / W2_* blocks, "v2": slot_gemv_v2.py with V2_W13 / V2_W2)."""
+    adds sum_e weights[e] * expert_{slots[e]}(x) to out, as `gate_up` (w13 and the gate) then
+    `down` (w2 and the sum). Scratch buffers are made once (fixed addresses, for CUDA graphs).
+    `variant` picks the kernel ("v1": _slot_gemv_kernel, "v2": slot_gemv_v2.py), `shapes` its
+    block shapes (default_shapes(variant) unless given: the bench sweeps them)."""
 
     def __init__(self, layout: BlobLayout, top_k: int, device: torch.device, dtype: torch.dtype,
-                 variant: str = "v1") -> None:
+                 variant: str = "v1", shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"slot kernel variant {variant!r} is not one of {VARIANTS}")
         self.layout, self.top_k, self.round, self.variant = layout, top_k, _ROUND[dtype], variant
         self.w13, self.w2 = _matrix(layout, "w13"), _matrix(layout, "w2")
         hidden, ffn = self.w2.rows, self.w13.rows // 2
-        if variant == "v1":
-            self.kernel, self.split = _slot_gemv_kernel, W2_SPLIT
-            self.blocks13 = _blocks(self.w13, ffn, (W13_BLOCK_O, W13_BLOCK_J, W13_WARPS, W13_UNROLL))
-            self.blocks2 = _blocks(self.w2, hidden, (W2_BLOCK_O, W2_BLOCK_J, W2_WARPS, W2_UNROLL))
-        else:
-            self.kernel, self.split = slot_gemv_v2_kernel, V2_W2[5]
-            self.blocks13 = _blocks(self.w13, ffn, V2_W13)
-            self.blocks2 = _blocks(self.w2, hidden, V2_W2[:5])
+        shapes13, shapes2 = shapes or default_shapes(variant)
+        self.kernel = _slot_gemv_kernel if variant == "v1" else slot_gemv_v2_kernel
+        self.blocks13 = _blocks(self.w13, ffn, shapes13)
+        self.blocks2, self.split = _blocks(self.w2, hidden, shapes2[:-1]), shapes2[-1]
         f32 = dict(dtype=torch.float32, device=device)
         self.x = torch.empty(1, hidden, **f32)  # the input in float32
         self.x_sums = torch.empty(hidden // CHUNK, **f32)  # its sums per CHUNK columns
@@ -253,17 +257,23 @@ class SlotExperts:
             PREFETCH=PREFETCH, UNROLL=blocks.unroll, num_warps=blocks.warps, **extra,
         )
 
+    def gate_up(self, x: torch.Tensor, memory: torch.Tensor, slots: torch.Tensor) -> None:
+        """x [1, H] -> hidden_act [k, F] = silu(gate) * up of each chosen expert, and its sums."""
+        k, ffn = self.top_k, self.w13.rows // 2
+        self.x.copy_(x)
+        torch.sum(self.x.view(-1, CHUNK), dim=1, out=self.x_sums)
+        self._launch(self.w13, self.blocks13, ffn, 1, self.x, self.x_sums, memory, slots, self.x, self.hidden_act,
+                     x_stride=0, gated=True)  # (the gated kernel reads no routing weights: self.x stands in)
+        torch.sum(self.hidden_act.view(k, -1, CHUNK), dim=2, out=self.hidden_sums)
+
+    def down(self, memory: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> None:
+        """out [1, H] += sum_e weights[e] * w2_e @ hidden_act[e]."""
+        self._launch(self.w2, self.blocks2, self.w2.rows, self.split, self.hidden_act, self.hidden_sums, memory,
+                     slots, weights, self.partial, x_stride=self.w13.rows // 2, gated=False)
+        out.add_(self.partial.sum(0, keepdim=True).to(out.dtype))
+
     def __call__(self, x: torch.Tensor, memory: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
                  out: torch.Tensor) -> None:
         """x [1, H]; memory [K, nbytes] uint8; slots [k] int64; weights [1, k] float32; out [1, H] += ."""
-        k, w13, w2 = self.top_k, self.w13, self.w2
-        ffn = w13.rows // 2
-        self.x.copy_(x)
-        torch.sum(self.x.view(-1, CHUNK), dim=1, out=self.x_sums)
-        b13, b2 = self.blocks13, self.blocks2
-        self._launch(w13, b13, ffn, 1, self.x, self.x_sums, memory, slots, weights, self.hidden_act,
-                     x_stride=0, gated=True)
-        torch.sum(self.hidden_act.view(k, -1, CHUNK), dim=2, out=self.hidden_sums)
-        self._launch(w2, b2, w2.rows, self.split, self.hidden_act, self.hidden_sums, memory, slots, weights,
-                     self.partial, x_stride=ffn, gated=False)
-        out.add_(self.partial.sum(0, keepdim=True).to(out.dtype))
+        self.gate_up(x, memory, slots)
+        self.down(memory, slots, weights, out)
