@@ -1,6 +1,6 @@
 """Times the in-place slot expert kernels (coordinator/runtime/kernels/slot_experts.py) on one GPU:
 for each family's expert shapes (Mixtral-8x7B: 2-bit HQQ g64, top-2; Qwen3-30B-A3B: 4-bit g64,
-top-8, hidden 2048, expert FFN 768), each kernel variant (slot_experts.VARIANTS: v1, v2) over a
+top-8, hidden 2048, expert FFN 768), each kernel variant (slot_experts.VARIANTS: v1, v2, v3) over a
 short list of block shapes for w13 (with the SiLU gate) and for w2 (split along its input), then
 the whole top-k step (x prepared, w13, w2, the sum) with the module's shapes and with the best.
 Every call is captured in a CUDA graph whose calls go round more slots than L2 holds (no launch
@@ -77,18 +77,24 @@ MIXTRAL = Family(
     "mixtral-8x7b 2-bit g64 top-2", 4096, 14336, 2, 2, 8, 2.0,
     w13={"v1": [(64, 64, 4, 1), (32, 64, 4, 1), (128, 64, 8, 1), (64, 128, 4, 1), (32, 128, 4, 1)],
          "v2": [(16, 64, 4, 1, 3), (32, 64, 4, 1, 1), (64, 64, 4, 1, 3), (32, 64, 4, 1, 2), (16, 64, 4, 1, 4),
-                (32, 64, 8, 1, 3), (64, 64, 8, 1, 3), (32, 128, 4, 1, 3), (128, 64, 4, 1, 1), (16, 128, 4, 1, 3)]},
+                (32, 64, 8, 1, 3), (64, 64, 8, 1, 3), (32, 128, 4, 1, 3), (128, 64, 4, 1, 1), (16, 128, 4, 1, 3)],
+         "v3": [(32, 16, 1, 1, 2), (64, 16, 2, 1, 3), (32, 16, 1, 1, 3), (128, 16, 4, 1, 2), (64, 16, 2, 1, 1),
+                (32, 16, 1, 1, 1), (128, 16, 4, 1, 3), (64, 16, 2, 1, 4)]},
     w2={"v1": [(32, 64, 4, 1, 4), (16, 128, 4, 1, 4), (16, 256, 4, 1, 8), (32, 128, 4, 1, 4), (64, 64, 4, 1, 4)],
         "v2": [(16, 64, 4, 1, 3, 4), (16, 64, 4, 1, 3, 8), (32, 64, 4, 1, 3, 2), (32, 64, 4, 1, 1, 4),
-               (64, 64, 4, 1, 3, 4), (32, 64, 4, 1, 2, 8), (16, 128, 4, 1, 3, 4), (32, 64, 8, 1, 3, 4)]},
+               (64, 64, 4, 1, 3, 4), (32, 64, 4, 1, 2, 8), (16, 128, 4, 1, 3, 4), (32, 64, 8, 1, 3, 4)],
+        "v3": [(32, 16, 1, 1, 2, 8), (64, 16, 2, 1, 3, 4), (128, 16, 4, 1, 2, 8), (64, 16, 2, 1, 1, 8),
+               (32, 16, 1, 1, 3, 4), (64, 16, 2, 1, 2, 14), (32, 16, 1, 1, 2, 14)]},
 )
 QWEN3 = Family(
     "qwen3-30b-a3b 4-bit g64 top-8", 2048, 768, 4, 8, 128, 1.0,
     w13={"v1": [(32, 64, 4, 1), (16, 64, 4, 1), (16, 128, 4, 1), (64, 64, 4, 1)],
-         "v2": [(16, 64, 4, 1, 3), (32, 64, 4, 1, 3), (8, 64, 4, 1, 3), (16, 64, 4, 1, 1), (16, 128, 4, 1, 3)]},
+         "v2": [(16, 64, 4, 1, 3), (32, 64, 4, 1, 3), (8, 64, 4, 1, 3), (16, 64, 4, 1, 1), (16, 128, 4, 1, 3)],
+         "v3": [(32, 16, 1, 1, 2), (32, 16, 1, 1, 3), (64, 16, 2, 1, 3), (32, 16, 1, 1, 1)]},
     w2={"v1": [(32, 64, 4, 1, 2), (16, 64, 4, 1, 2), (16, 128, 4, 1, 3), (64, 64, 4, 1, 1)],
         "v2": [(32, 64, 4, 1, 3, 2), (16, 64, 4, 1, 3, 2), (32, 64, 4, 1, 3, 1), (16, 64, 4, 1, 1, 3),
-               (64, 64, 4, 1, 3, 1)]},
+               (64, 64, 4, 1, 3, 1)],
+        "v3": [(32, 16, 1, 1, 2, 2), (64, 16, 2, 1, 2, 3), (32, 16, 1, 1, 1, 3), (64, 16, 2, 1, 3, 2)]},
 )
 FAMILIES = {"mixtral": MIXTRAL, "qwen3": QWEN3}
 
@@ -128,9 +134,7 @@ class Bench:
         """us per call of w13 (gate_up), w2 (down) or the whole step ("step"), and the shape that ran
         (SlotExperts fits BLOCK_J, BLOCK_O and UNROLL to the matrix)."""
         run = self.experts(variant, shapes13, shapes2)
-        blocks = run.blocks13 if matrix == "w13" else run.blocks2
-        ran = (blocks.rows, blocks.bytes, blocks.warps, blocks.unroll) + ((blocks.stages,) if variant == "v2" else ())
-        ran += (run.split,) if matrix == "w2" else ()
+        ran = dict(zip(("w13", "w2"), run.shapes_ran())).get(matrix, ())
         if matrix == "w2":
             run.gate_up(self.x, self.memory, self.slot_sets[0])  # a real hidden_act, once
         work = {"w13": lambda i: run.gate_up(self.x, self.memory, self.slot_sets[i]),
@@ -147,7 +151,7 @@ def paste_lines(variant: str, best13: tuple[int, ...], best2: tuple[int, ...]) -
     if variant == "v1":
         return [f"W13_BLOCK_O, W13_BLOCK_J, W13_WARPS, W13_UNROLL = {', '.join(map(str, best13))}",
                 f"W2_BLOCK_O, W2_BLOCK_J, W2_WARPS, W2_UNROLL, W2_SPLIT = {', '.join(map(str, best2))}"]
-    return [f"V2_W13 = {best13}", f"V2_W2 = {best2}"]
+    return [f"V{variant[1:]}_W13 = {best13}", f"V{variant[1:]}_W2 = {best2}"]
 
 
 def run_family(family: Family, device: torch.device, deadline: float, weight_left: float, rows: list[dict]) -> float:
@@ -188,13 +192,17 @@ def run_family(family: Family, device: torch.device, deadline: float, weight_lef
           f"{bench.nbytes('step') / 1e6:.1f} MB")
     print(f"  {'variant':<8}{'shapes (w13; w2)':<52}{'us/step':>10}{'GB/s':>9}{'of 4.8 TB/s':>13}")
     for variant in se.VARIANTS:
+        module = tuple(tuple(s) for s in bench.experts(variant).shapes_ran())
         for tag, shapes13, shapes2 in (("module", None, None), ("best", best[(variant, "w13")], best[(variant, "w2")])):
+            if tag == "best" and (shapes13, shapes2) == module:
+                print(f"  {variant:<8}best = module")
+                continue
             try:
                 us, _ = bench.time(variant, "step", shapes13, shapes2)
             except Exception as error:
                 print(f"  {variant} {tag}: {type(error).__name__}: {str(error).splitlines()[0][:100]}")
                 continue
-            shown = (shapes13 or se.default_shapes(variant)[0], shapes2 or se.default_shapes(variant)[1])
+            shown = module if tag == "module" else (shapes13, shapes2)
             gbps = bench.nbytes("step") / us / 1e3
             print(f"  {variant:<8}{tag + ' ' + str(shown[0]) + '; ' + str(shown[1]):<52}{us:10.1f}{gbps:9.0f}"
                   f"{100 * gbps / PEAK_GBPS:12.1f}%")

@@ -33,6 +33,7 @@ import triton.language as tl
 from common.store.blob_layout import BlobLayout
 
 from .slot_gemv_v2 import slot_gemv_v2_kernel
+from .slot_gemv_v3 import slot_gemv_v3_kernel
 
 # Block shapes: the best of scripts/slot_expert_bench.py's sweeps on an H200 (2026-12-01).
 # BLOCK_J = 16 (one 16-byte load per row per thread, UNROLL of them per trip) keeps every
@@ -45,7 +46,11 @@ STREAM = PREFETCH = False  # measured no better (STREAM) or worse (PREFETCH) on 
 # for w2. Not measured on a GPU yet: scripts/slot_expert_bench.py sweeps them and prints the line.
 V2_W13 = (32, 64, 4, 1, 3)
 V2_W2 = (32, 64, 4, 1, 3, 4)
-VARIANTS = ("v1", "v2")  # which formulation runs; kernels/__init__.py reads MOE_EDGE_SLOT_KERNEL
+# v3 (slot_gemv_v3.py): the same fields; BLOCK_J is not used (a thread takes whole groups), UNROLL
+# counts groups per trip, BLOCK_O = 32 * warps gives a thread one row. Not measured yet either.
+V3_W13 = (64, 16, 2, 1, 2)
+V3_W2 = (64, 16, 2, 1, 2, 8)
+VARIANTS = ("v1", "v2", "v3")  # which formulation runs; kernels/__init__.py reads MOE_EDGE_SLOT_KERNEL
 
 
 CHUNK = 16  # bytes of a row that one thread reduces on its own (one 16-byte load)
@@ -185,14 +190,16 @@ class _Blocks:
     bytes: int  # BLOCK_J
     warps: int
     unroll: int  # UNROLL
-    stages: int = 1  # STAGES (v2 only)
+    stages: int = 1  # STAGES (v2, v3)
 
 
-def _blocks(matrix: _Matrix, rows: int, preferred: tuple[int, ...]) -> _Blocks:
-    """Powers of two: a block of bytes and the group divide one another, as the kernel needs."""
+def _blocks(matrix: _Matrix, rows: int, preferred: tuple[int, ...], whole_groups: int = 0) -> _Blocks:
+    """Powers of two: a block of bytes and the group divide one another, as the kernel needs.
+    whole_groups (v3: the group size): a trip takes UNROLL whole groups, BLOCK_J is not used."""
     block_o, block_j, warps, unroll, *stages = preferred
-    block_j = _fit(matrix.packed, block_j, CHUNK)
-    return _Blocks(_fit(rows, block_o, 1), block_j, warps, _fit(matrix.packed // block_j, unroll, 1), *stages)
+    block_j = CHUNK if whole_groups else _fit(matrix.packed, block_j, CHUNK)
+    step = whole_groups or block_j
+    return _Blocks(_fit(rows, block_o, 1), block_j, warps, _fit(matrix.packed // step, unroll, 1), *stages)
 
 
 def supports(layout: BlobLayout) -> bool:
@@ -216,14 +223,14 @@ def default_shapes(variant: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The module's block shapes of a variant: (w13's, w2's with the split last)."""
     if variant == "v1":
         return (W13_BLOCK_O, W13_BLOCK_J, W13_WARPS, W13_UNROLL), (W2_BLOCK_O, W2_BLOCK_J, W2_WARPS, W2_UNROLL, W2_SPLIT)
-    return V2_W13, V2_W2
+    return (V2_W13, V2_W2) if variant == "v2" else (V3_W13, V3_W2)
 
 
 class SlotExperts:
     """The expert step of one layer shape on CUDA: `__call__(x, memory, slots, weights, out)`
     adds sum_e weights[e] * expert_{slots[e]}(x) to out, as `gate_up` (w13 and the gate) then
     `down` (w2 and the sum). Scratch buffers are made once (fixed addresses, for CUDA graphs).
-    `variant` picks the kernel ("v1": _slot_gemv_kernel, "v2": slot_gemv_v2.py), `shapes` its
+    `variant` picks the kernel ("v1": _slot_gemv_kernel, "v2", "v3": slot_gemv_v2.py, _v3.py), `shapes` its
     block shapes (default_shapes(variant) unless given: the bench sweeps them)."""
 
     def __init__(self, layout: BlobLayout, top_k: int, device: torch.device, dtype: torch.dtype,
@@ -234,9 +241,10 @@ class SlotExperts:
         self.w13, self.w2 = _matrix(layout, "w13"), _matrix(layout, "w2")
         hidden, ffn = self.w2.rows, self.w13.rows // 2
         shapes13, shapes2 = shapes or default_shapes(variant)
-        self.kernel = _slot_gemv_kernel if variant == "v1" else slot_gemv_v2_kernel
-        self.blocks13 = _blocks(self.w13, ffn, shapes13)
-        self.blocks2, self.split = _blocks(self.w2, hidden, shapes2[:-1]), shapes2[-1]
+        self.kernel = {"v1": _slot_gemv_kernel, "v2": slot_gemv_v2_kernel, "v3": slot_gemv_v3_kernel}[variant]
+        whole_groups = layout.spec.group_size if variant == "v3" else 0
+        self.blocks13 = _blocks(self.w13, ffn, shapes13, whole_groups)
+        self.blocks2, self.split = _blocks(self.w2, hidden, shapes2[:-1], whole_groups), shapes2[-1]
         f32 = dict(dtype=torch.float32, device=device)
         self.x = torch.empty(1, hidden, **f32)  # the input in float32
         self.x_sums = torch.empty(hidden // CHUNK, **f32)  # its sums per CHUNK columns
@@ -244,11 +252,18 @@ class SlotExperts:
         self.hidden_sums = torch.empty(top_k, ffn // CHUNK, **f32)
         self.partial = torch.empty(top_k * self.split, hidden, **f32)  # [k*S, H]
 
+    def shapes_ran(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The block shapes this runs, fitted to the matrices, as default_shapes spells them."""
+        def spelled(blocks: _Blocks) -> tuple[int, ...]:
+            fields = (blocks.rows, blocks.bytes, blocks.warps, blocks.unroll)
+            return fields + ((blocks.stages,) if self.variant != "v1" else ())
+        return spelled(self.blocks13), spelled(self.blocks2) + (self.split,)
+
     def _launch(self, matrix: _Matrix, blocks: _Blocks, rows: int, split: int, x, x_sums, memory, slots, weights,
                 out, *, x_stride: int, gated: bool) -> None:
         """One launch over (row blocks, parts, experts): rows = O of the kernel (F gated, else H)."""
         spec = self.layout.spec
-        extra = dict(STAGES=blocks.stages) if self.variant == "v2" else {}
+        extra = dict(STAGES=blocks.stages) if self.variant != "v1" else {}
         self.kernel[(rows // blocks.rows, split, self.top_k)](
             x, x_sums, memory, slots, weights, out, split,
             X_STRIDE=x_stride, NBYTES=self.layout.nbytes, CODES=matrix.codes, SCALE=matrix.scale, ZERO=matrix.zero,
