@@ -16,8 +16,9 @@ from common.store.blob_layout import BlobLayout
 from coordinator.runtime.kernels import slot_experts
 
 BOUND = {torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 3e-2}  # relative L2 error: two matrices, rounded between
-# (hidden, ffn): the second has several steps per row and rows that need two row blocks
-SHAPES = {"cuda": [(128, 256), (256, 512), (512, 1024)], "cpu": [(128, 256), (256, 512)]}
+# (hidden, ffn): the second has several steps per row and rows that need two row blocks; the
+# last, w13 rows of several groups per plane, so that v3's default shares each row between threads
+SHAPES = {"cuda": [(128, 256), (256, 512), (512, 1024), (1024, 256)], "cpu": [(128, 256), (256, 512), (1024, 256)]}
 SLOTS = 4
 
 

@@ -46,10 +46,11 @@ STREAM = PREFETCH = False  # measured no better (STREAM) or worse (PREFETCH) on 
 # for w2. Not measured on a GPU yet: scripts/slot_expert_bench.py sweeps them and prints the line.
 V2_W13 = (32, 64, 4, 1, 3)
 V2_W2 = (32, 64, 4, 1, 3, 4)
-# v3 (slot_gemv_v3.py): the same fields; BLOCK_J is not used (a thread takes whole groups), UNROLL
-# counts groups per trip, BLOCK_O = 32 * warps gives a thread one row. Not measured yet either.
-V3_W13 = (64, 16, 2, 1, 2)
-V3_W2 = (64, 16, 2, 1, 2, 8)
+# v3 (slot_gemv_v3.py): the same fields; BLOCK_J / 16 threads share a row (each a run of whole
+# groups), UNROLL counts groups per trip, BLOCK_O * BLOCK_J / 16 = 32 * warps gives a thread one
+# row. Not measured yet either.
+V3_W13 = (32, 32, 2, 1, 2)
+V3_W2 = (32, 32, 2, 1, 2, 4)
 VARIANTS = ("v1", "v2", "v3")  # which formulation runs; kernels/__init__.py reads MOE_EDGE_SLOT_KERNEL
 
 
@@ -195,11 +196,18 @@ class _Blocks:
 
 def _blocks(matrix: _Matrix, rows: int, preferred: tuple[int, ...], whole_groups: int = 0) -> _Blocks:
     """Powers of two: a block of bytes and the group divide one another, as the kernel needs.
-    whole_groups (v3: the group size): a trip takes UNROLL whole groups, BLOCK_J is not used."""
+    whole_groups (v3: the group size): BLOCK_J / 16 threads share a row, each a run of whole
+    groups, at least two (one would make the run's scales contiguous, and the loads change
+    layout), and a trip takes UNROLL of its groups."""
     block_o, block_j, warps, unroll, *stages = preferred
-    block_j = CHUNK if whole_groups else _fit(matrix.packed, block_j, CHUNK)
-    step = whole_groups or block_j
-    return _Blocks(_fit(rows, block_o, 1), block_j, warps, _fit(matrix.packed // step, unroll, 1), *stages)
+    if whole_groups:
+        groups = matrix.packed // whole_groups
+        share = block_j // CHUNK
+        while share > 1 and (groups % (2 * share) or share & (share - 1)):
+            share //= 2
+        return _Blocks(_fit(rows, block_o, 1), share * CHUNK, warps, _fit(groups // share, unroll, 1), *stages)
+    block_j = _fit(matrix.packed, block_j, CHUNK)
+    return _Blocks(_fit(rows, block_o, 1), block_j, warps, _fit(matrix.packed // block_j, unroll, 1), *stages)
 
 
 def supports(layout: BlobLayout) -> bool:
