@@ -16,6 +16,11 @@ bit sits at the float's mantissa bit 22; masking out plane k's bits and OR-ing i
 1.0 gives v = 1 + c / 2**(W*(k+1)), so sum c*x = 2**(W*(k+1)) * (sum v*x - sum x). That is one
 logical op and one FMA per weight.
 
+Three formulations of the GEMV share this interface and these launches (VARIANTS, picked by
+MOE_EDGE_SLOT_KERNEL, DEFAULT_VARIANT otherwise): v1 below; v2 (slot_gemv_v2.py) with one AND per
+code and software-pipelined loads; v3 (slot_gemv_v3.py), whole groups per thread, no layout
+change in the loop. scripts/slot_expert_bench.py times them and prints each one's best shapes.
+
 Off CUDA the decoder runs the same step in torch ops (decoder.py: the slot views gathered by
 index, dequantize, matmul), which is also these kernels' reference (tests/slot_expert_check.py).
 
@@ -30,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from common.errors import ConfigError
 from common.store.blob_layout import BlobLayout
 
 from .slot_gemv_v2 import slot_gemv_v2_kernel
@@ -51,7 +57,8 @@ V2_W2 = (32, 64, 4, 1, 3, 4)
 # row. Not measured yet either.
 V3_W13 = (32, 32, 2, 1, 2)
 V3_W2 = (32, 32, 2, 1, 2, 4)
-VARIANTS = ("v1", "v2", "v3")  # which formulation runs; kernels/__init__.py reads MOE_EDGE_SLOT_KERNEL
+VARIANTS = ("v1", "v2", "v3")  # the formulations; MOE_EDGE_SLOT_KERNEL picks one (kernels/__init__.py)
+DEFAULT_VARIANT = "v1"  # what runs unless MOE_EDGE_SLOT_KERNEL says otherwise, until the H200 picks
 
 
 CHUNK = 16  # bytes of a row that one thread reduces on its own (one 16-byte load)
@@ -242,9 +249,9 @@ class SlotExperts:
     block shapes (default_shapes(variant) unless given: the bench sweeps them)."""
 
     def __init__(self, layout: BlobLayout, top_k: int, device: torch.device, dtype: torch.dtype,
-                 variant: str = "v1", shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None) -> None:
+                 variant: str = DEFAULT_VARIANT, shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None) -> None:
         if variant not in VARIANTS:
-            raise ValueError(f"slot kernel variant {variant!r} is not one of {VARIANTS}")
+            raise ConfigError(f"slot kernel variant {variant!r} (MOE_EDGE_SLOT_KERNEL) is not one of {VARIANTS}")
         self.layout, self.top_k, self.round, self.variant = layout, top_k, _ROUND[dtype], variant
         self.w13, self.w2 = _matrix(layout, "w13"), _matrix(layout, "w2")
         hidden, ffn = self.w2.rows, self.w13.rows // 2
