@@ -1,8 +1,9 @@
 """Times the in-place slot expert kernels (coordinator/runtime/kernels/slot_experts.py) on one GPU:
 for each family's expert shapes (Mixtral-8x7B: 2-bit HQQ g64, top-2; Qwen3-30B-A3B: 4-bit g64,
 top-8, hidden 2048, expert FFN 768), each kernel variant (slot_experts.VARIANTS: v1, v2, v3) over a
-short list of block shapes for w13 (with the SiLU gate) and for w2 (split along its input), then
-the whole top-k step (x prepared, w13, w2, the sum) with the module's shapes and with the best.
+short list of block shapes for the w13 kernel alone (with the SiLU gate) and the w2 kernel alone
+(split along its input), then the whole top-k step (x prepared, w13, w2, the sums: what the
+decoder runs) with the module's shapes and with the best.
 Every call is captured in a CUDA graph whose calls go round more slots than L2 holds (no launch
 cost, no L2 reuse). Prints us, GB/s and the share of 4.8 TB/s, and per variant the lines to paste
 into slot_experts.py; writes the rows as JSON.
@@ -131,14 +132,17 @@ class Bench:
                               (shapes13 or default13, shapes2 or default2))
 
     def time(self, variant: str, matrix: str, shapes13=None, shapes2=None) -> tuple[float, tuple[int, ...]]:
-        """us per call of w13 (gate_up), w2 (down) or the whole step ("step"), and the shape that ran
-        (SlotExperts fits BLOCK_J, BLOCK_O and UNROLL to the matrix)."""
+        """us per call of the w13 kernel, the w2 kernel or the whole step ("step": x prepared, both
+        kernels, the sums), and the shape that ran (SlotExperts fits the blocks to the matrix)."""
         run = self.experts(variant, shapes13, shapes2)
         ran = dict(zip(("w13", "w2"), run.shapes_ran())).get(matrix, ())
-        if matrix == "w2":
-            run.gate_up(self.x, self.memory, self.slot_sets[0])  # a real hidden_act, once
-        work = {"w13": lambda i: run.gate_up(self.x, self.memory, self.slot_sets[i]),
-                "w2": lambda i: run.down(self.memory, self.slot_sets[i], self.weights, self.out),
+        if matrix != "step":
+            run.x.copy_(self.x)  # real inputs for the kernels alone, made once
+            torch.sum(run.x.view(-1, se.CHUNK), dim=1, out=run.x_sums)
+            if matrix == "w2":
+                run.gate_up(self.x, self.memory, self.slot_sets[0])
+        work = {"w13": lambda i: run.gate_up_kernel(self.memory, self.slot_sets[i]),
+                "w2": lambda i: run.down_kernel(self.memory, self.slot_sets[i], self.weights),
                 "step": lambda i: run(self.x, self.memory, self.slot_sets[i], self.weights, self.out)}[matrix]
         return graph_us(work, self.calls), ran
 
@@ -180,21 +184,21 @@ def run_family(family: Family, device: torch.device, deadline: float, weight_lef
                 except Exception as error:  # a shape Triton cannot compile (or run) here: say so, go on
                     print(f"  {variant} {matrix} {shape}: {type(error).__name__}: {str(error).splitlines()[0][:100]}")
                     continue
-                if any(ran == done for _, done in results):
+                if any(ran == done for _, done, _ in results):
                     continue  # fitted to the same shape as one already timed
-                results.append((us, ran))
+                results.append((us, ran, shape))
                 nbytes = bench.nbytes(matrix)
                 print(line(f"  {variant} {matrix} {ran}{' (module)' if n == 0 else ''}", us, nbytes))
                 rows.append(dict(family=family.name, variant=variant, matrix=matrix, shape=list(ran), us=us,
                                  gbps=nbytes / us / 1e3))
-            best[(variant, matrix)] = min(results)[1] if results else default
+            best[(variant, matrix)] = min(results)[2] if results else default  # as asked: fitted anew per matrix
     print(f"-- {family.name}: the top-{family.top_k} step (x prepared, w13 + gate, w2, sum), "
           f"{bench.nbytes('step') / 1e6:.1f} MB")
     print(f"  {'variant':<8}{'shapes (w13; w2)':<52}{'us/step':>10}{'GB/s':>9}{'of 4.8 TB/s':>13}")
     for variant in se.VARIANTS:
-        module = tuple(tuple(s) for s in bench.experts(variant).shapes_ran())
+        module = bench.experts(variant).shapes_ran()  # as fitted to this family's matrices
         for tag, shapes13, shapes2 in (("module", None, None), ("best", best[(variant, "w13")], best[(variant, "w2")])):
-            if tag == "best" and (shapes13, shapes2) == module:
+            if tag == "best" and bench.experts(variant, shapes13, shapes2).shapes_ran() == module:
                 print(f"  {variant:<8}best = module")
                 continue
             try:

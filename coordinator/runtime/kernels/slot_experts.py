@@ -289,18 +289,25 @@ class SlotExperts:
 
     def gate_up(self, x: torch.Tensor, memory: torch.Tensor, slots: torch.Tensor) -> None:
         """x [1, H] -> hidden_act [k, F] = silu(gate) * up of each chosen expert, and its sums."""
-        k, ffn = self.top_k, self.w13.rows // 2
         self.x.copy_(x)
         torch.sum(self.x.view(-1, CHUNK), dim=1, out=self.x_sums)
-        self._launch(self.w13, self.blocks13, ffn, 1, self.x, self.x_sums, memory, slots, self.x, self.hidden_act,
-                     x_stride=0, gated=True)  # (the gated kernel reads no routing weights: self.x stands in)
-        torch.sum(self.hidden_act.view(k, -1, CHUNK), dim=2, out=self.hidden_sums)
+        self.gate_up_kernel(memory, slots)
+        torch.sum(self.hidden_act.view(self.top_k, -1, CHUNK), dim=2, out=self.hidden_sums)
+
+    def gate_up_kernel(self, memory: torch.Tensor, slots: torch.Tensor) -> None:
+        """The w13 launch alone, from self.x and its sums (what the bench times)."""
+        self._launch(self.w13, self.blocks13, self.w13.rows // 2, 1, self.x, self.x_sums, memory, slots, self.x,
+                     self.hidden_act, x_stride=0, gated=True)  # (the gated kernel reads no routing weights: self.x stands in)
 
     def down(self, memory: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> None:
         """out [1, H] += sum_e weights[e] * w2_e @ hidden_act[e]."""
+        self.down_kernel(memory, slots, weights)
+        out.add_(self.partial.sum(0, keepdim=True).to(out.dtype))
+
+    def down_kernel(self, memory: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> None:
+        """The w2 launch alone, into the split's partial sums (what the bench times)."""
         self._launch(self.w2, self.blocks2, self.w2.rows, self.split, self.hidden_act, self.hidden_sums, memory,
                      slots, weights, self.partial, x_stride=self.w13.rows // 2, gated=False)
-        out.add_(self.partial.sum(0, keepdim=True).to(out.dtype))
 
     def __call__(self, x: torch.Tensor, memory: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
                  out: torch.Tensor) -> None:
