@@ -1,25 +1,33 @@
-"""Times the in-place slot expert kernels (coordinator/runtime/kernels/slot_experts.py) on
-Mixtral-8x7B expert shapes (2-bit HQQ g64 by default, bf16, batch 1) against the engine's gemv,
-each call captured in a CUDA graph over 8 slots (no launch cost, no L2 reuse), and prints us,
-GB/s and the share of 4.8 TB/s. Sweeps block shapes and the STREAM / PREFETCH switches, then times
-the grouped top-2 step (w13+SiLU, w2, sum) with the module's defaults and with the sweeps' best.
-    python scripts/slot_expert_bench.py        (on a CUDA machine; BITS=4 for 4-bit)"""
+"""Times the in-place slot expert kernels (coordinator/runtime/kernels/slot_experts.py) on one GPU:
+for each family's expert shapes (Mixtral-8x7B: 2-bit HQQ g64, top-2; Qwen3-30B-A3B: 4-bit g64,
+top-8, hidden 2048, expert FFN 768), each kernel variant (slot_experts.VARIANTS: v1, v2, v3) over a
+short list of block shapes for the w13 kernel alone (with the SiLU gate) and the w2 kernel alone
+(split along its input), then the whole top-k step (x prepared, w13, w2, the sums: what the
+decoder runs) with the module's shapes and with the best.
+Every call is captured in a CUDA graph whose calls go round more slots than L2 holds (no launch
+cost, no L2 reuse). Prints us, GB/s and the share of 4.8 TB/s, and per variant the lines to paste
+into slot_experts.py; writes the rows as JSON.
 
-import itertools
+A shape that fails to compile or run is printed and skipped; the sweeps stop at BENCH_BUDGET_S
+seconds (default 120; each (family, variant, matrix) gets its share of what is left, and the
+module's shape always runs). Runs in about BENCH_BUDGET_S + 20 s.
+    PYTHONPATH=. python3 scripts/slot_expert_bench.py
+    FAMILIES=mixtral BENCH_BUDGET_S=60 BENCH_JSON=out.json PYTHONPATH=. python3 scripts/slot_expert_bench.py"""
+
+import json
 import os
+import time
+import traceback
+from dataclasses import dataclass
 
 import torch
-import triton
-import triton.language as tl
 
 from common.model_config import ModelConfig
 from common.quantization import QuantSpec
 from common.store.blob_layout import BlobLayout
-from coordinator.runtime.kernels import quantized_linear as ql
 from coordinator.runtime.kernels import slot_experts as se
 
 PEAK_GBPS = 4800  # H200 HBM3e
-SLOTS = 8
 
 
 def graph_us(work, calls: int, replays: int = 20) -> float:
@@ -51,87 +59,187 @@ def line(tag: str, us: float, nbytes: int) -> str:
     return f"{tag:<60} {us:7.1f} us {gbps:6.0f} GB/s {100 * gbps / PEAK_GBPS:5.1f}%"
 
 
+@dataclass(frozen=True)
+class Family:
+    name: str
+    hidden: int
+    ffn: int
+    bits: int
+    top_k: int
+    slots: int  # slots in memory: more bytes than L2 (50 MB), a multiple of top_k
+    weight: float  # its share of the sweep budget, against the other families'
+    # candidate shapes per variant, the likeliest first: w13 (BO, BJ, warps, unroll[, stages]),
+    # w2 the same and the split last. The module's own shape is always run first.
+    w13: dict[str, list[tuple[int, ...]]]
+    w2: dict[str, list[tuple[int, ...]]]
+
+
+MIXTRAL = Family(
+    "mixtral-8x7b 2-bit g64 top-2", 4096, 14336, 2, 2, 8, 2.0,
+    w13={"v1": [(64, 64, 4, 1), (32, 64, 4, 1), (128, 64, 8, 1), (64, 128, 4, 1), (32, 128, 4, 1)],
+         "v2": [(16, 64, 4, 1, 3), (32, 64, 4, 1, 1), (64, 64, 4, 1, 3), (32, 64, 4, 1, 2), (16, 64, 4, 1, 4),
+                (32, 64, 8, 1, 3), (64, 64, 8, 1, 3), (32, 128, 4, 1, 3), (128, 64, 4, 1, 1), (16, 128, 4, 1, 3)],
+         "v3": [(32, 32, 2, 1, 3), (32, 64, 4, 1, 2), (64, 32, 4, 1, 2), (32, 32, 2, 1, 1), (32, 16, 1, 1, 2),
+                (64, 16, 2, 1, 2), (32, 64, 4, 1, 3), (64, 32, 4, 1, 1), (32, 16, 1, 1, 3)]},
+    w2={"v1": [(32, 64, 4, 1, 4), (16, 128, 4, 1, 4), (16, 256, 4, 1, 8), (32, 128, 4, 1, 4), (64, 64, 4, 1, 4)],
+        "v2": [(16, 64, 4, 1, 3, 4), (16, 64, 4, 1, 3, 8), (32, 64, 4, 1, 3, 2), (32, 64, 4, 1, 1, 4),
+               (64, 64, 4, 1, 3, 4), (32, 64, 4, 1, 2, 8), (16, 128, 4, 1, 3, 4), (32, 64, 8, 1, 3, 4)],
+        "v3": [(32, 32, 2, 1, 2, 8), (32, 64, 4, 1, 2, 4), (32, 32, 2, 1, 3, 4), (32, 16, 1, 1, 2, 8),
+               (64, 32, 4, 1, 2, 4), (32, 32, 2, 1, 1, 4), (32, 32, 2, 1, 2, 2), (64, 16, 2, 1, 2, 8)]})
+QWEN3 = Family(
+    "qwen3-30b-a3b 4-bit g64 top-8", 2048, 768, 4, 8, 128, 1.0,
+    w13={"v1": [(32, 64, 4, 1), (16, 64, 4, 1), (16, 128, 4, 1), (64, 64, 4, 1)],
+         "v2": [(16, 64, 4, 1, 3), (32, 64, 4, 1, 3), (8, 64, 4, 1, 3), (16, 64, 4, 1, 1), (16, 128, 4, 1, 3)],
+         "v3": [(16, 64, 2, 1, 2), (32, 64, 4, 1, 2), (16, 32, 1, 1, 2), (16, 64, 2, 1, 3), (32, 32, 2, 1, 1)]},
+    w2={"v1": [(32, 64, 4, 1, 2), (16, 64, 4, 1, 2), (16, 128, 4, 1, 3), (64, 64, 4, 1, 1)],
+        "v2": [(32, 64, 4, 1, 3, 2), (16, 64, 4, 1, 3, 2), (32, 64, 4, 1, 3, 1), (16, 64, 4, 1, 1, 3),
+               (64, 64, 4, 1, 3, 1)],
+        "v3": [(32, 32, 2, 1, 2, 1), (32, 16, 1, 1, 2, 2), (64, 16, 2, 1, 2, 3), (32, 16, 1, 1, 1, 3),
+               (32, 32, 2, 1, 1, 3)]},
+)
+FAMILIES = {"mixtral": MIXTRAL, "qwen3": QWEN3}
+
+
+class Bench:
+    """One family's slot memory, inputs and slot sets; times a variant's calls with given shapes."""
+
+    def __init__(self, family: Family, device: torch.device) -> None:
+        self.family, self.device = family, device
+        config = ModelConfig(vocab_size=32000, hidden_size=family.hidden, intermediate_size=family.ffn, num_layers=1,
+                             num_heads=32, num_kv_heads=8, head_dim=128, num_experts=family.slots, top_k=family.top_k,
+                             rms_norm_eps=1e-5, rope_theta=1e6, max_position_embeddings=4096, sliding_window=None,
+                             tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+        self.layout = BlobLayout.for_expert(config, QuantSpec(family.bits, 64), torch.bfloat16)
+        self.memory = torch.randint(0, 256, (family.slots, self.layout.nbytes), dtype=torch.uint8, device=device)
+        for s in range(family.slots):
+            view = self.layout.views(self.memory[s])
+            for matrix in (view.w13, view.w2):
+                matrix.scale.copy_(torch.rand(matrix.scale.shape, device=device) * 0.01)
+                matrix.zero.copy_(torch.rand(matrix.zero.shape, device=device) * (2**family.bits - 1))
+        view = self.layout.views(self.memory[0])
+        self.size = {name: sum(t.numel() * t.element_size() for t in (m.planes[0], m.scale, m.zero))
+                     for name, m in (("w13", view.w13), ("w2", view.w2))}  # bytes of one expert's matrix
+        k = family.top_k
+        self.calls = family.slots // k  # a graph's calls read every slot once
+        self.slot_sets = [torch.arange(i * k, (i + 1) * k, device=device) for i in range(self.calls)]
+        self.weights = torch.full((1, k), 1.0 / k, device=device)
+        self.x = torch.randn(1, family.hidden, device=device, dtype=torch.bfloat16)
+        self.out = torch.zeros(1, family.hidden, device=device, dtype=torch.bfloat16)
+
+    def experts(self, variant: str, shapes13=None, shapes2=None) -> se.SlotExperts:
+        default13, default2 = se.default_shapes(variant)
+        return se.SlotExperts(self.layout, self.family.top_k, self.device, torch.bfloat16, variant,
+                              (shapes13 or default13, shapes2 or default2))
+
+    def time(self, variant: str, matrix: str, shapes13=None, shapes2=None) -> tuple[float, tuple[int, ...]]:
+        """us per call of the w13 kernel, the w2 kernel or the whole step ("step": x prepared, both
+        kernels, the sums), and the shape that ran (SlotExperts fits the blocks to the matrix)."""
+        run = self.experts(variant, shapes13, shapes2)
+        ran = dict(zip(("w13", "w2"), run.shapes_ran())).get(matrix, ())
+        if matrix != "step":
+            run.x.copy_(self.x)  # real inputs for the kernels alone, made once
+            torch.sum(run.x.view(-1, se.CHUNK), dim=1, out=run.x_sums)
+            if matrix == "w2":
+                run.gate_up(self.x, self.memory, self.slot_sets[0])
+        work = {"w13": lambda i: run.gate_up_kernel(self.memory, self.slot_sets[i]),
+                "w2": lambda i: run.down_kernel(self.memory, self.slot_sets[i], self.weights),
+                "step": lambda i: run(self.x, self.memory, self.slot_sets[i], self.weights, self.out)}[matrix]
+        return graph_us(work, self.calls), ran
+
+    def nbytes(self, matrix: str) -> int:
+        per_expert = self.size["w13"] + self.size["w2"] if matrix == "step" else self.size[matrix]
+        return self.family.top_k * per_expert
+
+
+def paste_lines(variant: str, best13: tuple[int, ...], best2: tuple[int, ...]) -> list[str]:
+    if variant == "v1":
+        return [f"W13_BLOCK_O, W13_BLOCK_J, W13_WARPS, W13_UNROLL = {', '.join(map(str, best13))}",
+                f"W2_BLOCK_O, W2_BLOCK_J, W2_WARPS, W2_UNROLL, W2_SPLIT = {', '.join(map(str, best2))}"]
+    return [f"V{variant[1:]}_W13 = {best13}", f"V{variant[1:]}_W2 = {best2}"]
+
+
+def run_family(family: Family, device: torch.device, deadline: float, weight_left: float, rows: list[dict]) -> float:
+    """Sweeps and times one family; each of its (variant, matrix) sweeps ends at its share of the
+    time left before `deadline` (its weight over weight_left). Returns the weight still to come."""
+    bench = Bench(family, device)
+    print(f"\n== {family.name}: blob {bench.layout.nbytes / 1e6:.1f} MB, w13 {bench.size['w13'] / 1e6:.1f} MB, "
+          f"w2 {bench.size['w2'] / 1e6:.1f} MB per expert, {family.slots} slots, {bench.calls} calls a graph")
+    best = {}
+    for variant in se.VARIANTS:
+        default13, default2 = se.default_shapes(variant)
+        for matrix in ("w13", "w2"):
+            default = default13 if matrix == "w13" else default2
+            candidates = [default] + [c for c in getattr(family, matrix)[variant] if c != default]
+            share = family.weight / max(weight_left, family.weight)
+            share_end = time.monotonic() + max(0.0, deadline - time.monotonic()) * share
+            weight_left -= family.weight
+            results = []
+            for n, shape in enumerate(candidates):
+                if n and time.monotonic() > share_end:
+                    print(f"  {variant} {matrix}: budget spent, {len(candidates) - n} shapes not run")
+                    break
+                args = (shape, None) if matrix == "w13" else (None, shape)
+                try:
+                    us, ran = bench.time(variant, matrix, *args)
+                except Exception as error:  # a shape Triton cannot compile (or run) here: say so, go on
+                    print(f"  {variant} {matrix} {shape}: {type(error).__name__}: {str(error).splitlines()[0][:100]}")
+                    continue
+                if any(ran == done for _, done, _ in results):
+                    continue  # fitted to the same shape as one already timed
+                results.append((us, ran, shape))
+                nbytes = bench.nbytes(matrix)
+                print(line(f"  {variant} {matrix} {ran}{' (module)' if n == 0 else ''}", us, nbytes))
+                rows.append(dict(family=family.name, variant=variant, matrix=matrix, shape=list(ran), us=us,
+                                 gbps=nbytes / us / 1e3))
+            best[(variant, matrix)] = min(results)[2] if results else default  # as asked: fitted anew per matrix
+    print(f"-- {family.name}: the top-{family.top_k} step (x prepared, w13 + gate, w2, sum), "
+          f"{bench.nbytes('step') / 1e6:.1f} MB")
+    print(f"  {'variant':<8}{'shapes (w13; w2)':<52}{'us/step':>10}{'GB/s':>9}{'of 4.8 TB/s':>13}")
+    for variant in se.VARIANTS:
+        module = bench.experts(variant).shapes_ran()  # as fitted to this family's matrices
+        for tag, shapes13, shapes2 in (("module", None, None), ("best", best[(variant, "w13")], best[(variant, "w2")])):
+            if tag == "best" and bench.experts(variant, shapes13, shapes2).shapes_ran() == module:
+                print(f"  {variant:<8}best = module")
+                continue
+            try:
+                us, _ = bench.time(variant, "step", shapes13, shapes2)
+            except Exception as error:
+                print(f"  {variant} {tag}: {type(error).__name__}: {str(error).splitlines()[0][:100]}")
+                continue
+            shown = module if tag == "module" else (shapes13, shapes2)
+            gbps = bench.nbytes("step") / us / 1e3
+            print(f"  {variant:<8}{tag + ' ' + str(shown[0]) + '; ' + str(shown[1]):<52}{us:10.1f}{gbps:9.0f}"
+                  f"{100 * gbps / PEAK_GBPS:12.1f}%")
+            rows.append(dict(family=family.name, variant=variant, matrix="step", tag=tag, shape=[list(s) for s in shown],
+                             us=us, gbps=gbps))
+    print(f"-- {family.name}: best shapes, to paste into slot_experts.py (module constants serve every family)")
+    for variant in se.VARIANTS:
+        for text in paste_lines(variant, best[(variant, "w13")], best[(variant, "w2")]):
+            print(f"  {variant}: {text}")
+    del bench
+    torch.cuda.empty_cache()
+    return weight_left
+
+
 def main() -> None:
     device = torch.device("cuda")
-    bits = int(os.environ.get("BITS", "2"))
-    config = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
-                         num_kv_heads=8, head_dim=128, num_experts=8, top_k=2, rms_norm_eps=1e-5, rope_theta=1e6,
-                         max_position_embeddings=4096, sliding_window=None, tie_word_embeddings=False,
-                         bos_token_id=1, eos_token_id=2)
-    layout = BlobLayout.for_expert(config, QuantSpec(bits, 64), torch.bfloat16)
-    memory = torch.randint(0, 256, (SLOTS, layout.nbytes), dtype=torch.uint8, device=device)
-    views = [layout.views(memory[s]) for s in range(SLOTS)]
-    for view in views:
-        for matrix in (view.w13, view.w2):
-            matrix.scale.copy_(torch.rand(matrix.scale.shape, device=device) * 0.01)
-            matrix.zero.copy_(torch.rand(matrix.zero.shape, device=device) * (2**bits - 1))
-    size = {name: sum(t.numel() * t.element_size() for t in (m.planes[0], m.scale, m.zero))
-            for name, m in (("w13", views[0].w13), ("w2", views[0].w2))}
-    x = {"w13": torch.randn(1, 4096, device=device), "w2": torch.randn(2, 14336, device=device) * 0.1}
-    x_sums = {name: value.view(value.shape[0], -1, 16).sum(-1) for name, value in x.items()}
-    print(f"blob {layout.nbytes / 1e6:.1f} MB, w13 {size['w13'] / 1e6:.1f} MB, w2 {size['w2'] / 1e6:.1f} MB, {bits}-bit")
-    for name in ("w13", "w2"):
-        vector = x[name][0].to(torch.bfloat16)
-        out = torch.empty(getattr(views[0], name).shape[0], device=device, dtype=torch.bfloat16)
-        print(line(f"engine gemv {name}", graph_us(lambda i: ql.gemv(vector, getattr(views[i], name), out), SLOTS), size[name]))
-
-    pairs = [torch.tensor([2 * i % SLOTS, (2 * i + 1) % SLOTS], device=device) for i in range(4)]
-    singles = [torch.tensor([i], device=device) for i in range(SLOTS)]
-    weights = torch.ones(1, 2, device=device)
-
-    def time_kernel(name, gated, k, block_o, block_j, warps, unroll, split, stream, prefetch):
-        m = se._matrix(layout, name)
-        rows = m.rows // 2 if gated else m.rows
-        out = torch.empty(k * split, rows, device=device)
-        slot_sets = pairs if k == 2 else singles
-
-        def work(i):
-            se._slot_gemv_kernel[(rows // block_o, split, k)](
-                x[name], x_sums[name], memory, slot_sets[i % len(slot_sets)], weights, out, split,
-                X_STRIDE=0 if name == "w13" else 14336, NBYTES=layout.nbytes, CODES=m.codes, SCALE=m.scale,
-                ZERO=m.zero, O=rows, P=m.packed, NG=m.groups, WIDTH=bits, GROUP=64, BLOCK_O=block_o,
-                BLOCK_J=block_j, GATED=gated, ROUND=tl.bfloat16, STREAM=stream, PREFETCH=prefetch, UNROLL=unroll,
-                num_warps=warps)
-        return graph_us(work, 8)
-
-    best = {}
-    for name, gated, k, splits in (("w13", True, 2, (1,)), ("w2", False, 2, (1, 2, 4, 8)), ("w13", False, 1, (1, 2)),
-                                   ("w2", False, 1, (1, 4, 8))):
-        results = []
-        shapes = [(o, j, w, 1) for o, j, w in itertools.product((16, 32, 64, 128), (64, 128, 256), (4, 8))
-                  if o * j // 16 >= 32 * w and o * j <= (8192 if gated else 32768)]
-        shapes += [(32 * w, 16, w, u) for w in (4, 8) for u in (1, 2, 4, 8)]  # one 16-byte chunk per row per thread
-        for (block_o, block_j, warps, unroll), split in itertools.product(shapes, splits):
-            if (m := se._matrix(layout, name)).packed % (block_j * unroll):
-                continue
-            us = time_kernel(name, gated, k, block_o, block_j, warps, unroll, split, False, False)
-            results.append((us, block_o, block_j, warps, unroll, split, False, False))
-        results.sort()
-        for _, block_o, block_j, warps, unroll, split, _, _ in results[:3]:  # the switches on the best three
-            for stream, prefetch in ((False, True), (True, False)):
-                us = time_kernel(name, gated, k, block_o, block_j, warps, unroll, split, stream, prefetch)
-                results.append((us, block_o, block_j, warps, unroll, split, stream, prefetch))
-        results.sort()
-        nbytes = k * size[name]
-        for us, *knobs in results[:6]:
-            print(line(f"slot {name}{' gated' if gated else ''} k={k} BO,BJ,warps,unroll,split,stream,prefetch={knobs}",
-                       us, nbytes))
-        best[(name, k)] = results[0]
-
-    def grouped(tag):
-        run = se.SlotExperts(layout, 2, device, torch.bfloat16)
-        moe_in = x["w13"].to(torch.bfloat16)
-        out = torch.zeros(1, 4096, device=device, dtype=torch.bfloat16)
-        us = graph_us(lambda i: run(moe_in, memory, pairs[i % 4], weights, out), 4)
-        print(line(f"grouped top-2 step ({tag})", us, 2 * (size["w13"] + size["w2"])))
-
-    grouped("module defaults")
-    _, o13, j13, w13, u13, _, s13, p13 = best[("w13", 2)]
-    _, o2, j2, w2, u2, split2, s2, p2 = best[("w2", 2)]
-    se.W13_BLOCK_O, se.W13_BLOCK_J, se.W13_WARPS, se.W13_UNROLL = o13, j13, w13, u13
-    se.W2_BLOCK_O, se.W2_BLOCK_J, se.W2_WARPS, se.W2_UNROLL, se.W2_SPLIT = o2, j2, w2, u2, split2
-    se.STREAM, se.PREFETCH = s13 and s2, p13 and p2  # one switch for both launches
-    grouped(f"sweeps' best: w13 {(o13, j13, w13, u13)} w2 {(o2, j2, w2, u2, split2)} stream {se.STREAM} prefetch {se.PREFETCH}")
+    budget = float(os.environ.get("BENCH_BUDGET_S", "120"))
+    families = [FAMILIES[name] for name in os.environ.get("FAMILIES", "mixtral,qwen3").split(",")]
+    started = time.monotonic()
+    deadline = started + budget
+    weight_left = sum(family.weight for family in families) * len(se.VARIANTS) * 2  # one per (variant, matrix)
+    rows: list[dict] = []
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, sweeps within {budget:.0f} s")
+    for family in families:
+        try:
+            weight_left = run_family(family, device, deadline, weight_left, rows)
+        except Exception:  # one family's failure (memory, a layout) leaves the other's numbers
+            traceback.print_exc()
+            weight_left -= family.weight * len(se.VARIANTS) * 2
+    path = os.environ.get("BENCH_JSON", "slot_expert_bench.json")
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=1)
+    print(f"\n{time.monotonic() - started:.0f} s; rows in {path}")
 
 
 if __name__ == "__main__":

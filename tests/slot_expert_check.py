@@ -2,7 +2,7 @@
 dequantized weights, for random blobs in a [K, nbytes] slot memory and a device tensor of slot
 indices; run by tests/test_resident_decode.py on the GPU or (TRITON_INTERPRET=1) on the CPU.
 Prints the seed first (rerun: `python -m tests.slot_expert_check DEVICE SEED`), then one line per
-case, and exits non-zero on a miss. Not collected by pytest (no test_ prefix)."""
+case (each kernel variant: slot_experts.VARIANTS), and exits non-zero on a miss. Not collected by pytest (no test_ prefix)."""
 
 import random
 import sys
@@ -16,8 +16,9 @@ from common.store.blob_layout import BlobLayout
 from coordinator.runtime.kernels import slot_experts
 
 BOUND = {torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 3e-2}  # relative L2 error: two matrices, rounded between
-# (hidden, ffn): the second has several steps per row and rows that need two row blocks
-SHAPES = {"cuda": [(128, 256), (256, 512), (512, 1024)], "cpu": [(128, 256), (256, 512)]}
+# (hidden, ffn): the second has several steps per row and rows that need two row blocks; the
+# last, w13 rows of several groups per plane, so that v3's default shares each row between threads
+SHAPES = {"cuda": [(128, 256), (256, 512), (512, 1024), (1024, 256)], "cpu": [(128, 256), (256, 512), (1024, 256)]}
 SLOTS = 4
 
 
@@ -71,15 +72,16 @@ def main(device: str, seed: int) -> int:
                 x = torch.randn(1, hidden, generator=generator).to(device=device, dtype=dtype)
                 slots = torch.randperm(SLOTS, generator=generator)[:2].to(device)
                 weights = torch.rand(1, 2, generator=generator).to(device)
-                run = slot_experts.SlotExperts(layout, 2, torch.device(device), dtype)
-                out = torch.full((1, hidden), float("nan"), dtype=dtype, device=device)
-                out.zero_()
-                run(x, memory, slots, weights, out)
                 want = reference(layout, memory, x, slots, weights)
-                error = ((out.double().cpu() - want).norm() / want.norm()).item()
-                ok = error < BOUND[dtype] and not torch.isnan(out).any()
-                failures += not ok
-                print(f"bits={bits} hidden={hidden} ffn={ffn} {str(dtype):>14} rel err {error:.2e} {'ok' if ok else 'FAIL'}")
+                for variant in slot_experts.VARIANTS:
+                    run = slot_experts.SlotExperts(layout, 2, torch.device(device), dtype, variant)
+                    out = torch.zeros((1, hidden), dtype=dtype, device=device)
+                    run(x, memory, slots, weights, out)
+                    error = ((out.double().cpu() - want).norm() / want.norm()).item()
+                    ok = error < BOUND[dtype] and not torch.isnan(out).any()
+                    failures += not ok
+                    print(f"{variant} bits={bits} hidden={hidden} ffn={ffn} {str(dtype):>14} rel err {error:.2e} "
+                          f"{'ok' if ok else 'FAIL'}")
     return 1 if failures else 0
 
 

@@ -6,7 +6,8 @@ also the reference the kernels are tested against.
 
 `slot_experts_for` gives the decoder, when every expert is resident, kernels that run a
 token's top-k experts straight from their cache slots by device-side slot indices
-(slot_experts.py), or None where they do not apply (then the decoder stages or runs directly).
+(slot_experts.py), or None where they do not apply (then the decoder stages or runs directly);
+MOE_EDGE_SLOT_KERNEL=v1|v2|v3 picks the kernel's formulation (slot_experts.DEFAULT_VARIANT if unset).
 
 An HQQ matrix goes to quantized_linear.py, an MXFP4 matrix (GPT-OSS's experts as stored,
 common/mxfp4.py) to mxfp4_linear.py: for a few tokens a fused GEMV on the packed codes, for more
@@ -59,6 +60,7 @@ def slot_experts_for(device: torch.device, layout, top_k: int, dtype: torch.dtyp
     layout: MXFP4, 3-bit, plain, biases, another activation, shapes off the block sizes)."""
     if device.type != "cuda" or not available() or dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return None
-    from .slot_experts import SlotExperts, supports
+    from .slot_experts import DEFAULT_VARIANT, SlotExperts, supports
 
-    return SlotExperts(layout, top_k, device, dtype) if supports(layout) else None
+    variant = os.environ.get("MOE_EDGE_SLOT_KERNEL") or DEFAULT_VARIANT  # v1, v2 or v3 (slot_experts.VARIANTS)
+    return SlotExperts(layout, top_k, device, dtype, variant) if supports(layout) else None

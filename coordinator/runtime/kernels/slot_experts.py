@@ -16,6 +16,11 @@ bit sits at the float's mantissa bit 22; masking out plane k's bits and OR-ing i
 1.0 gives v = 1 + c / 2**(W*(k+1)), so sum c*x = 2**(W*(k+1)) * (sum v*x - sum x). That is one
 logical op and one FMA per weight.
 
+Three formulations of the GEMV share this interface and these launches (VARIANTS, picked by
+MOE_EDGE_SLOT_KERNEL, DEFAULT_VARIANT otherwise): v1 below; v2 (slot_gemv_v2.py) with one AND per
+code and software-pipelined loads; v3 (slot_gemv_v3.py), whole groups per thread, no layout
+change in the loop. scripts/slot_expert_bench.py times them and prints each one's best shapes.
+
 Off CUDA the decoder runs the same step in torch ops (decoder.py: the slot views gathered by
 index, dequantize, matmul), which is also these kernels' reference (tests/slot_expert_check.py).
 
@@ -30,7 +35,11 @@ import torch
 import triton
 import triton.language as tl
 
+from common.errors import ConfigError
 from common.store.blob_layout import BlobLayout
+
+from .slot_gemv_v2 import slot_gemv_v2_kernel
+from .slot_gemv_v3 import slot_gemv_v3_kernel
 
 # Block shapes: the best of scripts/slot_expert_bench.py's sweeps on an H200 (2026-12-01).
 # BLOCK_J = 16 (one 16-byte load per row per thread, UNROLL of them per trip) keeps every
@@ -39,6 +48,17 @@ from common.store.blob_layout import BlobLayout
 W13_BLOCK_O, W13_BLOCK_J, W13_WARPS, W13_UNROLL = 128, 64, 4, 1
 W2_BLOCK_O, W2_BLOCK_J, W2_WARPS, W2_UNROLL, W2_SPLIT = 16, 256, 4, 1, 4
 STREAM = PREFETCH = False  # measured no better (STREAM) or worse (PREFETCH) on the H200: see the bench
+# v2 (slot_gemv_v2.py): (BLOCK_O, BLOCK_J, warps, unroll, stages) for w13, the same and the split
+# for w2. Not measured on a GPU yet: scripts/slot_expert_bench.py sweeps them and prints the line.
+V2_W13 = (32, 64, 4, 1, 3)
+V2_W2 = (32, 64, 4, 1, 3, 4)
+# v3 (slot_gemv_v3.py): the same fields; BLOCK_J / 16 threads share a row (each a run of whole
+# groups), UNROLL counts groups per trip, BLOCK_O * BLOCK_J / 16 = 32 * warps gives a thread one
+# row. Not measured yet either.
+V3_W13 = (32, 32, 2, 1, 2)
+V3_W2 = (32, 32, 2, 1, 2, 4)
+VARIANTS = ("v1", "v2", "v3")  # the formulations; MOE_EDGE_SLOT_KERNEL picks one (kernels/__init__.py)
+DEFAULT_VARIANT = "v1"  # what runs unless MOE_EDGE_SLOT_KERNEL says otherwise, until the H200 picks
 
 
 CHUNK = 16  # bytes of a row that one thread reduces on its own (one 16-byte load)
@@ -178,13 +198,23 @@ class _Blocks:
     bytes: int  # BLOCK_J
     warps: int
     unroll: int  # UNROLL
+    stages: int = 1  # STAGES (v2, v3)
 
 
-def _blocks(matrix: _Matrix, rows: int, preferred: tuple[int, int, int, int]) -> _Blocks:
-    """Powers of two: a block of bytes and the group divide one another, as the kernel needs."""
-    block_o, block_j, warps, unroll = preferred
+def _blocks(matrix: _Matrix, rows: int, preferred: tuple[int, ...], whole_groups: int = 0) -> _Blocks:
+    """Powers of two: a block of bytes and the group divide one another, as the kernel needs.
+    whole_groups (v3: the group size): BLOCK_J / 16 threads share a row, each a run of whole
+    groups, at least two (one would make the run's scales contiguous, and the loads change
+    layout), and a trip takes UNROLL of its groups."""
+    block_o, block_j, warps, unroll, *stages = preferred
+    if whole_groups:
+        groups = matrix.packed // whole_groups
+        share = block_j // CHUNK
+        while share > 1 and (groups % (2 * share) or share & (share - 1)):
+            share //= 2
+        return _Blocks(_fit(rows, block_o, 1), share * CHUNK, warps, _fit(groups // share, unroll, 1), *stages)
     block_j = _fit(matrix.packed, block_j, CHUNK)
-    return _Blocks(_fit(rows, block_o, 1), block_j, warps, _fit(matrix.packed // block_j, unroll, 1))
+    return _Blocks(_fit(rows, block_o, 1), block_j, warps, _fit(matrix.packed // block_j, unroll, 1), *stages)
 
 
 def supports(layout: BlobLayout) -> bool:
@@ -204,46 +234,83 @@ def supports(layout: BlobLayout) -> bool:
 _ROUND = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
+def default_shapes(variant: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The module's block shapes of a variant: (w13's, w2's with the split last)."""
+    if variant == "v1":
+        return (W13_BLOCK_O, W13_BLOCK_J, W13_WARPS, W13_UNROLL), (W2_BLOCK_O, W2_BLOCK_J, W2_WARPS, W2_UNROLL, W2_SPLIT)
+    return (V2_W13, V2_W2) if variant == "v2" else (V3_W13, V3_W2)
+
+
 class SlotExperts:
     """The expert step of one layer shape on CUDA: `__call__(x, memory, slots, weights, out)`
-    adds sum_e weights[e] * expert_{slots[e]}(x) to out. Scratch buffers are made once (fixed
-    addresses, for CUDA graphs)."""
+    adds sum_e weights[e] * expert_{slots[e]}(x) to out, as `gate_up` (w13 and the gate) then
+    `down` (w2 and the sum). Scratch buffers are made once (fixed addresses, for CUDA graphs).
+    `variant` picks the kernel ("v1": _slot_gemv_kernel, "v2", "v3": slot_gemv_v2.py, _v3.py), `shapes` its
+    block shapes (default_shapes(variant) unless given: the bench sweeps them)."""
 
-    def __init__(self, layout: BlobLayout, top_k: int, device: torch.device, dtype: torch.dtype) -> None:
-        self.layout, self.top_k, self.round = layout, top_k, _ROUND[dtype]
+    def __init__(self, layout: BlobLayout, top_k: int, device: torch.device, dtype: torch.dtype,
+                 variant: str = DEFAULT_VARIANT, shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None) -> None:
+        if variant not in VARIANTS:
+            raise ConfigError(f"slot kernel variant {variant!r} (MOE_EDGE_SLOT_KERNEL) is not one of {VARIANTS}")
+        self.layout, self.top_k, self.round, self.variant = layout, top_k, _ROUND[dtype], variant
         self.w13, self.w2 = _matrix(layout, "w13"), _matrix(layout, "w2")
         hidden, ffn = self.w2.rows, self.w13.rows // 2
-        self.blocks13 = _blocks(self.w13, ffn, (W13_BLOCK_O, W13_BLOCK_J, W13_WARPS, W13_UNROLL))
-        self.blocks2 = _blocks(self.w2, hidden, (W2_BLOCK_O, W2_BLOCK_J, W2_WARPS, W2_UNROLL))
+        shapes13, shapes2 = shapes or default_shapes(variant)
+        self.kernel = {"v1": _slot_gemv_kernel, "v2": slot_gemv_v2_kernel, "v3": slot_gemv_v3_kernel}[variant]
+        whole_groups = layout.spec.group_size if variant == "v3" else 0
+        self.blocks13 = _blocks(self.w13, ffn, shapes13, whole_groups)
+        self.blocks2, self.split = _blocks(self.w2, hidden, shapes2[:-1], whole_groups), shapes2[-1]
         f32 = dict(dtype=torch.float32, device=device)
         self.x = torch.empty(1, hidden, **f32)  # the input in float32
         self.x_sums = torch.empty(hidden // CHUNK, **f32)  # its sums per CHUNK columns
         self.hidden_act = torch.empty(top_k, ffn, **f32)  # [k, F] silu(gate) * up
         self.hidden_sums = torch.empty(top_k, ffn // CHUNK, **f32)
-        self.partial = torch.empty(top_k * W2_SPLIT, hidden, **f32)  # [k*S, H]
+        self.partial = torch.empty(top_k * self.split, hidden, **f32)  # [k*S, H]
+
+    def shapes_ran(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The block shapes this runs, fitted to the matrices, as default_shapes spells them."""
+        def spelled(blocks: _Blocks) -> tuple[int, ...]:
+            fields = (blocks.rows, blocks.bytes, blocks.warps, blocks.unroll)
+            return fields + ((blocks.stages,) if self.variant != "v1" else ())
+        return spelled(self.blocks13), spelled(self.blocks2) + (self.split,)
+
+    def _launch(self, matrix: _Matrix, blocks: _Blocks, rows: int, split: int, x, x_sums, memory, slots, weights,
+                out, *, x_stride: int, gated: bool) -> None:
+        """One launch over (row blocks, parts, experts): rows = O of the kernel (F gated, else H)."""
+        spec = self.layout.spec
+        extra = dict(STAGES=blocks.stages) if self.variant != "v1" else {}
+        self.kernel[(rows // blocks.rows, split, self.top_k)](
+            x, x_sums, memory, slots, weights, out, split,
+            X_STRIDE=x_stride, NBYTES=self.layout.nbytes, CODES=matrix.codes, SCALE=matrix.scale, ZERO=matrix.zero,
+            O=rows, P=matrix.packed, NG=matrix.groups, WIDTH=spec.bits, GROUP=spec.group_size,
+            BLOCK_O=blocks.rows, BLOCK_J=blocks.bytes, GATED=gated, ROUND=self.round, STREAM=STREAM,
+            PREFETCH=PREFETCH, UNROLL=blocks.unroll, num_warps=blocks.warps, **extra,
+        )
+
+    def gate_up(self, x: torch.Tensor, memory: torch.Tensor, slots: torch.Tensor) -> None:
+        """x [1, H] -> hidden_act [k, F] = silu(gate) * up of each chosen expert, and its sums."""
+        self.x.copy_(x)
+        torch.sum(self.x.view(-1, CHUNK), dim=1, out=self.x_sums)
+        self.gate_up_kernel(memory, slots)
+        torch.sum(self.hidden_act.view(self.top_k, -1, CHUNK), dim=2, out=self.hidden_sums)
+
+    def gate_up_kernel(self, memory: torch.Tensor, slots: torch.Tensor) -> None:
+        """The w13 launch alone, from self.x and its sums (what the bench times)."""
+        self._launch(self.w13, self.blocks13, self.w13.rows // 2, 1, self.x, self.x_sums, memory, slots, self.x,
+                     self.hidden_act, x_stride=0, gated=True)  # (the gated kernel reads no routing weights: self.x stands in)
+
+    def down(self, memory: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> None:
+        """out [1, H] += sum_e weights[e] * w2_e @ hidden_act[e]."""
+        self.down_kernel(memory, slots, weights)
+        out.add_(self.partial.sum(0, keepdim=True).to(out.dtype))
+
+    def down_kernel(self, memory: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> None:
+        """The w2 launch alone, into the split's partial sums (what the bench times)."""
+        self._launch(self.w2, self.blocks2, self.w2.rows, self.split, self.hidden_act, self.hidden_sums, memory,
+                     slots, weights, self.partial, x_stride=self.w13.rows // 2, gated=False)
 
     def __call__(self, x: torch.Tensor, memory: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
                  out: torch.Tensor) -> None:
         """x [1, H]; memory [K, nbytes] uint8; slots [k] int64; weights [1, k] float32; out [1, H] += ."""
-        spec, k, nbytes = self.layout.spec, self.top_k, self.layout.nbytes
-        w13, w2 = self.w13, self.w2
-        ffn = w13.rows // 2
-        self.x.copy_(x)
-        torch.sum(self.x.view(-1, CHUNK), dim=1, out=self.x_sums)
-        b13, b2 = self.blocks13, self.blocks2
-        _slot_gemv_kernel[(ffn // b13.rows, 1, k)](
-            self.x, self.x_sums, memory, slots, weights, self.hidden_act, 1,
-            X_STRIDE=0, NBYTES=nbytes, CODES=w13.codes, SCALE=w13.scale, ZERO=w13.zero,
-            O=ffn, P=w13.packed, NG=w13.groups, WIDTH=spec.bits, GROUP=spec.group_size,
-            BLOCK_O=b13.rows, BLOCK_J=b13.bytes, GATED=True, ROUND=self.round, STREAM=STREAM, PREFETCH=PREFETCH,
-            UNROLL=b13.unroll, num_warps=b13.warps,
-        )
-        torch.sum(self.hidden_act.view(k, -1, CHUNK), dim=2, out=self.hidden_sums)
-        _slot_gemv_kernel[(w2.rows // b2.rows, W2_SPLIT, k)](
-            self.hidden_act, self.hidden_sums, memory, slots, weights, self.partial, W2_SPLIT,
-            X_STRIDE=ffn, NBYTES=nbytes, CODES=w2.codes, SCALE=w2.scale, ZERO=w2.zero,
-            O=w2.rows, P=w2.packed, NG=w2.groups, WIDTH=spec.bits, GROUP=spec.group_size,
-            BLOCK_O=b2.rows, BLOCK_J=b2.bytes, GATED=False, ROUND=self.round, STREAM=STREAM, PREFETCH=PREFETCH,
-            UNROLL=b2.unroll, num_warps=b2.warps,
-        )
-        out.add_(self.partial.sum(0, keepdim=True).to(out.dtype))
+        self.gate_up(x, memory, slots)
+        self.down(memory, slots, weights, out)
