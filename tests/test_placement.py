@@ -126,3 +126,20 @@ def test_auto_copies_the_misses_it_runs_elsewhere_into_empty_slots_for_later_use
         assert all(len(engine.cache.resident(layer)) == 2 for layer in config.moe_layers)  # filled, nothing evicted
     assert stats.experts_run_elsewhere > 0 and stats.cache_hits > 0 and stats.cache_misses == 0
     assert stats.bytes_fetched == 2 * len(config.moe_layers) * engine.store.blob_nbytes  # one copy per slot, no more
+
+
+def test_auto_copies_nothing_in_the_background_from_an_expert_host(store16, expert_hosts):  # noqa: F811
+    """Over a network the background copies would share the link with the runs: misses auto runs
+    on a host stay there."""
+    from common.host_address import HostAddress
+    from coordinator.sources.cluster_config import ClusterConfig
+    from coordinator.sources.expert_pool import ExpertPool
+
+    host = expert_hosts.start(store16)
+    source = ExpertPool.source_factory(ClusterConfig(hosts=(HostAddress.parse(host.address),)))
+    with Engine.open(store16, source=source, cache_experts=2, placement="auto", prefetch=False) as engine:
+        engine.moe.dispatcher.copy_seconds = 1e9  # every miss runs on the host
+        generation = engine.generate([5], max_new_tokens=6, stop_at_eos=False)
+        list(generation)
+        assert all(engine.cache.resident(layer) == [] for layer in engine.config.moe_layers)
+    assert generation.stats.experts_run_elsewhere > 0 and generation.stats.bytes_fetched == 0
