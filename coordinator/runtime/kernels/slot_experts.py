@@ -19,7 +19,9 @@ logical op and one FMA per weight.
 Three formulations of the GEMV share this interface and these launches (VARIANTS, picked by
 MOE_EDGE_SLOT_KERNEL, DEFAULT_VARIANT otherwise): v1 below; v2 (slot_gemv_v2.py) with one AND per
 code and software-pipelined loads; v3 (slot_gemv_v3.py), whole groups per thread, no layout
-change in the loop. scripts/slot_expert_bench.py times them and prints each one's best shapes.
+change in the loop. scripts/slot_expert_bench.py times them and prints each one's best shapes: on
+an H200 (2026-12-01, Mixtral-8x7B 2-bit top-2 step) v1 took 145.7 us, v2 185.7 and v3 164.8 at
+their best shapes, so v1 is the default and the others are there to try on other GPUs.
 
 Off CUDA the decoder runs the same step in torch ops (decoder.py: the slot views gathered by
 index, dequantize, matmul), which is also these kernels' reference (tests/slot_expert_check.py).
@@ -41,24 +43,22 @@ from common.store.blob_layout import BlobLayout
 from .slot_gemv_v2 import slot_gemv_v2_kernel
 from .slot_gemv_v3 import slot_gemv_v3_kernel
 
-# Block shapes: the best of scripts/slot_expert_bench.py's sweeps on an H200 (2026-12-01).
-# BLOCK_J = 16 (one 16-byte load per row per thread, UNROLL of them per trip) keeps every
-# reduction inside a thread (no shared-memory layout changes in the loop, per the compiled PTX);
-# not measured yet on the GPU: scripts/slot_expert_bench.py sweeps it.
+# Block shapes: the best of scripts/slot_expert_bench.py's sweeps on an H200 (2026-12-01; the
+# afternoon's sweep of v1 found none better than these).
 W13_BLOCK_O, W13_BLOCK_J, W13_WARPS, W13_UNROLL = 128, 64, 4, 1
 W2_BLOCK_O, W2_BLOCK_J, W2_WARPS, W2_UNROLL, W2_SPLIT = 16, 256, 4, 1, 4
 STREAM = PREFETCH = False  # measured no better (STREAM) or worse (PREFETCH) on the H200: see the bench
 # v2 (slot_gemv_v2.py): (BLOCK_O, BLOCK_J, warps, unroll, stages) for w13, the same and the split
-# for w2. Not measured on a GPU yet: scripts/slot_expert_bench.py sweeps them and prints the line.
-V2_W13 = (32, 64, 4, 1, 3)
-V2_W2 = (32, 64, 4, 1, 3, 4)
+# for w2: the best of its sweep on the H200 (2026-12-01).
+V2_W13 = (16, 64, 4, 1, 4)
+V2_W2 = (64, 64, 4, 1, 3, 4)
 # v3 (slot_gemv_v3.py): the same fields; BLOCK_J / 16 threads share a row (each a run of whole
 # groups), UNROLL counts groups per trip, BLOCK_O * BLOCK_J / 16 = 32 * warps gives a thread one
-# row. Not measured yet either.
-V3_W13 = (32, 32, 2, 1, 2)
-V3_W2 = (32, 32, 2, 1, 2, 4)
+# row. The best of its sweep on the H200 (2026-12-01).
+V3_W13 = (32, 64, 4, 1, 2)
+V3_W2 = (64, 32, 4, 1, 2, 4)
 VARIANTS = ("v1", "v2", "v3")  # the formulations; MOE_EDGE_SLOT_KERNEL picks one (kernels/__init__.py)
-DEFAULT_VARIANT = "v1"  # what runs unless MOE_EDGE_SLOT_KERNEL says otherwise, until the H200 picks
+DEFAULT_VARIANT = "v1"  # what runs unless MOE_EDGE_SLOT_KERNEL says otherwise: the fastest on the H200
 
 
 CHUNK = 16  # bytes of a row that one thread reduces on its own (one 16-byte load)
