@@ -13,7 +13,8 @@
 # Options: --store STORE (else --shape SHAPE [mixtral-8x7b] is made under --work, cut to its first
 # --layers N when given: faster, and the figures are then per N layers), --work DIR, --device,
 # --rates "R ...", --rtt-ms MS, --copy-tokens N [2], --copy-rates "R ..." [every rate: copy runs at
-# seconds per token on a slow link], --run-tokens N [16], --cache-experts K,
+# seconds per token on a slow link], --run-tokens N [16], --cache-experts K, --host-threads N [all
+# cores: on one machine the host's OpenMP threads then contend with the coordinator and the proxy],
 # --run-modes "M,..." [lru: with prefetch on, prefetched experts still cross the link as copies,
 # at 1 GbE seconds per token]; anything after `--` goes to every bench call. JSON per run lands
 # in --work.
@@ -23,7 +24,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
 [ -x "$PYTHON" ] || PYTHON=python3
 STORE="" SHAPE=mixtral-8x7b WORK="" DEVICE=cuda RATES="1gbit 2.5gbit 10gbit" RTT_MS=0.3
-COPY_TOKENS=2 COPY_RATES="" RUN_TOKENS=16 CACHE_EXPERTS=4 RUN_MODES=lru LAYERS="" EXTRA=()
+COPY_TOKENS=2 COPY_RATES="" RUN_TOKENS=16 HOST_THREADS="" CACHE_EXPERTS=4 RUN_MODES=lru LAYERS="" EXTRA=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --store) STORE=$2; shift 2 ;;
@@ -34,6 +35,7 @@ while [ $# -gt 0 ]; do
         --rtt-ms) RTT_MS=$2; shift 2 ;;
         --copy-tokens) COPY_TOKENS=$2; shift 2 ;;
         --copy-rates) COPY_RATES=$2; shift 2 ;;
+        --host-threads) HOST_THREADS=$2; shift 2 ;;
         --run-tokens) RUN_TOKENS=$2; shift 2 ;;
         --cache-experts) CACHE_EXPERTS=$2; shift 2 ;;
         --run-modes) RUN_MODES=$2; shift 2 ;;
@@ -63,7 +65,7 @@ fi
 
 echo "== expert host on $STORE (log: $WORK/host.log)"
 rm -f "$WORK/host.addr"
-"$PYTHON" -m expert_host serve --store "$STORE" --listen 127.0.0.1:0 --address-file "$WORK/host.addr" \
+${HOST_THREADS:+env OMP_NUM_THREADS=$HOST_THREADS} "$PYTHON" -m expert_host serve --store "$STORE" --listen 127.0.0.1:0 --address-file "$WORK/host.addr" \
     --log-level warning >"$WORK/host.log" 2>&1 &
 PIDS+=($!)
 HOST_PID=$!
