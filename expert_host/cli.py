@@ -41,6 +41,9 @@ def _add_serve(commands) -> None:
                         help="hold the shard in FILE, made new with mode 0600 (under /dev/shm: RAM), so that a "
                         "coordinator on this machine maps it instead of fetching over gRPC (--local-host does); "
                         "removed when the host stops")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads that run experts (default: every core); fewer when the host shares its "
+                        "machine with a coordinator, so that the two do not stall each other")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
                         help="what to log on stderr: info logs each client and every refused call (default info)")
     # Test hooks (fault injection), hidden from --help: only the tests use them.
@@ -62,6 +65,12 @@ def _run_serve(args: argparse.Namespace) -> int:
     if args.tls_client_ca is not None and args.tls_cert is None:
         raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
     tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert is not None else None
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads {args.threads}: give at least 1")
+        import torch
+
+        torch.set_num_threads(args.threads)  # the experts' kernels run on torch's thread count
     serve_expert_host(
         store=args.store,
         layers=args.layers,

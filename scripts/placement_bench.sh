@@ -65,7 +65,7 @@ fi
 
 echo "== expert host on $STORE (log: $WORK/host.log)"
 rm -f "$WORK/host.addr"
-${HOST_THREADS:+env OMP_NUM_THREADS=$HOST_THREADS} "$PYTHON" -m expert_host serve --store "$STORE" --listen 127.0.0.1:0 --address-file "$WORK/host.addr" \
+"$PYTHON" -m expert_host serve --store "$STORE" ${HOST_THREADS:+--threads "$HOST_THREADS"} --listen 127.0.0.1:0 --address-file "$WORK/host.addr" \
     --log-level warning >"$WORK/host.log" 2>&1 &
 PIDS+=($!)
 HOST_PID=$!

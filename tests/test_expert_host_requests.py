@@ -138,6 +138,12 @@ def test_a_host_refuses_a_lan_address_without_tls_or_token(store4):
     assert done.stderr.strip().splitlines()[-1].startswith("error: --listen 0.0.0.0:0: other machines can reach")
 
 
+def test_a_host_refuses_a_thread_count_below_one(store4):
+    done = expert_host_cli("serve", "--store", store4, "--threads", "0")
+    assert done.returncode == ConfigError.exit_code
+    assert done.stderr.strip().splitlines()[-1] == "error: --threads 0: give at least 1"
+
+
 @pytest.mark.parametrize("listen,tls,token,insecure,allowed", [
     ("127.0.0.1:0", False, False, False, True),
     ("[::1]:50051", False, False, False, True),

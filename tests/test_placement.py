@@ -56,15 +56,16 @@ def test_an_unknown_placement_is_refused_in_one_line(store16):
     assert result.returncode == 2 and "--placement" in result.stderr
 
 
-@pytest.mark.parametrize("shards,run_experts", [(("0-7",), "stream"), (("0-5", "3-7", "0-2,6-7"), "stream"), (("0-7",), "unary")],
-                         ids=["one host", "three hosts, two replicas each", "one host, unary calls"])
+@pytest.mark.parametrize("shards,run_experts,host_args", [(("0-7",), "stream", ()), (("0-5", "3-7", "0-2,6-7"), "stream", ()),
+                                                           (("0-7",), "unary", ()), (("0-7",), "stream", ("--threads", "1"))],
+                         ids=["one host", "three hosts, two replicas each", "one host, unary calls", "one host on one thread"])
 def test_greedy_tokens_with_experts_run_on_expert_hosts_equal_the_in_process_ones(store16, reference_tokens, expert_hosts,
-                                                                                   shards, run_experts):  # noqa: F811
+                                                                                   shards, run_experts, host_args):  # noqa: F811
     from common.host_address import HostAddress
     from coordinator.sources.cluster_config import ClusterConfig, PoolSettings
     from coordinator.sources.expert_pool import ExpertPool
 
-    hosts = [expert_hosts.start(store16, "--experts", spec) for spec in shards]
+    hosts = [expert_hosts.start(store16, "--experts", spec, *host_args) for spec in shards]
     source = ExpertPool.source_factory(ClusterConfig(hosts=tuple(HostAddress.parse(h.address) for h in hosts),
                                                      pool=PoolSettings(run_experts=run_experts)))
     tokens, stats, _ = generate(store16, source=source, cache_experts=2, placement="run")
