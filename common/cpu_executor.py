@@ -6,7 +6,7 @@ scale and zero per group: common/quantization.py) is repacked, exactly, for one 
 - the native one (common/cpu_kernels: C++ built on first use where it runs), NativeMatrix: 2-bit
   codes stay 2-bit, 3 and 4-bit ones become 4-bit, in tiles of 16 rows; it computes
   s * (q . x) - s * z * sum x per group in fp32, the HQQ formula w = (q - z) * s within fp32
-  rounding. The default wherever it builds and runs (_wants_native): a 2-bit expert reads half
+  rounding. The default wherever it builds and runs (CpuExpert._matrix): a 2-bit expert reads half
   the bytes it reads through int4pack (0.31 bytes per weight instead of 0.56), and at 3 and 4 bits
   (the same bytes either way) it was the faster of the two on a Zen 4 at 1 to 8 tokens;
 - torch's int4 weight-only matmul (`torch._weight_int4pack_mm_for_cpu`), Int4Matrix: the fallback
@@ -154,7 +154,11 @@ class CpuExpert:
 
     def _matrix(self, weight) -> NativeMatrix | Int4Matrix | PlainMatrix:
         if isinstance(weight, QuantizedMatrix):
-            library = cpu_kernels.native_library(self.kernel) if self._wants_native(weight) else None
+            # The native kernel wherever it can run: a 2-bit Mixtral-8x7B expert took 1.27 ms on it
+            # against 7.00 ms through int4pack on the H200 machine's 16-core host, a 4-bit one 1.32
+            # against 1.55 (scripts/cpu_expert_bench.py, 2026-12-01); on one Zen 4 thread 3.7 against
+            # 10.8 ms and 5.0-5.7 against 10.1-12.0. MOE_EDGE_CPU_KERNEL=int4pack: torch's instead.
+            library = cpu_kernels.native_library(self.kernel) if can_run_native(weight) else None
             if library is not None:
                 return NativeMatrix(weight, self.dtype, library)
             if can_run_int4(weight):
@@ -163,16 +167,6 @@ class CpuExpert:
         if isinstance(weight, Mxfp4Matrix):
             return PlainMatrix(weight.dequantize(torch.float32), self.dtype)
         return PlainMatrix(weight, self.dtype)
-
-    def _wants_native(self, weight: QuantizedMatrix) -> bool:
-        """Auto: the native kernel wherever it can run. A Mixtral-8x7B expert through
-        scripts/cpu_expert_bench.py on one thread of a Zen 4 (OMP_NUM_THREADS=1; it read 24 GB/s),
-        native against int4pack: 2-bit 3.7-3.8 against 10.8 ms at one token, 16.6 against 37-39 ms
-        at eight (55 MB read against 99); 4-bit 5.0-5.7 against 10.1-12.0 ms, 17 against 36-40 ms.
-        (Before the native kernel put rows in vector lanes, int4pack was the faster on the H200
-        machine's 16-core host: 0.94 against 1.21 ms for a 2-bit expert at one token.)
-        MOE_EDGE_CPU_KERNEL=int4pack runs every matrix int4pack can through torch instead."""
-        return can_run_native(weight)
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

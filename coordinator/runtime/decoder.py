@@ -306,19 +306,8 @@ class Decoder:
                 clock.mark("routing")
             if self.counted_slot_experts is not None:
                 self._run_slot_experts(layer, plan, work.on_device, clock)
-            for expert in work.on_device if self.counted_slot_experts is None else ():
-                slot = self.cache.acquire(layer, expert)
-                if clock:
-                    clock.mark("waiting on copies")
-                position = plan.chosen.index(expert)
-                if self.staged:
-                    self.slot_index[position].fill_(slot)  # a launch with the index as its argument, no sync
-                    self.expert_graphs[layer][position].replay()
-                else:
-                    self.expert_graphs[layer][slot][position].replay()
-                self.cache.done(layer, expert)
-                if clock:
-                    clock.mark("expert compute")
+            else:
+                self._run_expert_graphs(layer, plan, work.on_device, clock)
             if pending is not None:
                 self.out.add_(self.moe.result_elsewhere(pending).to(self.out.device, self.out.dtype))
                 if clock:
@@ -327,6 +316,22 @@ class Decoder:
         if clock:
             clock.mark("other")
         return self.logits
+
+    def _run_expert_graphs(self, layer: int, plan, on_device: list[int], clock: PhaseClock | None) -> None:
+        """The layer's on-device experts one graph each: per (slot, position), or staged per position."""
+        for expert in on_device:
+            slot = self.cache.acquire(layer, expert)
+            if clock:
+                clock.mark("waiting on copies")
+            position = plan.chosen.index(expert)
+            if self.staged:
+                self.slot_index[position].fill_(slot)  # a launch with the index as its argument, no sync
+                self.expert_graphs[layer][position].replay()
+            else:
+                self.expert_graphs[layer][slot][position].replay()
+            self.cache.done(layer, expert)
+            if clock:
+                clock.mark("expert compute")
 
     def _run_slot_experts(self, layer: int, plan, on_device: list[int], clock: PhaseClock | None) -> None:
         """The layer's on-device experts through one per-count graph of the in-place kernels."""

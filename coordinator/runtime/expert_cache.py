@@ -162,20 +162,17 @@ class ExpertCache:
                 return
             self._fill(layer, index, expert, prefetch=True)
 
-    def copy_into_free_slots(self, layer: int, experts: list[int]) -> int:
+    def copy_into_free_slots(self, layer: int, experts: list[int]) -> None:
         """Start copying `experts` into the layer's empty slots, never evicting one, for later
-        uses (placement auto runs them elsewhere now); how many copies started."""
+        uses (placement auto runs them elsewhere now)."""
         state = self._layers[layer]
-        started = 0
         for expert in experts:
             if expert in state.slot_of:
                 continue
             index = next((i for i, slot in enumerate(state.slots) if slot.expert is None), None)
             if index is None:
-                break
+                return
             self._fill(layer, index, expert, prefetch=False)
-            started += 1
-        return started
 
     # --- inside --------------------------------------------------------------------------
 
