@@ -127,7 +127,8 @@ for rate in rates:
             rows.append(f"{rate:>8} {r['mode'] + '/' + r['placement']:<18} {r['decode_tokens_per_s']:>8.2f} "
                         f"{r['hits_per_token']:>6.1f} {r['misses_per_token']:>6.1f} {r['runs_elsewhere_per_token']:>6.1f} "
                         f"{to_us / 1e6:>9.2f} {to_host / 1e3:>9.1f} {r['copy_wait_ms_per_token']:>9.1f} "
-                        f"{r['run_wait_ms_per_token']:>9.1f} {r['host_run_ms_per_token']:>9.1f}")
+                        f"{r['run_wait_ms_per_token']:>9.1f} {r['host_run_ms_per_token']:>9.1f} "
+                        f"{r.get('host_compute_ms_per_token', 0):>9.1f}")
 print(f"placement over a shaped link: {first['store']} on {first['device']} ({first['dtype']}), "
       f"{first['layers']} layers x {first['experts']} experts of {first['expert_mb']:.1f} MB, K = {first['cache_experts']}, "
       f"round trip {rtt} ms")
@@ -135,9 +136,9 @@ print(f"  NOTE: the expert host, the link proxy and the coordinator share this m
       "on a real LAN the host's CPU would be its own")
 print(f"  routing comes from {first['routing']}")
 print(f"{'link':>8} {'mode/placement':<18} {'tok/s':>8} {'hit':>6} {'copied':>6} {'run on':>6} "
-      f"{'to us':>9} {'to host':>9} {'copy':>9} {'run':>9} {'host':>9}")
+      f"{'to us':>9} {'to host':>9} {'copy':>9} {'run':>9} {'host':>9} {'host':>9}")
 print(f"{'':>8} {'':<18} {'':>8} {'/token':>6} {'/token':>6} {'host':>6} {'MB/token':>9} {'KB/token':>9} "
-      f"{'wait ms':>9} {'wait ms':>9} {'call ms':>9}")
+      f"{'wait ms':>9} {'wait ms':>9} {'call ms':>9} {'cpu ms':>9}")
 print("\n".join(rows))
 print(f"(JSON of each run in {work})")
 EOF

@@ -105,6 +105,7 @@ def test_split_over_two_hosts_the_pool_makes_one_call_per_host_and_sums_them(hal
         runs = pool.pool.runs_by_origin()
         sent_received = pool.pool.run_bytes_by_origin()
         seconds = pool.pool.run_seconds_by_origin()
+        computing = pool.pool.run_compute_seconds_by_origin()
     finally:
         pool.close()
     assert torch.allclose(remote, local_sum(store16, hidden, weights), atol=1e-5, rtol=0)
@@ -115,6 +116,7 @@ def test_split_over_two_hosts_the_pool_makes_one_call_per_host_and_sums_them(hal
     assert sent_received[low.address] == (4 * HIDDEN * 4 + 4 * 2 * 4, 4 * HIDDEN * 4)
     assert sent_received[high.address] == (4 * HIDDEN * 4 + 4 * 1 * 4, 4 * HIDDEN * 4)
     assert all(seconds[h.address] > 0 for h in halves)
+    assert all(0 < computing[h.address] < seconds[h.address] for h in halves)  # the hosts' own share of the wait
 
 
 def test_a_host_killed_between_calls_moves_its_experts_to_the_replica(expert_hosts, store16):  # noqa: F811

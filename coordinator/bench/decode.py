@@ -78,6 +78,7 @@ class ModeResult:
     copy_wait_ms_per_token: float = 0.0  # the token loop waiting on copies into the cache
     run_wait_ms_per_token: float = 0.0  # the token loop waiting on runs elsewhere, after the device's experts
     host_run_ms_per_token: float = 0.0  # RunExperts calls in flight, summed over hosts (wire and the host's compute)
+    host_compute_ms_per_token: float = 0.0  # of those, what the hosts said they spent computing
 
     @property
     def label(self) -> str:
@@ -225,6 +226,7 @@ def _fill(result: ModeResult, delta: EngineSnapshot, decode_s: float, busy_s: fl
     result.copy_wait_ms_per_token = delta.wait_s / tokens * 1000
     result.run_wait_ms_per_token = delta.run_wait_s / tokens * 1000
     result.host_run_ms_per_token = sum(delta.run_seconds_by_source.values()) / tokens * 1000
+    result.host_compute_ms_per_token = sum(delta.run_compute_seconds_by_source.values()) / tokens * 1000
 
 
 def _bytes_per_link(delta: EngineSnapshot, tokens: int) -> dict[str, dict[str, float]]:

@@ -66,12 +66,14 @@ class EngineSnapshot:
     run_bytes_by_source: dict[str, int] = field(default_factory=dict)  # RunExperts bytes, sent + received, per host
     run_bytes_received_by_source: dict[str, int] = field(default_factory=dict)  # of those, the sums received
     run_wait_s: float = 0.0  # time the token loop waited on runs elsewhere (the CPU's or a host's)
+    run_compute_seconds_by_source: dict[str, float] = field(default_factory=dict)  # of run_seconds, the hosts' own compute
 
     @classmethod
     def take(cls, counters: ExpertCounters, bytes_by_source: dict[str, int], blob_nbytes: int,
              hosts_up: dict[str, bool], run_seconds: dict[str, float] | None = None,
              run_bytes: dict[str, int] | None = None,
-             run_bytes_received: dict[str, int] | None = None) -> "EngineSnapshot":
+             run_bytes_received: dict[str, int] | None = None,
+             run_compute_seconds: dict[str, float] | None = None) -> "EngineSnapshot":
         return cls(
             per_layer={name: tuple(getattr(counters, name)) for name in COUNTER_FIELDS},
             wait_s=counters.wait_s,
@@ -82,6 +84,7 @@ class EngineSnapshot:
             run_bytes_by_source=dict(run_bytes or {}),
             run_bytes_received_by_source=dict(run_bytes_received or {}),
             run_wait_s=counters.run_wait_s,
+            run_compute_seconds_by_source=dict(run_compute_seconds or {}),
         )
 
     def total(self, name: str) -> int:
@@ -104,6 +107,8 @@ class EngineSnapshot:
             run_bytes_by_source=minus(self.run_bytes_by_source, earlier.run_bytes_by_source),
             run_bytes_received_by_source=minus(self.run_bytes_received_by_source, earlier.run_bytes_received_by_source),
             run_wait_s=self.run_wait_s - earlier.run_wait_s,
+            run_compute_seconds_by_source=minus(self.run_compute_seconds_by_source,
+                                                earlier.run_compute_seconds_by_source),
         )
 
     @property

@@ -247,7 +247,8 @@ class Engine:
         return EngineSnapshot.take(self.counters, self.source.bytes_by_origin(), self.source.blob_nbytes,
                                    optional("host_status"), optional("run_seconds_by_origin"),
                                    {host: sent + received for host, (sent, received) in run_bytes.items()},
-                                   {host: received for host, (_, received) in run_bytes.items()})
+                                   {host: received for host, (_, received) in run_bytes.items()},
+                                   optional("run_compute_seconds_by_origin"))
 
     def add_closer(self, closer: Callable[[], None]) -> None:
         """Something to stop when the engine closes (a local expert host, say)."""

@@ -58,11 +58,16 @@ class EngineCollector(Collector):
             sent = CounterMetricFamily("moe_edge_run_experts_bytes",
                                        "Bytes of RunExperts calls (activations sent, sums received), per host.",
                                        labels=["host"])
+            computing = CounterMetricFamily("moe_edge_run_experts_host_compute_seconds",
+                                            "Of the RunExperts time, what each host said it spent computing.",
+                                            labels=["host"])
             for host in sorted(snapshot.run_seconds_by_source):
                 seconds.add_metric([host], snapshot.run_seconds_by_source[host])
                 sent.add_metric([host], snapshot.run_bytes_by_source.get(host, 0))
+                computing.add_metric([host], snapshot.run_compute_seconds_by_source.get(host, 0.0))
             yield seconds
             yield sent
+            yield computing
         if snapshot.hosts_up:
             up = GaugeMetricFamily("moe_edge_host_up", "1 if the expert host answers, 0 if not.", labels=["host"])
             for host, is_up in sorted(snapshot.hosts_up.items()):

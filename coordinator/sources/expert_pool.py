@@ -433,6 +433,10 @@ class ExpertPool:
         """Seconds spent waiting for successful RunExperts calls, per host address."""
         return {host.address: host.run_seconds for host in self._hosts}
 
+    def run_compute_seconds_by_origin(self) -> dict[str, float]:
+        """Of run_seconds_by_origin, what each host reported spending on its CPU (RunExpertsReply.compute_s)."""
+        return {host.address: host.client.run_compute_seconds for host in self._hosts}
+
     def run_bytes_by_origin(self) -> dict[str, tuple[int, int]]:
         """(bytes sent, bytes received) in successful RunExperts calls, per host address."""
         return {host.address: (host.run_bytes_sent, host.run_bytes_received) for host in self._hosts}

@@ -120,6 +120,7 @@ class HostClient:
         self.address = address
         self.stream_runs = stream_runs  # False: unary RunExperts calls (the switch, or a host without the stream)
         self._run_stream: RunStream | None = None
+        self.run_compute_seconds = 0.0  # summed over answered RunExperts calls: the host's own compute time
         self.credentials = credentials
         self.tls = credentials.root_ca is not None and not address.is_unix  # a Unix socket is local: no TLS
         if self.tls:
@@ -229,6 +230,7 @@ class HostClient:
                                   f"expected float32 [{tokens}, {hidden_size}]")
             self.close_run_stream(error)
             raise error
+        self.run_compute_seconds += reply.compute_s  # what the host says it spent computing (the rest: wire, queues)
         # bytearray: torch.frombuffer wants a writable buffer; the copy is one step's activations
         return torch.frombuffer(bytearray(reply.output), dtype=torch.float32).view(tokens, hidden_size)  # [T, H]
 

@@ -112,6 +112,9 @@ class SharedMemoryHostSource:
     def run_bytes_by_origin(self) -> dict[str, tuple[int, int]]:
         return self.pool.run_bytes_by_origin()
 
+    def run_compute_seconds_by_origin(self) -> dict[str, float]:
+        return self.pool.run_compute_seconds_by_origin()
+
     def close(self) -> None:
         self.pool.close()
         self.shared.close()
