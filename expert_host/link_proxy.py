@@ -3,11 +3,15 @@ one machine can show what 1 GbE, 2.5 GbE or 10 GbE between a coordinator and an 
 
     python -m expert_host link-proxy --listen 127.0.0.1:50061 --to 127.0.0.1:50051 --rate 1gbit --rtt-ms 0.3
 
-Each direction of each connection is its own link: a chunk that arrives is sent on once the
-link has finished sending what came before it (bytes / rate: the serialization time) and then
-reaches the far side half a round trip later (the propagation delay). At most about a
-bandwidth-delay product plus a few chunks is held in flight per direction; past that the proxy
-stops reading, so TCP's own flow control pushes back on the sender, as a real link's queue does.
+The proxy is one link: each direction is shared by every connection through it, as one network
+port is shared by a machine's flows. A chunk that arrives waits for the link (bytes / rate: the
+serialization time) and then reaches the far side half a round trip later (the propagation
+delay). The link takes chunks round-robin from the connections that have one waiting, as a NIC
+with fair queueing interleaves flows: a small message (a RunExperts request or reply) waits
+behind about one chunk of a bulk transfer on another connection (an expert being copied), not
+behind all of it; two bulk transfers at once share the rate. At most about a bandwidth-delay
+product plus a few chunks is held per connection and direction; past that the proxy stops
+reading it, so TCP's own flow control pushes back on the sender, as a real link's queue does.
 
 Knows nothing of gRPC or experts: bytes in, the same bytes out, later."""
 
@@ -16,12 +20,18 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 from common.errors import ConfigError
 from common.host_address import HostAddress
 
 CHUNK_BYTES = 64 * 1024
+# How far ahead of the link's clock chunks are given their turn: what a chunk that arrives on an
+# idle connection may wait behind the others' (besides the chunk on the wire). Short, so that
+# small messages pass a bulk transfer; not shorter, since each wake of the scheduler costs a
+# thread's sleep (see _sleep_until) and at 10 GbE a 64 KB chunk is 52 us of link.
+LOOKAHEAD_S = 0.0003
 _UNITS = {"bit": 1 / 8, "kbit": 1e3 / 8, "mbit": 1e6 / 8, "gbit": 1e9 / 8, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9}
 
 
@@ -44,7 +54,7 @@ class LinkShape:
 
     @property
     def in_flight_bytes(self) -> int:
-        """What one direction holds before it stops reading: its bandwidth-delay product, plus room."""
+        """What one connection's direction holds before it stops reading: its bandwidth-delay product, plus room."""
         return int(self.rate_bytes_per_s * self.rtt_s) + 8 * CHUNK_BYTES
 
 
@@ -61,34 +71,86 @@ async def _sleep_until(due: float) -> None:
         await asyncio.to_thread(time.sleep, delay)
 
 
-async def _one_direction(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, shape: LinkShape,
-                         carried: list[int]) -> None:
-    queue: asyncio.Queue = asyncio.Queue()
-    room = asyncio.Semaphore(max(1, shape.in_flight_bytes // CHUNK_BYTES))
+@dataclass(eq=False)
+class _Flow:
+    """One direction of one connection: chunks read and waiting for their turn on the link, then
+    chunks given a time on it and waiting to be delivered."""
 
-    async def receive() -> None:
-        link_free = time.monotonic()  # when the link has sent everything queued so far
-        try:
-            while chunk := await reader.read(CHUNK_BYTES):
-                await room.acquire()
-                now = time.monotonic()
-                link_free = max(now, link_free) + len(chunk) / shape.rate_bytes_per_s
-                queue.put_nowait((link_free + shape.rtt_s / 2, chunk))
-        finally:
-            queue.put_nowait(None)
+    room: asyncio.Semaphore  # chunks it may hold, read and not yet delivered
+    waiting: deque = field(default_factory=deque)  # chunks read, not yet given their turn
+    deliveries: asyncio.Queue = field(default_factory=asyncio.Queue)  # (due, chunk), None at the end
 
-    async def deliver() -> None:
-        while (item := await queue.get()) is not None:
-            due, chunk = item
-            await _sleep_until(due)
-            writer.write(chunk)
-            carried[0] += len(chunk)
-            room.release()
-            await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
 
-    await asyncio.gather(receive(), deliver())
+class _SharedLink:
+    """One direction of the link: one clock for every connection, turns taken round-robin
+    among the flows with a chunk waiting (a NIC's fair queueing, coarsely)."""
+
+    def __init__(self, shape: LinkShape, carried: list[int]) -> None:
+        self.shape, self.carried = shape, carried
+        self._ring: deque[_Flow] = deque()  # flows with chunks waiting, in turn order
+        self._wake = asyncio.Event()
+        self._link_free = 0.0  # when the link has sent every chunk given a turn so far
+        self._scheduler: asyncio.Task | None = None
+
+    def flow(self) -> _Flow:
+        if self._scheduler is None:
+            self._scheduler = asyncio.get_running_loop().create_task(self._schedule())
+        return _Flow(asyncio.Semaphore(max(1, self.shape.in_flight_bytes // CHUNK_BYTES)))
+
+    def offer(self, flow: _Flow, chunk: bytes) -> None:
+        if not flow.waiting:
+            self._ring.append(flow)
+        flow.waiting.append(chunk)
+        self._wake.set()
+
+    async def _schedule(self) -> None:
+        rate, half_rtt = self.shape.rate_bytes_per_s, self.shape.rtt_s / 2
+        while True:
+            if not self._ring:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            ahead = self._link_free - time.monotonic()
+            if ahead > LOOKAHEAD_S:  # the link is busy for a while: give the next turn later
+                await _sleep_until(self._link_free - LOOKAHEAD_S)
+            flow = self._ring.popleft()
+            chunk = flow.waiting.popleft()
+            if flow.waiting:
+                self._ring.append(flow)  # its next chunk waits for the others' turns
+            self._link_free = max(time.monotonic(), self._link_free) + len(chunk) / rate
+            flow.deliveries.put_nowait((self._link_free + half_rtt, chunk))
+
+    async def carry(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Relay one connection's direction over this link until its reader ends."""
+        flow = self.flow()
+
+        async def receive() -> None:
+            try:
+                while chunk := await reader.read(CHUNK_BYTES):
+                    await flow.room.acquire()
+                    self.offer(flow, chunk)
+            finally:
+                self.offer(flow, b"")  # the end, in turn after the chunks before it
+
+        async def deliver() -> None:
+            while True:
+                due, chunk = await flow.deliveries.get()
+                if not chunk:
+                    break
+                await _sleep_until(due)
+                writer.write(chunk)
+                self.carried[0] += len(chunk)
+                flow.room.release()
+                await writer.drain()
+            if writer.can_write_eof():
+                writer.write_eof()
+
+        await asyncio.gather(receive(), deliver())
+
+    async def close(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.cancel()
+            await asyncio.gather(self._scheduler, return_exceptions=True)
 
 
 class LinkProxy:
@@ -105,6 +167,8 @@ class LinkProxy:
         self.address = ""
         self.bytes_to_host = [0]  # every byte that crossed the link, each way (a list: the pumps add to it)
         self.bytes_to_client = [0]
+        self._to_host = _SharedLink(shape, self.bytes_to_host)  # the link's two directions, shared by all connections
+        self._to_client = _SharedLink(shape, self.bytes_to_client)
 
     async def start(self) -> str:
         self._server = await asyncio.start_server(self._serve, self.listen.host, self.listen.port)
@@ -127,8 +191,8 @@ class LinkProxy:
             client_writer.close()  # the client sees the connection refused, as without the proxy
             return
         try:
-            await asyncio.gather(_one_direction(client_reader, upstream_writer, self.shape, self.bytes_to_host),
-                                 _one_direction(upstream_reader, client_writer, self.shape, self.bytes_to_client))
+            await asyncio.gather(self._to_host.carry(client_reader, upstream_writer),
+                                 self._to_client.carry(upstream_reader, client_writer))
         except (ConnectionError, OSError):
             pass  # one side went away: close both
         finally:
@@ -149,6 +213,8 @@ class LinkProxy:
                 task.cancel()
             await asyncio.gather(*self._connections, return_exceptions=True)
             await self._server.wait_closed()
+        for link in (self._to_host, self._to_client):
+            await link.close()
 
 
 def run_link_proxy(*, listen: str, to: str, rate: str, rtt_ms: float) -> None:

@@ -176,3 +176,62 @@ def test_placement_run_moves_under_one_percent_of_the_bytes_copy_moves_per_token
     print(f"bytes across the link per decode token: copy {copied:.0f}, run {ran:.0f} ({ran / copied:.2%})")
     assert copied > 100_000  # experts of 393 KB crossed it
     assert ran < 0.01 * copied, (ran, copied)
+
+
+async def _bulk(address: str, nbytes: int) -> float:
+    """Send nbytes through the echo and read them back: the seconds it took."""
+    host, port = address.rsplit(":", 1)
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 10)
+    started = time.monotonic()
+
+    async def send():
+        for offset in range(0, nbytes, 65536):
+            writer.write(b"x" * min(65536, nbytes - offset))
+            await writer.drain()
+
+    sending = asyncio.ensure_future(send())
+    await asyncio.wait_for(reader.readexactly(nbytes), 60)
+    await sending
+    writer.close()
+    return time.monotonic() - started
+
+
+def test_two_bulk_transfers_at_once_share_the_rate(echo):
+    """One link, not one per connection: together no faster than the rate (a lower bound)."""
+    proxy = shaped(echo.address, rate="100mbit", rtt_ms=1)
+    nbytes = 1_000_000
+
+    async def both():
+        started = time.monotonic()
+        await asyncio.gather(_bulk(proxy.address, nbytes), _bulk(proxy.address, nbytes))
+        return time.monotonic() - started
+
+    try:
+        elapsed = asyncio.run(both())
+    finally:
+        proxy.close()
+    floor = 2 * nbytes / parse_rate("100mbit")
+    assert floor * 0.95 <= elapsed < floor + 20, (elapsed, floor)
+
+
+def test_a_small_message_passes_a_bulk_transfer_on_another_connection(echo):
+    """Fair turns between connections: a ping waits behind about a chunk of the bulk transfer,
+    not behind everything it has queued (~0.5 MB per direction: ~100 ms each way at 40 Mbit/s;
+    a 64 KB chunk is 13 ms)."""
+    proxy = shaped(echo.address, rate="40mbit", rtt_ms=1)
+
+    async def pings_during_bulk():
+        bulk = asyncio.ensure_future(_bulk(proxy.address, 3_000_000))  # ~0.6 s each way
+        await asyncio.sleep(0.15)  # the bulk transfer fills its share of the link first
+        trips = []
+        for _ in range(5):
+            _, elapsed = await _round_trip(proxy.address, b"ping", rounds=1)
+            trips.append(elapsed)
+        await bulk
+        return sorted(trips)[len(trips) // 2]
+
+    try:
+        median = asyncio.run(pings_during_bulk())
+    finally:
+        proxy.close()
+    assert median < 0.080, median  # first in, first out would take > 0.2 s
