@@ -235,3 +235,26 @@ def test_a_small_message_passes_a_bulk_transfer_on_another_connection(echo):
     finally:
         proxy.close()
     assert median < 0.080, median  # first in, first out would take > 0.2 s
+
+
+def test_a_clients_runs_and_its_fetches_take_two_connections(store16, expert_hosts):  # noqa: F811
+    """RunExperts on a TCP connection of their own, so that over a link a run's few KB do not
+    queue behind the expert chunks a fetch has written to the same HTTP/2 connection."""
+    from common.host_address import HostAddress as Address
+    from coordinator.runtime.engine import Engine
+    from coordinator.sources.cluster_config import ClusterConfig
+    from coordinator.sources.expert_pool import ExpertPool
+
+    host = expert_hosts.start(store16)
+    proxy = shaped(host.address, rate="10gbit", rtt_ms=0.3)
+    try:
+        source = ExpertPool.source_factory(ClusterConfig(hosts=(Address.parse(proxy.address),)))
+        with Engine.open(store16, source=source, cache_experts=2, placement="run") as engine:
+            generation = engine.generate("Hello world", max_new_tokens=4, stop_at_eos=False)
+            list(generation)  # the prompt's experts are fetched, the decode steps' misses run there
+            connections = len(proxy.proxy._connections)
+            stats = generation.stats
+    finally:
+        proxy.close()
+    assert stats.bytes_fetched > 0 and sum(stats.run_bytes_by_source.values()) > 0
+    assert connections == 2

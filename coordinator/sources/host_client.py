@@ -123,22 +123,31 @@ class HostClient:
         self.run_compute_seconds = 0.0  # summed over answered RunExperts calls: the host's own compute time
         self.credentials = credentials
         self.tls = credentials.root_ca is not None and not address.is_unix  # a Unix socket is local: no TLS
-        if self.tls:
-            channel_credentials = grpc.ssl_channel_credentials(
-                root_certificates=credentials.root_ca, private_key=credentials.private_key,
-                certificate_chain=credentials.cert_chain,
-            )
-            self._channel = grpc.aio.secure_channel(address.grpc_target, channel_credentials, options=channel_options())
-        else:
-            self._channel = grpc.aio.insecure_channel(address.grpc_target, options=channel_options())
+        self._channel = self._open_channel()
+        # RunExperts on a connection of its own (its own subchannel pool: gRPC would share one
+        # TCP connection between channels to the same host otherwise). On one HTTP/2
+        # connection a run's few KB queue behind the expert chunks a fetch has already written
+        # to the socket; on two, the network interleaves them as it does any two flows.
+        self._run_channel = self._open_channel([("grpc.use_local_subchannel_pool", 1)])
         self._metadata = ((AUTHORIZATION_KEY, f"Bearer {credentials.token}"),) if credentials.token else ()
         self._info = pb_grpc.ExpertHostStub(self._channel).Info
         self._health = health_pb2_grpc.HealthStub(self._channel).Check
-        self._run_experts = pb_grpc.ExpertHostStub(self._channel).RunExperts
-        self._open_run_stream = pb_grpc.ExpertHostStub(self._channel).RunExpertsStream
+        self._run_experts = pb_grpc.ExpertHostStub(self._run_channel).RunExperts
+        self._open_run_stream = pb_grpc.ExpertHostStub(self._run_channel).RunExpertsStream
         self._fetch = self._channel.unary_stream(
             FETCH_EXPERT_METHOD, request_serializer=pb.FetchExpertRequest.SerializeToString, response_deserializer=decode_chunk,
         )
+
+    def _open_channel(self, extra_options: list | None = None) -> grpc.aio.Channel:
+        options = channel_options() + (extra_options or [])
+        if not self.tls:
+            return grpc.aio.insecure_channel(self.address.grpc_target, options=options)
+        credentials = self.credentials
+        channel_credentials = grpc.ssl_channel_credentials(
+            root_certificates=credentials.root_ca, private_key=credentials.private_key,
+            certificate_chain=credentials.cert_chain,
+        )
+        return grpc.aio.secure_channel(self.address.grpc_target, channel_credentials, options=options)
 
     def __str__(self) -> str:
         return str(self.address)
@@ -323,4 +332,5 @@ class HostClient:
         if self._run_stream is not None:
             await self._run_stream.ended()
             self._run_stream = None
+        await self._run_channel.close()
         await self._channel.close()
