@@ -52,20 +52,25 @@ class PrefillConfig:
     block_k: int
     num_warps: int
     num_stages: int
+    swap_ab: bool = False  # out.T = W x.T: the dequantized tile is the MMA's A operand (see _prefill_kernel)
 
     def label(self) -> str:
-        return f"m{self.block_m}n{self.block_n}k{self.block_k}w{self.num_warps}s{self.num_stages}"
+        swap = "t" if self.swap_ab else ""
+        return f"m{self.block_m}n{self.block_n}k{self.block_k}w{self.num_warps}s{self.num_stages}{swap}"
 
 
-# (most tokens, 2-bit config, 4-bit config), first fit wins. Untimed guesses: BM grows with T so
-# that a weight tile serves more tokens per dequantization; BK at 2 bits is half of 4 bits' so
-# that the PER_BYTE x tiles of a step (4 at 2 bits, 2 at 4 bits) need the same shared memory:
-# at BM 128, 32 KB of x and 4-8 KB of codes a stage.
+# (most tokens, 2-bit config, 4-bit config), first fit wins. Untimed guesses, from sm_90 code
+# compiled without a GPU (ptxas: no spills, 148-212 registers): BM grows with T so that a weight
+# tile serves more tokens per dequantization; BK at 2 bits is half of 4 bits' (at BM >= 64) so
+# that the PER_BYTE x tiles of a step (4 at 2 bits, 2 at 4) need about the same shared memory
+# (41-115 KB at 3-4 stages, of 227 KB). All swap_ab: with it even a 16-token tile compiles to
+# wgmma (without, BM < 64 gets mma.sync) and the weight goes to wgmma from registers, never
+# through shared memory.
 CONFIG_TABLE: tuple[tuple[int, PrefillConfig, PrefillConfig], ...] = (
-    (16, PrefillConfig(16, 64, 64, 4, 4), PrefillConfig(16, 64, 64, 4, 4)),
-    (32, PrefillConfig(32, 64, 64, 4, 4), PrefillConfig(32, 64, 64, 4, 4)),
-    (64, PrefillConfig(64, 128, 32, 4, 3), PrefillConfig(64, 128, 64, 4, 3)),
-    (1 << 62, PrefillConfig(128, 128, 32, 8, 3), PrefillConfig(128, 128, 64, 8, 3)),
+    (16, PrefillConfig(16, 128, 64, 4, 4, True), PrefillConfig(16, 128, 64, 4, 4, True)),
+    (32, PrefillConfig(32, 128, 64, 4, 4, True), PrefillConfig(32, 128, 64, 4, 4, True)),
+    (64, PrefillConfig(64, 128, 32, 4, 3, True), PrefillConfig(64, 128, 64, 4, 3, True)),
+    (1 << 62, PrefillConfig(128, 128, 32, 8, 3, True), PrefillConfig(128, 128, 64, 8, 3, True)),
 )
 MIN_PROGRAMS = 264  # two per SM of an H200 (132): below this, narrower output tiles
 
@@ -113,7 +118,7 @@ def prefill_config(tokens: int, rows: int, bits: int, group: int) -> PrefillConf
     while block_n > 32 and triton.cdiv(tokens, config.block_m) * triton.cdiv(rows, block_n) < MIN_PROGRAMS:
         block_n //= 2
     return PrefillConfig(config.block_m, block_n, _fit_block_k(config.block_k, group),
-                         config.num_warps, config.num_stages)
+                         config.num_warps, config.num_stages, config.swap_ab)
 
 
 @triton.jit
@@ -140,14 +145,27 @@ def _weight_tile(packed, k: tl.constexpr, rows, row_ok, scale_ptr, zero_ptr, NG,
 
 
 @triton.jit
+def _accumulate(acc, xk, w, SWAP_AB: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    """acc += xk [BM, BK] @ w.T, or w [BN, BK] @ xk.T when SWAP_AB; float32 accumulation."""
+    a, b = (w, xk) if SWAP_AB else (xk, w)  # [BN, BK], [BM, BK] or the other way round
+    if DOT_IN_FP32:
+        return tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc, input_precision="ieee")
+    return tl.dot(a, tl.trans(b), acc)
+
+
+@triton.jit
 def _prefill_kernel(
     x_ptr, codes_ptr, scale_ptr, zero_ptr, out_ptr,
     T, O, P, NG, x_stride, out_stride,
     WIDTH: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SWAP_AB: tl.constexpr, DOT_IN_FP32: tl.constexpr,
 ):
     """out[BM tokens, BN rows]. Program axis 0 walks the token blocks, so neighbouring programs
     share a weight tile: it comes from memory about once and from L2 for the other token blocks.
+    SWAP_AB computes the transposed tile, W [BN, BK] @ x.T [BK, BM]: on sm_90 wgmma may then take
+    the dequantized weight from registers (as A; B must be in shared memory) instead of storing it
+    to shared memory first, and its M of 64 is BN, not a 16-token BM (the same products and sums).
     DOT_IN_FP32 (the interpreter only, whose tl.dot multiplies bfloat16 as raw integers) feeds
     tl.dot float32 copies of the same 16-bit values: their products are exact either way."""
     PER_BYTE: tl.constexpr = 8 // WIDTH
@@ -155,7 +173,7 @@ def _prefill_kernel(
     tokens = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     token_ok, row_ok = tokens < T, rows < O
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_M] if SWAP_AB else [BLOCK_M, BLOCK_N], dtype=tl.float32)
     for j0 in range(0, P, BLOCK_K):
         cols = j0 + tl.arange(0, BLOCK_K)  # [BK] bytes of a row
         packed = tl.load(codes_ptr + rows[:, None] * P + cols[None, :], mask=row_ok[:, None], other=0).to(tl.int32)  # [BN, BK]
@@ -163,12 +181,13 @@ def _prefill_kernel(
             w = _weight_tile(packed, k, rows, row_ok, scale_ptr, zero_ptr, NG, k * P + j0, WIDTH, GROUP, DTYPE)  # [BN, BK]
             xk = tl.load(x_ptr + tokens[:, None] * x_stride + (k * P + cols)[None, :],
                          mask=token_ok[:, None], other=0)  # [BM, BK]: input columns k * P + j0 ..
-            if DOT_IN_FP32:
-                acc = tl.dot(xk.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xk, tl.trans(w), acc)  # [BM, BN], float32
-    tl.store(out_ptr + tokens[:, None] * out_stride + rows[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=token_ok[:, None] & row_ok[None, :])
+            acc = _accumulate(acc, xk, w, SWAP_AB, DOT_IN_FP32)
+    if SWAP_AB:
+        tl.store(out_ptr + tokens[None, :] * out_stride + rows[:, None], acc.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & token_ok[None, :])
+    else:
+        tl.store(out_ptr + tokens[:, None] * out_stride + rows[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=token_ok[:, None] & row_ok[None, :])
 
 
 def prefill_linear(x: torch.Tensor, weight: QuantizedMatrix, config: PrefillConfig | None = None,
@@ -187,7 +206,7 @@ def prefill_linear(x: torch.Tensor, weight: QuantizedMatrix, config: PrefillConf
         x, codes, weight.scale, weight.zero, out,
         tokens, rows, codes.shape[1], weight.scale.shape[1], x.stride(0), out.stride(0),
         WIDTH=weight.bits, GROUP=weight.group_size,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SWAP_AB=config.swap_ab,
         DOT_IN_FP32=_interpreted() and x.dtype == torch.bfloat16,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
