@@ -17,9 +17,11 @@ of BN), the table's config and the same tile without (or with) swap_ab:
       u = unit roundoff of x's dtype (2^-8 bf16, 2^-11 fp16), tiny = half the dtype's smallest
       subnormal step (fp16's underflow); E is the worst case of a recursive float32 sum of I
       terms, doubled for tensor cores that may truncate rather than round as they add;
-  against dequantize + F.linear: F.linear sums in float32 too, so both lie within the bound of
-      ref and |out - linear| <= twice the bound (the two can differ by an output rounding step
-      where their float32 sums straddle it; they are not bitwise equal).
+  against dequantize + F.linear: F.linear sums in float32 too (with cuBLAS's reduced-precision
+      reductions switched off here: torch allows them for 16-bit types by default, split-K
+      partial sums rounded to bf16/fp16, which no float32 bound covers), so both lie within the
+      bound of ref and |out - linear| <= twice the bound (the two can differ by an output
+      rounding step where their float32 sums straddle it; they are not bitwise equal).
 
 Under the interpreter two things differ from the GPU, on purpose or not: tl.dot on bfloat16
 multiplies their raw bits as integers there (Triton 3.9), so the kernel gives the interpreter
@@ -112,6 +114,9 @@ def main(device: str, seed: int) -> int:
     interpreter = "TRITON_INTERPRET=1 " if device == "cpu" else ""
     print(f"seed {seed} (rerun: {interpreter}python -m tests.prefill_kernel_check {device} {seed})")
     generator = torch.Generator().manual_seed(seed)
+    if device == "cuda":  # F.linear's sums in float32 (see the docstring)
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
     failures = 0
     for bits in (2, 4):
         for rows, columns, group in SHAPES[device]:

@@ -81,7 +81,8 @@ def test_config_table_grows_the_token_block_narrows_small_grids_and_fits_the_gro
     assert [prefill_config(t, 28672, 2, 64).block_m for t in (5, 16, 17, 64, 65, 512)] == [16, 16, 32, 64, 128, 128]
     assert prefill_config(512, 28672, 2, 64).block_n == 128  # 4 x 224 programs
     small = prefill_config(128, 1536, 4, 64)  # Qwen3-30B-A3B's w13: 12 output blocks of 128
-    assert small.block_n == 32 and 128 // small.block_m * 1536 // small.block_n < MIN_PROGRAMS
+    assert small.swap_ab and small.block_n == 64 and 1536 // 64 < MIN_PROGRAMS  # wgmma's M: no narrower
+    assert small.num_warps == 4  # one warpgroup for 64 rows
     assert prefill_config(512, 28672, 4, 32).block_k == 32  # 64 fitted down to the group
 
 
@@ -112,11 +113,12 @@ def test_the_tables_tiles_compile_for_sm90_to_wgmma_without_integer_conversions(
     """What the interpreter cannot see: every tile of the table lowers to sm_90 code that uses
     wgmma (the tensor cores' Hopper instruction; mma.sync would be the older, slower one), turns
     codes into floats by the bit trick (no cvt from an integer), and fits the 227 KB of shared
-    memory a block may have. Whether it is fast is scripts/prefill_kernel_bench.py's question."""
+    memory a block may have, at Mixtral's w13 and at Qwen3-30B-A3B's narrower grids. Whether it
+    is fast is scripts/prefill_kernel_bench.py's question."""
     from coordinator.runtime.kernels.prefill_matmul import CONFIG_TABLE, prefill_config
 
-    for most, _, _ in CONFIG_TABLE:
-        config = prefill_config(min(most, 512), 28672, bits, 64)
+    tiles = {prefill_config(min(most, 512), rows, bits, 64) for most, _, _ in CONFIG_TABLE for rows in (28672, 1536)}
+    for config in sorted(tiles, key=lambda c: c.label()):
         compiled = _compile_for_sm90(dict(WIDTH=bits, GROUP=64, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                                           BLOCK_K=config.block_k, SWAP_AB=config.swap_ab, DOT_IN_FP32=False),
                                      config.num_warps, config.num_stages)

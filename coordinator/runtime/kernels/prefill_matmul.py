@@ -108,17 +108,21 @@ def _fit_block_k(block_k: int, group: int) -> int:
 
 
 def prefill_config(tokens: int, rows: int, bits: int, group: int) -> PrefillConfig:
-    """The table's tile for T tokens, with BN halved (down to 32) while the grid has fewer than
-    MIN_PROGRAMS programs (Qwen3-30B-A3B's experts: O = 1536 or 2048), and BK fitted to the group."""
+    """The table's tile for T tokens, BK fitted to the group, and BN halved while the grid has
+    fewer than MIN_PROGRAMS programs (Qwen3-30B-A3B's experts: O = 1536 or 2048) down to 32, or
+    with swap_ab to 64: BN is then wgmma's M, 64 a warpgroup (at 32 sm_90 code falls back to
+    mma.sync), so a 64-row tile gets one warpgroup (with two, compiled code stores the weight
+    to shared memory)."""
     for most, two_bit, four_bit in CONFIG_TABLE:
         if tokens <= most:
             config = two_bit if bits == 2 else four_bit
             break
-    block_n = config.block_n
-    while block_n > 32 and triton.cdiv(tokens, config.block_m) * triton.cdiv(rows, block_n) < MIN_PROGRAMS:
+    block_n, narrowest = config.block_n, 64 if config.swap_ab else 32
+    while block_n > narrowest and triton.cdiv(tokens, config.block_m) * triton.cdiv(rows, block_n) < MIN_PROGRAMS:
         block_n //= 2
-    return PrefillConfig(config.block_m, block_n, _fit_block_k(config.block_k, group),
-                         config.num_warps, config.num_stages, config.swap_ab)
+    warps = min(config.num_warps, 4 * block_n // 64) if config.swap_ab else config.num_warps
+    return PrefillConfig(config.block_m, block_n, _fit_block_k(config.block_k, group), warps,
+                         config.num_stages, config.swap_ab)
 
 
 @triton.jit
