@@ -20,7 +20,9 @@ of two different float32 sums). float32 x is left to the plain path: tl.dot woul
 TF32, which F.linear on float32 does not.
 
 Configs: a fixed table by token count (prefill_config), no autotuning: a first call or a CUDA
-graph capture compiles one kernel, not a sweep. The table is a guess from the tile sizes and the
+graph capture compiles one kernel, not a sweep; one per (table row, bits, dtype, shape's
+divisibility), T left unspecialised, each cached by Triton on disk after (~1-3 s to compile for
+sm_90 here). The table is a guess from the tile sizes and the
 shared memory they need (sm_90, 227 KB a block); scripts/prefill_kernel_bench.py times it and a
 short list of others on a GPU. NOT YET TIMED OR RUN ON A GPU: only checked under Triton's
 interpreter and compiled for sm_90 without one (tests/test_prefill_kernel.py).
@@ -30,6 +32,7 @@ per row; BM/BN/BK = block sizes over T, O and P."""
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -107,6 +110,7 @@ def _fit_block_k(block_k: int, group: int) -> int:
     return block_k
 
 
+@functools.lru_cache(maxsize=4096)  # called per expert matmul: a prompt's host time is launches
 def prefill_config(tokens: int, rows: int, bits: int, group: int) -> PrefillConfig:
     """The table's tile for T tokens, BK fitted to the group, and BN halved while the grid has
     fewer than MIN_PROGRAMS programs (Qwen3-30B-A3B's experts: O = 1536 or 2048) down to 32, or
@@ -157,7 +161,7 @@ def _accumulate(acc, xk, w, SWAP_AB: tl.constexpr, DOT_IN_FP32: tl.constexpr):
     return tl.dot(a, tl.trans(b), acc)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])  # one compile for every prompt length (T only masks), not one per T % 16
 def _prefill_kernel(
     x_ptr, codes_ptr, scale_ptr, zero_ptr, out_ptr,
     T, O, P, NG, x_stride, out_stride,
