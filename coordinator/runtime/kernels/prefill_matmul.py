@@ -170,8 +170,8 @@ def _prefill_kernel(
     SWAP_AB: tl.constexpr, DOT_IN_FP32: tl.constexpr,
 ):
     """out[BM tokens, BN rows]. Program axis 0 walks the token blocks, so neighbouring programs
-    share a weight tile: it comes from memory about once and from L2 for the other token blocks.
-    SWAP_AB computes the transposed tile, W [BN, BK] @ x.T [BK, BM]: on sm_90 wgmma may then take
+    share a weight tile: it should come from memory about once and from L2 for the other token
+    blocks (not measured). SWAP_AB computes the transposed tile, W [BN, BK] @ x.T [BK, BM]: on sm_90 wgmma may then take
     the dequantized weight from registers (as A; B must be in shared memory) instead of storing it
     to shared memory first, and its M of 64 is BN, not a 16-token BM (the same products and sums).
     DOT_IN_FP32 (the interpreter only, whose tl.dot multiplies bfloat16 as raw integers) feeds
@@ -209,6 +209,7 @@ def prefill_linear(x: torch.Tensor, weight: QuantizedMatrix, config: PrefillConf
     config = config or prefill_config(tokens, rows, weight.bits, weight.group_size)
     assert weight.group_size % config.block_k == 0, (config, weight.group_size)
     out = torch.empty(tokens, rows, dtype=x.dtype, device=x.device) if out is None else out
+    assert out.shape == (tokens, rows) and out.stride(1) == 1 and out.dtype == x.dtype, (out.shape, out.stride())
     grid = (triton.cdiv(tokens, config.block_m), triton.cdiv(rows, config.block_n))
     _prefill_kernel[grid](
         x, codes, weight.scale, weight.zero, out,
