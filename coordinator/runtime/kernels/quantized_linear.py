@@ -5,7 +5,14 @@ accumulates in float32; per group it uses
     sum_i W[o,i] x[i] = scale[o,g] * (sum_i code[o,i] x[i] - zero[o,g] * sum_i x[i]),
 so the zero point costs one multiply per group, not per weight. The bytes it must read are the
 codes plus the scales and zeros: 2.5 bits per weight at 2-bit, group 64.
-Prefill (many tokens): a kernel dequantizes into a reused scratch buffer, then one matmul.
+Prefill (many tokens): one fused kernel (prefill_matmul.py) dequantizes tiles of the codes in
+registers and feeds them to the tensor cores, so the 16-bit weight never reaches memory; each
+weight rounds exactly as the dequantize kernel's, only the order of summation differs from
+dequantize + F.linear. It takes 16-bit x (bf16, fp16) on single-plane 2/4-bit codes
+(prefill_matmul.supports); anything else, and every call while MOE_EDGE_FUSED_PREFILL=0, goes
+through the dequantize kernel (into a scratch weight) and one F.linear, the path before it. The
+fused kernel is on by default but NOT YET RUN ON A GPU (scripts/prefill_kernel_bench.py times
+both; MOE_EDGE_FUSED_PREFILL=0 compares them in a whole run).
 
 Legend: T = tokens, O = output features, I = input features, P = packed bytes per row of a
 plane (I / codes-per-byte), G = groups per row, BO/BJ = block sizes over O and over P."""
@@ -17,6 +24,8 @@ import triton
 import triton.language as tl
 
 from common.quantization import QuantizedMatrix
+
+from . import prefill_matmul
 
 DECODE_MAX_TOKENS = 4  # up to this many tokens, the fused GEMV per token beats dequantize+matmul
 DEQUANTIZE_BLOCK_O, DEQUANTIZE_WARPS = 8, 8  # best tile on the H200 (scripts/dequantize_bench.py: 75-80% of its copy rate)
@@ -130,7 +139,8 @@ def dequantize(weight: QuantizedMatrix, dtype: torch.dtype, out: torch.Tensor | 
 
 
 def quantized_linear(x: torch.Tensor, weight: QuantizedMatrix) -> torch.Tensor:
-    """x [T, I] @ W.T -> [T, O] in x's dtype; the fused path for few tokens."""
+    """x [T, I] @ W.T -> [T, O] in x's dtype: the GEMV per token for few tokens, the fused prefill
+    kernel for more (unless MOE_EDGE_FUSED_PREFILL=0), else dequantize + F.linear."""
     if not supports(weight):
         return torch.nn.functional.linear(x, weight.dequantize(x.dtype))
     x = x.contiguous()
@@ -139,4 +149,6 @@ def quantized_linear(x: torch.Tensor, weight: QuantizedMatrix) -> torch.Tensor:
         for t in range(x.shape[0]):
             gemv(x[t], weight, out[t])
         return out
+    if prefill_matmul.fused_prefill_enabled() and prefill_matmul.supports(weight, x.dtype):
+        return prefill_matmul.prefill_linear(x, weight)
     return torch.nn.functional.linear(x, dequantize(weight, x.dtype))
