@@ -19,15 +19,14 @@ weights within 1e-6.
 Top-k ties (equal probabilities) go to the lowest expert index first, which is what torch.topk
 gives on CUDA in practice.
 
-The decoder uses these on CUDA with Triton only, and MOE_EDGE_FUSED_DECODE=0 turns them off (to
-compare, or to rule them out); `enabled` says whether they run. The CPU keeps the torch ops,
-which are these kernels' reference. The prompt path never uses them.
+The decoder (decoder.py, its `fusion`) uses these on CUDA with Triton only, and
+MOE_EDGE_FUSED_DECODE=0 turns them off (to compare, or to rule them out): read when a Decoder is
+made. The CPU keeps the torch ops, which are these kernels' reference. The prompt path never
+uses them.
 
 Legend: H = hidden size, E = experts per layer, k = experts per token."""
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -36,13 +35,6 @@ import triton.language as tl
 MAX_HIDDEN = 16384  # one program holds a whole row; past this the row would spill registers
 MAX_EXPERTS = 256  # the router's [E] scores are held in one program
 MAX_TOP_K = 16
-
-
-def enabled(device: torch.device) -> bool:
-    """The fused decode kernels run: CUDA, Triton present, MOE_EDGE_FUSED_DECODE not "0"."""
-    from . import available
-
-    return device.type == "cuda" and available() and os.environ.get("MOE_EDGE_FUSED_DECODE", "1") != "0"
 
 
 def router_fits(config, router: torch.Tensor, logit_bias: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
@@ -65,7 +57,7 @@ def _rounded(x, DTYPE: tl.constexpr):
     if DTYPE == tl.bfloat16:
         bits = x.to(tl.int32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # the 16 bits below the bf16 mantissa, rounded away
-        return bits.to(tl.float32, bitcast=True)
+        return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))  # a NaN stays one
     return x.to(DTYPE).to(tl.float32)
 
 
@@ -94,9 +86,13 @@ def add_rms_norm(a: torch.Tensor, b: torch.Tensor | None, weight: torch.Tensor, 
     b None: normed_out = rms_norm(a, weight, eps) alone (sum_out unused). All in the model's dtype,
     contiguous; weight [H]."""
     hidden = a.shape[-1]
-    assert a.numel() == hidden <= MAX_HIDDEN and normed_out.numel() == hidden and weight.numel() == hidden
+    rows = [a, normed_out, weight] + ([b, sum_out] if b is not None else [])
+    assert a.numel() == hidden <= MAX_HIDDEN and all(t.numel() == hidden for t in rows)
+    assert normed_out.is_contiguous() and weight.is_contiguous() and (sum_out is None or sum_out.is_contiguous())
+    assert all(t.dtype == normed_out.dtype for t in rows), "one dtype for the rows and the weight"
     block = triton.next_power_of_2(hidden)
     has_b = b is not None
+    a, b = a.contiguous(), b.contiguous() if has_b else None  # no-ops for the decoder's rows
     _add_rms_norm_kernel[(1,)](a, b if has_b else a, weight, sum_out if has_b else normed_out, normed_out,
                                eps, H=hidden, BLOCK=block, HAS_B=has_b, num_warps=_warps(block))
 
@@ -157,7 +153,8 @@ def softmax_router(x: torch.Tensor, router: torch.Tensor, top_k: int, normalize:
     positions [k] int64, their weights [1, k] float32), what the resident path's torch.sort and
     index_select give."""
     experts, hidden = router.shape
-    assert x.numel() == hidden and weights_out.numel() == top_k and experts_out.numel() == top_k
+    assert x.numel() == hidden and x.is_contiguous() and router.is_contiguous() and x.dtype == router.dtype
+    assert weights_out.numel() == top_k and experts_out.numel() == top_k and experts_out.is_contiguous()
     block_e = triton.next_power_of_2(experts)
     block_h = min(triton.next_power_of_2(hidden), max(16, 8192 // block_e))  # a step holds ~8K products
     sorted_experts, positions, sorted_weights = sorted_out if sorted_out is not None else (experts_out, experts_out,
