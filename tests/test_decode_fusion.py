@@ -66,3 +66,46 @@ def test_a_decode_through_the_fused_kernels_gives_the_torch_ops_tokens_in_the_cp
                         timeout=600)
     print(result.stdout)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_triton
+@pytest.mark.parametrize("hidden", [4096, 7168, 8192])
+def test_add_rms_norm_compiles_for_sm90_in_one_program_without_spills(hidden):
+    """What the interpreter cannot see: one program holds the whole row at Mixtral's (4096),
+    DeepSeek's (7168) and the largest hidden size (8192) with nothing spilled to local memory,
+    and the norm's square root and division are the rounded ones, not approximations."""
+    import triton
+
+    from coordinator.runtime.kernels import decode_fusion
+    from test_kernels import _compile_for_sm90
+
+    block = triton.next_power_of_2(hidden)
+    rows = {name: ("*bf16", 0) for name in ("a_ptr", "b_ptr", "weight_ptr", "sum_ptr", "normed_ptr")}
+    compiled = _compile_for_sm90(decode_fusion._add_rms_norm_kernel, dict(rows, eps=("fp32", 1e-5)),
+                                 {"H": hidden, "BLOCK": block, "HAS_B": True}, decode_fusion._warps(block))
+    ptx = compiled.asm["ptx"]
+    assert compiled.asm["cubin"] and ".local" not in ptx
+    assert "sqrt.rn.f32" in ptx and "div.rn.f32" in ptx
+
+
+@needs_triton
+@pytest.mark.parametrize("experts, hidden, top_k", [(8, 4096, 2), (128, 2048, 8), (60, 3584, 4), (128, 4096, 8)])
+def test_softmax_router_compiles_for_sm90_without_spills(experts, hidden, top_k):
+    """Mixtral's, Qwen3-MoE's, Qwen2-MoE's router and a 128-expert one at H = 4096: one program
+    over all experts, nothing spilled, the router's rows read 16 bytes a load."""
+    import triton
+
+    from coordinator.runtime.kernels import decode_fusion
+    from test_kernels import _compile_for_sm90
+
+    block_e, block_h = decode_fusion._router_blocks(experts, hidden)
+    pointers = dict(x_ptr="*bf16", router_ptr="*bf16", weights_ptr="*fp32", experts_ptr="*i64",
+                    sorted_experts_ptr="*i64", sorted_positions_ptr="*i64", sorted_weights_ptr="*fp32")
+    compiled = _compile_for_sm90(decode_fusion._softmax_router_kernel,
+                                 {name: (kind, 0) for name, kind in pointers.items()},
+                                 {"H": hidden, "E": experts, "K": top_k, "BLOCK_E": block_e, "BLOCK_H": block_h,
+                                  "BLOCK_K": triton.next_power_of_2(top_k), "NORMALIZE": True, "SORTED": True},
+                                 decode_fusion._warps(block_e * block_h))
+    ptx = compiled.asm["ptx"]
+    assert compiled.asm["cubin"] and ".local" not in ptx
+    assert "ld.global.v4" in ptx

@@ -97,6 +97,13 @@ def add_rms_norm(a: torch.Tensor, b: torch.Tensor | None, weight: torch.Tensor, 
                                eps, H=hidden, BLOCK=block, HAS_B=has_b, num_warps=_warps(block))
 
 
+def _router_blocks(experts: int, hidden: int) -> tuple[int, int]:
+    """(BLOCK_E, BLOCK_H): every expert in one block, and columns enough that a step of the
+    loop holds ~8K products (16 a thread at 16 warps)."""
+    block_e = triton.next_power_of_2(experts)
+    return block_e, min(triton.next_power_of_2(hidden), max(16, 8192 // block_e))
+
+
 @triton.jit
 def _softmax_router_kernel(x_ptr, router_ptr, weights_ptr, experts_ptr, sorted_experts_ptr,
                            sorted_positions_ptr, sorted_weights_ptr,
@@ -128,7 +135,7 @@ def _softmax_router_kernel(x_ptr, router_ptr, weights_ptr, experts_ptr, sorted_e
     top_index = tl.full([BLOCK_K], BLOCK_E, dtype=tl.int32)  # past every expert where unused
     for position in tl.static_range(K):  # k rounds of (max, lowest index holding it), then masked out
         best = tl.max(probs, axis=0)
-        index = tl.min(tl.where(probs == best, rows, BLOCK_E), axis=0)
+        index = tl.minimum(tl.min(tl.where(probs == best, rows, BLOCK_E), axis=0), E - 1)  # NaN scores: still an expert
         top = tl.where(slots == position, best, top)
         top_index = tl.where(slots == position, index, top_index)
         probs = tl.where(rows == index, -1.0, probs)
@@ -155,8 +162,7 @@ def softmax_router(x: torch.Tensor, router: torch.Tensor, top_k: int, normalize:
     experts, hidden = router.shape
     assert x.numel() == hidden and x.is_contiguous() and router.is_contiguous() and x.dtype == router.dtype
     assert weights_out.numel() == top_k and experts_out.numel() == top_k and experts_out.is_contiguous()
-    block_e = triton.next_power_of_2(experts)
-    block_h = min(triton.next_power_of_2(hidden), max(16, 8192 // block_e))  # a step holds ~8K products
+    block_e, block_h = _router_blocks(experts, hidden)
     sorted_experts, positions, sorted_weights = sorted_out if sorted_out is not None else (experts_out, experts_out,
                                                                                           weights_out)
     _softmax_router_kernel[(1,)](x, router, weights_out, experts_out, sorted_experts, positions, sorted_weights,
