@@ -2,8 +2,8 @@
 take kernels/decode_fusion.py on the CPU, the kernels run in Triton's interpreter
 (TRITON_INTERPRET=1), and a greedy decode from a fixed prompt must give the torch ops' tokens,
 its logits close to theirs. Run by tests/test_decode_fusion.py as `python -m
-tests.decode_fusion_decode_check STORE DTYPE`; prints one line per path (resident, per-layer) and
-exits non-zero on a miss. Not collected by pytest (no test_ prefix)."""
+tests.decode_fusion_decode_check STORE DTYPE`; prints one line per path (resident, per-layer,
+resident with the router kernel declining) and exits non-zero on a miss. Not collected by pytest (no test_ prefix)."""
 
 import sys
 
@@ -37,20 +37,24 @@ def main(store: str, dtype: str) -> int:
     failures = 0
     with Engine.open(store, cache_experts=2, dtype=dtype) as engine, torch.inference_mode():
         engine.use_cache_mode("resident")
-        for resident_path in (True, False):
+        # the last: the router kernel declining (as for a router with biases), route's torch ops fill in_order
+        for resident_path, router_kernel in ((True, True), (False, True), (True, False)):
             want, plain, decoder = decode(engine, resident_path=resident_path)
             assert decoder.fusion is None  # the CPU's own decode never fuses
-            own = decoder_module._decode_fusion
+            own, fits = decoder_module._decode_fusion, decode_fusion.router_fits
             decoder_module._decode_fusion = lambda device: decode_fusion  # as on CUDA with Triton
+            if not router_kernel:
+                decode_fusion.router_fits = lambda *args: False
             try:
                 tokens, fused, decoder = decode(engine, resident_path=resident_path)
             finally:
-                decoder_module._decode_fusion = own
+                decoder_module._decode_fusion, decode_fusion.router_fits = own, fits
             assert decoder.fusion is decode_fusion and decoder.resident == resident_path
             error = ((fused - plain).abs().max() / plain.abs().max()).item()
             ok = tokens == want and error < (1e-5 if dtype == "float32" else 5e-2)
             failures += not ok
-            print(f"{dtype} {'resident' if resident_path else 'per-layer'}: tokens {tokens} "
+            print(f"{dtype} {'resident' if resident_path else 'per-layer'}"
+                  f"{'' if router_kernel else ', torch router'}: tokens {tokens} "
                   f"{'==' if tokens == want else '!='} {want}, logits max rel err {error:.1e} {'ok' if ok else 'FAIL'}")
     return 1 if failures else 0
 
