@@ -32,8 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_HIDDEN = 16384  # one program holds a whole row; past this the row would spill registers
-MAX_EXPERTS = 256  # the router's [E] scores are held in one program
+MAX_HIDDEN = 16384  # add_rms_norm: one program holds the whole row (32 values a thread at 16 warps)
+MAX_EXPERTS = 256  # the router: every expert's score in one program
 MAX_TOP_K = 16
 
 
