@@ -22,6 +22,14 @@ through kernels that read each blob in place by its slot index (kernels/slot_exp
 staging copy where those kernels do not apply, the slot views themselves off CUDA). Then the
 whole token, every layer and the head, is one CUDA graph, with no read-back at all.
 
+On CUDA with Triton the step's glue runs fused (kernels/decode_fusion.py): each residual add
+with the RMSNorm after it is one kernel (the first layer's norm alone too; a dense layer's FFN
+keeps its own), and a softmax router without biases one more (its logits, softmax, top k and
+weights, and for the resident path the experts in index order): in bf16 a MoE layer's ~15
+launches of glue around attention (~17 resident: the sort, the weights' gather) become 3.
+MOE_EDGE_FUSED_DECODE=0, read when a Decoder is made, keeps torch's ops, which run everywhere
+else and are the kernels' reference. The prompt path never fuses.
+
 It reuses the model's own functions for the math, on static buffers (attention runs over the
 whole KV capacity, masked past the position). Timing for the benchmark's breakdown lives here
 too: `clock`, a PhaseClock, is None except while bench profiles.
@@ -30,12 +38,14 @@ Dimension legend: H = hidden size, V = vocabulary, k = experts per token."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
 from common.expert_ffn import expert_forward
 
-from .kernels import slot_experts_for
+from .kernels import available as kernels_available, slot_experts_for
 
 from .model import KVCache, StepTables, Transformer
 from .phase_clock import PhaseClock
@@ -51,6 +61,16 @@ class _Direct:
 
 
 MAX_EXPERT_GRAPHS = 2048  # past this, one graph per (layer, slot, position) costs more to capture than it saves
+
+
+def _decode_fusion(device: torch.device):
+    """kernels/decode_fusion.py where the decode step's glue runs fused (CUDA with Triton, unless
+    MOE_EDGE_FUSED_DECODE=0), else None: torch's ops."""
+    if device.type != "cuda" or not kernels_available() or os.environ.get("MOE_EDGE_FUSED_DECODE", "1") == "0":
+        return None
+    from .kernels import decode_fusion
+
+    return decode_fusion
 
 
 class Decoder:
@@ -79,6 +99,12 @@ class Decoder:
         self.h = torch.zeros_like(self.x)  # residual after attention
         self.moe_in = torch.zeros_like(self.x)  # normed input of the experts
         self.out = torch.zeros_like(self.x)  # sum of the experts' weighted outputs
+        self.fusion = _decode_fusion(device)  # the fused kernels module, or None
+        self.normed = torch.zeros_like(self.x)  # fused: the normed input of attention, then of the head
+        # fused, resident: the chosen experts in index order [k], their top-k positions [k], their weights [1, k]
+        self.in_order = (torch.zeros(c.top_k, dtype=torch.long, device=device),
+                         torch.zeros(c.top_k, dtype=torch.long, device=device),
+                         torch.zeros(1, c.top_k, dtype=torch.float32, device=device))
         self.weights = torch.zeros(1, c.top_k, dtype=torch.float32, device=device)
         self.logits = torch.zeros(1, c.vocab_size, dtype=torch.float32, device=device)
         self.plans: list[torch.Tensor] = []
@@ -93,16 +119,35 @@ class Decoder:
         torch.index_select(self.model.weights.embed, 0, self.token, out=self.x)  # the token's embedding row
         self.step_tables.fill(self.position)  # the rotary rows and masks every layer of this token reads
 
+    def _add_norm(self, a: torch.Tensor | None, b: torch.Tensor, weight: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+        """total = a + b (a None: total holds the sum already) -> rms_norm(total): one kernel when
+        fused (into self.normed), else torch.add and rms_norm.py."""
+        eps = self.config.rms_norm_eps
+        if self.fusion is not None:
+            if a is None:
+                self.fusion.add_rms_norm(total, None, weight, eps, None, self.normed)
+            else:
+                self.fusion.add_rms_norm(a, b, weight, eps, total, self.normed)
+            return self.normed
+        if a is not None:
+            torch.add(a, b, out=total)
+        return rms_norm(total, weight, eps)
+
     def _layer(self, layer: int) -> None:
-        if layer > 0:
-            torch.add(self.h, self.out, out=self.x)
         weights = self.model.weights.layers[layer]
-        normed = rms_norm(self.x, weights.input_norm, self.config.rms_norm_eps)
-        torch.add(self.x, self.model.attention(normed, layer, self.position, self.kv, self.step_tables), out=self.h)
+        normed = self._add_norm(self.h if layer > 0 else None, self.out, weights.input_norm, self.x)
+        attention = self.model.attention(normed, layer, self.position, self.kv, self.step_tables)  # [1, H]
+        fused = self.fusion is not None and weights.router is not None
+        if fused:  # the residual add and the experts' input norm in one kernel; route takes moe_in as it is
+            self.fusion.add_rms_norm(self.x, attention, weights.post_attention_norm, self.config.rms_norm_eps,
+                                     self.h, self.moe_in)
+        else:
+            torch.add(self.x, attention, out=self.h)
         if weights.router is None:  # a dense layer: its FFN is all of it, no plan, no experts
             self.out.copy_(self.model.ffn(layer, self.h))
             return
-        self.moe.route(layer, self.h, out=(self.moe_in, self.weights, self.plans[layer]))  # written in place
+        self.moe.route(layer, self.h, out=(self.moe_in, self.weights, self.plans[layer]),  # written in place
+                       fused=fused, in_order=self.in_order if fused and self.resident else None)
         if shared_expert(self.moe_in, weights, out=self.out) is None:  # the experts' outputs are added onto it
             self.out.zero_()
 
@@ -131,27 +176,31 @@ class Decoder:
         -> slot table on the device. They run in ascending expert order, as the per-layer path runs them, so that
         off CUDA both paths add the same numbers in the same order."""
         k = self.config.top_k
-        experts, positions = torch.sort(self.plans[layer][:k])  # [k] each: experts, their top-k positions
+        in_order = None  # fused: the router wrote the experts in index order, their positions and weights
+        if self.fusion is not None:
+            experts, positions, in_order = self.in_order
+        else:
+            experts, positions = torch.sort(self.plans[layer][:k])  # [k] each: experts, their top-k positions
         slots = experts  # where each expert sits in the slot of its own index (as load_all leaves them)
         if layer in self.expert_slots:
             slots = torch.index_select(self.expert_slots[layer], 0, experts, out=self.slot_index)
         memory = self.cache.layer_memory(layer)
         if self.slot_experts is not None:  # in place, all k experts in two launches
-            weights = torch.index_select(self.weights, 1, positions)  # [1, k] in slots' order
+            weights = in_order if in_order is not None else torch.index_select(self.weights, 1, positions)  # [1, k] in slots' order
             self.slot_experts(self.moe_in, memory, slots, weights, self.out)
             return
         for rank in range(k):
             if self.model.device.type == "cuda":  # the blob by its device index, through the staging buffer
                 torch.index_select(memory, 0, slots[rank : rank + 1], out=self.staging[rank : rank + 1])
                 ys = expert_forward(self.moe_in, self.staging_views[rank], self.moe.quantized_linear)  # [1, H]
-                weight = torch.index_select(self.weights, 1, positions[rank : rank + 1])  # [1, 1]
+                weight = (in_order[:, rank : rank + 1] if in_order is not None
+                          else torch.index_select(self.weights, 1, positions[rank : rank + 1]))  # [1, 1]
                 self.out.add_((ys * weight).to(self.out.dtype))
             else:  # off CUDA the host reads the index for free: the slot's own views
                 self._expert(layer, int(slots[rank]), int(positions[rank]))
 
     def _head(self) -> None:
-        torch.add(self.h, self.out, out=self.x)
-        normed = rms_norm(self.x, self.model.weights.norm, self.config.rms_norm_eps)
+        normed = self._add_norm(self.h, self.out, self.model.weights.norm, self.x)
         self.logits.copy_(F.linear(normed, self.model.weights.lm_head))  # to float32 on the way
 
     # --- capture ---------------------------------------------------------------------------

@@ -83,17 +83,34 @@ class MoEBlock:
         self.routing_hook = None  # a routing trace recorded or replayed here (routing_trace.py), when the engine has one
 
     def route(self, layer: int, hidden: torch.Tensor, *,
-              out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
+              out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, fused: bool = False,
+              in_order: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
         """Device work only (a CUDA graph can hold it): hidden [T, H] after attention ->
         (x [T, H] normed MoE input, weights [T, k] float32, plan tensor: see routing_plan.py).
-        `out`: the three buffers to write them into (the decoder's static ones), else new tensors."""
+        `out`: the three buffers to write them into (the decoder's static ones), else new tensors.
+        `fused` (the decode step on CUDA with Triton, decoder.py; one token, `out` given): out[0]
+        already holds the normed input (the decoder's add + norm kernel wrote it), and a softmax
+        router without biases runs as one kernel (kernels/decode_fusion.py). `in_order` (k
+        experts int64, their top-k positions int64, weights [1, k] float32): filled with the
+        chosen experts in ascending order, their positions and weights, as the resident path
+        runs them (by that kernel, or by torch.sort where it does not apply)."""
         weights, tokens = self.layers[layer], hidden.shape[0]
         x_out, weights_out, plan_out = out if out is not None else (None, None, None)
-        x = rms_norm(hidden, weights.post_attention_norm, self.config.rms_norm_eps, out=x_out)
-        logits = F.linear(x, weights.router, weights.router_logit_bias)  # [T, E]
         experts_out = None if plan_out is None else plan_out[: tokens * self.config.top_k].view(tokens, -1)
-        route_weights, experts = router.route(logits, self.config, weights.router_bias,
-                                              out=None if out is None else (weights_out, experts_out))
+        assert not fused or (out is not None and tokens == 1)
+        x = x_out if fused else rms_norm(hidden, weights.post_attention_norm, self.config.rms_norm_eps, out=x_out)
+        fusion = _fused_router(self.config, weights) if fused else None
+        if fusion is not None:  # one kernel: logits, softmax, top k, renormalised, in_order
+            fusion.softmax_router(x, weights.router, self.config.top_k, self.config.norm_topk_prob,
+                                  weights_out, experts_out, in_order)
+            route_weights, experts = weights_out, experts_out
+        else:
+            logits = F.linear(x, weights.router, weights.router_logit_bias)  # [T, E]
+            route_weights, experts = router.route(logits, self.config, weights.router_bias,
+                                                  out=None if out is None else (weights_out, experts_out))
+            if in_order is not None:
+                torch.sort(experts.view(-1), out=(in_order[0], in_order[1]))
+                torch.index_select(route_weights, 1, in_order[1], out=in_order[2])
         guesses = self.predictor.predict(layer, hidden) if self.predictor is not None else []
         return x, route_weights, routing_plan.pack(experts, guesses, out=plan_out)
 
@@ -155,6 +172,14 @@ class MoEBlock:
         if self.counters is not None:
             self.counters.run_wait_s += time.perf_counter() - started
         return out
+
+
+def _fused_router(config: ModelConfig, weights: LayerWeights):
+    """kernels/decode_fusion.py where its router kernel takes this layer's router, else None."""
+    from .kernels import decode_fusion  # imports Triton: only asked for on CUDA with it (decoder.py)
+
+    fits = decode_fusion.router_fits(config, weights.router, weights.router_logit_bias, weights.router_bias)
+    return decode_fusion if fits else None
 
 
 def _choices_by_expert(chosen: list[int], experts: list[int]) -> tuple[dict[int, tuple[int, int]], list[int]]:
