@@ -8,7 +8,9 @@ Not collected by pytest (no test_ prefix).
 Cases: positions 0, mid and the last of the capacity; no window and a window the position has
 passed; full and partial rotary (R < D), a head dim off a power of two; grouped (G = 4) and
 ungrouped heads; chunk sizes giving 1 to 8 chunks, and the default sizing; float32 and bf16
-(and fp16 on the GPU).
+(and fp16 on the GPU). Then whole decodes of tiny models of three families (Mixtral; Qwen3-MoE:
+per-head q/k norms before rotary; GLM-4.5: partial rotary, q/k/v biases) through the decoder
+with the fused path forced on and off (model_cases says what must hold).
 
 What must hold:
   - the turned q and k heads and the KV cache are the torch path's (exactly in 16-bit dtypes on
@@ -23,6 +25,8 @@ What must hold:
 
 import random
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +43,10 @@ SHAPES = {"cpu": [(8, 2, 32, None), (4, 4, 32, 16), (4, 2, 80, 40)],
 CAPACITY = {"cpu": 200, "cuda": 1000}  # not a multiple of any chunk: the last chunk is partial
 CHUNKS = (128, 256, None)  # positions per chunk; None: decode_attention.chunk_size's choice (64: 4 chunks on the CPU)
 WINDOW = 48
+FAMILIES = ("mixtral", "qwen3_moe", "glm4_moe")
+MODEL_SIZES = dict(num_layers=3, hidden_size=64, intermediate_size=32, num_heads=4, num_kv_heads=2)
+DECODE_STEPS = 6
+LOGITS_BOUND = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}  # of the largest logit's magnitude
 
 
 def config_for(heads: int, kv_heads: int, dim: int, rotary: int | None, window: int | None) -> ModelConfig:
@@ -128,6 +136,68 @@ def run_case(device: str, shape, dtype: torch.dtype, position: int, window: int 
     return ok, line
 
 
+def decode(store: Path, device: str, dtype: torch.dtype, fused: bool) -> tuple[list[int], torch.Tensor]:
+    """Greedy DECODE_STEPS from a fixed prompt through the decoder (CUDA graphs where there is
+    CUDA), with the fused path forced on or off: (tokens, logits [steps, V])."""
+    from coordinator.runtime.decoder import Decoder
+    from coordinator.runtime.engine import Engine
+    from coordinator.runtime.model import KVCache
+
+    with Engine.open(store, device=device, dtype=str(dtype).split(".")[-1]) as engine, torch.inference_mode():
+        engine.model.decode_attention = decode_attention if fused else None
+        prompt = engine.encode("The quick brown fox")
+        kv = KVCache(engine.config, 64, torch.device(device), engine.dtype)
+        logits = engine._prefill(prompt, kv)
+        decoder = Decoder(engine.model, kv)
+        tokens, steps, position = [], [], len(prompt)
+        for _ in range(DECODE_STEPS):
+            tokens.append(int(logits[-1].argmax()))
+            logits = decoder.step(tokens[-1], position).clone()
+            steps.append(logits[0])
+            position += 1
+        assert fused == (kv.decode_partials is not None)  # the path asked for is the one that ran
+        return tokens, torch.stack(steps).float().cpu()
+
+
+def model_cases(device: str, dtypes: list[torch.dtype]) -> int:
+    """Whole decodes of tiny models, fused against the torch path: the number of misses. In
+    float32 the two must give the same tokens and logits within LOGITS_BOUND. In a 16-bit dtype
+    the two paths round differently and these models' routers are steep (a flipped expert
+    changes everything after it), so each is measured against the float32 torch path on the
+    first step instead: the fused path's error may be at most twice the torch path's plus
+    LOGITS_BOUND (tokens are printed, not required; the GPU test compares Mixtral's tokens)."""
+    from coordinator.tools.pack import pack_checkpoint
+    from coordinator.tools.tiny_model import make_tiny_model
+
+    failures = 0
+    with tempfile.TemporaryDirectory() as folder:
+        for family in FAMILIES:
+            model = make_tiny_model(Path(folder) / family, family=family, seed=0, **MODEL_SIZES)
+            store = Path(folder) / f"{family}-store"
+            pack_checkpoint(model_dir=model, out=store, expert_bits=16, dense_bits=16, progress=False)
+            reference_tokens, reference = decode(store, device, torch.float32, fused=False)
+            scale = reference.abs().max().item()
+            for dtype in dtypes:
+                tokens, logits = decode(store, device, dtype, fused=True)
+                if dtype == torch.float32:
+                    error = (logits - reference).abs().max().item() / scale
+                    ok = tokens == reference_tokens and error < LOGITS_BOUND[dtype]
+                    detail = f"logits max err {error:.2e} of the largest (bound {LOGITS_BOUND[dtype]:.0e})"
+                else:
+                    torch_tokens, torch_logits = decode(store, device, dtype, fused=False)
+                    error = (logits[0] - reference[0]).abs().max().item() / scale
+                    torch_error = (torch_logits[0] - reference[0]).abs().max().item() / scale
+                    bound = 2 * torch_error + LOGITS_BOUND[dtype]
+                    ok = error < bound
+                    detail = (f"first step's logits err vs float32 {error:.2e} (torch path {torch_error:.2e}, "
+                              f"bound {bound:.1e}); tokens as float32's: fused {tokens == reference_tokens}, "
+                              f"torch path {torch_tokens == reference_tokens}")
+                failures += not ok
+                print(f"decode {family} {str(dtype):>14} tokens {'same' if tokens == reference_tokens else 'differ'} "
+                      f"{detail} {'ok' if ok else 'FAIL'}")
+    return failures
+
+
 def main(device: str, seed: int) -> int:
     interpreter = "TRITON_INTERPRET=1 " if device == "cpu" else ""
     print(f"seed {seed} (rerun: {interpreter}python -m tests.decode_attention_check {device} {seed})")
@@ -143,6 +213,7 @@ def main(device: str, seed: int) -> int:
                         ok, line = run_case(device, shape, dtype, position, window, chunk, generator)
                         failures += not ok
                         print(line)
+    failures += model_cases(device, dtypes)
     return 1 if failures else 0
 
 
