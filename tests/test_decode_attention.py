@@ -123,8 +123,8 @@ def test_chunks_are_sized_by_the_capacity_alone():
     """The grid of a CUDA graph cannot follow the position: C comes from S."""
     from coordinator.runtime.kernels import decode_attention as da
 
-    assert da.chunk_size(1) == da.chunk_size(da.BLOCK_N * da.MAX_CHUNKS) == da.BLOCK_N
-    assert da.chunk_size(da.BLOCK_N * da.MAX_CHUNKS + 1) == 2 * da.BLOCK_N
+    assert da.chunk_size(1) == da.chunk_size(da.MIN_CHUNK * da.MAX_CHUNKS) == da.MIN_CHUNK
+    assert da.chunk_size(da.MIN_CHUNK * da.MAX_CHUNKS + 1) == 2 * da.MIN_CHUNK
     for capacity in (64, 1000, 32768, 131072):
         partials = da.Partials(32, 128, capacity, torch.device("cpu"))
         assert partials.chunks <= da.MAX_CHUNKS and partials.chunks * partials.chunk >= capacity

@@ -4,7 +4,9 @@ heads and a static KV cache, the sparse MoE block, final norm and LM head.
 It holds only the dense weights (on the device). Experts come from an ExpertProvider (the GPU
 expert cache), so this file knows nothing of slots, sources or prefetching; `moe.py` is where
 routing meets the cache. `Transformer.forward` is the prompt path (many tokens at once); the
-decode step (one token) is decoder.py, which reuses `attention` and the MoE block's routing.
+decode step (one token) is decoder.py, which reuses `attention` and the MoE block's routing; on
+CUDA with Triton that token's attention runs through kernels/decode_attention.py instead of the
+torch ops below (MOE_EDGE_FUSED_ATTENTION=0 keeps them; `fused_decode_attention` decides).
 
 Dimension legend: T = tokens in this step, S = positions held in the KV cache, H = hidden size,
 Q = query heads, K = key/value heads, D = head dim, V = vocabulary."""

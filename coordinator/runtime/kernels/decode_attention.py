@@ -44,9 +44,15 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_N = 64  # positions per step of a chunk's loop (a K and a V tile of [N, D])
-MAX_CHUNKS = 256  # chunks grow past BLOCK_N positions only where the capacity would give more
-ATTENTION_WARPS, COMBINE_WARPS, ROTARY_WARPS = 4, 4, 1
+MIN_CHUNK = 64  # the smallest chunk, in positions (a multiple of every tile's N below)
+MAX_CHUNKS = 256  # chunks grow past MIN_CHUNK positions only where the capacity would give more
+# The split kernel's tile per dtype: (N positions per step of a chunk's loop, warps, stages).
+# Compiled for sm_90 without a GPU (triton.compile, cuobjdump -res-usage, 2026-12-01; not timed):
+# 16-bit with N=64 and 4 warps takes 138 registers, no spills (8 warps: 226); float32's
+# dot in FMAs spilled at N=64 (255 registers and a 520-750 byte stack at 4 or 8 warps), at N=32,
+# 8 warps, 2 stages it takes 70 and no stack.
+TILES = {torch.float32: (32, 8, 2), torch.bfloat16: (64, 4, 3), torch.float16: (64, 4, 3)}
+COMBINE_WARPS, ROTARY_WARPS = 4, 1  # combine: 39 registers; rotary: 24 (sm_90, as above)
 COMBINE_BLOCK_C = 16  # chunks merged per step of the combine's loop
 LOG2E = 1.4426950408889634
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
@@ -169,9 +175,9 @@ def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, position_ptr, window, num_ch
 
 
 def chunk_size(capacity: int) -> int:
-    """Positions per chunk: BLOCK_N, or a power of two times it so that at most MAX_CHUNKS cover
+    """Positions per chunk: MIN_CHUNK, or a power of two times it so that at most MAX_CHUNKS cover
     the capacity (the combine's loop and the partials stay small at long contexts)."""
-    size = BLOCK_N
+    size = MIN_CHUNK
     while math.ceil(capacity / size) > MAX_CHUNKS:
         size *= 2
     return size
@@ -180,11 +186,11 @@ def chunk_size(capacity: int) -> int:
 class Partials:
     """The split kernel's float32 partials for one KV capacity, reused by every layer (layers
     run one after another on one stream): m and l [Q, C], acc [Q, C, D]. `chunk`: positions
-    per chunk, a multiple of BLOCK_N (tests try several); chunk_size's by default."""
+    per chunk, a multiple of MIN_CHUNK (tests try several); chunk_size's by default."""
 
     def __init__(self, heads: int, head_dim: int, capacity: int, device: torch.device, *,
                  chunk: int | None = None) -> None:
-        assert chunk is None or chunk % BLOCK_N == 0
+        assert chunk is None or chunk % MIN_CHUNK == 0
         self.chunk = chunk or chunk_size(capacity)
         self.chunks = math.ceil(capacity / self.chunk)
         self.m = torch.empty(heads, self.chunks, dtype=torch.float32, device=device)
@@ -206,11 +212,12 @@ def decode_attention(heads: torch.Tensor, rows: torch.Tensor, cache: torch.Tenso
     block_d = triton.next_power_of_2(dim)
     _rotary_store_kernel[(total,)](heads, rows, cache, position, num_heads, kv_heads, cache.stride(0),
                                    D=dim, R=rotary_dim, BLOCK_D=block_d, num_warps=ROTARY_WARPS)
+    block_n, warps, stages = TILES[heads.dtype]
     _split_attention_kernel[(kv_heads, partials.chunks)](
         heads, cache, position, partials.m, partials.l, partials.acc, kv_heads, cache.stride(0), window or 0,
         scale * LOG2E, partials.chunks, G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=dim,
-        BLOCK_D=block_d, CHUNK=partials.chunk, BLOCK_N=BLOCK_N, UPCAST=heads.dtype == torch.float32 or INTERPRETED,
-        num_warps=ATTENTION_WARPS)
+        BLOCK_D=block_d, CHUNK=partials.chunk, BLOCK_N=block_n, UPCAST=heads.dtype == torch.float32 or INTERPRETED,
+        num_warps=warps, num_stages=stages)
     out = torch.empty(1, num_heads * dim, dtype=heads.dtype, device=heads.device)  # [1, Q*D]
     _combine_kernel[(num_heads,)](partials.m, partials.l, partials.acc, out, position, window or 0, partials.chunks,
                                   D=dim, BLOCK_D=block_d, CHUNK=partials.chunk, BLOCK_C=COMBINE_BLOCK_C,
