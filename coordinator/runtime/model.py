@@ -4,12 +4,16 @@ heads and a static KV cache, the sparse MoE block, final norm and LM head.
 It holds only the dense weights (on the device). Experts come from an ExpertProvider (the GPU
 expert cache), so this file knows nothing of slots, sources or prefetching; `moe.py` is where
 routing meets the cache. `Transformer.forward` is the prompt path (many tokens at once); the
-decode step (one token) is decoder.py, which reuses `attention` and the MoE block's routing.
+decode step (one token) is decoder.py, which reuses `attention` and the MoE block's routing; on
+CUDA with Triton that token's attention runs through kernels/decode_attention.py instead of the
+torch ops below (MOE_EDGE_FUSED_ATTENTION=0 keeps them; `fused_decode_attention` decides).
 
 Dimension legend: T = tokens in this step, S = positions held in the KV cache, H = hidden size,
 Q = query heads, K = key/value heads, D = head dim, V = vocabulary."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +89,7 @@ class KVCache:
             self.stacked = torch.zeros(config.num_layers, 2 * heads, capacity, config.head_dim, device=device, dtype=dtype)
             self.keys, self.values = self.stacked[:, :heads], self.stacked[:, heads:]  # [L, K, S, D] each
         self.capacity = capacity
+        self.decode_partials = None  # the fused decode attention's scratch (kernels/decode_attention.py), made at first use
 
     def update(self, layer: int, start: int | torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
         """Store [K, T, D] at positions start.., return all [K, start+T, D] so far. With a device
@@ -131,6 +136,21 @@ class StepTables:
             self.model._mask(position, 1, self.capacity, window, out=mask)
 
 
+def fused_decode_attention(config: ModelConfig, device: torch.device):
+    """kernels/decode_attention.py where one decode token's attention may run through it (CUDA
+    with Triton, grouped attention, MOE_EDGE_FUSED_ATTENTION not "0"), else None: the torch
+    path, the only one off CUDA."""
+    if device.type != "cuda" or config.attention == "latent" or os.environ.get("MOE_EDGE_FUSED_ATTENTION", "1") == "0":
+        return None
+    from .kernels import available
+
+    if not available():
+        return None
+    from .kernels import decode_attention
+
+    return decode_attention
+
+
 class Transformer:
     def __init__(self, config: ModelConfig, weights: DenseWeights, moe: MoEBlock, device: torch.device, dtype: torch.dtype) -> None:
         self.config = config
@@ -142,6 +162,7 @@ class Transformer:
         self.rotary = None if latent else RotaryEmbedding(config, device, dtype)
         self.latent = LatentAttention(config, device, dtype) if latent else None
         self.scale = config.head_dim**-0.5
+        self.decode_attention = fused_decode_attention(config, device)  # the module, or None
 
     def attention(self, x: torch.Tensor, layer: int, start: int | torch.Tensor, kv: KVCache,
                   step: "StepTables | None" = None) -> torch.Tensor:
@@ -176,6 +197,9 @@ class Transformer:
         elif c.qk_norm == "head":
             rms_norm(q, w.q_norm, c.rms_norm_eps, out=q), rms_norm(k, w.k_norm, c.rms_norm_eps, out=k)
         rows = step.rotary_rows if step is not None else self.rotary.rows(start, length)  # [T, 2R]
+        if (self.decode_attention is not None and length == 1 and isinstance(start, torch.Tensor)
+                and heads is not None and w.sinks is None):  # one decode token: three kernels, positions <= start only
+            return F.linear(self._fused_decode(heads, rows, layer, start, kv, window), w.o_proj, w.o_bias)
         if heads is not None:  # q and k side by side: turned together
             self.rotary.turn_(heads[:, : c.num_heads + c.num_kv_heads].transpose(0, 1), rows)
             keys, values = kv.update_stacked(layer, start, heads[:, c.num_heads :].transpose(0, 1))  # [K, S, D] each
@@ -204,6 +228,18 @@ class Transformer:
         out = torch.matmul(probs.view(c.num_kv_heads, group * length, -1), values)  # [K, group*T, D]
         out = out.view(c.num_heads, length, c.head_dim).transpose(0, 1).reshape(length, -1)  # [T, Q*D]
         return F.linear(out, w.o_proj, w.o_bias)
+
+    def _fused_decode(self, heads: torch.Tensor, rows: torch.Tensor, layer: int, start: torch.Tensor, kv: KVCache,
+                      window: int | None) -> torch.Tensor:
+        """heads [1, Q+2K, D] (the qkv row, q and k normed) -> [1, Q*D] before o_proj, through
+        kernels/decode_attention.py: rotary and the cache write in place, then attention over the
+        positions the token sees (start, a device tensor [1], read on the device)."""
+        c = self.config
+        if kv.decode_partials is None:  # sized by the capacity: the kernels' grid is fixed for CUDA graphs
+            kv.decode_partials = self.decode_attention.Partials(c.num_heads, c.head_dim, kv.capacity, kv.stacked.device)
+        return self.decode_attention.decode_attention(heads, rows, kv.stacked[layer], start, kv.decode_partials,
+                                                      num_heads=c.num_heads, window=window, scale=self.scale,
+                                                      rotary_dim=self.rotary.dim)
 
     def ffn(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """The prompt path's FFN of a layer: h [T, H], the residual after attention -> [T, H]."""
