@@ -232,8 +232,11 @@ def slot_gemv_v4_kernel(
     x_sums_ptr = x_sums_ptr + source * (4 * P // GROUP)
     rows = block * BLOCK_O + tl.arange(0, BLOCK_O)  # [BO]
     runs = tl.arange(0, SHARE) * RUN  # [S]: where each sharing thread's run starts in a plane row (bytes)
-    tile = rows[:, None, None] * WORDS + (runs // 4)[None, :, None] + tl.arange(0, 4)[None, None, :]  # [BO, S, 4]
-    x_tile = (runs // 4)[:, None] + tl.arange(0, 4)[None, :]  # [S, 4]
+    # word offsets built from constant multiples only, so that the compiler sees 4 aligned,
+    # contiguous words (one 16-byte load) and keeps them in one thread, as the splits want
+    run_words = tl.arange(0, SHARE) * (RUN // 4)  # [S]
+    tile = rows[:, None, None] * WORDS + run_words[None, :, None] + tl.arange(0, 4)[None, None, :]  # [BO, S, 4]
+    x_tile = run_words[:, None] + tl.arange(0, 4)[None, :]  # [S, 4]
     meta_tile = rows[:, None] * NG + (runs // GROUP)[None, :]  # [BO, S]
     acc = tl.zeros([BLOCK_O, SHARE], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_O, SHARE], dtype=tl.float32)
@@ -244,11 +247,12 @@ def slot_gemv_v4_kernel(
     for step in tl.range(first_step, last_step, num_stages=STAGES):
         for unrolled in tl.static_range(UNROLL):
             j0 = step * STEP + unrolled * GROUP  # the group's first byte in each run
+            w0 = step * (STEP // 4) + unrolled * (GROUP // 4)  # and its first word
             zero16 = tl.zeros([BLOCK_O, SHARE], dtype=tl.int32)  # fp16x2 (0, 0)
             g0, g1, g2, g3 = zero16, zero16, zero16, zero16  # per plane: sum c * x_n * 2**-9 (fp16x2)
             u0, u1, u2, u3 = zero16, zero16, zero16, zero16
             for c in tl.static_range(GROUP_CHUNKS):
-                q0 = (j0 + 16 * c) // 4  # the chunk's first word in each run
+                q0 = w0 + 4 * c  # the chunk's first word in each run
                 xs = ()  # per word of the chunk: its 8 pair kinds, each [1, S]
                 for kind in tl.static_range(8):
                     xs = xs + (tl.load(x_ptr + kind * WORDS + q0 + x_tile)[None, :, :],)
