@@ -66,8 +66,8 @@ V3_W2 = (64, 32, 4, 1, 2, 4)
 # v4 (slot_gemv_v4.py): v3's fields and meaning (BLOCK_J / 16 threads a row, each a run of whole
 # groups); BLOCK_O * BLOCK_J / 16 / (32 * warps) rows a thread share its input pairs. Not yet
 # swept on a GPU: v3's best mapping as the start.
-V4_W13 = (32, 64, 4, 1, 2)
-V4_W2 = (64, 32, 4, 1, 2, 4)
+V4_W13 = (64, 64, 4, 1, 1)
+V4_W2 = (128, 32, 4, 1, 1, 8)
 VARIANTS = ("v1", "v2", "v3", "v4")  # the formulations; MOE_EDGE_SLOT_KERNEL picks one (kernels/__init__.py)
 DEFAULT_VARIANT = "v1"  # what runs unless MOE_EDGE_SLOT_KERNEL says otherwise: the fastest on the H200
 

@@ -32,8 +32,21 @@ of the input pairs per 4 words shared by the thread's rows (BLOCK_O * BLOCK_J / 
 warps) of them), and per group (256 codes of a row: 64 per plane) four fp16x2 -> f32 sums
 (2 CVT + 1 FADD each), four scale and zero loads and ~3 FP32 ops per plane: ~0.15 a code. So
 ~1.3 instructions a code expected (v1: ~4-5), ~0.6 of them integer: within the 1.7 and 0.9 an
-H200 needs for its bandwidth, if the compiler keeps the loop as written (not checked here: no
-GPU; see below).
+H200 needs for its bandwidth.
+
+Counted in the SASS of an offline sm_90 compile (Triton 3.9's ptxas, no GPU; Mixtral-8x7B's
+shapes, bf16; the loop body per trip over codes per trip and thread):
+    v4 w13 (64, 64, 4, 1, 1): 1394 / 1024 = 1.36 a code, 0.66 integer (512 HFMA2, 521 LOP3,
+       72 SHF, 84 LDG of which 64 are 16-byte, 64 HADD2.F32 for the fp16 -> f32 sums, 32 FFMA);
+    v4 w2 (128, 32, 4, 1, 1): 768 / 512 = 1.50, 0.76 integer (no gate/up pair to share the
+       input loads); at 256 rows a block 1.33; with STAGES = 2 (cp.async) ~0.1-0.4 more;
+    v1 w13 (128, 64, 4, 1): 2186 / 512 = 4.3; v1 w2 (16, 256, 4, 1): 641 / 128 = 5.0;
+    v3 w13 (32, 64, 4, 1, 1): 1911 / 512 = 3.7; v3 w2 (64, 32, 4, 1, 2): 1125 / 256 = 4.4.
+The plain-Triton path (ASM=False) compiles to nearly the same loop on sm_90 (LLVM finds the
+HFMA2; 1.46 a code for w13, 2.06 for w2, PRMTs for the bitcasts) but rounds the product before
+the add unless the compiler fuses it. Whether the GPU reaches the bandwidth now depends on
+latency hiding (occupancy: ~118 registers a thread at (64, 64, 4, 1, 1)), which only the
+bench on an H200 can say.
 
 Precision: a product c * x_n * 2**-9 is rounded once to fp16 (2**-11 relative, the FMA is
 fused), the accumulator holds one plane's part of a group for one thread (a few dozen products
