@@ -46,6 +46,7 @@ from common.store.blob_layout import BlobLayout
 from .slot_gemv_v2 import slot_gemv_v2_kernel
 from .slot_gemv_v3 import slot_gemv_v3_kernel
 from .slot_gemv_v4 import KINDS as V4_KINDS
+from .slot_gemv_v4 import input_factors as v4_input_factors
 from .slot_gemv_v4 import prepare_input as v4_prepare_input
 from .slot_gemv_v4 import slot_gemv_v4_kernel
 
@@ -292,6 +293,7 @@ class SlotExperts:
             # the PTX path on the GPU; plain Triton in the interpreter (no inline asm there) or
             # where MOE_EDGE_SLOT_V4_ASM=0 asks for it (to compare)
             self.v4_asm = os.environ.get("TRITON_INTERPRET") != "1" and os.environ.get("MOE_EDGE_SLOT_V4_ASM", "1") != "0"
+            self.v4_factor = v4_input_factors(device)
             self.v4_x = (torch.empty(1, V4_KINDS, self.w13.packed // 4, **i32), torch.empty(1, hidden // group, **f32),
                          torch.empty(1, **f32))
             self.v4_hidden = (torch.empty(top_k, V4_KINDS, self.w2.packed // 4, **i32),
@@ -324,9 +326,10 @@ class SlotExperts:
         """x [1, H] -> hidden_act [k, F] = silu(gate) * up of each chosen expert, and its sums."""
         self.x.copy_(x)
         if self.variant == "v4":
-            v4_prepare_input(self.x, self.w13.packed, self.layout.spec.group_size, *self.v4_x)
+            v4_prepare_input(self.x, self.w13.packed, self.layout.spec.group_size, self.v4_factor, *self.v4_x)
             self.gate_up_kernel(memory, slots)
-            v4_prepare_input(self.hidden_act, self.w2.packed, self.layout.spec.group_size, *self.v4_hidden)
+            v4_prepare_input(self.hidden_act, self.w2.packed, self.layout.spec.group_size, self.v4_factor,
+                             *self.v4_hidden)
             return
         torch.sum(self.x.view(-1, CHUNK), dim=1, out=self.x_sums)
         self.gate_up_kernel(memory, slots)

@@ -78,10 +78,18 @@ NORM = 9  # products are c * x_n * 2**-NORM, |x_n| < 1
 KINDS = 8  # input pairs per word: (A, B) for each of the four planes
 
 
-def prepare_input(x: torch.Tensor, packed: int, group: int, pairs: torch.Tensor, sums: torch.Tensor,
-                  unscale: torch.Tensor) -> None:
+def input_factors(device: torch.device) -> torch.Tensor:
+    """[4, 2] fp16: 2**(15 - s) for (plane k, pair A/B), what prepare_input scales x_n by. Made
+    once, outside any CUDA graph (a tensor from host values is a copy a capture refuses)."""
+    shift = torch.tensor([[15 - S_A[k], 15 - S_B[k]] for k in range(4)], dtype=torch.float32)
+    return torch.pow(2.0, shift).half().to(device)
+
+
+def prepare_input(x: torch.Tensor, packed: int, group: int, factor: torch.Tensor, pairs: torch.Tensor,
+                  sums: torch.Tensor, unscale: torch.Tensor) -> None:
     """x [E, 4P] (any float dtype; E inputs) -> the kernel's inputs, written into the given
-    buffers (fixed addresses, for CUDA graphs; no host sync):
+    buffers (fixed addresses, for CUDA graphs; device ops only, no host sync); factor:
+    input_factors(x.device):
       pairs [E, 8, P/4] int32: pair kind 2k + (0: A, 1: B) of word q, as fp16 halves
             (x_n[kP + 4q + b], x_n[kP + 4q + b + 2]) * 2**(15 - s), b = 0 for A, 1 for B;
       sums [E, 4P / group] float32: per group, sum x_n * 2**-NORM (x_n as rounded to fp16);
@@ -96,8 +104,6 @@ def prepare_input(x: torch.Tensor, packed: int, group: int, pairs: torch.Tensor,
     unscale.copy_(torch.pow(2.0, (exponent + NORM).float()))
     words = packed // 4
     planes = xn.view(rows, 4, words, 4)  # [E, k, q, byte]
-    shift = torch.tensor([[15 - S_A[k], 15 - S_B[k]] for k in range(4)], dtype=torch.float32, device=x.device)
-    factor = torch.pow(2.0, shift).half()  # [k, A/B]
     a = planes[..., 0::2] * factor[None, :, 0, None, None]  # [E, k, q, 2]: bytes 0, 2 (exact: powers of 2)
     b = planes[..., 1::2] * factor[None, :, 1, None, None]  # bytes 1, 3
     halves = torch.stack((a, b), dim=2).contiguous()  # [E, k, A/B, q, 2] fp16
