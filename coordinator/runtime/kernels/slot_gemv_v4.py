@@ -14,47 +14,54 @@ for any mantissa m (bits 0-9), and the GPU's fp16 FMA takes subnormals at full r
 So masking two codes out of a word, in place, *is* the pair of fp16 values c * 2**(s-24) (s the
 codes' bit position inside their halves): one AND per two codes, no OR, no bias to subtract
 (the exponent trick's 1.0 would swamp c * x in fp16), no shift where s <= 8. The input is
-handed in as fp16 pairs pre-scaled by 2**(15-s) per position (and normalized per token by a
-power of two, 2**-e, so |x_n| < 1), so every product is c * x_n * 2**-9 whatever the position,
-and all the codes of a plane add into one accumulator.
+handed in as fp16 pairs pre-scaled by 2**(24 - s - n_k) per position (and normalized per token
+by a power of two, 2**-e, so |x_n| < 1), so every product of plane k is c * x_n * 2**-n_k
+whatever the position, and all the codes of a plane add into one accumulator; n_k = 9 - (the
+plane's smallest s) = 3, 3, 5, 5 keeps the pairs <= 2**15 and the products as far above fp16's
+subnormal range as the positions allow.
 
 Layout (planar, as v1's docstring says): byte j of a plane row holds the codes of input columns
 k * P + j, plane k at bits 6-2k..7-2k. An int32 word q holds bytes 4q..4q+3: half 0 = bytes 0
 (bits 0-7) and 1 (bits 8-15), half 1 = bytes 2 and 3. Without a shift, byte 0's four codes sit
 at half-bits s = 6, 4, 2, 0 (planes 0-3) and byte 1's plane-3 code at s = 8, all inside the
 10-bit mantissa; byte 1's planes 0-2 (half-bits 14, 12, 10) come down by one shift of the word
-by 6 (to s = 8, 6, 4). Halves 0 and 1 alike, so each AND gives the pair (byte b, byte b+2),
-input columns (k*P + 4q + b, k*P + 4q + b + 2), and the input pair of fp16 matches. A word:
-    1 SHF + 8 LOP3 (AND) + 8 HFMA2 = 17 instructions for 16 codes = 1.06 a code,
-of which 9 integer (0.56 a code) and 8 fp16x2 FMA (the FMA pipe: 128 a clock for fp16x2).
+right by 6 (to s = 8, 6, 4), and byte 0's planes 1-3 go up by one shift left by 4 (to s = 8, 6,
+4; plane 3 at s = 0 would need products 64x smaller). Halves 0 and 1 alike, so each AND gives
+the pair (byte b, byte b+2), input columns (k*P + 4q + b, k*P + 4q + b + 2), and the input pair
+of fp16 matches. A word:
+    2 SHF + 8 LOP3 (AND) + 8 HFMA2 = 18 instructions for 16 codes = 1.13 a code,
+of which 10 integer (0.63 a code) and 8 fp16x2 FMA (the FMA pipe: 128 a clock for fp16x2).
 Around it, per thread: one 16-byte load per 4 words (64 codes) and its address, 8 16-byte loads
 of the input pairs per 4 words shared by the thread's rows (BLOCK_O * BLOCK_J / 16 / (32 *
 warps) of them), and per group (256 codes of a row: 64 per plane) four fp16x2 -> f32 sums
 (2 CVT + 1 FADD each), four scale and zero loads and ~3 FP32 ops per plane: ~0.15 a code. So
-~1.3 instructions a code expected (v1: ~4-5), ~0.6 of them integer: within the 1.7 and 0.9 an
-H200 needs for its bandwidth.
+~1.3-1.4 instructions a code expected (v1: ~4-5), ~0.7 of them integer: within the 1.7 and 0.9
+an H200 needs for its bandwidth.
 
 Counted in the SASS of an offline sm_90 compile (Triton 3.9's ptxas, no GPU; Mixtral-8x7B's
 shapes, bf16; the loop body per trip over codes per trip and thread):
-    v4 w13 (64, 64, 4, 1, 1): 1394 / 1024 = 1.36 a code, 0.66 integer (512 HFMA2, 521 LOP3,
-       72 SHF, 84 LDG of which 64 are 16-byte, 64 HADD2.F32 for the fp16 -> f32 sums, 32 FFMA);
-    v4 w2 (128, 32, 4, 1, 1): 768 / 512 = 1.50, 0.76 integer (no gate/up pair to share the
-       input loads); at 256 rows a block 1.33; with STAGES = 2 (cp.async) ~0.1-0.4 more;
+    v4 w13 (64, 64, 4, 1, 1): 1450 / 1024 = 1.42 a code, 0.70 integer (512 HFMA2, 518 LOP3,
+       105 SHF, 84 LDG of which 64 are 16-byte, 64 HADD2.F32 for the fp16 -> f32 sums, 45 IMAD,
+       32 FFMA, 16 FMUL); 92 registers;
+    v4 w2 (128, 32, 4, 1, 1): 807 / 512 = 1.58, 0.82 integer counting IMAD (no gate/up pair to
+       share the input loads); at 256 rows a block 1.45; with STAGES = 2 (cp.async) ~0.1-0.4 more;
     v1 w13 (128, 64, 4, 1): 2186 / 512 = 4.3; v1 w2 (16, 256, 4, 1): 641 / 128 = 5.0;
     v3 w13 (32, 64, 4, 1, 1): 1911 / 512 = 3.7; v3 w2 (64, 32, 4, 1, 2): 1125 / 256 = 4.4.
 The plain-Triton path (ASM=False) compiles to nearly the same loop on sm_90 (LLVM finds the
-HFMA2; 1.46 a code for w13, 2.06 for w2, PRMTs for the bitcasts) but rounds the product before
-the add unless the compiler fuses it. Whether the GPU reaches the bandwidth now depends on
-latency hiding (occupancy: ~118 registers a thread at (64, 64, 4, 1, 1)), which only the
-bench on an H200 can say.
+HFMA2; 1.67 a code for w13, PRMTs for the bitcasts) but rounds the product before the add
+unless the compiler fuses it. Whether the GPU reaches the bandwidth now depends on latency
+hiding (occupancy), which only the bench on an H200 can say.
 
-Precision: a product c * x_n * 2**-9 is rounded once to fp16 (2**-11 relative, the FMA is
-fused), the accumulator holds one plane's part of a group for one thread (a few dozen products
-of |c x_n| <= 3 * 2**-9: no overflow; below 2**-14 the fp16 grid is absolute, 2**-25, ~1e-5 of
-the largest products), then the sum goes to float32 and is scaled and zero-folded as in v1:
+Precision: a product c * x_n * 2**-n_k is rounded once to fp16 (2**-11 relative, the FMA is
+fused), the accumulator holds one plane's part of a group for one thread (32 products a half,
+|c x_n 2**-n_k| <= 3/8: at most 12, no overflow; products of inputs below ~2**-9 to 2**-11 of
+the token's largest reach fp16's subnormals, absolute 2**-25), then the sum goes to float32,
+is brought to units of 2**-9 and scaled and zero-folded as in v1:
 sum W x = scale * (sum c x - zero * sum x), with the group sums of the same rounded x_n (so
 the fp16 rounding of the input is that of a plain fp16 GEMV). The input itself is rounded to
-fp16 after normalizing: 2**-12 relative, fine for bf16/fp16 models, not for float32's 1e-4.
+fp16 after normalizing: 2**-12 relative, fine for bf16/fp16 models, not for float32's 1e-4. In
+the interpreter (fp16 model, hidden 256) v4 missed float64 by 2e-3 where v1 missed by 5e-4,
+also with one input 2000x the others (2.5e-3); the bound is 3e-2.
 
 Shape of the work as in v3: BLOCK_J / 16 threads share a row, each over a run of whole groups
 (UNROLL groups a trip, a tl.range of STAGES), so the scales, zeros and sums come once per group
@@ -70,18 +77,24 @@ import torch
 import triton
 import triton.language as tl
 
-# half-bit position s of each (plane k, byte pair) as read by the kernel: pair A = bytes (0, 2)
-# from the word as loaded, pair B = bytes (1, 3), from the word shifted right by 6 for planes 0-2
-S_A = (6, 4, 2, 0)
+# half-bit position s of each (plane k, byte pair) as read by the kernel: pair A = bytes (0, 2),
+# from the word as loaded (plane 0) or shifted left by 4 (planes 1-3); pair B = bytes (1, 3),
+# from the word shifted right by 6 (planes 0-2) or as loaded (plane 3)
+S_A = (6, 8, 6, 4)
 S_B = (8, 6, 4, 8)
-NORM = 9  # products are c * x_n * 2**-NORM, |x_n| < 1
+# products of plane k are c * x_n * 2**-PLANE_NORM[k]: as large as the smallest s of the plane
+# lets its input pairs be (x_n * 2**(24 - s - n) <= 2**15, so n = 9 - min s), which keeps them
+# far from fp16's subnormal range (down to 2**-14) for the small inputs of a token with outliers
+PLANE_NORM = tuple(9 - min(a, b) for a, b in zip(S_A, S_B))  # (3, 3, 5, 5); the kernel spells it 3 + 2 * (k // 2)
+NORM = 9  # the group sums are of x_n * 2**-NORM, and the kernel brings each plane's sum to that
 KINDS = 8  # input pairs per word: (A, B) for each of the four planes
 
 
 def input_factors(device: torch.device) -> torch.Tensor:
-    """[4, 2] fp16: 2**(15 - s) for (plane k, pair A/B), what prepare_input scales x_n by. Made
+    """[4, 2] fp16: 2**(24 - s - PLANE_NORM[k]) for (plane k, pair A/B), what prepare_input
+    scales x_n by (at most 2**15). Made
     once, outside any CUDA graph (a tensor from host values is a copy a capture refuses)."""
-    shift = torch.tensor([[15 - S_A[k], 15 - S_B[k]] for k in range(4)], dtype=torch.float32)
+    shift = torch.tensor([[24 - s - PLANE_NORM[k] for s in (S_A[k], S_B[k])] for k in range(4)], dtype=torch.float32)
     return torch.pow(2.0, shift).half().to(device)
 
 
@@ -91,7 +104,7 @@ def prepare_input(x: torch.Tensor, packed: int, group: int, factor: torch.Tensor
     buffers (fixed addresses, for CUDA graphs; device ops only, no host sync); factor:
     input_factors(x.device):
       pairs [E, 8, P/4] int32: pair kind 2k + (0: A, 1: B) of word q, as fp16 halves
-            (x_n[kP + 4q + b], x_n[kP + 4q + b + 2]) * 2**(15 - s), b = 0 for A, 1 for B;
+            (x_n[kP + 4q + b], x_n[kP + 4q + b + 2]) * factor[k, A/B], b = 0 for A, 1 for B;
       sums [E, 4P / group] float32: per group, sum x_n * 2**-NORM (x_n as rounded to fp16);
       unscale [E] float32: 2**(e + NORM), what the kernel's sums are multiplied by.
     x_n = x * 2**-e with e the exponent of max |x| (so |x_n| < 1)."""
@@ -140,21 +153,22 @@ def _word(w, xw, acc0, acc1, acc2, acc3, ASM: tl.constexpr):
         return tl.inline_asm_elementwise(
             asm="""
             {
-            .reg .b32 s, m, r0, r1, r2, r3;
+            .reg .b32 u, s, m, r0, r1, r2, r3;
+            shl.b32 u, $4, 4;
             shr.u32 s, $4, 6;
             and.b32 m, $4, 0x00C000C0;
             fma.rn.f16x2 r0, m, $5, $13;
             and.b32 m, s, 0x03000300;
             fma.rn.f16x2 r0, m, $6, r0;
-            and.b32 m, $4, 0x00300030;
+            and.b32 m, u, 0x03000300;
             fma.rn.f16x2 r1, m, $7, $14;
             and.b32 m, s, 0x00C000C0;
             fma.rn.f16x2 r1, m, $8, r1;
-            and.b32 m, $4, 0x000C000C;
+            and.b32 m, u, 0x00C000C0;
             fma.rn.f16x2 r2, m, $9, $15;
             and.b32 m, s, 0x00300030;
             fma.rn.f16x2 r2, m, $10, r2;
-            and.b32 m, $4, 0x00030003;
+            and.b32 m, u, 0x00300030;
             fma.rn.f16x2 r3, m, $11, $16;
             and.b32 m, $4, 0x03000300;
             fma.rn.f16x2 r3, m, $12, r3;
@@ -167,11 +181,12 @@ def _word(w, xw, acc0, acc1, acc2, acc3, ASM: tl.constexpr):
             constraints="=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r",
             args=[w, xw[0], xw[1], xw[2], xw[3], xw[4], xw[5], xw[6], xw[7], acc0, acc1, acc2, acc3],
             dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+    u = w << 4
     s = w >> 6  # (arithmetic: the sign's copies land in bits 26-31, which no mask below keeps)
     acc0 = _hfma2(s & 0x03000300, xw[1], _hfma2(w & 0x00C000C0, xw[0], acc0))
-    acc1 = _hfma2(s & 0x00C000C0, xw[3], _hfma2(w & 0x00300030, xw[2], acc1))
-    acc2 = _hfma2(s & 0x00300030, xw[5], _hfma2(w & 0x000C000C, xw[4], acc2))
-    acc3 = _hfma2(w & 0x03000300, xw[7], _hfma2(w & 0x00030003, xw[6], acc3))
+    acc1 = _hfma2(s & 0x00C000C0, xw[3], _hfma2(u & 0x03000300, xw[2], acc1))
+    acc2 = _hfma2(s & 0x00300030, xw[5], _hfma2(u & 0x00C000C0, xw[4], acc2))
+    acc3 = _hfma2(w & 0x03000300, xw[7], _hfma2(u & 0x00300030, xw[6], acc3))
     return acc0, acc1, acc2, acc3
 
 
@@ -299,11 +314,12 @@ def slot_gemv_v4_kernel(
                 x_sum = tl.load(x_sums_ptr + (k * P + runs + j0) // GROUP)[None, :]  # [1, S]
                 scale = tl.load(scale_ptr + meta).to(tl.float32)
                 zero = tl.load(zero_ptr + meta).to(tl.float32)
-                acc += scale * (_pair_sum(gs[k], ASM) - zero * x_sum)  # sum over the group of W x_n 2**-9
+                to_norm = 1.0 / (1 << (6 - 2 * (k // 2)))  # 2**(PLANE_NORM[k] - NORM): plane k in units of 2**-NORM
+                acc += scale * (_pair_sum(gs[k], ASM) * to_norm - zero * x_sum)  # sum over the group of W x_n 2**-9
                 if GATED:
                     scale = tl.load(scale_ptr + meta + O * NG).to(tl.float32)
                     zero = tl.load(zero_ptr + meta + O * NG).to(tl.float32)
-                    acc_up += scale * (_pair_sum(us[k], ASM) - zero * x_sum)
+                    acc_up += scale * (_pair_sum(us[k], ASM) * to_norm - zero * x_sum)
     unscale = tl.load(xscale_ptr + source)
     total = tl.sum(acc, axis=1) * unscale  # [BO]
     if GATED:  # rounded where the plain path rounds: gate and up, silu(gate), the product
