@@ -15,7 +15,9 @@ module's shape always runs). Runs in about BENCH_BUDGET_S + 20 s.
     PYTHONPATH=. python3 scripts/slot_expert_bench.py
     FAMILIES=mixtral BENCH_BUDGET_S=60 BENCH_JSON=out.json PYTHONPATH=. python3 scripts/slot_expert_bench.py
     FAMILIES=mixtral BENCH_VARIANTS=v1,v4 PYTHONPATH=. python3 scripts/slot_expert_bench.py  # some variants only
-MOE_EDGE_SLOT_V4_ASM=0 times v4's plain-Triton path instead of its PTX (the same math)."""
+MOE_EDGE_SLOT_V4_ASM=0 times v4's plain-Triton path instead of its PTX (the same math). With four
+variants a 30 s budget leaves v4 little more than its module shapes (each compiles in seconds);
+for v4's sweep: FAMILIES=mixtral BENCH_VARIANTS=v1,v4 BENCH_BUDGET_S=60."""
 
 import json
 import os
@@ -85,15 +87,16 @@ MIXTRAL = Family(
          "v3": [(32, 32, 2, 1, 3), (32, 64, 4, 1, 2), (64, 32, 4, 1, 2), (32, 32, 2, 1, 1), (32, 16, 1, 1, 2),
                 (64, 16, 2, 1, 2), (32, 64, 4, 1, 3), (64, 32, 4, 1, 1), (32, 16, 1, 1, 3)],
          # v4: v3's fields; rows a thread = BO * BJ / 16 / (32 * warps) share the input pairs
-         "v4": [(64, 64, 4, 1, 2), (32, 32, 2, 1, 2), (64, 32, 4, 1, 2), (128, 32, 4, 1, 2), (64, 64, 4, 1, 3),
-                (64, 64, 4, 1, 1), (128, 64, 4, 1, 2), (64, 32, 2, 1, 2)]},
+         # (STAGES 1 first: cp.async costs v4 ~0.1-0.4 instructions a code in the offline compile)
+         "v4": [(32, 64, 4, 1, 1), (128, 32, 4, 1, 1), (64, 64, 4, 1, 2), (64, 32, 4, 1, 1), (64, 64, 8, 1, 1),
+                (128, 64, 4, 1, 1), (64, 64, 4, 2, 1), (32, 64, 4, 1, 2)]},
     w2={"v1": [(32, 64, 4, 1, 4), (16, 128, 4, 1, 4), (16, 256, 4, 1, 8), (32, 128, 4, 1, 4), (64, 64, 4, 1, 4)],
         "v2": [(16, 64, 4, 1, 3, 4), (16, 64, 4, 1, 3, 8), (32, 64, 4, 1, 3, 2), (32, 64, 4, 1, 1, 4),
                (64, 64, 4, 1, 3, 4), (32, 64, 4, 1, 2, 8), (16, 128, 4, 1, 3, 4), (32, 64, 8, 1, 3, 4)],
         "v3": [(32, 32, 2, 1, 2, 8), (32, 64, 4, 1, 2, 4), (32, 32, 2, 1, 3, 4), (32, 16, 1, 1, 2, 8),
                (64, 32, 4, 1, 2, 4), (32, 32, 2, 1, 1, 4), (32, 32, 2, 1, 2, 2), (64, 16, 2, 1, 2, 8)],
-        "v4": [(32, 64, 4, 1, 2, 4), (64, 32, 4, 1, 2, 8), (128, 32, 4, 1, 2, 4), (64, 64, 4, 1, 2, 4),
-               (32, 32, 2, 1, 2, 8), (64, 32, 4, 1, 3, 4), (128, 16, 4, 1, 2, 8)]})
+        "v4": [(128, 32, 4, 1, 1, 4), (64, 32, 4, 1, 1, 8), (256, 32, 4, 1, 1, 8), (128, 32, 4, 1, 2, 8),
+               (64, 64, 4, 1, 1, 8), (128, 16, 4, 1, 1, 8), (128, 32, 4, 1, 1, 16)]})
 QWEN3 = Family(
     "qwen3-30b-a3b 4-bit g64 top-8", 2048, 768, 4, 8, 128, 1.0,
     w13={"v1": [(32, 64, 4, 1), (16, 64, 4, 1), (16, 128, 4, 1), (64, 64, 4, 1)],
