@@ -20,8 +20,9 @@ Four formulations of the GEMV share this interface and these launches (VARIANTS,
 MOE_EDGE_SLOT_KERNEL, DEFAULT_VARIANT otherwise): v1 below; v2 (slot_gemv_v2.py) with one AND per
 code and software-pipelined loads; v3 (slot_gemv_v3.py), whole groups per thread, no layout
 change in the loop; v4 (slot_gemv_v4.py), 2-bit codes two per integer op on 32-bit words as fp16
-subnormals, multiplied as fp16 pairs (~1.3 instructions a code against v1's ~4-5; bf16/fp16
-models, 2-bit: v1 runs under its name otherwise). v4 is not yet timed on a GPU. scripts/slot_expert_bench.py times them and prints each one's best shapes: on
+subnormals, multiplied as fp16 pairs (1.4-1.6 instructions a code in an offline sm_90 compile,
+v1 4.3-5.0; bf16/fp16 models and 2-bit codes only, v1 runs under its name otherwise; not yet
+timed on a GPU). scripts/slot_expert_bench.py times them and prints each one's best shapes: on
 an H200 (2026-12-01, Mixtral-8x7B 2-bit top-2 step) v1 took 145.7 us, v2 185.7 and v3 164.8 at
 their best shapes, so v1 is the default and the others are there to try on other GPUs.
 
