@@ -1,6 +1,7 @@
 """Times the in-place slot expert kernels (coordinator/runtime/kernels/slot_experts.py) on one GPU:
 for each family's expert shapes (Mixtral-8x7B: 2-bit HQQ g64, top-2; Qwen3-30B-A3B: 4-bit g64,
-top-8, hidden 2048, expert FFN 768), each kernel variant (slot_experts.VARIANTS: v1, v2, v3) over a
+top-8, hidden 2048, expert FFN 768), each kernel variant (slot_experts.VARIANTS: v1, v2, v3, v4; v4 only where it
+applies, 2-bit: for Qwen3's 4-bit codes "v4" would run v1, so it is skipped) over a
 short list of block shapes for the w13 kernel alone (with the SiLU gate) and the w2 kernel alone
 (split along its input), then the whole top-k step (x prepared, w13, w2, the sums: what the
 decoder runs) with the module's shapes and with the best.
@@ -12,7 +13,11 @@ A shape that fails to compile or run is printed and skipped; the sweeps stop at 
 seconds (default 120; each (family, variant, matrix) gets its share of what is left, and the
 module's shape always runs). Runs in about BENCH_BUDGET_S + 20 s.
     PYTHONPATH=. python3 scripts/slot_expert_bench.py
-    FAMILIES=mixtral BENCH_BUDGET_S=60 BENCH_JSON=out.json PYTHONPATH=. python3 scripts/slot_expert_bench.py"""
+    FAMILIES=mixtral BENCH_BUDGET_S=60 BENCH_JSON=out.json PYTHONPATH=. python3 scripts/slot_expert_bench.py
+    FAMILIES=mixtral BENCH_VARIANTS=v1,v4 PYTHONPATH=. python3 scripts/slot_expert_bench.py  # some variants only
+MOE_EDGE_SLOT_V4_ASM=0 times v4's plain-Triton path instead of its PTX (the same math). With four
+variants a 30 s budget leaves v4 little more than its module shapes (each compiles in seconds);
+for v4's sweep: FAMILIES=mixtral BENCH_VARIANTS=v1,v4 BENCH_BUDGET_S=60."""
 
 import json
 import os
@@ -80,12 +85,18 @@ MIXTRAL = Family(
          "v2": [(16, 64, 4, 1, 3), (32, 64, 4, 1, 1), (64, 64, 4, 1, 3), (32, 64, 4, 1, 2), (16, 64, 4, 1, 4),
                 (32, 64, 8, 1, 3), (64, 64, 8, 1, 3), (32, 128, 4, 1, 3), (128, 64, 4, 1, 1), (16, 128, 4, 1, 3)],
          "v3": [(32, 32, 2, 1, 3), (32, 64, 4, 1, 2), (64, 32, 4, 1, 2), (32, 32, 2, 1, 1), (32, 16, 1, 1, 2),
-                (64, 16, 2, 1, 2), (32, 64, 4, 1, 3), (64, 32, 4, 1, 1), (32, 16, 1, 1, 3)]},
+                (64, 16, 2, 1, 2), (32, 64, 4, 1, 3), (64, 32, 4, 1, 1), (32, 16, 1, 1, 3)],
+         # v4: v3's fields; rows a thread = BO * BJ / 16 / (32 * warps) share the input pairs
+         # (STAGES 1 first: cp.async costs v4 ~0.1-0.4 instructions a code in the offline compile)
+         "v4": [(32, 64, 4, 1, 1), (128, 32, 4, 1, 1), (64, 64, 4, 1, 2), (64, 32, 4, 1, 1), (64, 64, 8, 1, 1),
+                (128, 64, 4, 1, 1), (64, 64, 4, 2, 1), (32, 64, 4, 1, 2)]},
     w2={"v1": [(32, 64, 4, 1, 4), (16, 128, 4, 1, 4), (16, 256, 4, 1, 8), (32, 128, 4, 1, 4), (64, 64, 4, 1, 4)],
         "v2": [(16, 64, 4, 1, 3, 4), (16, 64, 4, 1, 3, 8), (32, 64, 4, 1, 3, 2), (32, 64, 4, 1, 1, 4),
                (64, 64, 4, 1, 3, 4), (32, 64, 4, 1, 2, 8), (16, 128, 4, 1, 3, 4), (32, 64, 8, 1, 3, 4)],
         "v3": [(32, 32, 2, 1, 2, 8), (32, 64, 4, 1, 2, 4), (32, 32, 2, 1, 3, 4), (32, 16, 1, 1, 2, 8),
-               (64, 32, 4, 1, 2, 4), (32, 32, 2, 1, 1, 4), (32, 32, 2, 1, 2, 2), (64, 16, 2, 1, 2, 8)]})
+               (64, 32, 4, 1, 2, 4), (32, 32, 2, 1, 1, 4), (32, 32, 2, 1, 2, 2), (64, 16, 2, 1, 2, 8)],
+        "v4": [(128, 32, 4, 1, 1, 4), (64, 32, 4, 1, 1, 8), (256, 32, 4, 1, 1, 8), (128, 32, 4, 1, 2, 8),
+               (64, 64, 4, 1, 1, 8), (128, 16, 4, 1, 1, 8), (128, 32, 4, 1, 1, 16)]})
 QWEN3 = Family(
     "qwen3-30b-a3b 4-bit g64 top-8", 2048, 768, 4, 8, 128, 1.0,
     w13={"v1": [(32, 64, 4, 1), (16, 64, 4, 1), (16, 128, 4, 1), (64, 64, 4, 1)],
@@ -98,6 +109,12 @@ QWEN3 = Family(
                (32, 32, 2, 1, 1, 3)]},
 )
 FAMILIES = {"mixtral": MIXTRAL, "qwen3": QWEN3}
+
+
+def bench_variants() -> list[str]:
+    """The variants to time: BENCH_VARIANTS (comma-separated, e.g. v1,v4), all of them otherwise."""
+    chosen = os.environ.get("BENCH_VARIANTS")
+    return [v for v in chosen.split(",") if v in se.VARIANTS] if chosen else list(se.VARIANTS)
 
 
 class Bench:
@@ -136,11 +153,8 @@ class Bench:
         kernels, the sums), and the shape that ran (SlotExperts fits the blocks to the matrix)."""
         run = self.experts(variant, shapes13, shapes2)
         ran = dict(zip(("w13", "w2"), run.shapes_ran())).get(matrix, ())
-        if matrix != "step":
-            run.x.copy_(self.x)  # real inputs for the kernels alone, made once
-            torch.sum(run.x.view(-1, se.CHUNK), dim=1, out=run.x_sums)
-            if matrix == "w2":
-                run.gate_up(self.x, self.memory, self.slot_sets[0])
+        if matrix != "step":  # real inputs for the kernels alone (x and its sums, the w2 input), made once
+            run.gate_up(self.x, self.memory, self.slot_sets[0])
         work = {"w13": lambda i: run.gate_up_kernel(self.memory, self.slot_sets[i]),
                 "w2": lambda i: run.down_kernel(self.memory, self.slot_sets[i], self.weights),
                 "step": lambda i: run(self.x, self.memory, self.slot_sets[i], self.weights, self.out)}[matrix]
@@ -165,7 +179,11 @@ def run_family(family: Family, device: torch.device, deadline: float, weight_lef
     print(f"\n== {family.name}: blob {bench.layout.nbytes / 1e6:.1f} MB, w13 {bench.size['w13'] / 1e6:.1f} MB, "
           f"w2 {bench.size['w2'] / 1e6:.1f} MB per expert, {family.slots} slots, {bench.calls} calls a graph")
     best = {}
-    for variant in se.VARIANTS:
+    variants = [v for v in bench_variants() if v != "v4" or se.v4_applies(bench.layout, torch.bfloat16)]
+    if len(variants) < len(bench_variants()):
+        print("  v4: not for these codes (it would run v1), skipped")
+        weight_left -= family.weight * 2
+    for variant in variants:
         default13, default2 = se.default_shapes(variant)
         for matrix in ("w13", "w2"):
             default = default13 if matrix == "w13" else default2
@@ -195,7 +213,7 @@ def run_family(family: Family, device: torch.device, deadline: float, weight_lef
     print(f"-- {family.name}: the top-{family.top_k} step (x prepared, w13 + gate, w2, sum), "
           f"{bench.nbytes('step') / 1e6:.1f} MB")
     print(f"  {'variant':<8}{'shapes (w13; w2)':<52}{'us/step':>10}{'GB/s':>9}{'of 4.8 TB/s':>13}")
-    for variant in se.VARIANTS:
+    for variant in variants:
         module = bench.experts(variant).shapes_ran()  # as fitted to this family's matrices
         for tag, shapes13, shapes2 in (("module", None, None), ("best", best[(variant, "w13")], best[(variant, "w2")])):
             if tag == "best" and bench.experts(variant, shapes13, shapes2).shapes_ran() == module:
@@ -213,7 +231,7 @@ def run_family(family: Family, device: torch.device, deadline: float, weight_lef
             rows.append(dict(family=family.name, variant=variant, matrix="step", tag=tag, shape=[list(s) for s in shown],
                              us=us, gbps=gbps))
     print(f"-- {family.name}: best shapes, to paste into slot_experts.py (module constants serve every family)")
-    for variant in se.VARIANTS:
+    for variant in variants:
         for text in paste_lines(variant, best[(variant, "w13")], best[(variant, "w2")]):
             print(f"  {variant}: {text}")
     del bench
@@ -227,7 +245,7 @@ def main() -> None:
     families = [FAMILIES[name] for name in os.environ.get("FAMILIES", "mixtral,qwen3").split(",")]
     started = time.monotonic()
     deadline = started + budget
-    weight_left = sum(family.weight for family in families) * len(se.VARIANTS) * 2  # one per (variant, matrix)
+    weight_left = sum(family.weight for family in families) * len(bench_variants()) * 2  # one per (variant, matrix)
     rows: list[dict] = []
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, sweeps within {budget:.0f} s")
     for family in families:
@@ -235,7 +253,7 @@ def main() -> None:
             weight_left = run_family(family, device, deadline, weight_left, rows)
         except Exception:  # one family's failure (memory, a layout) leaves the other's numbers
             traceback.print_exc()
-            weight_left -= family.weight * len(se.VARIANTS) * 2
+            weight_left -= family.weight * len(bench_variants()) * 2
     path = os.environ.get("BENCH_JSON", "slot_expert_bench.json")
     with open(path, "w") as f:
         json.dump(rows, f, indent=1)

@@ -2,7 +2,9 @@
 dequantized weights, for random blobs in a [K, nbytes] slot memory and a device tensor of slot
 indices; run by tests/test_resident_decode.py on the GPU or (TRITON_INTERPRET=1) on the CPU.
 Prints the seed first (rerun: `python -m tests.slot_expert_check DEVICE SEED`), then one line per
-case (each kernel variant: slot_experts.VARIANTS), and exits non-zero on a miss. Not collected by pytest (no test_ prefix)."""
+case (each kernel variant: slot_experts.VARIANTS, v4 included: "v4->v1" where it runs v1, float32 and
+4-bit; on the CPU its plain-Triton path, the interpreter having no inline asm, so its PTX path is
+checked only on the GPU), and exits non-zero on a miss. Not collected by pytest (no test_ prefix)."""
 
 import random
 import sys
@@ -75,12 +77,16 @@ def main(device: str, seed: int) -> int:
                 want = reference(layout, memory, x, slots, weights)
                 for variant in slot_experts.VARIANTS:
                     run = slot_experts.SlotExperts(layout, 2, torch.device(device), dtype, variant)
+                    label = variant if run.variant == variant else f"{variant}->{run.variant}"
+                    if run.variant == "v4":
+                        label += " asm" if run.v4_asm else " plain"
+                        assert device == "cuda" or not run.v4_asm, "the interpreter cannot run v4's PTX path"
                     out = torch.zeros((1, hidden), dtype=dtype, device=device)
                     run(x, memory, slots, weights, out)
                     error = ((out.double().cpu() - want).norm() / want.norm()).item()
                     ok = error < BOUND[dtype] and not torch.isnan(out).any()
                     failures += not ok
-                    print(f"{variant} bits={bits} hidden={hidden} ffn={ffn} {str(dtype):>14} rel err {error:.2e} "
+                    print(f"{label} bits={bits} hidden={hidden} ffn={ffn} {str(dtype):>14} rel err {error:.2e} "
                           f"{'ok' if ok else 'FAIL'}")
     return 1 if failures else 0
 

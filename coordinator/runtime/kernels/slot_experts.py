@@ -16,10 +16,13 @@ bit sits at the float's mantissa bit 22; masking out plane k's bits and OR-ing i
 1.0 gives v = 1 + c / 2**(W*(k+1)), so sum c*x = 2**(W*(k+1)) * (sum v*x - sum x). That is one
 logical op and one FMA per weight.
 
-Three formulations of the GEMV share this interface and these launches (VARIANTS, picked by
+Four formulations of the GEMV share this interface and these launches (VARIANTS, picked by
 MOE_EDGE_SLOT_KERNEL, DEFAULT_VARIANT otherwise): v1 below; v2 (slot_gemv_v2.py) with one AND per
 code and software-pipelined loads; v3 (slot_gemv_v3.py), whole groups per thread, no layout
-change in the loop. scripts/slot_expert_bench.py times them and prints each one's best shapes: on
+change in the loop; v4 (slot_gemv_v4.py), 2-bit codes two per integer op on 32-bit words as fp16
+subnormals, multiplied as fp16 pairs (1.4-1.6 instructions a code in an offline sm_90 compile,
+v1 4.3-5.0; bf16/fp16 models and 2-bit codes only, v1 runs under its name otherwise; not yet
+timed on a GPU). scripts/slot_expert_bench.py times them and prints each one's best shapes: on
 an H200 (2026-12-01, Mixtral-8x7B 2-bit top-2 step) v1 took 145.7 us, v2 185.7 and v3 164.8 at
 their best shapes, so v1 is the default and the others are there to try on other GPUs.
 
@@ -31,6 +34,7 @@ O = output rows, P = packed bytes per row of a plane, G = groups per row, W = co
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +46,10 @@ from common.store.blob_layout import BlobLayout
 
 from .slot_gemv_v2 import slot_gemv_v2_kernel
 from .slot_gemv_v3 import slot_gemv_v3_kernel
+from .slot_gemv_v4 import KINDS as V4_KINDS
+from .slot_gemv_v4 import input_factors as v4_input_factors
+from .slot_gemv_v4 import prepare_input as v4_prepare_input
+from .slot_gemv_v4 import slot_gemv_v4_kernel
 
 # Block shapes: the best of scripts/slot_expert_bench.py's sweeps on an H200 (2026-12-01; the
 # afternoon's sweep of v1 found none better than these).
@@ -57,7 +65,12 @@ V2_W2 = (64, 64, 4, 1, 3, 4)
 # row. The best of its sweep on the H200 (2026-12-01).
 V3_W13 = (32, 64, 4, 1, 2)
 V3_W2 = (64, 32, 4, 1, 2, 4)
-VARIANTS = ("v1", "v2", "v3")  # the formulations; MOE_EDGE_SLOT_KERNEL picks one (kernels/__init__.py)
+# v4 (slot_gemv_v4.py): v3's fields and meaning (BLOCK_J / 16 threads a row, each a run of whole
+# groups); BLOCK_O * BLOCK_J / 16 / (32 * warps) rows a thread share its input pairs. Not yet
+# swept on a GPU: v3's best mapping as the start.
+V4_W13 = (64, 64, 4, 1, 1)
+V4_W2 = (128, 32, 4, 1, 1, 8)
+VARIANTS = ("v1", "v2", "v3", "v4")  # the formulations; MOE_EDGE_SLOT_KERNEL picks one (kernels/__init__.py)
 DEFAULT_VARIANT = "v1"  # what runs unless MOE_EDGE_SLOT_KERNEL says otherwise: the fastest on the H200
 
 
@@ -238,26 +251,36 @@ def default_shapes(variant: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The module's block shapes of a variant: (w13's, w2's with the split last)."""
     if variant == "v1":
         return (W13_BLOCK_O, W13_BLOCK_J, W13_WARPS, W13_UNROLL), (W2_BLOCK_O, W2_BLOCK_J, W2_WARPS, W2_UNROLL, W2_SPLIT)
-    return (V2_W13, V2_W2) if variant == "v2" else (V3_W13, V3_W2)
+    return {"v2": (V2_W13, V2_W2), "v3": (V3_W13, V3_W2), "v4": (V4_W13, V4_W2)}[variant]
+
+
+def v4_applies(layout: BlobLayout, dtype: torch.dtype) -> bool:
+    """v4's own kernel runs for 2-bit codes and a bf16/fp16 model; elsewhere "v4" runs v1 (fp16
+    products miss float32's 1e-4; the 4-bit word arithmetic is not written)."""
+    return layout.spec.bits == 2 and dtype in (torch.bfloat16, torch.float16)
 
 
 class SlotExperts:
     """The expert step of one layer shape on CUDA: `__call__(x, memory, slots, weights, out)`
     adds sum_e weights[e] * expert_{slots[e]}(x) to out, as `gate_up` (w13 and the gate) then
     `down` (w2 and the sum). Scratch buffers are made once (fixed addresses, for CUDA graphs).
-    `variant` picks the kernel ("v1": _slot_gemv_kernel, "v2", "v3": slot_gemv_v2.py, _v3.py), `shapes` its
+    `variant` picks the kernel ("v1": _slot_gemv_kernel, "v2", "v3", "v4": slot_gemv_v2.py, _v3.py, _v4.py;
+    "v4" runs v1 where v4_applies says no), `shapes` its
     block shapes (default_shapes(variant) unless given: the bench sweeps them)."""
 
     def __init__(self, layout: BlobLayout, top_k: int, device: torch.device, dtype: torch.dtype,
                  variant: str = DEFAULT_VARIANT, shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None) -> None:
         if variant not in VARIANTS:
             raise ConfigError(f"slot kernel variant {variant!r} (MOE_EDGE_SLOT_KERNEL) is not one of {VARIANTS}")
+        if variant == "v4" and not v4_applies(layout, dtype):
+            variant, shapes = "v1", None  # v4's fallback: v1, its shapes (v4_applies says why)
         self.layout, self.top_k, self.round, self.variant = layout, top_k, _ROUND[dtype], variant
         self.w13, self.w2 = _matrix(layout, "w13"), _matrix(layout, "w2")
         hidden, ffn = self.w2.rows, self.w13.rows // 2
         shapes13, shapes2 = shapes or default_shapes(variant)
-        self.kernel = {"v1": _slot_gemv_kernel, "v2": slot_gemv_v2_kernel, "v3": slot_gemv_v3_kernel}[variant]
-        whole_groups = layout.spec.group_size if variant == "v3" else 0
+        self.kernel = {"v1": _slot_gemv_kernel, "v2": slot_gemv_v2_kernel, "v3": slot_gemv_v3_kernel,
+                       "v4": slot_gemv_v4_kernel}[variant]
+        whole_groups = layout.spec.group_size if variant in ("v3", "v4") else 0
         self.blocks13 = _blocks(self.w13, ffn, shapes13, whole_groups)
         self.blocks2, self.split = _blocks(self.w2, hidden, shapes2[:-1], whole_groups), shapes2[-1]
         f32 = dict(dtype=torch.float32, device=device)
@@ -266,6 +289,16 @@ class SlotExperts:
         self.hidden_act = torch.empty(top_k, ffn, **f32)  # [k, F] silu(gate) * up
         self.hidden_sums = torch.empty(top_k, ffn // CHUNK, **f32)
         self.partial = torch.empty(top_k * self.split, hidden, **f32)  # [k*S, H]
+        if variant == "v4":  # its inputs as slot_gemv_v4.prepare_input makes them, for w13 and for w2
+            group, i32 = layout.spec.group_size, dict(dtype=torch.int32, device=device)
+            # the PTX path on the GPU; plain Triton in the interpreter (no inline asm there) or
+            # where MOE_EDGE_SLOT_V4_ASM=0 asks for it (to compare)
+            self.v4_asm = os.environ.get("TRITON_INTERPRET") != "1" and os.environ.get("MOE_EDGE_SLOT_V4_ASM", "1") != "0"
+            self.v4_factor = v4_input_factors(device)
+            self.v4_x = (torch.empty(1, V4_KINDS, self.w13.packed // 4, **i32), torch.empty(1, hidden // group, **f32),
+                         torch.empty(1, **f32))
+            self.v4_hidden = (torch.empty(top_k, V4_KINDS, self.w2.packed // 4, **i32),
+                              torch.empty(top_k, ffn // group, **f32), torch.empty(top_k, **f32))
 
     def shapes_ran(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The block shapes this runs, fitted to the matrices, as default_shapes spells them."""
@@ -279,6 +312,9 @@ class SlotExperts:
         """One launch over (row blocks, parts, experts): rows = O of the kernel (F gated, else H)."""
         spec = self.layout.spec
         extra = dict(STAGES=blocks.stages) if self.variant != "v1" else {}
+        if self.variant == "v4":  # x: its prepared inputs (pairs, group sums, unscale), in place of x and x_sums
+            x, x_sums, unscale = x
+            extra.update(xscale_ptr=unscale, ASM=self.v4_asm)
         self.kernel[(rows // blocks.rows, split, self.top_k)](
             x, x_sums, memory, slots, weights, out, split,
             X_STRIDE=x_stride, NBYTES=self.layout.nbytes, CODES=matrix.codes, SCALE=matrix.scale, ZERO=matrix.zero,
@@ -290,13 +326,20 @@ class SlotExperts:
     def gate_up(self, x: torch.Tensor, memory: torch.Tensor, slots: torch.Tensor) -> None:
         """x [1, H] -> hidden_act [k, F] = silu(gate) * up of each chosen expert, and its sums."""
         self.x.copy_(x)
+        if self.variant == "v4":
+            v4_prepare_input(self.x, self.w13.packed, self.layout.spec.group_size, self.v4_factor, *self.v4_x)
+            self.gate_up_kernel(memory, slots)
+            v4_prepare_input(self.hidden_act, self.w2.packed, self.layout.spec.group_size, self.v4_factor,
+                             *self.v4_hidden)
+            return
         torch.sum(self.x.view(-1, CHUNK), dim=1, out=self.x_sums)
         self.gate_up_kernel(memory, slots)
         torch.sum(self.hidden_act.view(self.top_k, -1, CHUNK), dim=2, out=self.hidden_sums)
 
     def gate_up_kernel(self, memory: torch.Tensor, slots: torch.Tensor) -> None:
         """The w13 launch alone, from self.x and its sums (what the bench times)."""
-        self._launch(self.w13, self.blocks13, self.w13.rows // 2, 1, self.x, self.x_sums, memory, slots, self.x,
+        x = self.v4_x if self.variant == "v4" else self.x
+        self._launch(self.w13, self.blocks13, self.w13.rows // 2, 1, x, self.x_sums, memory, slots, self.x,
                      self.hidden_act, x_stride=0, gated=True)  # (the gated kernel reads no routing weights: self.x stands in)
 
     def down(self, memory: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> None:
@@ -306,7 +349,8 @@ class SlotExperts:
 
     def down_kernel(self, memory: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> None:
         """The w2 launch alone, into the split's partial sums (what the bench times)."""
-        self._launch(self.w2, self.blocks2, self.w2.rows, self.split, self.hidden_act, self.hidden_sums, memory,
+        x = self.v4_hidden if self.variant == "v4" else self.hidden_act
+        self._launch(self.w2, self.blocks2, self.w2.rows, self.split, x, self.hidden_sums, memory,
                      slots, weights, self.partial, x_stride=self.w13.rows // 2, gated=False)
 
     def __call__(self, x: torch.Tensor, memory: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
