@@ -7,7 +7,7 @@ also the reference the kernels are tested against.
 `slot_experts_for` gives the decoder, when every expert is resident, kernels that run a
 token's top-k experts straight from their cache slots by device-side slot indices
 (slot_experts.py), or None where they do not apply (then the decoder stages or runs directly);
-MOE_EDGE_SLOT_KERNEL=v1|v2|v3 picks the kernel's formulation (slot_experts.DEFAULT_VARIANT if unset).
+MOE_EDGE_SLOT_KERNEL=v1|v2|v3|v4 picks the kernel's formulation (slot_experts.DEFAULT_VARIANT if unset).
 
 An HQQ matrix goes to quantized_linear.py, an MXFP4 matrix (GPT-OSS's experts as stored,
 common/mxfp4.py) to mxfp4_linear.py: for a few tokens a fused GEMV on the packed codes, for more
@@ -62,5 +62,5 @@ def slot_experts_for(device: torch.device, layout, top_k: int, dtype: torch.dtyp
         return None
     from .slot_experts import DEFAULT_VARIANT, SlotExperts, supports
 
-    variant = os.environ.get("MOE_EDGE_SLOT_KERNEL") or DEFAULT_VARIANT  # v1, v2 or v3 (slot_experts.VARIANTS)
+    variant = os.environ.get("MOE_EDGE_SLOT_KERNEL") or DEFAULT_VARIANT  # v1, v2, v3 or v4 (slot_experts.VARIANTS)
     return SlotExperts(layout, top_k, device, dtype, variant) if supports(layout) else None
