@@ -59,6 +59,20 @@ def test_quantized_linear_takes_the_fused_kernel_past_decode_unless_switched_off
 
 
 @needs_triton
+def test_the_fused_prefill_goes_only_where_it_measured_faster():
+    from coordinator.runtime.kernels.prefill_matmul import pays
+
+    class Shape:  # pays reads only the shape
+        def __init__(self, rows, columns):
+            self.shape = (rows, columns)
+
+    w13, w2, qwen_w13 = Shape(28672, 4096), Shape(4096, 14336), Shape(1536, 2048)
+    assert pays(16, w13) and pays(128, w13) and not pays(129, w13) and not pays(512, w13)
+    assert not pays(16, w2) and not pays(128, w2)
+    assert pays(16, qwen_w13) and pays(512, qwen_w13)
+
+
+@needs_triton
 def test_prefill_kernel_refuses_what_it_does_not_read():
     from common.quantization import QuantizedMatrix, QuantSpec, quantize_matrix
     from coordinator.runtime.kernels.prefill_matmul import supports
@@ -80,6 +94,7 @@ def test_config_table_grows_the_token_block_narrows_small_grids_and_fits_the_gro
 
     assert [prefill_config(t, 28672, 2, 64).block_m for t in (5, 16, 17, 64, 65, 512)] == [16, 16, 32, 64, 128, 128]
     assert prefill_config(512, 28672, 2, 64).block_n == 128  # 4 x 224 programs
+    assert prefill_config(128, 28672, 2, 64).block_n == 128  # 224 programs: not narrowed (the H200's best there)
     small = prefill_config(128, 1536, 4, 64)  # Qwen3-30B-A3B's w13: 12 output blocks of 128
     assert small.swap_ab and small.block_n == 64 and 1536 // 64 < MIN_PROGRAMS  # wgmma's M: no narrower
     assert small.num_warps == 4  # one warpgroup for 64 rows

@@ -10,7 +10,7 @@ Here, after the qkv matmul (q, k, v side by side in one [1, (Q+2K)*D] row):
        row ([cos | sin'], RotaryEmbedding's layout; only the first R of D turn: partial rotary)
        and writes the turned k and the v heads into the layer's KV block [2K, S, D] at the
        device position. Each product and the sum are rounded to the model dtype as torch's
-       turn_ rounds them, so the cache holds the same numbers (up to an FMA contraction in fp32).
+       turn_ rounds them (on an H200 a few values still came out a unit off torch's).
     2. `_split_attention_kernel`, grid (K, C): program (g, c) takes KV head g's G = Q/K query
        heads and chunk c of the positions, reads only the positions in [lo, position] (lo =
        position - window + 1 on a sliding-window layer, else 0), and keeps an online softmax in

@@ -25,7 +25,8 @@ divisibility), T left unspecialised, each cached by Triton on disk after (~1-3 s
 sm_90 here). The table is a guess from the tile sizes and the
 shared memory they need (sm_90, 227 KB a block); scripts/prefill_kernel_bench.py times it and a
 short list of others on a GPU. NOT YET TIMED OR RUN ON A GPU: only checked under Triton's
-interpreter and compiled for sm_90 without one (tests/test_prefill_kernel.py).
+interpreter and compiled for sm_90 without one (tests/test_prefill_kernel.py). Timed on an H200
+(2026-12-01): `pays` says where it beat dequantize + F.linear, and quantized_linear takes it only there.
 
 Legend: T = tokens, O = output features, I = input features, P = packed bytes per row, G = groups
 per row; BM/BN/BK = block sizes over T, O and P."""
@@ -72,10 +73,24 @@ class PrefillConfig:
 CONFIG_TABLE: tuple[tuple[int, PrefillConfig, PrefillConfig], ...] = (
     (16, PrefillConfig(16, 128, 64, 4, 4, True), PrefillConfig(16, 128, 64, 4, 4, True)),
     (32, PrefillConfig(32, 128, 64, 4, 4, True), PrefillConfig(32, 128, 64, 4, 4, True)),
-    (64, PrefillConfig(64, 128, 32, 4, 3, True), PrefillConfig(64, 128, 64, 4, 3, True)),
-    (1 << 62, PrefillConfig(128, 128, 32, 8, 3, True), PrefillConfig(128, 128, 64, 8, 3, True)),
+    (64, PrefillConfig(64, 128, 64, 4, 3, True), PrefillConfig(64, 128, 64, 4, 3, True)),
+    (1 << 62, PrefillConfig(128, 128, 64, 8, 3, True), PrefillConfig(128, 128, 64, 8, 3, True)),
 )
-MIN_PROGRAMS = 264  # two per SM of an H200 (132): below this, narrower output tiles
+# An H200's SMs (132): below this many programs, narrower output tiles. Two per SM narrowed
+# Mixtral's w13 to BN 64 at 64-128 tokens, 15-20% slower there than BN 128 (2026-12-01).
+MIN_PROGRAMS = 132
+SMALL_MATRIX = 8 << 20  # weights of at most this many elements: the fused kernel measured faster at every T
+MOST_TOKENS = 128  # past this many tokens, dequantize once + cuBLAS measured faster (each token block re-dequantizes)
+
+
+def pays(tokens: int, weight: QuantizedMatrix) -> bool:
+    """Where the fused kernel measured faster than dequantize + F.linear on an H200
+    (scripts/prefill_kernel_bench.py, 2026-12-01): small matrices at every token count (Qwen3-
+    30B-A3B's experts, 1.1-2.8x), and wide ones (O >= 2 I: Mixtral's w13, 1.3-2.2x) up to
+    MOST_TOKENS; not deep ones (Mixtral's w2, O = 4096 < I = 14336: 0.5-0.75x past 16 tokens,
+    its grid too narrow for the long K loop) nor past MOST_TOKENS (0.54-0.75x at 256-512)."""
+    rows, columns = weight.shape
+    return rows * columns <= SMALL_MATRIX or (tokens <= MOST_TOKENS and rows >= 2 * columns)
 
 
 def fused_prefill_enabled() -> bool:

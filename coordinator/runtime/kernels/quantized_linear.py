@@ -9,10 +9,10 @@ Prefill (many tokens): one fused kernel (prefill_matmul.py) dequantizes tiles of
 registers and feeds them to the tensor cores, so the 16-bit weight never reaches memory; each
 weight rounds exactly as the dequantize kernel's, only the order of summation differs from
 dequantize + F.linear. It takes 16-bit x (bf16, fp16) on single-plane 2/4-bit codes
-(prefill_matmul.supports); anything else, and every call while MOE_EDGE_FUSED_PREFILL=0, goes
-through the dequantize kernel (into a scratch weight) and one F.linear, the path before it. The
-fused kernel is on by default but NOT YET RUN ON A GPU (scripts/prefill_kernel_bench.py times
-both; MOE_EDGE_FUSED_PREFILL=0 compares them in a whole run).
+(prefill_matmul.supports) where it measured faster on an H200 (prefill_matmul.pays: small
+matrices, and wide ones up to 128 tokens); anything else, and every call while
+MOE_EDGE_FUSED_PREFILL=0, goes through the dequantize kernel (into a scratch weight) and one
+F.linear, the path before it (scripts/prefill_kernel_bench.py times both).
 
 Legend: T = tokens, O = output features, I = input features, P = packed bytes per row of a
 plane (I / codes-per-byte), G = groups per row, BO/BJ = block sizes over O and over P."""
@@ -149,6 +149,7 @@ def quantized_linear(x: torch.Tensor, weight: QuantizedMatrix) -> torch.Tensor:
         for t in range(x.shape[0]):
             gemv(x[t], weight, out[t])
         return out
-    if prefill_matmul.fused_prefill_enabled() and prefill_matmul.supports(weight, x.dtype):
+    if (prefill_matmul.fused_prefill_enabled() and prefill_matmul.supports(weight, x.dtype)
+            and prefill_matmul.pays(x.shape[0], weight)):
         return prefill_matmul.prefill_linear(x, weight)
     return torch.nn.functional.linear(x, dequantize(weight, x.dtype))
