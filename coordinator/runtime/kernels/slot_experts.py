@@ -21,10 +21,12 @@ MOE_EDGE_SLOT_KERNEL, DEFAULT_VARIANT otherwise): v1 below; v2 (slot_gemv_v2.py)
 code and software-pipelined loads; v3 (slot_gemv_v3.py), whole groups per thread, no layout
 change in the loop; v4 (slot_gemv_v4.py), 2-bit codes two per integer op on 32-bit words as fp16
 subnormals, multiplied as fp16 pairs (1.4-1.6 instructions a code in an offline sm_90 compile,
-v1 4.3-5.0; bf16/fp16 models and 2-bit codes only, v1 runs under its name otherwise; not yet
-timed on a GPU). scripts/slot_expert_bench.py times them and prints each one's best shapes: on
-an H200 (2026-12-01, Mixtral-8x7B 2-bit top-2 step) v1 took 145.7 us, v2 185.7 and v3 164.8 at
-their best shapes, so v1 is the default and the others are there to try on other GPUs.
+v1 4.3-5.0; bf16/fp16 models and 2-bit codes only, v1 runs under its name otherwise).
+scripts/slot_expert_bench.py times them and prints each one's best shapes: on an H200
+(2026-12-01, Mixtral-8x7B 2-bit top-2 step) v1 took 145.7-146.4 us, v2 185.7, v3 164.8 and v4
+189.6 at their best shapes (v4's fewer instructions did not make it faster: it is not bound by
+them but by keeping enough loads in flight, which its layout does worse), so v1 is the default
+and the others are there to try on other GPUs.
 
 Off CUDA the decoder runs the same step in torch ops (decoder.py: the slot views gathered by
 index, dequantize, matmul), which is also these kernels' reference (tests/slot_expert_check.py).
@@ -66,10 +68,10 @@ V2_W2 = (64, 64, 4, 1, 3, 4)
 V3_W13 = (32, 64, 4, 1, 2)
 V3_W2 = (64, 32, 4, 1, 2, 4)
 # v4 (slot_gemv_v4.py): v3's fields and meaning (BLOCK_J / 16 threads a row, each a run of whole
-# groups); BLOCK_O * BLOCK_J / 16 / (32 * warps) rows a thread share its input pairs. Not yet
-# swept on a GPU: v3's best mapping as the start.
-V4_W13 = (64, 64, 4, 1, 1)
-V4_W2 = (128, 32, 4, 1, 1, 8)
+# groups); BLOCK_O * BLOCK_J / 16 / (32 * warps) rows a thread share its input pairs. The best
+# of a 35 s sweep on the H200 (2026-12-01): 189.6 us a top-2 step, against v1's 146.4.
+V4_W13 = (64, 64, 8, 1, 1)
+V4_W2 = (128, 16, 4, 1, 1, 8)
 VARIANTS = ("v1", "v2", "v3", "v4")  # the formulations; MOE_EDGE_SLOT_KERNEL picks one (kernels/__init__.py)
 DEFAULT_VARIANT = "v1"  # what runs unless MOE_EDGE_SLOT_KERNEL says otherwise: the fastest on the H200
 
