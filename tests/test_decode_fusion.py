@@ -69,6 +69,19 @@ def test_a_decode_through_the_fused_kernels_gives_the_torch_ops_tokens_in_the_cp
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_decode_through_the_slot_kernels_and_their_fused_glue_gives_the_torch_ops_tokens_in_the_cpu_interpreter(
+        store4, dtype):
+    """The slot kernels forced on the CPU (store4's experts take them): the resident path with
+    today's glue and with the fused one (the MoE norm writing the kernels' input, the next add +
+    norm summing the w2 partials), its per-layer graphs, and the offloaded per-count path."""
+    result = run_module("tests.decode_fusion_decode_check", store4, dtype, "slots",
+                        env_extra={"TRITON_INTERPRET": "1"}, timeout=900)
+    print(result.stdout)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_triton
 @pytest.mark.parametrize("hidden", [4096, 7168, 8192])
 def test_add_rms_norm_compiles_for_sm90_in_one_program_without_spills(hidden):
     """What the interpreter cannot see: one program holds the whole row at Mixtral's (4096),
