@@ -27,6 +27,11 @@ with the RMSNorm after it is one kernel (the first layer's norm alone too; a den
 keeps its own), and a softmax router without biases one more (its logits, softmax, top k and
 weights, and for the resident path the experts in index order): in bf16 a MoE layer's ~15
 launches of glue around attention (~17 resident: the sort, the weights' gather) become 3.
+On the resident path through the slot kernels (v1-v3) the glue around them goes too: the MoE
+input norm also writes the kernels' float32 input and its sums per 16 columns, v1 sums its
+hidden activations in the w13 kernel, and (no shared expert) the layer's w2 partial sums stay
+unsummed, self.out unwritten: the next layer's add + norm, or the head's, sums and rounds them
+(_prepares_input, _sums_partials) -- five launches fewer a layer.
 MOE_EDGE_FUSED_DECODE=0, read when a Decoder is made, keeps torch's ops, which run everywhere
 else and are the kernels' reference. The prompt path never fuses.
 

@@ -7,8 +7,10 @@ the whole expert step of a layer whatever the routing chose.
 Two launches per layer: w13 for every chosen expert at once with the SiLU gate applied on the
 way out (grid: row blocks x experts), then w2 for every expert, each split along its input into
 parts (grid: row blocks x parts x experts) whose float32 partial sums, already weighted by the
-routing weight, one small sum adds into the layer's output. No atomics: the sum is the same on
-every run.
+routing weight, one small sum adds into the layer's output (on the decoder's fused resident
+path, the next add + norm kernel instead: decode_fusion.add_rms_norm's partials). No atomics:
+the sum is the same on every run. v1 writes w2's input sums in the w13 epilogue; the MoE input
+norm can write w13's (gate_up_prepared).
 
 Codes become floats by the exponent trick instead of int -> float conversions (those run at a
 quarter of the rate on the GPU and bound the older kernel): a byte is shifted once so its top
