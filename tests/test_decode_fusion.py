@@ -95,8 +95,8 @@ def test_add_rms_norm_compiles_for_sm90_in_one_program_without_spills(hidden):
     block = triton.next_power_of_2(hidden)
     rows = {name: ("*bf16", 0) for name in ("a_ptr", "b_ptr", "weight_ptr", "sum_ptr", "normed_ptr")}
     rows.update(x32_ptr=("*fp32", 0), x_sums_ptr=("*fp32", 0))
-    # today's add + norm; with the slot kernels' float32 input and sums; summing 8 float32 partials
-    for extra, b in (({}, "*bf16"), ({"X32": True}, "*bf16"), ({"PARTS": 8}, "*fp32")):
+    # today's add + norm; with the slot kernels' float32 input and sums; summing 8 (Mixtral: k 2, split 4) or 32 partials
+    for extra, b in (({}, "*bf16"), ({"X32": True}, "*bf16"), ({"PARTS": 8}, "*fp32"), ({"PARTS": 32}, "*fp32")):
         compiled = _compile_for_sm90(decode_fusion._add_rms_norm_kernel, dict(rows, b_ptr=(b, 0), eps=("fp32", 1e-5)),
                                      {"H": hidden, "BLOCK": block, "HAS_B": True, "PARTS": 0, "X32": False, "CHUNK": 16, **extra}, decode_fusion._warps(block))
         ptx = compiled.asm["ptx"]

@@ -31,7 +31,8 @@ On the resident path through the slot kernels (v1-v3) the glue around them goes 
 input norm also writes the kernels' float32 input and its sums per 16 columns, v1 sums its
 hidden activations in the w13 kernel, and (no shared expert) the layer's w2 partial sums stay
 unsummed, self.out unwritten: the next layer's add + norm, or the head's, sums and rounds them
-(_prepares_input, _sums_partials) -- five launches fewer a layer.
+(_prepares_input, _sums_partials): seven launches fewer a layer in bf16/fp16 (the copy to
+float32, two sums, the partials' sum, its cast, out.zero_ and out.add_), six in float32.
 MOE_EDGE_FUSED_DECODE=0, read when a Decoder is made, keeps torch's ops, which run everywhere
 else and are the kernels' reference. The prompt path never fuses.
 

@@ -78,7 +78,7 @@ def _add_rms_norm_kernel(a_ptr, b_ptr, weight_ptr, sum_ptr, normed_ptr, eps, x32
     if HAS_B:
         if PARTS > 0:
             b = tl.zeros([BLOCK], dtype=tl.float32)
-            for part in range(PARTS):  # in row order
+            for part in tl.static_range(PARTS):  # in row order; unrolled, so the loads are in flight together
                 b += tl.load(b_ptr + part * H + cols, mask=mask, other=0.0)
             b = _rounded(b, DTYPE)  # the experts' sum in the dtype, as the layer's out held it
         else:
