@@ -18,7 +18,14 @@ Bounds:
                from the matmul's), so the weights within 2e-2 relative, the same set of experts
                where the k-th and k+1-th scores are 2e-2 apart; in float32 the logits themselves
                are sums in another order (~1e-7 relative each, times |logit| in the weights): the
-               weights within 4e-6, the experts as for exact inputs."""
+               weights within 4e-6, the experts as for exact inputs.
+  slot input   add + norm writing also kernels/slot_experts.py's x and x_sums: the normed row
+               equal to the plain launch's, x equal to it in float32 (what gate_up's copy gives,
+               bit-exact), x_sums within 1e-6 of the sum of |x| per 16 columns of torch.sum's
+               (the order of 16 float32 additions; counted exact too).
+  partials     b as [R, H] float32 partial sums (the slot kernels' w2 output): the sum within
+               one ulp of the dtype (float32: 1e-6 relative) of torch's a + partial.sum(0).to(dtype)
+               (the order of R float32 additions), the norm as above of rms_norm.py's on it."""
 
 import random
 import sys
@@ -66,6 +73,57 @@ def check_add_rms_norm(device: str, dtype: torch.dtype, hidden: int, with_b: boo
     norm_ok = bool((diff <= allowed).all()) and not torch.isnan(got).any()
     worst = (diff / allowed.clamp_min(1e-30)).max().item()
     return sum_ok and norm_ok, f"sum {'exact' if sum_ok else 'DIFFERS'}, norm worst {worst:.2f} of the bound"
+
+
+def norm_bound(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> tuple[bool, float]:
+    """got within one ulp of the dtype of want (float32: 1e-6 relative), elementwise; the worst share of it."""
+    diff = (got.float() - want.float()).abs()
+    if dtype == torch.float32:
+        allowed = 1e-6 * want.abs() + 1e-30
+    else:
+        allowed = ulp(torch.maximum(got.float().abs(), want.float().abs()), dtype)
+    ok = bool((diff <= allowed).all()) and not torch.isnan(got).any()
+    return ok, (diff / allowed.clamp_min(1e-30)).max().item()
+
+
+def check_slot_input(device: str, dtype: torch.dtype, hidden: int, generator: torch.Generator) -> tuple[bool, str]:
+    a = (torch.randn(1, hidden, generator=generator) * 3).to(device=device, dtype=dtype)
+    b = torch.randn(1, hidden, generator=generator).to(device=device, dtype=dtype)
+    weight = (torch.rand(hidden, generator=generator) * 1.5 + 0.25).to(device=device, dtype=dtype)
+    plain_sum, plain = torch.empty_like(a), torch.empty_like(a)
+    decode_fusion.add_rms_norm(a, b, weight, 1e-5, plain_sum, plain)
+    got_sum, got = torch.full_like(a, float("nan")), torch.full_like(a, float("nan"))
+    x = torch.full((1, hidden), float("nan"), device=device)
+    x_sums = torch.full((hidden // 16,), float("nan"), device=device)
+    decode_fusion.add_rms_norm(a, b, weight, 1e-5, got_sum, got, x, x_sums)
+    want_x = torch.empty(1, hidden, device=device)
+    want_x.copy_(got)  # what SlotExperts.gate_up does with the normed row
+    want_sums = torch.sum(want_x.view(-1, 16), dim=1)
+    rows_ok = torch.equal(got_sum, plain_sum) and torch.equal(got, plain)
+    x_ok = torch.equal(x, want_x)
+    bound = 1e-6 * want_x.abs().view(-1, 16).sum(1)
+    sums_ok = bool(((x_sums - want_sums).abs() <= bound).all())
+    exact = int((x_sums == want_sums).sum())
+    ok = rows_ok and x_ok and sums_ok
+    return ok, (f"rows {'equal' if rows_ok else 'DIFFER'}, x {'exact' if x_ok else 'DIFFERS'}, "
+                f"sums {'ok' if sums_ok else 'OFF'} ({exact}/{hidden // 16} exact)")
+
+
+def check_partials(device: str, dtype: torch.dtype, hidden: int, parts: int,
+                   generator: torch.Generator) -> tuple[bool, str]:
+    a = (torch.randn(1, hidden, generator=generator) * 3).to(device=device, dtype=dtype)
+    partial = (torch.randn(parts, hidden, generator=generator) * 0.5).to(device)
+    weight = (torch.rand(hidden, generator=generator) * 1.5 + 0.25).to(device=device, dtype=dtype)
+    out = torch.zeros_like(a)
+    out.add_(partial.sum(0, keepdim=True).to(out.dtype))  # today's: SlotExperts.down onto the zeroed out
+    want_sum = torch.add(a, out)
+    got_sum, got = torch.full_like(a, float("nan")), torch.full_like(a, float("nan"))
+    decode_fusion.add_rms_norm(a, partial, weight, 1e-5, got_sum, got, partials=True)
+    sum_ok, sum_worst = norm_bound(got_sum, want_sum, dtype)
+    norm_ok, norm_worst = norm_bound(got, rms_norm(got_sum, weight, 1e-5), dtype)
+    exact = int((got_sum == want_sum).sum())
+    return sum_ok and norm_ok, (f"sum worst {sum_worst:.2f} of the bound ({exact}/{hidden} exact), "
+                                f"norm worst {norm_worst:.2f}")
 
 
 def router_inputs(experts: int, hidden: int, exact: bool, dtype: torch.dtype, device: str,
@@ -132,6 +190,16 @@ def main(device: str, seed: int) -> int:
                 failures += not ok
                 print(f"add_rms_norm {str(dtype):>14} H={hidden:<5} {'a+b' if with_b else 'a  '} {line} "
                       f"{'ok' if ok else 'FAIL'}")
+    for dtype in dtypes:
+        for hidden in HIDDEN[device]:
+            if hidden % 16 == 0:
+                ok, line = check_slot_input(device, dtype, hidden, generator)
+                failures += not ok
+                print(f"add_rms_norm -> slot input {str(dtype):>14} H={hidden:<5} {line} {'ok' if ok else 'FAIL'}")
+            for parts in (1, 8):
+                ok, line = check_partials(device, dtype, hidden, parts, generator)
+                failures += not ok
+                print(f"add_rms_norm partials {str(dtype):>14} H={hidden:<5} R={parts} {line} {'ok' if ok else 'FAIL'}")
     for dtype in dtypes:
         for shape in ROUTERS[device]:
             for normalize in (True, False):

@@ -4,7 +4,13 @@ indices; run by tests/test_resident_decode.py on the GPU or (TRITON_INTERPRET=1)
 Prints the seed first (rerun: `python -m tests.slot_expert_check DEVICE SEED`), then one line per
 case (each kernel variant: slot_experts.VARIANTS, v4 included: "v4->v1" where it runs v1, float32 and
 4-bit; on the CPU its plain-Triton path, the interpreter having no inline asm, so its PTX path is
-checked only on the GPU), and exits non-zero on a miss. Not collected by pytest (no test_ prefix)."""
+checked only on the GPU), and exits non-zero on a miss. Where v1 sums its hidden activations in
+the w13 epilogue (sums_in_kernel), those sums within 1e-6 of the sum of |values| per 16 of
+torch.sum's over the stored hidden_act; and gate_up_prepared from x and x_sums as
+decode_fusion.add_rms_norm writes them gives gate_up's hidden_act: bit for bit where its x_sums
+equal torch.sum's (bf16 inputs: their 16-value sums are exact in float32 in almost any order),
+else the expert step from it within the same bound of float64's (float32 inputs: the sums' order
+differs, and the exponent trick scales an ulp of a sum by up to 2**(W*(k+1)), as it scales torch's). Not collected by pytest (no test_ prefix)."""
 
 import random
 import sys
@@ -85,6 +91,37 @@ def main(device: str, seed: int) -> int:
                     run(x, memory, slots, weights, out)
                     error = ((out.double().cpu() - want).norm() / want.norm()).item()
                     ok = error < BOUND[dtype] and not torch.isnan(out).any()
+                    if run.sums_in_kernel:
+                        stored = run.hidden_act.view(2, -1, slot_experts.CHUNK)
+                        bound = 1e-6 * stored.abs().sum(2)
+                        sums_ok = bool(((run.hidden_sums - stored.sum(2)).abs() <= bound).all())
+                        ok &= sums_ok
+                        label += " (sums in kernel" + ("" if sums_ok else ": OFF") + ")"
+                    if run.takes_prepared_input:
+                        hidden_act = run.hidden_act.clone()
+                        run.hidden_act.fill_(float("nan"))
+                        run.x.fill_(float("nan"))
+                        run.x_sums.fill_(float("nan"))
+                        from coordinator.runtime.kernels import decode_fusion
+                        unit = torch.ones(hidden, dtype=dtype, device=device)  # rms_norm of x_n with unit weight: x_n
+                        normed = torch.empty_like(x)
+                        decode_fusion.add_rms_norm(x, None, unit, 1e-5, None, normed, run.x, run.x_sums)
+                        norm_sums = run.x_sums.clone()
+                        run.gate_up(normed, memory, slots)
+                        again, torch_sums = run.hidden_act.clone(), run.x_sums.clone()
+                        run.hidden_act.fill_(float("nan"))
+                        decode_fusion.add_rms_norm(x, None, unit, 1e-5, None, normed, run.x, run.x_sums)
+                        run.gate_up_prepared(memory, slots)
+                        if torch.equal(norm_sums, torch_sums):
+                            prepared_ok = torch.equal(run.hidden_act, again)
+                        else:
+                            out2 = torch.zeros((1, hidden), dtype=dtype, device=device)
+                            run.down(memory, slots, weights, out2)
+                            want2 = reference(layout, memory, normed, slots, weights)
+                            prepared_ok = ((out2.double().cpu() - want2).norm() / want2.norm()).item() < BOUND[dtype]
+                        prepared_ok = prepared_ok and not torch.isnan(run.hidden_act).any().item()
+                        ok &= prepared_ok
+                        label += "" if prepared_ok else " (prepared input DIFFERS)"
                     failures += not ok
                     print(f"{label} bits={bits} hidden={hidden} ffn={ffn} {str(dtype):>14} rel err {error:.2e} "
                           f"{'ok' if ok else 'FAIL'}")

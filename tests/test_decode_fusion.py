@@ -69,6 +69,19 @@ def test_a_decode_through_the_fused_kernels_gives_the_torch_ops_tokens_in_the_cp
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_decode_through_the_slot_kernels_and_their_fused_glue_gives_the_torch_ops_tokens_in_the_cpu_interpreter(
+        store4, dtype):
+    """The slot kernels forced on the CPU (store4's experts take them): the resident path with
+    today's glue and with the fused one (the MoE norm writing the kernels' input, the next add +
+    norm summing the w2 partials), its per-layer graphs, and the offloaded per-count path."""
+    result = run_module("tests.decode_fusion_decode_check", store4, dtype, "slots",
+                        env_extra={"TRITON_INTERPRET": "1"}, timeout=900)
+    print(result.stdout)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_triton
 @pytest.mark.parametrize("hidden", [4096, 7168, 8192])
 def test_add_rms_norm_compiles_for_sm90_in_one_program_without_spills(hidden):
     """What the interpreter cannot see: one program holds the whole row at Mixtral's (4096),
@@ -81,11 +94,47 @@ def test_add_rms_norm_compiles_for_sm90_in_one_program_without_spills(hidden):
 
     block = triton.next_power_of_2(hidden)
     rows = {name: ("*bf16", 0) for name in ("a_ptr", "b_ptr", "weight_ptr", "sum_ptr", "normed_ptr")}
-    compiled = _compile_for_sm90(decode_fusion._add_rms_norm_kernel, dict(rows, eps=("fp32", 1e-5)),
-                                 {"H": hidden, "BLOCK": block, "HAS_B": True}, decode_fusion._warps(block))
-    ptx = compiled.asm["ptx"]
-    assert compiled.asm["cubin"] and ".local" not in ptx
-    assert "sqrt.rn.f32" in ptx and "div.rn.f32" in ptx
+    rows.update(x32_ptr=("*fp32", 0), x_sums_ptr=("*fp32", 0))
+    # today's add + norm; with the slot kernels' float32 input and sums; summing 8 (Mixtral: k 2, split 4) or 32 partials
+    for extra, b in (({}, "*bf16"), ({"X32": True}, "*bf16"), ({"PARTS": 8}, "*fp32"), ({"PARTS": 32}, "*fp32")):
+        compiled = _compile_for_sm90(decode_fusion._add_rms_norm_kernel, dict(rows, b_ptr=(b, 0), eps=("fp32", 1e-5)),
+                                     {"H": hidden, "BLOCK": block, "HAS_B": True, "PARTS": 0, "X32": False, "CHUNK": 16, **extra}, decode_fusion._warps(block))
+        ptx = compiled.asm["ptx"]
+        assert compiled.asm["cubin"] and ".local" not in ptx, extra
+        assert "sqrt.rn.f32" in ptx and "div.rn.f32" in ptx
+
+
+@needs_triton
+@pytest.mark.parametrize("bits", [2, 4])
+def test_the_slot_w13_kernel_with_its_hidden_sums_compiles_for_sm90_without_spills(bits):
+    """v1's w13 launch at Mixtral's shapes (H 4096, F 14336, group 64) at the module's block
+    shapes, its epilogue summing the stored activations per 16 rows: nothing spilled."""
+    from coordinator.runtime.kernels import slot_experts
+    from test_kernels import _compile_for_sm90
+
+    hidden, ffn, group = 4096, 14336, 64
+    packed = hidden * bits // 8
+    block_o, block_j, warps, unroll = slot_experts.default_shapes("v1")[0]
+    assert block_o % 16 == 0
+    pointers = dict(x_ptr="*fp32", x_sums_ptr="*fp32", memory_ptr="*u8", slot_ptr="*i64", route_ptr="*fp32",
+                    out_ptr="*fp32", out_sums_ptr="*fp32")
+    arguments = {name: (kind, 0) for name, kind in pointers.items()}
+    arguments["SPLIT"] = ("i32", 1)
+    codes = 0
+    scale = codes + 2 * ffn * packed
+    zero = scale + 2 * ffn * (hidden // group) * 2
+    constants = dict(X_STRIDE=0, NBYTES=zero + 2 * ffn * (hidden // group) * 2, CODES=codes, SCALE=scale, ZERO=zero,
+                     O=ffn, P=packed, NG=hidden // group, WIDTH=bits, GROUP=group, BLOCK_O=block_o,
+                     BLOCK_J=block_j, GATED=True, ROUND=triton_bf16(), STREAM=False, PREFETCH=False,
+                     UNROLL=unroll, OUT_SUMS=True)
+    compiled = _compile_for_sm90(slot_experts._slot_gemv_kernel, arguments, constants, warps)
+    assert compiled.asm["cubin"] and ".local" not in compiled.asm["ptx"]
+
+
+def triton_bf16():
+    import triton.language as tl
+
+    return tl.bfloat16
 
 
 @needs_triton

@@ -27,6 +27,12 @@ with the RMSNorm after it is one kernel (the first layer's norm alone too; a den
 keeps its own), and a softmax router without biases one more (its logits, softmax, top k and
 weights, and for the resident path the experts in index order): in bf16 a MoE layer's ~15
 launches of glue around attention (~17 resident: the sort, the weights' gather) become 3.
+On the resident path through the slot kernels (v1-v3) the glue around them goes too: the MoE
+input norm also writes the kernels' float32 input and its sums per 16 columns, v1 sums its
+hidden activations in the w13 kernel, and (no shared expert) the layer's w2 partial sums stay
+unsummed, self.out unwritten: the next layer's add + norm, or the head's, sums and rounds them
+(_prepares_input, _sums_partials): seven launches fewer a layer in bf16/fp16 (the copy to
+float32, two sums, the partials' sum, its cast, out.zero_ and out.add_), six in float32.
 MOE_EDGE_FUSED_DECODE=0, read when a Decoder is made, keeps torch's ops, which run everywhere
 else and are the kernels' reference. The prompt path never fuses.
 
@@ -119,13 +125,18 @@ class Decoder:
         torch.index_select(self.model.weights.embed, 0, self.token, out=self.x)  # the token's embedding row
         self.step_tables.fill(self.position)  # the rotary rows and masks every layer of this token reads
 
-    def _add_norm(self, a: torch.Tensor | None, b: torch.Tensor, weight: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    def _add_norm(self, a: torch.Tensor | None, b: torch.Tensor, weight: torch.Tensor, total: torch.Tensor,
+                  after: int | None = None) -> torch.Tensor:
         """total = a + b (a None: total holds the sum already) -> rms_norm(total): one kernel when
-        fused (into self.normed), else torch.add and rms_norm.py."""
+        fused (into self.normed), else torch.add and rms_norm.py. `after`: the layer whose output
+        b is; where its experts left their w2 partial sums unsummed (_sums_partials), b is
+        those, summed and rounded inside the same kernel."""
         eps = self.config.rms_norm_eps
         if self.fusion is not None:
             if a is None:
                 self.fusion.add_rms_norm(total, None, weight, eps, None, self.normed)
+            elif after is not None and self._sums_partials(after):
+                self.fusion.add_rms_norm(a, self.slot_experts.partial, weight, eps, total, self.normed, partials=True)
             else:
                 self.fusion.add_rms_norm(a, b, weight, eps, total, self.normed)
             return self.normed
@@ -133,14 +144,27 @@ class Decoder:
             torch.add(a, b, out=total)
         return rms_norm(total, weight, eps)
 
+    def _prepares_input(self, layer: int) -> bool:
+        """Whether the layer's MoE input norm also writes the slot kernels' float32 input and its
+        sums (fused resident slot path: no copy, no sum before the w13 launch)."""
+        return self.glue_fused and layer in self.moe_layers and self.model.weights.layers[layer].router is not None
+
+    def _sums_partials(self, layer: int) -> bool:
+        """Whether the layer's experts leave self.out unwritten and their w2 partial sums
+        (slot_experts.partial) for the next add + norm to sum: _prepares_input, and no shared
+        expert (out would otherwise hold it first)."""
+        return self._prepares_input(layer) and self.model.weights.layers[layer].shared_w13 is None
+
     def _layer(self, layer: int) -> None:
         weights = self.model.weights.layers[layer]
-        normed = self._add_norm(self.h if layer > 0 else None, self.out, weights.input_norm, self.x)
+        normed = self._add_norm(self.h if layer > 0 else None, self.out, weights.input_norm, self.x,
+                                after=layer - 1 if layer > 0 else None)
         attention = self.model.attention(normed, layer, self.position, self.kv, self.step_tables)  # [1, H]
         fused = self.fusion is not None and weights.router is not None
         if fused:  # the residual add and the experts' input norm in one kernel; route takes moe_in as it is
+            prepared = (self.slot_experts.x, self.slot_experts.x_sums) if self._prepares_input(layer) else (None, None)
             self.fusion.add_rms_norm(self.x, attention, weights.post_attention_norm, self.config.rms_norm_eps,
-                                     self.h, self.moe_in)
+                                     self.h, self.moe_in, *prepared)
         else:
             torch.add(self.x, attention, out=self.h)
         if weights.router is None:  # a dense layer: its FFN is all of it, no plan, no experts
@@ -148,8 +172,8 @@ class Decoder:
             return
         self.moe.route(layer, self.h, out=(self.moe_in, self.weights, self.plans[layer]),  # written in place
                        fused=fused, in_order=self.in_order if fused and self.resident else None)
-        if shared_expert(self.moe_in, weights, out=self.out) is None:  # the experts' outputs are added onto it
-            self.out.zero_()
+        if shared_expert(self.moe_in, weights, out=self.out) is None and not self._sums_partials(layer):
+            self.out.zero_()  # the experts' outputs are added onto it
 
     def _expert(self, layer: int, slot: int, position: int) -> None:
         ys = expert_forward(self.moe_in, self.cache.slot_weights(layer, slot), self.moe.quantized_linear)  # [1, H]
@@ -187,7 +211,14 @@ class Decoder:
         memory = self.cache.layer_memory(layer)
         if self.slot_experts is not None:  # in place, all k experts in two launches
             weights = in_order if in_order is not None else torch.index_select(self.weights, 1, positions)  # [1, k] in slots' order
-            self.slot_experts(self.moe_in, memory, slots, weights, self.out)
+            if self._prepares_input(layer):  # x and its sums written by the MoE input norm
+                self.slot_experts.gate_up_prepared(memory, slots)
+            else:
+                self.slot_experts.gate_up(self.moe_in, memory, slots)
+            if self._sums_partials(layer):  # the next add + norm sums the partials
+                self.slot_experts.down_kernel(memory, slots, weights)
+            else:
+                self.slot_experts.down(memory, slots, weights, self.out)
             return
         for rank in range(k):
             if self.model.device.type == "cuda":  # the blob by its device index, through the staging buffer
@@ -200,7 +231,7 @@ class Decoder:
                 self._expert(layer, int(slots[rank]), int(positions[rank]))
 
     def _head(self) -> None:
-        normed = self._add_norm(self.h, self.out, self.model.weights.norm, self.x)
+        normed = self._add_norm(self.h, self.out, self.model.weights.norm, self.x, after=self.config.num_layers - 1)
         self.logits.copy_(F.linear(normed, self.model.weights.lm_head))  # to float32 on the way
 
     # --- capture ---------------------------------------------------------------------------
@@ -231,6 +262,12 @@ class Decoder:
         fused = getattr(self.moe.quantized_linear, "fused", False)
         if self.resident and fused:
             self.slot_experts = slot_experts_for(device, self.cache.layout, c.top_k, self.model.dtype)
+        # The fused resident slot path: the MoE input norm writes the slot kernels' input, and
+        # (no shared expert) the next add + norm sums their w2 partials, so self.out is not written
+        # (_prepares_input, _sums_partials). Only here: every reader of self.out is on this path
+        # (the next layer's norm, the head), none elsewhere (no experts run elsewhere).
+        self.glue_fused = (self.resident and self.fusion is not None and self.slot_experts is not None
+                           and self.slot_experts.takes_prepared_input)
         # Offloaded: one set of in-place kernels per count of on-device experts (1..k), when they apply.
         self.counted_slot_experts = None
         if not self.resident and fused and self.use_slot_kernels:

@@ -62,39 +62,74 @@ def _rounded(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _add_rms_norm_kernel(a_ptr, b_ptr, weight_ptr, sum_ptr, normed_ptr, eps, H: tl.constexpr,
-                         BLOCK: tl.constexpr, HAS_B: tl.constexpr):
+def _add_rms_norm_kernel(a_ptr, b_ptr, weight_ptr, sum_ptr, normed_ptr, eps, x32_ptr, x_sums_ptr,
+                         H: tl.constexpr, BLOCK: tl.constexpr, HAS_B: tl.constexpr,
+                         PARTS: tl.constexpr = 0, X32: tl.constexpr = False, CHUNK: tl.constexpr = 16):
     """One program, one row: s = a + b (rounded to the row's dtype), stored at sum_ptr; then
-    rms_norm(s) * weight at normed_ptr. Without b, s is a (nothing stored at sum_ptr)."""
+    rms_norm(s) * weight at normed_ptr. Without b, s is a (nothing stored at sum_ptr).
+    PARTS > 0: b is PARTS float32 rows [PARTS, H] (the slot kernels' w2 partial sums), summed in
+    float32 and rounded to the dtype first, as `out.add_(partial.sum(0).to(dtype))` onto a zeroed
+    out gives it. X32: the normed row also stored as float32 at x32_ptr [H] and its sums per CHUNK
+    consecutive columns at x_sums_ptr [H / CHUNK] (the slot kernels' inputs; H a multiple of CHUNK)."""
     cols = tl.arange(0, BLOCK)  # [BLOCK]
     mask = cols < H
     DTYPE: tl.constexpr = normed_ptr.dtype.element_ty
     x = tl.load(a_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # [BLOCK]
     if HAS_B:
-        b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        if PARTS > 0:
+            b = tl.zeros([BLOCK], dtype=tl.float32)
+            for part in tl.static_range(PARTS):  # in row order; unrolled, so the loads are in flight together
+                b += tl.load(b_ptr + part * H + cols, mask=mask, other=0.0)
+            b = _rounded(b, DTYPE)  # the experts' sum in the dtype, as the layer's out held it
+        else:
+            b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         x = _rounded(x + b, DTYPE)  # as torch.add rounds
         tl.store(sum_ptr + cols, x.to(DTYPE), mask=mask)
     mean_square = tl.sum(x * x, axis=0) / H
     normed = _rounded(x * tl.math.div_rn(1.0, tl.sqrt_rn(mean_square + eps)), DTYPE)  # rounded, then scaled
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(normed_ptr + cols, _rounded(weight * normed, DTYPE).to(DTYPE), mask=mask)
+    result = _rounded(weight * normed, DTYPE)  # [BLOCK], 0 past H
+    tl.store(normed_ptr + cols, result.to(DTYPE), mask=mask)
+    if X32:
+        tl.store(x32_ptr + cols, result, mask=mask)
+        chunks = tl.arange(0, BLOCK // CHUNK)
+        tl.store(x_sums_ptr + chunks, tl.sum(tl.reshape(result, [BLOCK // CHUNK, CHUNK]), axis=1),
+                 mask=chunks < H // CHUNK)
 
 
 def add_rms_norm(a: torch.Tensor, b: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                 sum_out: torch.Tensor | None, normed_out: torch.Tensor) -> None:
+                 sum_out: torch.Tensor | None, normed_out: torch.Tensor,
+                 x32_out: torch.Tensor | None = None, x_sums_out: torch.Tensor | None = None,
+                 partials: bool = False) -> None:
     """a, b [1, H] -> sum_out = a + b, normed_out = rms_norm(sum_out, weight, eps), in one launch.
     b None: normed_out = rms_norm(a, weight, eps) alone (sum_out unused). All in the model's dtype,
-    contiguous; weight [H]."""
+    contiguous; weight [H]. partials: b is float32 partial sums [R, H] instead, standing for their
+    sum rounded to the dtype.
+    x32_out [1, H] and x_sums_out [H / 16] float32, both or neither: normed_out's values in float32
+    and their sums per 16 columns (kernels/slot_experts.py's x and x_sums)."""
     hidden = a.shape[-1]
-    rows = [a, normed_out, weight] + ([b, sum_out] if b is not None else [])
+    parts = 0
+    if partials:
+        assert b is not None and b.dtype == torch.float32 and b.dim() == 2
+        parts = b.shape[0]  # partial sums [R, H]
+        assert b.shape[1] == hidden and b.is_contiguous()
+        rows = [a, normed_out, weight, sum_out]
+    else:
+        rows = [a, normed_out, weight] + ([b, sum_out] if b is not None else [])
     assert a.numel() == hidden <= MAX_HIDDEN and all(t.numel() == hidden for t in rows)
     assert normed_out.is_contiguous() and weight.is_contiguous() and (sum_out is None or sum_out.is_contiguous())
     assert all(t.dtype == normed_out.dtype for t in rows), "one dtype for the rows and the weight"
+    x32 = x32_out is not None
+    assert x32 == (x_sums_out is not None)
+    if x32:
+        assert hidden % 16 == 0 and x32_out.numel() == hidden and x_sums_out.numel() == hidden // 16
+        assert x32_out.dtype == x_sums_out.dtype == torch.float32 and x32_out.is_contiguous() and x_sums_out.is_contiguous()
     block = triton.next_power_of_2(hidden)
     has_b = b is not None
     a, b = a.contiguous(), b.contiguous() if has_b else None  # no-ops for the decoder's rows
     _add_rms_norm_kernel[(1,)](a, b if has_b else a, weight, sum_out if has_b else normed_out, normed_out,
-                               eps, H=hidden, BLOCK=block, HAS_B=has_b, num_warps=_warps(block))
+                               eps, x32_out if x32 else normed_out, x_sums_out if x32 else normed_out,
+                               H=hidden, BLOCK=block, HAS_B=has_b, PARTS=parts, X32=x32, num_warps=_warps(block))
 
 
 def _router_blocks(experts: int, hidden: int) -> tuple[int, int]:

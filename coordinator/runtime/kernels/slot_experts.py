@@ -7,8 +7,10 @@ the whole expert step of a layer whatever the routing chose.
 Two launches per layer: w13 for every chosen expert at once with the SiLU gate applied on the
 way out (grid: row blocks x experts), then w2 for every expert, each split along its input into
 parts (grid: row blocks x parts x experts) whose float32 partial sums, already weighted by the
-routing weight, one small sum adds into the layer's output. No atomics: the sum is the same on
-every run.
+routing weight, one small sum adds into the layer's output (on the decoder's fused resident
+path, the next add + norm kernel instead: decode_fusion.add_rms_norm's partials). No atomics:
+the sum is the same on every run. v1 writes w2's input sums in the w13 epilogue; the MoE input
+norm can write w13's (gate_up_prepared).
 
 Codes become floats by the exponent trick instead of int -> float conversions (those run at a
 quarter of the rate on the GPU and bound the older kernel): a byte is shifted once so its top
@@ -89,17 +91,19 @@ def _load_codes(pointers, STREAM: tl.constexpr):
 
 @triton.jit
 def _slot_gemv_kernel(
-    x_ptr, x_sums_ptr, memory_ptr, slot_ptr, route_ptr, out_ptr, SPLIT,
+    x_ptr, x_sums_ptr, memory_ptr, slot_ptr, route_ptr, out_ptr, SPLIT, out_sums_ptr,
     X_STRIDE: tl.constexpr,  # elements between the experts' inputs (0: one input for all)
     NBYTES: tl.constexpr, CODES: tl.constexpr, SCALE: tl.constexpr, ZERO: tl.constexpr,
     O: tl.constexpr, P: tl.constexpr, NG: tl.constexpr,
     WIDTH: tl.constexpr, GROUP: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_J: tl.constexpr,
     GATED: tl.constexpr, ROUND: tl.constexpr, STREAM: tl.constexpr = False,
-    PREFETCH: tl.constexpr = False, UNROLL: tl.constexpr = 1,
+    PREFETCH: tl.constexpr = False, UNROLL: tl.constexpr = 1, OUT_SUMS: tl.constexpr = False,
 ):
     """x float32 [*, I] and its sums per CHUNK columns x_sums [*, I / CHUNK]. GATED: rows r
     (gate) and r + O (up) of a [2O, I] matrix -> silu(gate) * up, rounded to ROUND (the model's
-    dtype) where the plain path rounds, at at out[e, r]. Else: rows r of an [O, I] matrix,
+    dtype) where the plain path rounds, at out[e, r]; OUT_SUMS (BLOCK_O a multiple of 16): also
+    the float32 sums of each 16 consecutive stored values at out_sums[e, r / 16] (w2's x_sums).
+    Else: rows r of an [O, I] matrix,
     times the routing weight of expert e, float32 partial sums at out[e * SPLIT + part, r].
 
     Each step takes BLOCK_J bytes of each row; the products are summed per CHUNK bytes inside a
@@ -171,7 +175,11 @@ def _slot_gemv_kernel(
         gate = total.to(ROUND).to(tl.float32)
         up = tl.sum(acc_up, axis=1).to(ROUND).to(tl.float32)
         silu = (gate / (1.0 + tl.exp(-gate))).to(ROUND).to(tl.float32)
-        tl.store(out_ptr + expert * O + rows, (silu * up).to(ROUND).to(out_ptr.dtype.element_ty))
+        stored = (silu * up).to(ROUND).to(out_ptr.dtype.element_ty)  # [BO]
+        tl.store(out_ptr + expert * O + rows, stored)
+        if OUT_SUMS:  # what w2 reads as its x_sums: sums of the values just stored, per 16 rows
+            sums = tl.sum(tl.reshape(stored.to(tl.float32), [BLOCK_O // 16, 16]), axis=1)  # [BO / 16]
+            tl.store(out_sums_ptr + expert * (O // 16) + block * (BLOCK_O // 16) + tl.arange(0, BLOCK_O // 16), sums)
     else:
         weight = tl.load(route_ptr + expert).to(tl.float32)
         tl.store(out_ptr + (expert * SPLIT + part) * O + rows, total * weight)
@@ -291,6 +299,9 @@ class SlotExperts:
         self.hidden_act = torch.empty(top_k, ffn, **f32)  # [k, F] silu(gate) * up
         self.hidden_sums = torch.empty(top_k, ffn // CHUNK, **f32)
         self.partial = torch.empty(top_k * self.split, hidden, **f32)  # [k*S, H]
+        # v1 sums hidden_act per CHUNK in its w13 epilogue (whole 16-row runs per row block);
+        # the others, and v1 at odd shapes, by torch.sum after the launch
+        self.sums_in_kernel = variant == "v1" and self.blocks13.rows % CHUNK == 0
         if variant == "v4":  # its inputs as slot_gemv_v4.prepare_input makes them, for w13 and for w2
             group, i32 = layout.spec.group_size, dict(dtype=torch.int32, device=device)
             # the PTX path on the GPU; plain Triton in the interpreter (no inline asm there) or
@@ -311,9 +322,13 @@ class SlotExperts:
 
     def _launch(self, matrix: _Matrix, blocks: _Blocks, rows: int, split: int, x, x_sums, memory, slots, weights,
                 out, *, x_stride: int, gated: bool) -> None:
-        """One launch over (row blocks, parts, experts): rows = O of the kernel (F gated, else H)."""
+        """One launch over (row blocks, parts, experts): rows = O of the kernel (F gated, else H).
+        v1's gated launch also writes hidden_sums where `sums_in_kernel`."""
         spec = self.layout.spec
         extra = dict(STAGES=blocks.stages) if self.variant != "v1" else {}
+        if self.variant == "v1":
+            sums = gated and self.sums_in_kernel
+            extra.update(out_sums_ptr=self.hidden_sums if sums else out, OUT_SUMS=sums)
         if self.variant == "v4":  # x: its prepared inputs (pairs, group sums, unscale), in place of x and x_sums
             x, x_sums, unscale = x
             extra.update(xscale_ptr=unscale, ASM=self.v4_asm)
@@ -335,11 +350,29 @@ class SlotExperts:
                              *self.v4_hidden)
             return
         torch.sum(self.x.view(-1, CHUNK), dim=1, out=self.x_sums)
+        self._gate_up_from_x(memory, slots)
+
+    @property
+    def takes_prepared_input(self) -> bool:
+        """Whether gate_up_prepared applies: x and x_sums as the w13 launch reads them (v4
+        prepares its own input from x, and keeps gate_up)."""
+        return self.variant != "v4"
+
+    def gate_up_prepared(self, memory: torch.Tensor, slots: torch.Tensor) -> None:
+        """gate_up with self.x and self.x_sums already written (by the MoE input norm:
+        decode_fusion.add_rms_norm's x32_out, x_sums_out): the w13 launch, and the hidden sums
+        where the kernel does not write them."""
+        assert self.takes_prepared_input
+        self._gate_up_from_x(memory, slots)
+
+    def _gate_up_from_x(self, memory: torch.Tensor, slots: torch.Tensor) -> None:
         self.gate_up_kernel(memory, slots)
-        torch.sum(self.hidden_act.view(self.top_k, -1, CHUNK), dim=2, out=self.hidden_sums)
+        if not self.sums_in_kernel:
+            torch.sum(self.hidden_act.view(self.top_k, -1, CHUNK), dim=2, out=self.hidden_sums)
 
     def gate_up_kernel(self, memory: torch.Tensor, slots: torch.Tensor) -> None:
-        """The w13 launch alone, from self.x and its sums (what the bench times)."""
+        """The w13 launch alone, from self.x and its sums (what the bench times; v1 writes the
+        hidden sums too, where sums_in_kernel)."""
         x = self.v4_x if self.variant == "v4" else self.x
         self._launch(self.w13, self.blocks13, self.w13.rows // 2, 1, x, self.x_sums, memory, slots, self.x,
                      self.hidden_act, x_stride=0, gated=True)  # (the gated kernel reads no routing weights: self.x stands in)
