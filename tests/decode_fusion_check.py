@@ -6,9 +6,11 @@ tests.decode_fusion_check DEVICE SEED`), then one line per case, and exits non-z
 Not collected by pytest (no test_ prefix).
 
 Bounds:
-  add + norm   the sum bit-exact (torch.equal); the normed row within one ulp of the dtype of
+  add + norm   the sum bit-exact (torch.equal); the normed row within two ulps of the dtype of
                rms_norm.py's (float32: 1e-6 relative), elementwise. Only the order of the
-               float32 sum of squares differs.
+               float32 sum of squares differs, but its last bit can move both roundings (the
+               normalised row, then its product with the weight): one seed in fp16 at H = 4096
+               gave two ulps.
   router       exact inputs (multiples of 1/8 and 1/64, so every logit's float32 sum is exact in
                any order and rounds to the dtype the same way): the experts equal to a stable
                sort's (ties: lowest index first) and to router.route's where the top k+1 have no
@@ -69,7 +71,7 @@ def check_add_rms_norm(device: str, dtype: torch.dtype, hidden: int, with_b: boo
     if dtype == torch.float32:
         allowed = 1e-6 * want.abs()
     else:
-        allowed = ulp(torch.maximum(got.float().abs(), want.float().abs()), dtype)
+        allowed = 2 * ulp(torch.maximum(got.float().abs(), want.float().abs()), dtype)
     norm_ok = bool((diff <= allowed).all()) and not torch.isnan(got).any()
     worst = (diff / allowed.clamp_min(1e-30)).max().item()
     return sum_ok and norm_ok, f"sum {'exact' if sum_ok else 'DIFFERS'}, norm worst {worst:.2f} of the bound"
