@@ -266,8 +266,10 @@ class Decoder:
         # (no shared expert) the next add + norm sums their w2 partials, so self.out is not written
         # (_prepares_input, _sums_partials). Only here: every reader of self.out is on this path
         # (the next layer's norm, the head), none elsewhere (no experts run elsewhere).
+        # MOE_EDGE_FUSED_GLUE=0 keeps the slot kernels' own copy, sums and add (to compare).
         self.glue_fused = (self.resident and self.fusion is not None and self.slot_experts is not None
-                           and self.slot_experts.takes_prepared_input)
+                           and self.slot_experts.takes_prepared_input
+                           and os.environ.get("MOE_EDGE_FUSED_GLUE", "1") != "0")
         # Offloaded: one set of in-place kernels per count of on-device experts (1..k), when they apply.
         self.counted_slot_experts = None
         if not self.resident and fused and self.use_slot_kernels:
