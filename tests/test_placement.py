@@ -129,33 +129,18 @@ def test_auto_copies_the_misses_it_runs_elsewhere_into_empty_slots_for_later_use
     assert stats.bytes_fetched == 2 * len(config.moe_layers) * engine.store.blob_nbytes  # one copy per slot, no more
 
 
-def test_auto_copies_one_expert_at_a_time_in_the_background_from_an_expert_host(store16, expert_hosts):  # noqa: F811
-    """Over a network the background copies share the link with the runs: auto starts one only
-    while no load is queued, one expert at a time; the cache still fills, the tokens are the
-    all-resident ones."""
+def test_auto_copies_nothing_in_the_background_from_an_expert_host(store16, expert_hosts):  # noqa: F811
+    """Over a network the background copies would share the link with the runs (and the host's CPU
+    with its fetches): misses auto runs on a host stay there."""
     from common.host_address import HostAddress
     from coordinator.sources.cluster_config import ClusterConfig
     from coordinator.sources.expert_pool import ExpertPool
 
-    with Engine.open(store16, cache_experts=8, prefetch=False) as engine:
-        generation = engine.generate([5], max_new_tokens=12, stop_at_eos=False)
-        list(generation)
-        want = generation.token_ids
     host = expert_hosts.start(store16)
     source = ExpertPool.source_factory(ClusterConfig(hosts=(HostAddress.parse(host.address),)))
     with Engine.open(store16, source=source, cache_experts=2, placement="auto", prefetch=False) as engine:
         engine.moe.dispatcher.copy_seconds = 1e9  # every miss runs on the host
-        cache, started = engine.cache, []
-        fill = cache.copy_into_free_slots
-
-        def watched(layer, experts):
-            started.append((len(cache.loader.backlog), len(experts)))
-            fill(layer, experts)
-
-        cache.copy_into_free_slots = watched
-        generation = engine.generate([5], max_new_tokens=12, stop_at_eos=False)
+        generation = engine.generate([5], max_new_tokens=6, stop_at_eos=False)
         list(generation)
-        filled = sum(len(cache.resident(layer)) for layer in engine.config.moe_layers)
-    assert generation.token_ids == want
-    assert started and all(queued == 0 and experts == 1 for queued, experts in started)
-    assert generation.stats.experts_run_elsewhere > 0 and generation.stats.bytes_fetched > 0 and filled > 0
+        assert all(engine.cache.resident(layer) == [] for layer in engine.config.moe_layers)
+    assert generation.stats.experts_run_elsewhere > 0 and generation.stats.bytes_fetched == 0
