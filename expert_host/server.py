@@ -37,7 +37,7 @@ from .expert_runner import ExpertRunner
 from .fault_injection import FaultInjection
 from .memory_bandwidth import measure_memory_gbps
 from .servicer import SERVICE_NAME, ExpertHostServicer, add_to_server
-from .shard import ExpertShard
+from .shard import ExpertShard, close_shared_arenas
 from .token_auth import TokenAuthInterceptor
 
 log = logging.getLogger(__name__)
@@ -142,9 +142,8 @@ def serve_expert_host(
     try:
         asyncio.run(_serve(load_shard, address, faults=faults, credentials=credentials, tls_mode=tls_mode, token=token,
                            address_file=address_file, grace_period_s=grace_period_s, parent_pid=parent_pid))
-    finally:
-        if shared_file is not None:  # a coordinator that mapped it may have removed it already
-            Path(shared_file).unlink(missing_ok=True)
+    finally:  # a coordinator that mapped it may have removed it already; a shard still loading may not make it now
+        close_shared_arenas(Path(shared_file) if shared_file is not None else None)
 
 
 async def _serve(load_shard: Callable[[], tuple[ExpertShard, float]], address: HostAddress, *, faults: FaultInjection,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -27,6 +28,20 @@ from common.expert_id import ExpertId
 from common.store.reader import ExpertStore
 
 log = logging.getLogger(__name__)
+# A host that stops while its shard still loads (its coordinator killed at start) removes the
+# shared file on the way out; the loading thread must not make it after that, or it outlives
+# both processes. Creating it and closing the door take this lock.
+_arenas_lock = threading.Lock()
+_arenas_closed = False
+
+
+def close_shared_arenas(path: Path | None) -> None:
+    """No shared arena is made from now on in this process; `path`'s file (if any) is removed."""
+    global _arenas_closed
+    with _arenas_lock:
+        _arenas_closed = True
+        if path is not None:
+            path.unlink(missing_ok=True)
 
 
 class ExpertShard:
@@ -85,7 +100,10 @@ def _shared_arena(path: Path, shape: tuple[int, int]) -> torch.Tensor:
     """A new file of the arena's size at `path`, only this user's (refused if it exists), mapped
     shared: what we write there, a coordinator that maps the file sees."""
     nbytes = shape[0] * shape[1]
-    descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    with _arenas_lock:
+        if _arenas_closed:
+            raise StoreError(f"--shared-memory {path}: the host is stopping; not made")
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         if nbytes:  # reserved now: a full /dev/shm is an error here, not a SIGBUS at some write later
             os.posix_fallocate(descriptor, 0, nbytes)

@@ -150,3 +150,17 @@ def test_a_dev_shm_too_small_for_the_experts_leaves_them_on_the_socket_and_says_
         assert "serves them over its socket" in caplog.text
     finally:
         host.stop()
+
+
+def test_a_host_stopping_while_it_loads_makes_no_shared_file_after_removing_it(tmp_path, monkeypatch):
+    """The race a coordinator killed at once can hit: the host's exit removes the shared file
+    before its loading thread has made it; the thread must not make it after."""
+    from common.errors import StoreError
+    from expert_host import shard
+
+    monkeypatch.setattr(shard, "_arenas_closed", False)
+    path = tmp_path / "moe-edge-experts-test"
+    shard.close_shared_arenas(path)  # what the host's exit does
+    with pytest.raises(StoreError, match="stopping"):
+        shard._shared_arena(path, (2, 4096))
+    assert not path.exists()
