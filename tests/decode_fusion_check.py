@@ -26,8 +26,9 @@ Bounds:
                bit-exact), x_sums within 1e-6 of the sum of |x| per 16 columns of torch.sum's
                (the order of 16 float32 additions; counted exact too).
   partials     b as [R, H] float32 partial sums (the slot kernels' w2 output): the sum within
-               one ulp of the dtype (float32: 1e-6 relative) of torch's a + partial.sum(0).to(dtype)
-               (the order of R float32 additions), the norm as above of rms_norm.py's on it."""
+               float32's summation bound (2 R u times the sum of the magnitudes) plus one ulp of a
+               16-bit dtype of torch's a + partial.sum(0).to(dtype) (the order of R float32
+               additions), the norm as above of rms_norm.py's on it."""
 
 import random
 import sys
@@ -78,12 +79,13 @@ def check_add_rms_norm(device: str, dtype: torch.dtype, hidden: int, with_b: boo
 
 
 def norm_bound(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> tuple[bool, float]:
-    """got within one ulp of the dtype of want (float32: 1e-6 relative), elementwise; the worst share of it."""
+    """got within two ulps of the dtype of want (float32: 1e-6 relative), elementwise, as
+    check_add_rms_norm's norm; the worst share of it."""
     diff = (got.float() - want.float()).abs()
     if dtype == torch.float32:
         allowed = 1e-6 * want.abs() + 1e-30
     else:
-        allowed = ulp(torch.maximum(got.float().abs(), want.float().abs()), dtype)
+        allowed = 2 * ulp(torch.maximum(got.float().abs(), want.float().abs()), dtype)
     ok = bool((diff <= allowed).all()) and not torch.isnan(got).any()
     return ok, (diff / allowed.clamp_min(1e-30)).max().item()
 
@@ -121,7 +123,17 @@ def check_partials(device: str, dtype: torch.dtype, hidden: int, parts: int,
     want_sum = torch.add(a, out)
     got_sum, got = torch.full_like(a, float("nan")), torch.full_like(a, float("nan"))
     decode_fusion.add_rms_norm(a, partial, weight, 1e-5, got_sum, got, partials=True)
-    sum_ok, sum_worst = norm_bound(got_sum, want_sum, dtype)
+    # The R partials summed in another order than torch's: float32's summation bound (2 R u the
+    # sum of the magnitudes, a's included: near-cancelling partials make the result small and the
+    # error relative to it large; a seed in float32 gave three ulps of the result), plus one ulp of
+    # a 16-bit dtype for the rounding that difference can tip.
+    magnitude = partial.abs().sum(0, keepdim=True) + a.float().abs()
+    allowed = 2 * parts * 2.0**-24 * magnitude + 1e-30
+    if dtype != torch.float32:
+        allowed = allowed + ulp(torch.maximum(got_sum.float().abs(), want_sum.float().abs()), dtype)
+    sum_diff = (got_sum.float() - want_sum.float()).abs()
+    sum_ok = bool((sum_diff <= allowed).all()) and not torch.isnan(got_sum).any()
+    sum_worst = (sum_diff / allowed).max().item()
     norm_ok, norm_worst = norm_bound(got, rms_norm(got_sum, weight, 1e-5), dtype)
     exact = int((got_sum == want_sum).sum())
     return sum_ok and norm_ok, (f"sum worst {sum_worst:.2f} of the bound ({exact}/{hidden} exact), "
