@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 from common.expert_ffn import expert_forward
 
-from .kernels import available as kernels_available, slot_experts_for
+from .kernels import slot_experts_for, switched_on
 
 from .model import KVCache, StepTables, Transformer
 from .phase_clock import PhaseClock
@@ -72,7 +72,7 @@ MAX_EXPERT_GRAPHS = 2048  # past this, one graph per (layer, slot, position) cos
 def _decode_fusion(device: torch.device):
     """kernels/decode_fusion.py where the decode step's glue runs fused (CUDA with Triton, unless
     MOE_EDGE_FUSED_DECODE=0), else None: torch's ops."""
-    if device.type != "cuda" or not kernels_available() or os.environ.get("MOE_EDGE_FUSED_DECODE", "1") == "0":
+    if not switched_on(device, "MOE_EDGE_FUSED_DECODE"):
         return None
     from .kernels import decode_fusion
 

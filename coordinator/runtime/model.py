@@ -13,8 +13,6 @@ Q = query heads, K = key/value heads, D = head dim, V = vocabulary."""
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
@@ -140,11 +138,9 @@ def fused_decode_attention(config: ModelConfig, device: torch.device):
     """kernels/decode_attention.py where one decode token's attention may run through it (CUDA
     with Triton, grouped attention, MOE_EDGE_FUSED_ATTENTION not "0"), else None: the torch
     path, the only one off CUDA."""
-    if device.type != "cuda" or config.attention == "latent" or os.environ.get("MOE_EDGE_FUSED_ATTENTION", "1") == "0":
-        return None
-    from .kernels import available
+    from .kernels import switched_on
 
-    if not available():
+    if config.attention == "latent" or not switched_on(device, "MOE_EDGE_FUSED_ATTENTION"):
         return None
     from .kernels import decode_attention
 

@@ -36,6 +36,11 @@ def available() -> bool:
     return torch.cuda.is_available()
 
 
+def switched_on(device: torch.device, switch: str) -> bool:
+    """A fused path's condition: CUDA with Triton, and its environment switch not "0" (read now)."""
+    return device.type == "cuda" and os.environ.get(switch, "1") != "0" and available()
+
+
 def quantized_linear_for(device: torch.device, *, fused: bool = True) -> Linear:
     if fused and device.type == "cuda" and available():
         from .mxfp4_linear import mxfp4_linear
