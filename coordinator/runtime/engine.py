@@ -35,7 +35,7 @@ from .expert_cache import ExpertCache
 from .expert_loader import ExpertLoader
 from .fetch_loop import FetchLoop
 from .generation import AsyncGeneration, Generation
-from .kernels import quantized_linear_for
+from .kernels import grouped_experts_for, quantized_linear_for
 from .model import KVCache, Transformer
 from .placement import HostRunner, LocalCpuRunner, PlacementDispatcher, measure_copy_seconds
 from .moe import MoEBlock
@@ -132,6 +132,7 @@ class Engine:
                                         experts_per_layer=self.options.prefetch_width, prompt_experts_per_layer=slots)
         self.moe = MoEBlock(c, self.dense.layers, self.cache, predictor, self.quantized_linear, self.counters)
         self.moe.routing_hook = self.routing_hook
+        self.moe.grouped = grouped_experts_for(self.device, self.store.layout, self.dtype, fused=self.options.fused_kernels)
         if self.options.placement != "copy" and not forget_after_use:
             self._place_misses()
         self.model = Transformer(c, self.dense, self.moe, self.device, self.dtype)

@@ -136,6 +136,11 @@ class ExpertCache:
             slots[layer] = [state.slot_of[expert] for expert in range(num_experts)]
         return slots
 
+    def count_hits(self, layer: int, hits: int) -> None:
+        """Uses of one layer's resident experts the MoE block served without begin_layer (its
+        grouped prompt step)."""
+        self.counters.hits[layer] += hits
+
     def count_resident_uses(self, uses_per_layer: int) -> None:
         """Uses the decoder served from slot_map() without asking: every one is a hit."""
         for layer in self.expert_layers:

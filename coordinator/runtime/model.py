@@ -269,6 +269,7 @@ class Transformer:
         for layer, lw in enumerate(w.layers):
             h = x + self.attention(rms_norm(x, lw.input_norm, c.rms_norm_eps), layer, start, kv)
             x = h + self.ffn(layer, h)
+        self.moe.flush_counts()  # the grouped layers' hits (one small read-back, the work all issued)
         if not all_logits:
             x = x[-1:]
         return F.linear(rms_norm(x, w.norm, c.rms_norm_eps), w.lm_head).float()

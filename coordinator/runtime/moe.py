@@ -81,6 +81,9 @@ class MoEBlock:
         self.quantized_linear = quantized_linear  # fused CUDA kernels, or plain dequantize+matmul
         self.counters = counters  # ExpertCounters: the wait on runs elsewhere is counted there
         self.routing_hook = None  # a routing trace recorded or replayed here (routing_trace.py), when the engine has one
+        self.grouped = None  # kernels/grouped_prefill.GroupedExperts, where it applies (engine.py): the resident prompt
+        self._slot_tables: tuple[int, dict[int, torch.Tensor]] | None = None  # (cache version, layer -> slots [E])
+        self._uses_pending: list[tuple[int, torch.Tensor]] = []  # (layer, distinct experts used: a device scalar)
 
     def route(self, layer: int, hidden: torch.Tensor, *,
               out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, fused: bool = False,
@@ -132,6 +135,9 @@ class MoEBlock:
         [T, H]. Each expert runs once on all the tokens that chose it. (One token at a time goes
         through decoder.py, which runs the same route and dispatch on static buffers.)"""
         x, weights, plan_tensor = self.route(layer, hidden)
+        slots = self._resident_slots(layer)
+        if slots is not None and self.grouped.pays(x.shape[0] * self.config.top_k, self.config.num_experts):
+            return self._forward_resident(layer, x, weights, plan_tensor, slots)
         plan = self.read_plan(layer, plan_tensor, x.shape[0])
         work = self.dispatcher.dispatch(plan)
         pending = self.start_elsewhere(work, plan, x, weights)
@@ -150,6 +156,47 @@ class MoEBlock:
         if pending is not None:
             out += self.result_elsewhere(pending).to(out.device, out.dtype)
         return out
+
+    def _resident_slots(self, layer: int) -> torch.Tensor | None:
+        """Each expert's slot [E] (device) when this layer's prompt step can take the grouped
+        kernel: it applies (self.grouped), every expert of every layer is resident, and nothing
+        needs the routing on the host (no runs elsewhere, no routing trace, no slot emptied
+        after use). Else None."""
+        provider = self.provider
+        if (self.grouped is None or self.elsewhere is not None or self.routing_hook is not None
+                or getattr(provider, "forget_after_use", True)):
+            return None
+        if self._slot_tables is None or self._slot_tables[0] != provider.version:
+            slot_map = provider.slot_map(self.config.num_experts) or {}
+            device = provider.layer_memory(layer).device
+            self._slot_tables = (provider.version, {l: torch.tensor(slots, dtype=torch.long, device=device)
+                                                    for l, slots in slot_map.items()})
+        return self._slot_tables[1].get(layer)
+
+    def _forward_resident(self, layer: int, x: torch.Tensor, weights: torch.Tensor, plan_tensor: torch.Tensor,
+                          slots: torch.Tensor) -> torch.Tensor:
+        """forward for a resident layer: the grouped kernel over the layer's slot memory, routing
+        left on the device (no read-back; the hits, each distinct expert used, counted at
+        flush_counts)."""
+        k = self.config.top_k
+        experts = plan_tensor[: x.shape[0] * k].view(-1, k)
+        shared = shared_expert(x, self.layers[layer])
+        out = torch.zeros_like(x) if shared is None else shared
+        self.grouped(x, experts, weights, self.provider.layer_memory(layer), slots, out)
+        used = torch.zeros(self.config.num_experts, dtype=torch.bool, device=x.device)
+        self._uses_pending.append((layer, used.index_fill_(0, experts.reshape(-1), True).sum()))
+        return out
+
+    def flush_counts(self) -> None:
+        """Count the hits of the grouped prompt layers since the last flush (one read-back, after
+        the prompt's work is issued: Transformer.forward calls it before the logits)."""
+        if not self._uses_pending:
+            return
+        layers = [layer for layer, _ in self._uses_pending]
+        counts = torch.stack([used for _, used in self._uses_pending]).tolist()
+        self._uses_pending.clear()
+        for layer, count in zip(layers, counts):
+            self.provider.count_hits(layer, count)
 
     def start_elsewhere(self, work: LayerWork, plan: RoutingPlan, x: torch.Tensor, weights: torch.Tensor):
         """Start the experts that run where they live on the layer's MoE input x [T, H]; a future

@@ -8,6 +8,9 @@ also the reference the kernels are tested against.
 token's top-k experts straight from their cache slots by device-side slot indices
 (slot_experts.py), or None where they do not apply (then the decoder stages or runs directly);
 MOE_EDGE_SLOT_KERNEL=v1|v2|v3|v4 picks the kernel's formulation (slot_experts.DEFAULT_VARIANT if unset).
+`grouped_experts_for` gives the MoE block, for prompts while every expert is resident, a layer's
+experts in two grouped launches with no routing read-back (grouped_prefill.py), or None;
+MOE_EDGE_GROUPED_PREFILL=0 keeps the per-expert prompt path.
 
 An HQQ matrix goes to quantized_linear.py, an MXFP4 matrix (GPT-OSS's experts as stored,
 common/mxfp4.py) to mxfp4_linear.py: for a few tokens a fused GEMV on the packed codes, for more
@@ -69,3 +72,15 @@ def slot_experts_for(device: torch.device, layout, top_k: int, dtype: torch.dtyp
 
     variant = os.environ.get("MOE_EDGE_SLOT_KERNEL") or DEFAULT_VARIANT  # v1, v2, v3 or v4 (slot_experts.VARIANTS)
     return SlotExperts(layout, top_k, device, dtype, variant) if supports(layout) else None
+
+
+def grouped_experts_for(device: torch.device, layout, dtype: torch.dtype, *, fused: bool = True):
+    """A grouped_prefill.GroupedExperts for this layout on CUDA with Triton (and its switch on),
+    or None (another device or layout, a float32 model, fused kernels off)."""
+    from .grouped_prefill import SWITCH
+
+    if not fused or not switched_on(device, SWITCH):
+        return None
+    from .grouped_prefill import GroupedExperts, supports
+
+    return GroupedExperts(layout) if supports(layout, dtype) else None

@@ -1,0 +1,79 @@
+"""The grouped prompt step (kernels/grouped_prefill.py, moe.MoEBlock's resident prompt path): its
+kernels against float64 and the per-expert path (tests/grouped_prefill_check.py: under Triton's
+interpreter here, for real on a GPU), its wiring in a bf16 engine under the interpreter, and when
+the MoE block takes it: only with every expert resident and nothing needing the routing on the
+host."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from conftest import check_kernels, requires_cuda, run_module
+from coordinator.runtime.engine import Engine
+from coordinator.runtime.model import KVCache
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+
+@needs_triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test below runs the real kernel here")
+def test_grouped_kernels_match_float64_and_the_per_expert_path_in_the_cpu_interpreter():
+    check_kernels("tests.grouped_prefill_check", "cpu")
+
+
+@requires_cuda
+@needs_triton
+def test_grouped_kernels_match_float64_and_the_per_expert_path_on_the_gpu():
+    check_kernels("tests.grouped_prefill_check", "cuda")
+
+
+@needs_triton
+def test_a_resident_prompt_through_the_grouped_step_gives_the_per_expert_paths_token_and_hits(store4):
+    result = run_module("tests.grouped_prefill_check", "prompt", str(store4),
+                        env_extra={"TRITON_INTERPRET": "1"}, timeout=600)
+    print(result.stdout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("ok  ") == 2
+
+
+class _Grouped:
+    """Stands in for GroupedExperts: records that it ran."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, x, experts, weights, memory, slots, out) -> None:
+        self.calls += 1
+
+    def pays(self, rows: int, num_experts: int) -> bool:
+        return True
+
+
+def test_the_grouped_step_pays_up_to_its_measured_rows_per_expert():
+    from coordinator.runtime.kernels import grouped_prefill
+
+    most = grouped_prefill.MOST_ROWS
+    assert grouped_prefill.pays(8 * most, 8) and not grouped_prefill.pays(8 * most + 1, 8)
+
+
+def test_the_moe_block_takes_the_grouped_step_only_with_every_expert_resident_and_no_read_back_needed(store4):
+    with Engine.open(store4, cache_experts=2) as engine, torch.inference_mode():
+        assert engine.moe.grouped is None  # off CUDA
+        layer = engine.config.moe_layers[0]
+        engine.moe.grouped = _Grouped()
+        assert engine.moe._resident_slots(layer) is None  # K = 2 of 8
+        engine.use_cache_mode("resident")
+        moe = engine.moe
+        moe.grouped = _Grouped()
+        slots = moe._resident_slots(layer)
+        assert slots is not None and sorted(slots.tolist()) == list(range(engine.config.num_experts))
+        engine._prefill(engine.encode("The quick brown fox"), KVCache(engine.config, 64, engine.device, engine.dtype))
+        assert moe.grouped.calls == len(engine.config.moe_layers)
+        moe.routing_hook = object()  # a trace records or replays read-backs
+        assert moe._resident_slots(layer) is None
+        moe.routing_hook, moe.elsewhere = None, object()  # experts run where they live
+        assert moe._resident_slots(layer) is None
+        moe.elsewhere = None
+        engine.cache._evict(layer, 0)  # a slot emptied: no longer all resident
+        assert moe._resident_slots(layer) is None
