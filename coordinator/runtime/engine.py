@@ -35,7 +35,7 @@ from .expert_cache import ExpertCache
 from .expert_loader import ExpertLoader
 from .fetch_loop import FetchLoop
 from .generation import AsyncGeneration, Generation
-from .kernels import grouped_experts_for, quantized_linear_for
+from .kernels import grouped_experts_for, int4_linear, quantized_linear_for, switched_on
 from .model import KVCache, Transformer
 from .placement import HostRunner, LocalCpuRunner, PlacementDispatcher, measure_copy_seconds
 from .moe import MoEBlock
@@ -81,8 +81,11 @@ class Engine:
             self.source = self._make_source(source)
             self._closers.insert(0, self.source.close)
             self.tokenizer = load_tokenizer(store.folder)
+            # MOE_EDGE_INT4_ATTENTION=0: decode tokens read the bf16 projections, as prompts do
+            int4_decode = self.options.fused_kernels and switched_on(self.device, int4_linear.SWITCH)
             self.dense = DenseWeights.from_store_tensors(
-                store.load_dense(), self.config, store.manifest.dense_quant, self.device, self.dtype
+                store.load_dense(), self.config, store.manifest.dense_quant, self.device, self.dtype,
+                int4_decode=int4_decode,
             )
             self.loader = ExpertLoader(self.source, self.device, self.fetch_loop)
             self.quantized_linear = quantized_linear_for(self.device, fused=self.options.fused_kernels)

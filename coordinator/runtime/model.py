@@ -176,7 +176,10 @@ class Transformer:
                                        step.rotary_rows if step is not None else None)
         qkv = None
         if w.qkv_proj is not None:  # one matmul for the three projections (views of one weight)
-            qkv = F.linear(x, w.qkv_proj, w.qkv_bias)  # [T, (Q+2K)*D]
+            if length == 1 and w.qkv_int4 is not None:  # one decode token: read the 4-bit codes
+                qkv = w.qkv_int4(x) if w.qkv_bias is None else w.qkv_int4(x) + w.qkv_bias
+            else:
+                qkv = F.linear(x, w.qkv_proj, w.qkv_bias)  # [T, (Q+2K)*D]
             q, k, v = qkv.split(w.qkv_widths, dim=-1)
         else:
             q, k, v = F.linear(x, w.q_proj, w.q_bias), F.linear(x, w.k_proj, w.k_bias), F.linear(x, w.v_proj, w.v_bias)
@@ -195,7 +198,7 @@ class Transformer:
         rows = step.rotary_rows if step is not None else self.rotary.rows(start, length)  # [T, 2R]
         if (self.decode_attention is not None and length == 1 and isinstance(start, torch.Tensor)
                 and heads is not None and w.sinks is None):  # one decode token: three kernels, positions <= start only
-            return F.linear(self._fused_decode(heads, rows, layer, start, kv, window), w.o_proj, w.o_bias)
+            return _output_projection(self._fused_decode(heads, rows, layer, start, kv, window), w)
         if heads is not None:  # q and k side by side: turned together
             self.rotary.turn_(heads[:, : c.num_heads + c.num_kv_heads].transpose(0, 1), rows)
             keys, values = kv.update_stacked(layer, start, heads[:, c.num_heads :].transpose(0, 1))  # [K, S, D] each
@@ -212,7 +215,7 @@ class Transformer:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=None if mask is None else mask.repeat(group, 1),
                                                  scale=self.scale)  # [K, group*T, D]
             out = out.view(c.num_heads, length, c.head_dim).transpose(0, 1).reshape(length, -1)  # [T, Q*D]
-            return F.linear(out, w.o_proj, w.o_bias)
+            return _output_projection(out, w)
         scores = torch.matmul(q, keys.transpose(1, 2)) * self.scale  # [K, group*T, S]
         scores = scores.view(c.num_kv_heads, group, length, -1)
         if mask is not None:
@@ -223,7 +226,7 @@ class Transformer:
             probs = softmax_with_sinks(scores, w.sinks.view(c.num_kv_heads, group)).to(q.dtype)
         out = torch.matmul(probs.view(c.num_kv_heads, group * length, -1), values)  # [K, group*T, D]
         out = out.view(c.num_heads, length, c.head_dim).transpose(0, 1).reshape(length, -1)  # [T, Q*D]
-        return F.linear(out, w.o_proj, w.o_bias)
+        return _output_projection(out, w)
 
     def _fused_decode(self, heads: torch.Tensor, rows: torch.Tensor, layer: int, start: torch.Tensor, kv: KVCache,
                       window: int | None) -> torch.Tensor:
@@ -273,3 +276,12 @@ class Transformer:
         if not all_logits:
             x = x[-1:]
         return F.linear(rms_norm(x, w.norm, c.rms_norm_eps), w.lm_head).float()
+
+
+def _output_projection(out: torch.Tensor, w) -> torch.Tensor:
+    """out [T, Q*D] @ o_proj.T (+ bias): one decode token through the 4-bit codes where the layer
+    keeps them (LayerWeights.o_int4), else the weight."""
+    if out.shape[0] == 1 and w.o_int4 is not None:
+        projected = w.o_int4(out)
+        return projected if w.o_bias is None else projected + w.o_bias
+    return F.linear(out, w.o_proj, w.o_bias)

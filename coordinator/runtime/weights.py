@@ -19,6 +19,8 @@ from common.model_config import ModelConfig
 from common.quantization import QuantizedMatrix, QuantSpec
 from common.store import dense_names
 
+from .kernels import int4_linear
+from .kernels.int4_linear import Int4Linear
 from .latent_attention import LatentWeights
 
 
@@ -51,6 +53,10 @@ class LayerWeights:
     qkv_bias: torch.Tensor | None = None  # [(Q+2K)*D]
     qkv_widths: tuple[int, int, int] | None = None  # (Q*D, K*D, K*D): where qkv_proj's output splits
     qk_norm_rows: torch.Tensor | None = None  # [Q+K, D]: q_norm per query head, k_norm per key head (stack_qk_norms)
+    # one decode token's qkv and o projections read as 4-bit codes (kernels/int4_linear.py), where
+    # the store quantizes them and the engine asks (CUDA, bf16); the prompt keeps the weights above
+    qkv_int4: Int4Linear | None = None
+    o_int4: Int4Linear | None = None
 
     def fuse_qkv(self) -> None:
         """Stack q, k and v into one weight: one matmul instead of three per layer (a decode
@@ -73,7 +79,8 @@ class LayerWeights:
 
     def tensors(self) -> list[torch.Tensor]:
         own = [t for t in vars(self).values() if isinstance(t, torch.Tensor)]
-        return own + (self.latent.tensors() if self.latent is not None else [])
+        int4 = [t for linear in (self.qkv_int4, self.o_int4) if linear is not None for t in linear.tensors()]
+        return own + int4 + (self.latent.tensors() if self.latent is not None else [])
 
 
 @dataclass
@@ -91,7 +98,13 @@ class DenseWeights:
         dense_quant: QuantSpec,
         device: torch.device,
         dtype: torch.dtype,
+        *,
+        int4_decode: bool = False,
     ) -> "DenseWeights":
+        """`int4_decode`: also keep 4-bit q/k/v and o projections as codes for decode tokens
+        (int4_linear.Int4Linear, CUDA only), where they are stored so and it takes them."""
+        quantized: dict[str, QuantizedMatrix] = {}  # the projections stored quantized, by name
+
         def plain(name: str) -> torch.Tensor:
             return tensors[name].to(device=device, dtype=dtype)
 
@@ -102,7 +115,8 @@ class DenseWeights:
             if name in tensors:
                 return plain(name)
             # 4-bit attention is dequantized once at load: it is small next to the experts.
-            return QuantizedMatrix.from_tensors(tensors, name, dense_quant).dequantize(torch.float32).to(device=device, dtype=dtype)
+            quantized[name] = QuantizedMatrix.from_tensors(tensors, name, dense_quant)
+            return quantized[name].dequantize(torch.float32).to(device=device, dtype=dtype)
 
         embed = plain(dense_names.EMBED)
         lm_head = embed if config.tie_word_embeddings else plain(dense_names.LM_HEAD)
@@ -135,8 +149,11 @@ class DenseWeights:
             )
             for l in range(config.num_layers)
         ]
-        for layer in layers:
+        for l, layer in enumerate(layers):
             layer.fuse_qkv()
+            if int4_decode and layer.qkv_proj is not None:
+                _keep_int4(layer, [quantized.get(dense_names.attention(l, n)) for n in ("q_proj", "k_proj", "v_proj")],
+                           quantized.get(dense_names.attention(l, "o_proj")), device, dtype)
             if config.qk_norm == "head":
                 layer.stack_qk_norms(config.num_heads, config.num_kv_heads)
             if layer.sinks is not None:  # in the model's dtype, then float32 once (the softmax's): no cast per step
@@ -149,6 +166,16 @@ class DenseWeights:
         for layer in self.layers:
             tensors += layer.tensors()
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _keep_int4(layer: LayerWeights, qkv: list[QuantizedMatrix | None], o: QuantizedMatrix | None,
+               device: torch.device, dtype: torch.dtype) -> None:
+    """The layer's stacked qkv and its o as Int4Linear, each where all its parts are stored at
+    4 bits and tinygemm takes them (int4_linear.supports); else that one stays bf16 only."""
+    if all(m is not None for m in qkv) and int4_linear.supports(qkv, dtype):
+        layer.qkv_int4 = int4_linear.Int4Linear(qkv, device)
+    if o is not None and int4_linear.supports([o], dtype):
+        layer.o_int4 = int4_linear.Int4Linear([o], device)
 
 
 def gated_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
