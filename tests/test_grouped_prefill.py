@@ -50,11 +50,12 @@ class _Grouped:
         return True
 
 
-def test_the_grouped_step_pays_up_to_its_measured_rows_per_expert():
+def test_the_grouped_step_pays_with_many_experts_or_few_rows_an_expert():
     from coordinator.runtime.kernels import grouped_prefill
 
-    most = grouped_prefill.MOST_ROWS
+    most, many = grouped_prefill.MOST_ROWS, grouped_prefill.MANY_EXPERTS
     assert grouped_prefill.pays(8 * most, 8) and not grouped_prefill.pays(8 * most + 1, 8)
+    assert grouped_prefill.pays(1000 * many, many)  # many experts: always
 
 
 def test_the_moe_block_takes_the_grouped_step_only_with_every_expert_resident_and_no_read_back_needed(store4):

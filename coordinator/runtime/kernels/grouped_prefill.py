@@ -3,9 +3,9 @@ launches read in place from the layer's cache slots, with no read-back of the ro
 
 Why: the per-expert prompt path (moe.MoEBlock.forward) reads the routing back to the host once a
 layer and then issues ~12 small launches per expert: with 128 experts a layer (Qwen3-30B-A3B) a
-512-token layer took 34.5 ms that way against 0.92 ms here, and Mixtral's 8 took 4.1 ms against
-2.8 (scripts/grouped_prefill_bench.py on an H200, 2026-12-01). Here the host issues the same dozen
-launches per layer whatever the routing, and none waits for the GPU:
+512-token layer took 28.7 ms that way against 1.07 ms here (scripts/grouped_prefill_bench.py on an
+H200, 2026-12-01). Here the host issues the same dozen launches per layer whatever the routing,
+and none waits for the GPU:
 
   route (the MoE block's own router, on the device)
   plan_tiles: the T*k choices sorted by expert (stable), each expert's rows cut into tiles of BM
@@ -26,8 +26,8 @@ launches per layer whatever the routing, and none waits for the GPU:
 Numerics: each weight rounds as prefill_matmul's and the dequantize kernel's; only the order of
 the float32 sums differs from the per-expert path (and, for k > 2 or a shared expert, the order
 of the bf16 adds). 16-bit models only (tl.dot would round float32 to TF32); anything else keeps
-the per-expert path, and so does a chunk whose experts get more than MOST_ROWS rows on average
-(`pays`: there dequantize once + cuBLAS measured faster). `MOE_EDGE_GROUPED_PREFILL=0` keeps it
+the per-expert path, and so does a chunk of a model with few experts that get more than
+MOST_ROWS rows each on average (`pays`: there dequantize once + cuBLAS measured faster). `MOE_EDGE_GROUPED_PREFILL=0` keeps it
 too, to compare.
 
 Legend: T = tokens, k = experts per token, R = T*k rows, E = experts per layer, H = hidden size,
@@ -149,19 +149,24 @@ def supports(layout: BlobLayout, dtype: torch.dtype) -> bool:
 
 # (most rows an expert gets on average, config): the best of scripts/grouped_prefill_bench.py's
 # sweep on an H200 (2026-12-01: Mixtral-8x7B 2-bit at 128-2048 tokens, Qwen3-30B-A3B 4-bit),
-# first fit wins. Past MOST_ROWS the per-expert path (dequantize once + cuBLAS) measured faster:
-# each tile of rows dequantizes its weight tiles again.
+# first fit wins.
 CONFIG_TABLE: tuple[tuple[int, PrefillConfig], ...] = (
     (64, PrefillConfig(64, 128, 64, 4, 3, True)),
     (1 << 62, PrefillConfig(128, 64, 64, 4, 3, True)),
 )
-MOST_ROWS = 256  # per expert on average: Mixtral's 128 (512 tokens) 1.46x faster, 512 (2048 tokens) 0.91x
+# Where it pays (the same bench, against the per-expert path with its routing read-back): with
+# many experts a layer always (Qwen3-30B-A3B's 128: 22-40x at 128-2048 tokens, the per-expert
+# path's launches dominate there), with few only while an expert gets few rows (Mixtral's 8:
+# 1.41x at 128 tokens, 32 rows each; 0.99x at 512, 0.84x at 1024, 0.80x at 2048: each tile of
+# rows dequantizes its weight tiles again, where the per-expert path dequantizes once for cuBLAS).
+MANY_EXPERTS = 32
+MOST_ROWS = 64  # per expert on average, below MANY_EXPERTS
 
 
 def pays(rows: int, num_experts: int) -> bool:
     """Whether the grouped step measured faster than the per-expert path for `rows` choices over
-    E experts (the average an expert gets, up to MOST_ROWS)."""
-    return rows <= MOST_ROWS * num_experts
+    E experts."""
+    return num_experts >= MANY_EXPERTS or rows <= MOST_ROWS * num_experts
 
 
 def grouped_config(rows: int, num_experts: int, bits: int, group: int) -> PrefillConfig:
