@@ -27,10 +27,11 @@ import random
 import sys
 
 import torch
+import torch.nn.functional as F
 
 from common.expert_ffn import expert_forward
 from coordinator.runtime.kernels import grouped_prefill
-from tests.slot_expert_check import BOUND, SLOTS, layout_for, random_memory, reference
+from tests.slot_expert_check import BOUND, SLOTS, layout_for, random_memory
 
 SHAPES = {"cuda": [(256, 256), (1024, 512)], "cpu": [(256, 256)]}  # planes of whole groups at 2 bits (supports)
 TOKENS = {"cuda": (1, 7, 40, 300), "cpu": (1, 7, 40)}  # table rows BM 16, 16, 32, 128
@@ -63,6 +64,25 @@ def check_tiles(tiles: grouped_prefill.Tiles, experts: torch.Tensor, block_m: in
     return bool((seen == 1).all())
 
 
+def dequantized64(layout, blob) -> tuple[torch.Tensor, torch.Tensor]:
+    """One slot's (w13, w2) dequantized, float64 on the CPU (once per slot: the reference's cost)."""
+    expert = layout.views(blob.cpu())
+    return expert.w13.dequantize(torch.float32).double(), expert.w2.dequantize(torch.float32).double()
+
+
+def float64_moe(experts64, x, experts, weights, slot_of) -> torch.Tensor:
+    """sum_p weights[t, p] * expert_{experts[t, p]}(x[t]) in float64, [T, H] on the CPU."""
+    x64, experts, weights = x.double().cpu(), experts.cpu(), weights.double().cpu()
+    out = torch.zeros_like(x64)
+    for expert in range(SLOTS):
+        token, position = (experts == expert).nonzero(as_tuple=True)
+        if token.numel():
+            w13, w2 = experts64[int(slot_of[expert])]
+            gate, up = (x64[token] @ w13.T).chunk(2, dim=-1)
+            out.index_add_(0, token, weights[token, position, None] * ((F.silu(gate) * up) @ w2.T))
+    return out
+
+
 def per_expert_path(layout, memory, x, experts, weights, slot_of) -> torch.Tensor:
     """What MoEBlock.forward computes without the grouped kernel, in x's dtype."""
     out = torch.zeros_like(x)
@@ -85,6 +105,7 @@ def main(device: str, seed: int) -> int:
             assert grouped_prefill.supports(layout, torch.bfloat16), (hidden, ffn, bits)
             memory = random_memory(layout, generator).to(device)
             slot_of = torch.randperm(SLOTS, generator=generator)  # expert -> its slot
+            experts64 = [dequantized64(layout, memory[slot]) for slot in range(SLOTS)]  # by slot
             for dtype in (torch.bfloat16, torch.float16):
                 for tokens in TOKENS[device]:
                     for kind in ("uniform", "no expert 1", "skewed"):
@@ -104,10 +125,7 @@ def main(device: str, seed: int) -> int:
                         config = grouped_prefill.grouped_config(experts.numel(), SLOTS, bits, layout.spec.group_size)
                         tiles_ok = check_tiles(grouped_prefill.plan_tiles(experts, SLOTS, config.block_m), experts,
                                                config.block_m)
-                        exact = torch.zeros(tokens, hidden, dtype=torch.float64)
-                        for t in range(tokens):
-                            exact[t] = reference(layout, memory, x[t : t + 1], slot_of[experts[t].cpu()],
-                                                 weights[t : t + 1].cpu())[0]
+                        exact = float64_moe(experts64, x, experts, weights, slot_of)
                         plain = per_expert_path(layout, memory, x, experts, weights, slot_of).double().cpu()
                         added = out.double().cpu()
                         scale = exact.norm().item() + 1e-30
