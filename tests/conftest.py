@@ -5,6 +5,7 @@ share; and run_cli, which calls a command line's main() in this process. Nothing
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import os
 import subprocess
@@ -152,3 +153,4 @@ def expert_host_cli(*args) -> CliResult:
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")

@@ -4,19 +4,17 @@ for real on a GPU), it is taken only where it applies (one token with a device p
 stacked qkv, no sinks, no latent attention; CUDA with Triton; MOE_EDGE_FUSED_ATTENTION not 0),
 and on CUDA a resident decode gives the same greedy tokens with it as without."""
 
-import importlib.util
 import random
 
 import pytest
 import torch
 
-from conftest import requires_cuda, run_module
+from conftest import needs_triton, requires_cuda, run_module
 from coordinator.runtime.decoder import Decoder
 from coordinator.runtime.engine import Engine
 from coordinator.runtime.model import KVCache, fused_decode_attention
 
 STEPS = 8
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 
 def check(device: str) -> None:

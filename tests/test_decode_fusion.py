@@ -4,16 +4,12 @@ router) against today's torch ops, under Triton's CPU interpreter here and for r
 gives the greedy tokens of the torch ops (MOE_EDGE_FUSED_DECODE=0). The CPU's decode never runs
 them."""
 
-import importlib.util
-
 import pytest
 import torch
 
-from conftest import check_kernels, requires_cuda, run_module
+from conftest import check_kernels, needs_triton, requires_cuda, run_module
 from coordinator.runtime.engine import Engine
 from test_resident_decode import decode
-
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 
 @needs_triton

@@ -4,16 +4,12 @@ interpreter here, for real on a GPU), its wiring in a bf16 engine under the inte
 the MoE block takes it: only with every expert resident and nothing needing the routing on the
 host."""
 
-import importlib.util
-
 import pytest
 import torch
 
-from conftest import check_kernels, requires_cuda, run_module
+from conftest import check_kernels, needs_triton, requires_cuda, run_module
 from coordinator.runtime.engine import Engine
 from coordinator.runtime.model import KVCache
-
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 
 @needs_triton

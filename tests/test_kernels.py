@@ -4,14 +4,10 @@ fewer and smaller shapes. Each run draws a fresh seed and prints it. The HQQ ker
 tests/kernel_check.py, the MXFP4 ones (and a GPT-OSS expert read through them from a blob) by
 tests/mxfp4_kernel_check.py."""
 
-import importlib.util
-
 import pytest
 import torch
 
-from conftest import check_kernels, requires_cuda
-
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+from conftest import check_kernels, needs_triton, requires_cuda
 
 
 @needs_triton

@@ -5,15 +5,12 @@ Triton's interpreter here, on the GPU in the twin. Also: which path quantized_li
 (MOE_EDGE_FUSED_PREFILL), what the kernel refuses, the config table, and what the interpreter
 cannot see, the table's tiles compiled for sm_90 without a GPU."""
 
-import importlib.util
 import re
 
 import pytest
 import torch
 
-from conftest import check_kernels, requires_cuda
-
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+from conftest import check_kernels, needs_triton, requires_cuda
 
 
 @needs_triton

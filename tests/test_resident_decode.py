@@ -5,18 +5,15 @@ count every use as a hit, and go back to the per-layer path once a slot changes 
 in-place slot kernels it runs on CUDA (kernels/slot_experts.py) are checked against float64
 math, under Triton's CPU interpreter here and for real on a GPU."""
 
-import importlib.util
-
 import pytest
 import torch
 
-from conftest import check_kernels, requires_cuda
+from conftest import check_kernels, needs_triton, requires_cuda
 from coordinator.runtime.decoder import Decoder
 from coordinator.runtime.engine import Engine
 from coordinator.runtime.model import KVCache
 
 STEPS = 8
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 
 def decode(engine: Engine, device: torch.device, *, resident_path: bool) -> tuple[list[int], torch.Tensor, Decoder]:
