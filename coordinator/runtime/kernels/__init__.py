@@ -74,12 +74,13 @@ def slot_experts_for(device: torch.device, layout, top_k: int, dtype: torch.dtyp
     return SlotExperts(layout, top_k, device, dtype, variant) if supports(layout) else None
 
 
+GROUPED_PREFILL_SWITCH = "MOE_EDGE_GROUPED_PREFILL"  # here, so that checking it imports no Triton
+
+
 def grouped_experts_for(device: torch.device, layout, dtype: torch.dtype, *, fused: bool = True):
     """A grouped_prefill.GroupedExperts for this layout on CUDA with Triton (and its switch on),
-    or None (another device or layout, a float32 model, fused kernels off)."""
-    from .grouped_prefill import SWITCH
-
-    if not fused or not switched_on(device, SWITCH):
+    or None (another device or layout, a float32 model, fused kernels off, no Triton)."""
+    if not fused or not switched_on(device, GROUPED_PREFILL_SWITCH):
         return None
     from .grouped_prefill import GroupedExperts, supports
 
