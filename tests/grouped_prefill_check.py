@@ -6,9 +6,8 @@ Not collected by pytest (no test_ prefix).
 
 `python -m tests.grouped_prefill_check prompt STORE` (TRITON_INTERPRET=1; a store the kernel
 takes, e.g. the tiny model at 4 bits): the MoE block's wiring (moe.py's resident prompt step) in a
-bf16 engine with every expert resident: the prompt's greedy token and logits as the per-expert
-path's (within the bf16 bound of decode_fusion_decode_check), in one chunk and in chunks of 7
-tokens, and the same hits counted (each chunk's distinct experts per layer, as the per-expert path
+float16 engine with every expert resident (DTYPE says why not bf16): the prompt's greedy token and
+logits as the per-expert path's (within PROMPT_BOUND), in one chunk and in chunks of 7 tokens, and the same hits counted (each chunk's distinct experts per layer, as the per-expert path
 counts them).
 
 What it asks, for 2 and 4 bits, bf16 and fp16, token counts that leave tiles part full, routings
@@ -138,6 +137,12 @@ def main(device: str, seed: int) -> int:
     return 1 if failures else 0
 
 
+# float16, not bfloat16: Triton's interpreter truncates float32 -> bf16 (the GPU rounds to nearest
+# even), which put a bf16 Qwen2-MoE's grouped logits 4.0% of the largest from float32's where the
+# per-expert path's are 1.1%; in float16 both round alike and the kernels give the per-expert
+# path's sums but for their order.
+DTYPE = "float16"
+PROMPT_BOUND = 1e-2  # of the largest logit: fp16 roundings of the same values in another order, over a few layers
 PROMPT = "The quick brown fox jumps over the lazy dog, then it runs back home to sleep by the fire."
 
 
@@ -146,7 +151,7 @@ def main_prompt(store: str) -> int:
     from coordinator.runtime.model import KVCache
 
     failures = 0
-    with Engine.open(store, cache_experts=2, dtype="bfloat16") as engine, torch.inference_mode():
+    with Engine.open(store, cache_experts=2, dtype=DTYPE) as engine, torch.inference_mode():
         engine.use_cache_mode("resident")
         prompt = engine.encode(PROMPT)
         assert engine.moe.grouped is None, "the CPU's own prompt path is not grouped"
@@ -166,7 +171,7 @@ def main_prompt(store: str) -> int:
             grouped, hits = prefill(chunk)
             plain, plain_hits = plain_runs[chunk]
             error = ((grouped - plain).abs().max() / plain.abs().max()).item()
-            ok = int(grouped.argmax()) == int(plain.argmax()) and error < 5e-2 and hits == plain_hits
+            ok = int(grouped.argmax()) == int(plain.argmax()) and error < PROMPT_BOUND and hits == plain_hits
             failures += not ok
             print(f"{'ok  ' if ok else 'FAIL'} prompt of {len(prompt)} tokens in chunks of {chunk}: token"
                   f" {int(grouped.argmax())} vs {int(plain.argmax())}, logits max rel err {error:.1e},"

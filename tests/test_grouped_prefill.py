@@ -24,13 +24,37 @@ def test_grouped_kernels_match_float64_and_the_per_expert_path_on_the_gpu():
     check_kernels("tests.grouped_prefill_check", "cuda")
 
 
-@needs_triton
-def test_a_resident_prompt_through_the_grouped_step_gives_the_per_expert_paths_token_and_hits(store4):
-    result = run_module("tests.grouped_prefill_check", "prompt", str(store4),
+@pytest.fixture(scope="module", params=["qwen3_moe", "qwen2_moe"])
+def family_store4(request, tmp_path_factory):
+    """A tiny store of a family the grouped step meets beyond Mixtral: Qwen3-MoE (dense first
+    layer, renormalised top-k) and Qwen2-MoE (a gated shared expert its output adds to); 4-bit,
+    group 64, planes of whole groups (grouped_prefill.supports)."""
+    from coordinator.tools.pack import pack_checkpoint
+    from coordinator.tools.tiny_model import make_tiny_model
+
+    folder = make_tiny_model(tmp_path_factory.mktemp("grouped") / request.param, family=request.param, seed=0,
+                             num_layers=3, hidden_size=128, intermediate_size=128)
+    out = tmp_path_factory.mktemp("grouped-stores") / request.param
+    pack_checkpoint(model_dir=folder, out=out, expert_bits=4, dense_bits=16, progress=False)
+    return out
+
+
+def _prompt_check(store) -> None:
+    result = run_module("tests.grouped_prefill_check", "prompt", str(store),
                         env_extra={"TRITON_INTERPRET": "1"}, timeout=600)
     print(result.stdout)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("ok  ") == 2
+
+
+@needs_triton
+def test_a_resident_prompt_through_the_grouped_step_gives_the_per_expert_paths_token_and_hits(store4):
+    _prompt_check(store4)
+
+
+@needs_triton
+def test_the_same_for_qwen3_and_qwen2_moe_shapes(family_store4):
+    _prompt_check(family_store4)
 
 
 class _Grouped:
