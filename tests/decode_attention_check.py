@@ -143,22 +143,13 @@ def decode(store: Path, device: str, dtype: torch.dtype, fused: bool) -> tuple[l
     CUDA), with the fused path forced on or off: (tokens, logits [steps, V])."""
     from coordinator.runtime.decoder import Decoder
     from coordinator.runtime.engine import Engine
-    from coordinator.runtime.model import KVCache
+    from tests.greedy_decode import greedy_steps
 
     with Engine.open(store, device=device, dtype=str(dtype).split(".")[-1]) as engine, torch.inference_mode():
         engine.model.decode_attention = decode_attention if fused else None
-        prompt = engine.encode("The quick brown fox")
-        kv = KVCache(engine.config, 64, torch.device(device), engine.dtype)
-        logits = engine._prefill(prompt, kv)
-        decoder = Decoder(engine.model, kv)
-        tokens, steps, position = [], [], len(prompt)
-        for _ in range(DECODE_STEPS):
-            tokens.append(int(logits[-1].argmax()))
-            logits = decoder.step(tokens[-1], position).clone()
-            steps.append(logits[0])
-            position += 1
-        assert fused == (kv.decode_partials is not None)  # the path asked for is the one that ran
-        return tokens, torch.stack(steps).float().cpu()
+        run = greedy_steps(engine, DECODE_STEPS, decoder=lambda kv: Decoder(engine.model, kv))
+        assert fused == (run.kv.decode_partials is not None)  # the path asked for is the one that ran
+        return run.tokens, run.logits.float().cpu()
 
 
 def model_cases(device: str, dtypes: list[torch.dtype]) -> int:

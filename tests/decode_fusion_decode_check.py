@@ -22,7 +22,7 @@ from coordinator.runtime import decoder as decoder_module
 from coordinator.runtime.decoder import Decoder
 from coordinator.runtime.engine import Engine
 from coordinator.runtime.kernels import decode_fusion
-from coordinator.runtime.model import KVCache
+from tests.greedy_decode import greedy_steps
 
 STEPS = 6
 
@@ -37,18 +37,13 @@ class _Clock:
 def decode(engine: Engine, *, resident_path: bool, clock: bool = False) -> tuple[list[int], torch.Tensor, Decoder]:
     """Greedy steps from a fixed prompt through a fresh decoder: (tokens, logits [STEPS, V], decoder).
     clock: the decoder's phase clock set (resident: the per-layer graphs in place of the token's)."""
-    prompt = engine.encode("The quick brown fox")
-    kv = KVCache(engine.config, 64, torch.device("cpu"), engine.dtype)
-    logits = engine._prefill(prompt, kv)
-    decoder = Decoder(engine.model, kv, cuda_graphs=False, resident_path=resident_path)
-    decoder.clock = _Clock() if clock else None
-    tokens, steps, position = [], [], len(prompt)
-    for _ in range(STEPS):
-        tokens.append(int(logits[-1].argmax()))
-        logits = decoder.step(tokens[-1], position).clone()
-        steps.append(logits[0])
-        position += 1
-    return tokens, torch.stack(steps), decoder
+    def make(kv):
+        decoder = Decoder(engine.model, kv, cuda_graphs=False, resident_path=resident_path)
+        decoder.clock = _Clock() if clock else None
+        return decoder
+
+    run = greedy_steps(engine, STEPS, decoder=make)
+    return run.tokens, run.logits, run.decoder
 
 
 def main(store: str, dtype: str) -> int:

@@ -13,6 +13,7 @@ from conftest import needs_triton, requires_cuda, run_module
 from coordinator.runtime.decoder import Decoder
 from coordinator.runtime.engine import Engine
 from coordinator.runtime.model import KVCache, fused_decode_attention
+from greedy_decode import greedy_steps
 
 STEPS = 8
 
@@ -136,19 +137,10 @@ def decode_on_cuda(store, dtype: str, capacity: int, monkeypatch, fused: bool) -
     with Engine.open(store, device="cuda", dtype=dtype, cache_experts=2) as engine, torch.inference_mode():
         assert (engine.model.decode_attention is not None) == fused
         engine.use_cache_mode("resident")
-        prompt = engine.encode("The quick brown fox")
-        kv = KVCache(engine.config, capacity, device, engine.dtype)
-        logits = engine._prefill(prompt, kv)
-        decoder = Decoder(engine.model, kv, cuda_graphs=True)
-        assert decoder.resident and decoder.token_graph is not None
-        tokens, steps, position = [], [], len(prompt)
-        for _ in range(STEPS):
-            tokens.append(int(logits[-1].argmax()))
-            logits = decoder.step(tokens[-1], position).clone()
-            steps.append(logits[0])
-            position += 1
-        assert (kv.decode_partials is not None) == fused
-        return tokens, torch.stack(steps).float()
+        run = greedy_steps(engine, STEPS, capacity=capacity, decoder=lambda kv: Decoder(engine.model, kv, cuda_graphs=True))
+        assert run.decoder.resident and run.decoder.token_graph is not None
+        assert (run.kv.decode_partials is not None) == fused
+        return run.tokens, run.logits.float()
 
 
 @pytest.mark.parametrize("capacity", [64, 2000])  # one chunk; 32 of them, all but the first skipped (the tiny model has 2048 positions)

@@ -4,7 +4,6 @@ its scale and zero (checked here, off the GPU, through the weight tinygemm multi
 takes, that the CPU never asks for it, and on a GPU a decode whose logits stay within a bound of
 the bf16 projections'."""
 
-import os
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from common.quantization import QuantSpec, quantize_matrix
 from conftest import requires_cuda
 from coordinator.runtime.engine import Engine
 from coordinator.runtime.kernels import int4_linear
-from coordinator.runtime.model import KVCache
+from greedy_decode import greedy_steps
 
 BF16_UNIT = 2.0**-8  # bf16's unit roundoff (8 significant bits)
 
@@ -58,16 +57,8 @@ def _decode_logits(store, forced: list[int] | None = None, steps=8) -> tuple[lis
     [steps, V], whether every layer took the 4-bit projections)."""
     with Engine.open(store, cache_experts=2, device="cuda", dtype="bfloat16") as engine, torch.inference_mode():
         taken = all(l.qkv_int4 is not None and l.o_int4 is not None for l in engine.dense.layers)
-        prompt = engine.encode("The quick brown fox")
-        kv = KVCache(engine.config, 64, engine.device, engine.dtype)
-        logits = engine._prefill(prompt, kv)
-        tokens, rows, position = [], [], len(prompt)
-        for step in range(steps):
-            tokens.append(int(logits[-1].argmax()) if forced is None else forced[step])
-            logits = engine._decode_step(tokens[-1], position, kv).clone()
-            rows.append(logits[0].float().cpu())
-            position += 1
-        return tokens, torch.stack(rows), taken
+        run = greedy_steps(engine, steps, forced=forced)
+        return run.tokens, run.logits.float().cpu(), taken
 
 
 @requires_cuda

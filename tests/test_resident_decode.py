@@ -11,24 +11,18 @@ import torch
 from conftest import check_kernels, needs_triton, requires_cuda
 from coordinator.runtime.decoder import Decoder
 from coordinator.runtime.engine import Engine
-from coordinator.runtime.model import KVCache
+from greedy_decode import greedy_steps
 
 STEPS = 8
 
 
 def decode(engine: Engine, device: torch.device, *, resident_path: bool) -> tuple[list[int], torch.Tensor, Decoder]:
-    """Greedy steps from a fixed prompt through a fresh decoder: (tokens, logits [STEPS, V], decoder)."""
-    prompt = engine.encode("The quick brown fox")
-    kv = KVCache(engine.config, 64, device, engine.dtype)
-    logits = engine._prefill(prompt, kv)
-    decoder = Decoder(engine.model, kv, cuda_graphs=True, resident_path=resident_path)
-    tokens, steps, position = [], [], len(prompt)
-    for _ in range(STEPS):
-        tokens.append(int(logits[-1].argmax()))
-        logits = decoder.step(tokens[-1], position).clone()
-        steps.append(logits[0])
-        position += 1
-    return tokens, torch.stack(steps), decoder
+    """Greedy steps from a fixed prompt through a fresh decoder: (tokens, logits [STEPS, V], decoder).
+    (device: the engine's, named by the caller.)"""
+    assert engine.device.type == device.type
+    run = greedy_steps(engine, STEPS, decoder=lambda kv: Decoder(engine.model, kv, cuda_graphs=True,
+                                                                 resident_path=resident_path))
+    return run.tokens, run.logits, run.decoder
 
 
 @pytest.mark.parametrize("store_name", ["store16", "store4", "store2"])
