@@ -43,10 +43,14 @@ def test_quantized_store_generates_in_half_precision_on_cuda(request, store_name
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_fused_kernels_change_no_greedy_token(store4, dtype):
+def test_fused_kernels_change_no_greedy_token(store4, dtype, monkeypatch):
     from coordinator.runtime import kernels
+    from coordinator.runtime.kernels import int4_linear
 
     assert kernels.available()
+    # the expert kernels alone: the 4-bit attention projections round their weights otherwise
+    # than the bf16 ones (a stated bound, not equal tokens: tests/test_int4_attention.py)
+    monkeypatch.setenv(int4_linear.SWITCH, "0")
     fused = tokens(store4, device="cuda", dtype=dtype, cache_experts=2)
     plain = tokens(store4, device="cuda", dtype=dtype, cache_experts=2, fused_kernels=False)
     assert fused == plain
