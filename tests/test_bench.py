@@ -44,6 +44,22 @@ def test_bench_reports_every_mode_with_consistent_counts(synthetic_store, run_co
     assert "random weights" in report["routing"]
     for r in modes.values():
         assert r["decode_tokens_per_s"] > 0 and set(r["breakdown_ms_per_token"]) >= {"attention", "expert compute"}
+    assert report["host_load"]["cores"] >= 1 and report["host_load"]["others_cores"] >= 0
+
+
+def test_the_host_load_counts_other_processes_cpu_not_this_ones(monkeypatch):
+    from coordinator.bench import host_load
+
+    clock = {"wall": 100.0, "all": 50.0, "own": 20.0}
+    monkeypatch.setattr(host_load.time, "perf_counter", lambda: clock["wall"])
+    monkeypatch.setattr(host_load, "_all_busy_seconds", lambda: clock["all"])
+    monkeypatch.setattr(host_load, "_own_seconds", lambda: clock["own"])
+    meter = host_load.HostLoadMeter().start()
+    clock.update(wall=110.0, all=50.0 + 30.0, own=20.0 + 12.0)  # 10 s: 30 core-seconds, 12 of them ours
+    load = meter.stop()
+    assert load.others_cores == pytest.approx(1.8) and load.busy
+    assert "1.8 of them busy" in load.describe() and "reads prompts and CPU runs low" in load.describe()
+    assert not host_load.HostLoad(16, 0.2).busy and "low" not in host_load.HostLoad(16, 0.2).describe()
 
 
 def test_gpu_budget_sets_the_slots_per_layer():

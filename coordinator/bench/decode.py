@@ -40,6 +40,7 @@ from ..runtime.engine import CACHE_MODES, Engine
 from ..runtime.engine_options import PLACEMENTS, EngineOptions
 from ..runtime.expert_loader import CopyTimer
 from ..runtime.phase_clock import PHASES, PhaseClock
+from .host_load import HostLoad, HostLoadMeter
 
 PLACED_MODES = ("lru", "lru+prefetch")  # the modes with misses for a placement to place
 
@@ -106,6 +107,7 @@ class BenchReport:
     source: str = "ram"  # ram, disk, or the expert hosts' addresses
     runs_elsewhere_on: str = "cpu"  # where run/auto runs a miss: "cpu" (this machine's) or "host"
     prepare_runs_s: float | None = None  # repacking every expert for runs elsewhere, before timing; None: not needed
+    host_load: HostLoad | None = None  # how busy other processes kept the host while the modes ran
 
     def result(self, mode: str, placement: str = "copy") -> ModeResult | None:
         return next((r for r in self.results if r.mode == mode and r.placement == placement and r.skipped is None), None)
@@ -280,8 +282,10 @@ def run_bench(*, store: str | Path, options: EngineOptions, tokens: int = 32, pr
         prepare_s = None
         if any(p != "copy" for _, p in pairs):  # repacking is a one-time cost: never inside a timed window
             prepare_s = engine.prepare_runs(progress=options.progress)
+        meter = HostLoadMeter().start()
         results = [run_mode(engine, mode, prompt=prompt, stream=stream, warmup=warmup_tokens, tokens=tokens,
                             profile=profile_tokens, placement=placement) for mode, placement in pairs]
+        host_load = meter.stop()
         manifest = engine.store.manifest
         return BenchReport(
             store=str(store),
@@ -303,6 +307,7 @@ def run_bench(*, store: str | Path, options: EngineOptions, tokens: int = 32, pr
                 sorted(engine.source.bytes_by_origin())),
             runs_elsewhere_on=engine.runs_elsewhere_on,
             prepare_runs_s=prepare_s,
+            host_load=host_load,
             routing=replayed[1] if replayed is not None else BenchReport.routing,
         )
 

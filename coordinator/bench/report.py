@@ -43,6 +43,7 @@ def render(report: BenchReport) -> str:
         + ("this machine's CPU" if report.runs_elsewhere_on == "cpu" else "the expert host that holds it")
         + ("" if report.prepare_runs_s is None else
            f" (every expert repacked for that before timing: {report.prepare_runs_s:.1f} s)"),
+        *([f"  {report.host_load.describe()}"] if report.host_load is not None else []),
         "",
         f"{'mode':<18} {'decode':>8} {'prefill':>8} {'hit':>5} {'pf':>5} {'pf':>5} {'experts':>8} {'GB':>6} {'link':>6} {'copy':>5} {'peak':>6} {'host':>6}",
         f"{'':<18} {'tok/s':>8} {'tok/s':>8} {'rate':>5} {'rec.':>5} {'prec':>5} {'/token':>8} {'/token':>6} {'GB/s':>6} {'busy':>5} {'GPU GB':>6} {'RSS GB':>6}",
