@@ -1,8 +1,8 @@
 """How busy the rest of the host was while bench timed: the CPU seconds every process spent,
 less this process's own (its threads, and the children it started: a --local-host expert host),
 over the wall time, in cores. Prompts and runs on the CPU are bound by the host issuing work, so
-a host that others keep busy reads them low (an H200 call measured a resident prompt at 2517
-tok/s with leftover test processes running, 3798-4901 without): the report says so."""
+a host that others keep busy reads them low (the resident prompt's per-expert path spread from
+2517 to 4848 tok/s across H200 calls, cause unknown): the report says how busy the rest was."""
 
 from __future__ import annotations
 
