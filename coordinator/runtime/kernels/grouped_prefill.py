@@ -27,8 +27,8 @@ Numerics: each weight rounds as prefill_matmul's and the dequantize kernel's; on
 the float32 sums differs from the per-expert path (and, for k > 2 or a shared expert, the order
 of the bf16 adds). 16-bit models only (tl.dot would round float32 to TF32); anything else keeps
 the per-expert path, and so does a chunk of a model with few experts that get more than
-MOST_ROWS rows each on average (`pays`: there dequantize once + cuBLAS measured faster). `MOE_EDGE_GROUPED_PREFILL=0` keeps it
-too, to compare.
+MOST_ROWS rows each on average (`pays`: there dequantize once + cuBLAS measured faster).
+`MOE_EDGE_GROUPED_PREFILL=0` keeps it too, to compare.
 
 Legend: T = tokens, k = experts per token, R = T*k rows, E = experts per layer, H = hidden size,
 F = expert FFN width, O = output rows of a matrix, P = packed bytes per row of a plane, G =
