@@ -23,7 +23,6 @@ What must hold:
     scores in float32 where torch rounds them twice, so on the GPU it is usually the closer
     one); a whole unit under the interpreter, whose roundings go toward zero."""
 
-import random
 import sys
 import tempfile
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from common.model_config import ModelConfig
 from coordinator.runtime.kernels import decode_attention
 from coordinator.runtime.model import RotaryEmbedding
+from tests.check_seed import device_and_seed, seeded
 
 BOUND = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 ROUNDING = {torch.float32: 0.0, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}  # half a unit in the last place
@@ -192,9 +192,7 @@ def model_cases(device: str, dtypes: list[torch.dtype]) -> int:
 
 
 def main(device: str, seed: int) -> int:
-    interpreter = "TRITON_INTERPRET=1 " if device == "cpu" else ""
-    print(f"seed {seed} (rerun: {interpreter}python -m tests.decode_attention_check {device} {seed})")
-    generator = torch.Generator().manual_seed(seed)
+    generator = seeded("tests.decode_attention_check", device, seed)
     dtypes = [torch.float32, torch.bfloat16] + ([torch.float16] if device == "cuda" else [])
     capacity = CAPACITY[device]
     failures = 0
@@ -211,6 +209,5 @@ def main(device: str, seed: int) -> int:
 
 
 if __name__ == "__main__":
-    device = sys.argv[1] if len(sys.argv) > 1 else "cuda"
-    seed = int(sys.argv[2]) if len(sys.argv) > 2 else random.randrange(2**31)
+    device, seed = device_and_seed()
     sys.exit(main(device, seed))

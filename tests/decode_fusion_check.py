@@ -30,7 +30,6 @@ Bounds:
                16-bit dtype of torch's a + partial.sum(0).to(dtype) (the order of R float32
                additions), the norm as above of rms_norm.py's on it."""
 
-import random
 import sys
 from types import SimpleNamespace
 
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 from coordinator.runtime import router as torch_router
 from coordinator.runtime.kernels import decode_fusion
 from coordinator.runtime.rms_norm import rms_norm
+from tests.check_seed import device_and_seed, seeded
 
 HIDDEN = {"cuda": [64, 1000, 4096, 7168, 8192], "cpu": [64, 1000, 4096]}
 # (experts, hidden, k): Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE (60 experts, 4 of them), a tiny one
@@ -192,9 +192,7 @@ def check_router(device: str, dtype: torch.dtype, shape: tuple[int, int, int], n
 
 
 def main(device: str, seed: int) -> int:
-    interpreter = "TRITON_INTERPRET=1 " if device == "cpu" else ""
-    print(f"seed {seed} (rerun: {interpreter}python -m tests.decode_fusion_check {device} {seed})")
-    generator = torch.Generator().manual_seed(seed)
+    generator = seeded("tests.decode_fusion_check", device, seed)
     dtypes = [torch.float32, torch.bfloat16, torch.float16]
     failures = 0
     for dtype in dtypes:
@@ -226,6 +224,5 @@ def main(device: str, seed: int) -> int:
 
 
 if __name__ == "__main__":
-    device = sys.argv[1] if len(sys.argv) > 1 else "cuda"
-    seed = int(sys.argv[2]) if len(sys.argv) > 2 else random.randrange(2**31)
+    device, seed = device_and_seed()
     sys.exit(main(device, seed))

@@ -22,7 +22,6 @@ is not their index:
   what it adds to: out's prior value (a shared expert's output) kept."""
 
 import dataclasses
-import random
 import sys
 
 import torch
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from common.expert_ffn import expert_forward
 from coordinator.runtime.kernels import grouped_prefill
 from tests.slot_expert_check import BOUND, SLOTS, layout_for, random_memory
+from tests.check_seed import device_and_seed, seeded
 
 SHAPES = {"cuda": [(256, 256), (1024, 512)], "cpu": [(256, 256)]}  # planes of whole groups at 2 bits (supports)
 TOKENS = {"cuda": (1, 7, 40, 300), "cpu": (1, 7, 40)}  # table rows BM 16, 16, 32, 128
@@ -94,9 +94,7 @@ def per_expert_path(layout, memory, x, experts, weights, slot_of) -> torch.Tenso
 
 
 def main(device: str, seed: int) -> int:
-    interpreter = "TRITON_INTERPRET=1 " if device == "cpu" else ""
-    print(f"seed {seed} (rerun: {interpreter}python -m tests.grouped_prefill_check {device} {seed})")
-    generator = torch.Generator().manual_seed(seed)
+    generator = seeded("tests.grouped_prefill_check", device, seed)
     failures = 0
     for hidden, ffn in SHAPES[device]:
         for bits in (2, 4):
@@ -182,5 +180,4 @@ def main_prompt(store: str) -> int:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["prompt"]:
         sys.exit(main_prompt(sys.argv[2]))
-    device = sys.argv[1] if len(sys.argv) > 1 else "cpu"
-    sys.exit(main(device, int(sys.argv[2]) if len(sys.argv) > 2 else random.randrange(2**31)))
+    sys.exit(main(*device_and_seed("cpu")))

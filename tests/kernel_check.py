@@ -3,13 +3,13 @@ tests/test_kernels.py, on the GPU or (TRITON_INTERPRET=1) on the CPU. Prints the
 (rerun a failure with `python -m tests.kernel_check DEVICE SEED`, with TRITON_INTERPRET=1 for
 the CPU), then one line per case, and exits non-zero on a miss. Not collected by pytest (no test_ prefix)."""
 
-import random
 import sys
 
 import torch
 
 from common.quantization import QuantSpec, quantize_matrix
 from coordinator.runtime.kernels import quantized_linear as kernels
+from tests.check_seed import device_and_seed, seeded
 
 BOUND = 1e-2  # relative L2 error in fp16/bf16 (fp32 lands far below it)
 # (rows, columns, group). The interpreter runs every program of the grid in Python, so the CPU
@@ -20,10 +20,8 @@ TOKENS = (1, 3, 17)  # one and a few tokens take the fused GEMV, 17 the dequanti
 
 
 def main(device: str, dtypes: list[torch.dtype], seed: int) -> int:
-    interpreter = "TRITON_INTERPRET=1 " if device == "cpu" else ""
-    print(f"seed {seed} (rerun: {interpreter}python -m tests.kernel_check {device} {seed})")
+    generator = seeded("tests.kernel_check", device, seed)
     failures = 0
-    generator = torch.Generator().manual_seed(seed)
     for bits in (2, 4):
         for rows, columns, group in SHAPES[device]:
             weight = torch.randn(rows, columns, generator=generator) * 0.02
@@ -50,7 +48,6 @@ def main(device: str, dtypes: list[torch.dtype], seed: int) -> int:
 
 
 if __name__ == "__main__":
-    device = sys.argv[1] if len(sys.argv) > 1 else "cuda"
-    seed = int(sys.argv[2]) if len(sys.argv) > 2 else random.randrange(2**31)  # fresh inputs each run, unless given
+    device, seed = device_and_seed()
     dtypes = [torch.float32] if device == "cpu" else [torch.float16, torch.bfloat16, torch.float32]
     sys.exit(main(device, dtypes, seed))

@@ -11,7 +11,6 @@ What it asks:
   a GPT-OSS expert read from a blob (biases, clamped SwiGLU) gives the same output through the
       kernels as through the plain path."""
 
-import random
 import sys
 
 import torch
@@ -22,6 +21,7 @@ from common.mxfp4 import BLOCK, Mxfp4Matrix
 from common.quantization import QuantSpec
 from common.store.blob_layout import BlobLayout
 from coordinator.runtime.kernels import mxfp4_linear as kernels
+from tests.check_seed import device_and_seed, seeded
 
 # Relative L2 error against float64: float32 accumulates in float32 (1e-7 seen); 16-bit types
 # round x's product once, at the output (2^-9 for bfloat16).
@@ -118,16 +118,13 @@ def check_expert(device: str, dtypes: list[torch.dtype], generator: torch.Genera
 
 
 def main(device: str, dtypes: list[torch.dtype], seed: int) -> int:
-    interpreter = "TRITON_INTERPRET=1 " if device == "cpu" else ""
-    print(f"seed {seed} (rerun: {interpreter}python -m tests.mxfp4_kernel_check {device} {seed})")
-    generator = torch.Generator().manual_seed(seed)
+    generator = seeded("tests.mxfp4_kernel_check", device, seed)
     failures = check_matrices(device, dtypes, generator) + check_expert(device, dtypes, generator)
     return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    device = sys.argv[1] if len(sys.argv) > 1 else "cuda"
-    seed = int(sys.argv[2]) if len(sys.argv) > 2 else random.randrange(2**31)  # fresh inputs each run, unless given
+    device, seed = device_and_seed()
     # No bfloat16 in the interpreter: it drops float32 subnormals on the way there (scale byte 0).
     dtypes = [torch.float32, torch.float16] if device == "cpu" else [torch.float16, torch.bfloat16, torch.float32]
     sys.exit(main(device, dtypes, seed))

@@ -33,7 +33,6 @@ takes a whole output step for u (2^-7); on the GPU both dtypes are also checked 
 QuantizedMatrix.dequantize exactly, with u as above."""
 
 import dataclasses
-import random
 import sys
 
 import torch
@@ -41,6 +40,7 @@ import torch
 from common.quantization import QuantizedMatrix, QuantSpec, quantize_matrix
 from coordinator.runtime.kernels import prefill_matmul
 from coordinator.runtime.kernels import quantized_linear as kernels
+from tests.check_seed import device_and_seed, seeded
 
 # (rows, columns, group). The CPU's are small (the interpreter runs every program in Python):
 # rows not a multiple of the output block, two K steps a plane, and a group of 32 (BK fitted
@@ -111,9 +111,7 @@ def check_tokens(matrix: QuantizedMatrix, dtype: torch.dtype, weights: torch.Ten
 
 
 def main(device: str, seed: int) -> int:
-    interpreter = "TRITON_INTERPRET=1 " if device == "cpu" else ""
-    print(f"seed {seed} (rerun: {interpreter}python -m tests.prefill_kernel_check {device} {seed})")
-    generator = torch.Generator().manual_seed(seed)
+    generator = seeded("tests.prefill_kernel_check", device, seed)
     if device == "cuda":  # F.linear's sums in float32 (see the docstring)
         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
         torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
@@ -134,6 +132,5 @@ def main(device: str, seed: int) -> int:
 
 
 if __name__ == "__main__":
-    device = sys.argv[1] if len(sys.argv) > 1 else "cuda"
-    seed = int(sys.argv[2]) if len(sys.argv) > 2 else random.randrange(2**31)  # fresh inputs each run, unless given
+    device, seed = device_and_seed()
     sys.exit(main(device, seed))

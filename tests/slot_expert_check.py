@@ -12,7 +12,6 @@ equal torch.sum's (bf16 inputs: their 16-value sums are exact in float32 in almo
 else the expert step from it within the same bound of float64's (float32 inputs: the sums' order
 differs, and the exponent trick scales an ulp of a sum by up to 2**(W*(k+1)), as it scales torch's). Not collected by pytest (no test_ prefix)."""
 
-import random
 import sys
 
 import torch
@@ -22,6 +21,7 @@ from common.model_config import ModelConfig
 from common.quantization import QuantSpec
 from common.store.blob_layout import BlobLayout
 from coordinator.runtime.kernels import slot_experts
+from tests.check_seed import device_and_seed, seeded
 
 BOUND = {torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 3e-2}  # relative L2 error: two matrices, rounded between
 # (hidden, ffn): the second has several steps per row and rows that need two row blocks; the
@@ -65,9 +65,7 @@ def reference(layout, memory, x, slots, weights) -> torch.Tensor:
 
 
 def main(device: str, seed: int) -> int:
-    interpreter = "TRITON_INTERPRET=1 " if device == "cpu" else ""
-    print(f"seed {seed} (rerun: {interpreter}python -m tests.slot_expert_check {device} {seed})")
-    generator = torch.Generator().manual_seed(seed)
+    generator = seeded("tests.slot_expert_check", device, seed)
     failures = 0
     dtypes = [torch.float32] + ([torch.float16, torch.bfloat16] if device == "cuda" else [torch.bfloat16])
     for bits in (2, 4):
@@ -129,6 +127,5 @@ def main(device: str, seed: int) -> int:
 
 
 if __name__ == "__main__":
-    device = sys.argv[1] if len(sys.argv) > 1 else "cuda"
-    seed = int(sys.argv[2]) if len(sys.argv) > 2 else random.randrange(2**31)
+    device, seed = device_and_seed()
     sys.exit(main(device, seed))
