@@ -182,9 +182,8 @@ class MoEBlock:
         experts = plan_tensor[: x.shape[0] * k].view(-1, k)
         shared = shared_expert(x, self.layers[layer])
         out = torch.zeros_like(x) if shared is None else shared
-        self.grouped(x, experts, weights, self.provider.layer_memory(layer), slots, out)
-        used = torch.zeros(self.config.num_experts, dtype=torch.bool, device=x.device)
-        self._uses_pending.append((layer, used.index_fill_(0, experts.reshape(-1), True).sum()))
+        used = self.grouped(x, experts, weights, self.provider.layer_memory(layer), slots, out)
+        self._uses_pending.append((layer, used))
         return out
 
     def flush_counts(self) -> None:

@@ -39,6 +39,11 @@ def available() -> bool:
     return torch.cuda.is_available()
 
 
+def interpreted() -> bool:
+    """Whether Triton's CPU interpreter runs the kernels (TRITON_INTERPRET=1: the tests off a GPU)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def switched_on(device: torch.device, switch: str) -> bool:
     """A fused path's condition: CUDA with Triton, and its environment switch not "0" (read now)."""
     return device.type == "cuda" and os.environ.get(switch, "1") != "0" and available()

@@ -44,6 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import interpreted
+
 MIN_CHUNK = 64  # the smallest chunk, in positions (a multiple of every tile's N below)
 MAX_CHUNKS = 256  # chunks grow past MIN_CHUNK positions only where the capacity would give more
 # The split kernel's tile per dtype: (N positions per step of a chunk's loop, warps, stages).
@@ -55,7 +57,7 @@ TILES = {torch.float32: (32, 8, 2), torch.bfloat16: (64, 4, 3), torch.float16: (
 COMBINE_WARPS, ROTARY_WARPS = 4, 1  # combine: 39 registers; rotary: 24 (sm_90, as above)
 COMBINE_BLOCK_C = 16  # chunks merged per step of the combine's loop
 LOG2E = 1.4426950408889634
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
+INTERPRETED = interpreted()  # Triton's CPU interpreter (tests)
 
 
 @triton.jit

@@ -44,8 +44,8 @@ import triton.language as tl
 
 from common.store.blob_layout import BlobLayout
 
-from . import GROUPED_PREFILL_SWITCH
-from .prefill_matmul import PrefillConfig, _accumulate, _fit_block_k, _interpreted, _weight_tile
+from . import GROUPED_PREFILL_SWITCH, interpreted
+from .prefill_matmul import PrefillConfig, _accumulate, _fit_block_k, _weight_tile
 from .slot_experts import _matrix
 
 SWITCH = GROUPED_PREFILL_SWITCH  # MOE_EDGE_GROUPED_PREFILL
@@ -113,6 +113,7 @@ class Tiles:
     tile_expert: torch.Tensor  # [MAX_TILES] int32: a tile's expert, E past the routing's tiles
     tile_row: torch.Tensor  # [MAX_TILES] int32: its first sorted row
     expert_end: torch.Tensor  # [E] int32: one past each expert's last sorted row
+    used: torch.Tensor  # [] int64: the experts with a row (what the MoE block counts as hits)
 
 
 def max_tiles(rows: int, num_experts: int, block_m: int) -> int:
@@ -133,7 +134,8 @@ def plan_tiles(experts: torch.Tensor, num_experts: int, block_m: int) -> Tiles:
     tile_expert = torch.searchsorted(tile_end, index, right=True)  # E past the last tile
     owner = tile_expert.clamp(max=num_experts - 1)
     tile_row = expert_end[owner] - counts[owner] + (index - (tile_end[owner] - tiles[owner])) * block_m
-    return Tiles(order, tile_expert.to(torch.int32), tile_row.to(torch.int32), expert_end.to(torch.int32))
+    return Tiles(order, tile_expert.to(torch.int32), tile_row.to(torch.int32), expert_end.to(torch.int32),
+                 (counts > 0).sum())
 
 
 def supports(layout: BlobLayout, dtype: torch.dtype) -> bool:
@@ -183,7 +185,7 @@ def grouped_config(rows: int, num_experts: int, bits: int, group: int) -> Prefil
 class GroupedExperts:
     """A layer shape's grouped prompt step on CUDA (or Triton's interpreter): `__call__(x,
     experts, weights, memory, slots, out)` adds sum_p weights[t, p] * expert_{experts[t, p]}(x[t])
-    to out[t]. `config` overrides grouped_config (the bench)."""
+    to out[t] and returns how many experts had a row. `config` overrides grouped_config (the bench)."""
 
     def __init__(self, layout: BlobLayout, config: PrefillConfig | None = None) -> None:
         self.layout, self.config = layout, config
@@ -191,34 +193,36 @@ class GroupedExperts:
         self.activation = layout.activation
         self.pays = pays  # the MoE block asks before each layer (a bench or test may say always)
 
-    def _launch(self, matrix, config: PrefillConfig, tiles: Tiles, x, memory, slots, route, out, *, down: bool) -> None:
+    def _launch(self, matrix, config: PrefillConfig, tiles: Tiles, top_k: int, x, memory, slots, route, out, *,
+                down: bool) -> None:
         spec = self.layout.spec
         grid = (tiles.tile_expert.numel(), triton.cdiv(matrix.rows, config.block_n))
         _grouped_kernel[grid](
             x, tiles.order, tiles.tile_expert, tiles.tile_row, tiles.expert_end, memory, slots,
             route, out, x.stride(0), out.stride(0), tiles.expert_end.numel(),
             NBYTES=self.layout.nbytes, CODES=matrix.codes, SCALE=matrix.scale, ZERO=matrix.zero,
-            O=matrix.rows, P=matrix.packed, NG=matrix.groups, TOP_K=self.top_k,
+            O=matrix.rows, P=matrix.packed, NG=matrix.groups, TOP_K=top_k,
             WIDTH=spec.bits, GROUP=spec.group_size,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SWAP_AB=config.swap_ab,
-            DOT_IN_FP32=_interpreted() and x.dtype == torch.bfloat16, DOWN=down,
+            DOT_IN_FP32=interpreted() and x.dtype == torch.bfloat16, DOWN=down,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
 
     def __call__(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, memory: torch.Tensor,
-                 slots: torch.Tensor, out: torch.Tensor) -> None:
+                 slots: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """x [T, H] 16-bit; experts [T, k] int64 and weights [T, k] float32 (the router's);
         memory [K, nbytes] uint8 (the layer's slots); slots [E] int64, each expert's slot; out
-        [T, H] += ."""
-        tokens, self.top_k = experts.shape
+        [T, H] += . Returns how many experts had a row (a device scalar: no read-back)."""
+        tokens, top_k = experts.shape
         rows, num_experts = experts.numel(), slots.numel()
         spec = self.layout.spec
         config = self.config or grouped_config(rows, num_experts, spec.bits, spec.group_size)
         tiles = plan_tiles(experts, num_experts, config.block_m)
         gate_up = torch.empty(rows, self.w13.rows, dtype=x.dtype, device=x.device)  # [R, 2F] sorted rows
-        self._launch(self.w13, config, tiles, x, memory, slots, weights, gate_up, down=False)
+        self._launch(self.w13, config, tiles, top_k, x, memory, slots, weights, gate_up, down=False)
         hidden = self.activation(gate_up).contiguous()  # [R, F]
         weighted = torch.empty(rows, self.w2.rows, dtype=x.dtype, device=x.device)  # [R, H] by choice
-        self._launch(self.w2, config, tiles, hidden, memory, slots, weights.reshape(-1).float().contiguous(), weighted,
+        self._launch(self.w2, config, tiles, top_k, hidden, memory, slots, weights.reshape(-1).float().contiguous(), weighted,
                      down=True)
-        out += weighted.view(tokens, self.top_k, -1).sum(1, dtype=torch.float32).to(out.dtype)
+        out += weighted.view(tokens, top_k, -1).sum(1, dtype=torch.float32).to(out.dtype)
+        return tiles.used

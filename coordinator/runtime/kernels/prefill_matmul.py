@@ -43,6 +43,8 @@ import triton.language as tl
 
 from common.quantization import QuantizedMatrix
 
+from . import interpreted
+
 FLOAT_MAGIC = tl.constexpr(0x4B000000)  # the bits of 2.0**23 as a float32
 FLOAT_MAGIC_VALUE = tl.constexpr(8388608.0)  # 2.0**23
 
@@ -96,10 +98,6 @@ def pays(tokens: int, weight: QuantizedMatrix) -> bool:
 def fused_prefill_enabled() -> bool:
     """MOE_EDGE_FUSED_PREFILL=0 sends every prompt matmul to dequantize + F.linear, to compare."""
     return os.environ.get("MOE_EDGE_FUSED_PREFILL", "1") != "0"
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def supports(weight: QuantizedMatrix, dtype: torch.dtype) -> bool:
@@ -231,7 +229,7 @@ def prefill_linear(x: torch.Tensor, weight: QuantizedMatrix, config: PrefillConf
         tokens, rows, codes.shape[1], weight.scale.shape[1], x.stride(0), out.stride(0),
         WIDTH=weight.bits, GROUP=weight.group_size,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SWAP_AB=config.swap_ab,
-        DOT_IN_FP32=_interpreted() and x.dtype == torch.bfloat16,
+        DOT_IN_FP32=interpreted() and x.dtype == torch.bfloat16,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out

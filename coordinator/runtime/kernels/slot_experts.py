@@ -48,6 +48,7 @@ import triton.language as tl
 from common.errors import ConfigError
 from common.store.blob_layout import BlobLayout
 
+from . import interpreted
 from .slot_gemv_v2 import slot_gemv_v2_kernel
 from .slot_gemv_v3 import slot_gemv_v3_kernel
 from .slot_gemv_v4 import KINDS as V4_KINDS
@@ -306,7 +307,7 @@ class SlotExperts:
             group, i32 = layout.spec.group_size, dict(dtype=torch.int32, device=device)
             # the PTX path on the GPU; plain Triton in the interpreter (no inline asm there) or
             # where MOE_EDGE_SLOT_V4_ASM=0 asks for it (to compare)
-            self.v4_asm = os.environ.get("TRITON_INTERPRET") != "1" and os.environ.get("MOE_EDGE_SLOT_V4_ASM", "1") != "0"
+            self.v4_asm = not interpreted() and os.environ.get("MOE_EDGE_SLOT_V4_ASM", "1") != "0"
             self.v4_factor = v4_input_factors(device)
             self.v4_x = (torch.empty(1, V4_KINDS, self.w13.packed // 4, **i32), torch.empty(1, hidden // group, **f32),
                          torch.empty(1, **f32))
