@@ -176,10 +176,7 @@ class Transformer:
                                        step.rotary_rows if step is not None else None)
         qkv = None
         if w.qkv_proj is not None:  # one matmul for the three projections (views of one weight)
-            if length == 1 and w.qkv_int4 is not None:  # one decode token: read the 4-bit codes
-                qkv = w.qkv_int4(x) if w.qkv_bias is None else w.qkv_int4(x) + w.qkv_bias
-            else:
-                qkv = F.linear(x, w.qkv_proj, w.qkv_bias)  # [T, (Q+2K)*D]
+            qkv = _projection(x, w.qkv_proj, w.qkv_bias, w.qkv_int4)  # [T, (Q+2K)*D]
             q, k, v = qkv.split(w.qkv_widths, dim=-1)
         else:
             q, k, v = F.linear(x, w.q_proj, w.q_bias), F.linear(x, w.k_proj, w.k_bias), F.linear(x, w.v_proj, w.v_bias)
@@ -198,7 +195,7 @@ class Transformer:
         rows = step.rotary_rows if step is not None else self.rotary.rows(start, length)  # [T, 2R]
         if (self.decode_attention is not None and length == 1 and isinstance(start, torch.Tensor)
                 and heads is not None and w.sinks is None):  # one decode token: three kernels, positions <= start only
-            return _output_projection(self._fused_decode(heads, rows, layer, start, kv, window), w)
+            return _projection(self._fused_decode(heads, rows, layer, start, kv, window), w.o_proj, w.o_bias, w.o_int4)
         if heads is not None:  # q and k side by side: turned together
             self.rotary.turn_(heads[:, : c.num_heads + c.num_kv_heads].transpose(0, 1), rows)
             keys, values = kv.update_stacked(layer, start, heads[:, c.num_heads :].transpose(0, 1))  # [K, S, D] each
@@ -215,7 +212,7 @@ class Transformer:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=None if mask is None else mask.repeat(group, 1),
                                                  scale=self.scale)  # [K, group*T, D]
             out = out.view(c.num_heads, length, c.head_dim).transpose(0, 1).reshape(length, -1)  # [T, Q*D]
-            return _output_projection(out, w)
+            return _projection(out, w.o_proj, w.o_bias, w.o_int4)
         scores = torch.matmul(q, keys.transpose(1, 2)) * self.scale  # [K, group*T, S]
         scores = scores.view(c.num_kv_heads, group, length, -1)
         if mask is not None:
@@ -226,7 +223,7 @@ class Transformer:
             probs = softmax_with_sinks(scores, w.sinks.view(c.num_kv_heads, group)).to(q.dtype)
         out = torch.matmul(probs.view(c.num_kv_heads, group * length, -1), values)  # [K, group*T, D]
         out = out.view(c.num_heads, length, c.head_dim).transpose(0, 1).reshape(length, -1)  # [T, Q*D]
-        return _output_projection(out, w)
+        return _projection(out, w.o_proj, w.o_bias, w.o_int4)
 
     def _fused_decode(self, heads: torch.Tensor, rows: torch.Tensor, layer: int, start: torch.Tensor, kv: KVCache,
                       window: int | None) -> torch.Tensor:
@@ -278,10 +275,10 @@ class Transformer:
         return F.linear(rms_norm(x, w.norm, c.rms_norm_eps), w.lm_head).float()
 
 
-def _output_projection(out: torch.Tensor, w) -> torch.Tensor:
-    """out [T, Q*D] @ o_proj.T (+ bias): one decode token through the 4-bit codes where the layer
-    keeps them (LayerWeights.o_int4), else the weight."""
-    if out.shape[0] == 1 and w.o_int4 is not None:
-        projected = w.o_int4(out)
-        return projected if w.o_bias is None else projected + w.o_bias
-    return F.linear(out, w.o_proj, w.o_bias)
+def _projection(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, int4) -> torch.Tensor:
+    """x [T, I] @ weight.T (+ bias): one decode token through the 4-bit codes where the layer
+    keeps them (LayerWeights.qkv_int4, o_int4: kernels/int4_linear.py), else the weight."""
+    if x.shape[0] == 1 and int4 is not None:
+        projected = int4(x)
+        return projected if bias is None else projected + bias
+    return F.linear(x, weight, bias)
