@@ -37,8 +37,9 @@ MOE_EDGE_FUSED_DECODE=0, read when a Decoder is made, keeps torch's ops, which r
 else and are the kernels' reference. The prompt path never fuses.
 
 It reuses the model's own functions for the math, on static buffers (attention runs over the
-whole KV capacity, masked past the position). Timing for the benchmark's breakdown lives here
-too: `clock`, a PhaseClock, is None except while bench profiles.
+whole KV capacity, masked past the position, except through the fused attention kernels on CUDA,
+which read only the positions so far). Timing for the benchmark's breakdown lives here too:
+`clock`, a PhaseClock, is None except while bench profiles.
 
 Dimension legend: H = hidden size, V = vocabulary, k = experts per token."""
 
