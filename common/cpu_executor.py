@@ -31,6 +31,10 @@ from .quantization import QuantizedMatrix
 from .store.blob_layout import ExpertWeights
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's packed int4 kernel takes
+# The native kernel's threads take 4 tiles of 16 rows at a time (64 KB of a 4096-wide 2-bit
+# matrix), not one fixed share each: beside a GPU loop or a server, a thread that loses its
+# core then delays its own few tiles, not the whole matrix (scripts/cpu_expert_bench.py --takes).
+TILES_PER_TAKE = 4
 
 
 class Int4Matrix:
@@ -62,9 +66,13 @@ class NativeMatrix:
 
     TILE = 16  # rows per tile: hqq_matmul.cpp's TILE
 
-    def __init__(self, matrix: QuantizedMatrix, dtype: torch.dtype, library) -> None:
+    def __init__(self, matrix: QuantizedMatrix, dtype: torch.dtype, library, *, threads: int | None = None,
+                 tiles_per_take: int = TILES_PER_TAKE) -> None:
+        """`threads`: the kernel's OpenMP threads (None: torch's intra-op count at each call);
+        `tiles_per_take`: tiles a thread takes at a time (0: one fixed share per thread)."""
         self.library = library
         self.dtype = dtype
+        self.threads, self.tiles_per_take = threads, tiles_per_take
         self.group_size = matrix.group_size
         self.out_features, self.in_features = matrix.shape
         self.bits = 2 if matrix.bits == 2 else 4
@@ -104,7 +112,8 @@ class NativeMatrix:
         y = torch.empty(x.shape[0], self.out_features, dtype=torch.float32)
         status = self.library.hqq_matmul(self.codes.data_ptr(), self.scale.data_ptr(), self.zero.data_ptr(), self.bits,
                                          self.group_size, self.out_features, self.in_features, x.data_ptr(),
-                                         int(x.dtype == torch.bfloat16), x.shape[0], y.data_ptr(), torch.get_num_threads())
+                                         int(x.dtype == torch.bfloat16), x.shape[0], y.data_ptr(),
+                                         self.threads or torch.get_num_threads(), self.tiles_per_take)
         assert status == 0, "NativeMatrix was made for a shape the kernel refuses"
         return y.to(self.dtype)
 
@@ -141,11 +150,14 @@ class CpuExpert:
     biases; the activation and biases come with the weights, as in common/expert_ffn.py), ready
     to run on the CPU."""
 
-    def __init__(self, weights: ExpertWeights, *, dtype: torch.dtype = torch.bfloat16, kernel: str | None = None) -> None:
+    def __init__(self, weights: ExpertWeights, *, dtype: torch.dtype = torch.bfloat16, kernel: str | None = None,
+                 threads: int | None = None, tiles_per_take: int = TILES_PER_TAKE) -> None:
         """kernel: "native", "int4pack" or "auto" for quantized matrices (common/cpu_kernels);
-        None reads $MOE_EDGE_CPU_KERNEL."""
+        None reads $MOE_EDGE_CPU_KERNEL. `threads` and `tiles_per_take`: the native kernel's
+        (NativeMatrix); torch's own matmuls use torch's threads."""
         self.dtype = dtype
         self.kernel = kernel
+        self.threads, self.tiles_per_take = threads, tiles_per_take
         self.w13 = self._matrix(weights.w13)  # [2F, H]: gate and up
         self.w2 = self._matrix(weights.w2)  # [H, F]
         self.b13 = None if weights.b13 is None else weights.b13.to(dtype)  # [2F]
@@ -160,7 +172,7 @@ class CpuExpert:
             # 10.8 ms and 5.0-5.7 against 10.1-12.0. MOE_EDGE_CPU_KERNEL=int4pack: torch's instead.
             library = cpu_kernels.native_library(self.kernel) if can_run_native(weight) else None
             if library is not None:
-                return NativeMatrix(weight, self.dtype, library)
+                return NativeMatrix(weight, self.dtype, library, threads=self.threads, tiles_per_take=self.tiles_per_take)
             if can_run_int4(weight):
                 return Int4Matrix(weight, self.dtype)
             return PlainMatrix(weight.dequantize(torch.float32), self.dtype)  # a group size torch's kernel lacks

@@ -8,18 +8,24 @@ built on first use, seconds) and torch's int4pack (reads every code at 4 bits). 
 then the same as one JSON line. Needs only torch and numpy besides this checkout.
 
     python -m scripts.cpu_expert_bench [--shape mixtral-8x7b|qwen3-30b-a3b] [--bits 2,4] [--tokens 1,8]
-        [--kernels native,int4pack] [--repeats 20]"""
+        [--kernels native,int4pack] [--repeats 20] [--threads N] [--takes 0,4] [--busy-cores N]
+
+--takes: the native kernel's tiles a thread takes at a time (0: one fixed share per thread).
+--busy-cores: that many processes spin while it times, as a GPU loop's syncs or a server's
+threads keep cores busy beside the experts."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import multiprocessing
 import statistics
 import time
 
 import torch
 
-from common.cpu_executor import CpuExpert
+from common.cpu_executor import TILES_PER_TAKE, CpuExpert
 from common.quantization import QuantizedMatrix, QuantSpec, quantized_shapes
 from common.store.blob_layout import ExpertWeights
 
@@ -48,6 +54,25 @@ def random_quantized(out_features: int, in_features: int, spec: QuantSpec, gener
     return QuantizedMatrix(planes, scale, zero, spec.bits, spec.group_size)
 
 
+def _spin() -> None:
+    while True:
+        pass
+
+
+@contextlib.contextmanager
+def busy_cores(count: int):
+    """`count` spinning processes while the block runs, killed after it."""
+    spinners = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(count)]
+    for spinner in spinners:
+        spinner.start()
+    try:
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.join(timeout=10)
+
+
 def timed(function, repeats: int) -> float:
     function()  # warm-up
     times = []
@@ -65,6 +90,10 @@ def main() -> None:
     parser.add_argument("--tokens", default="1,8")
     parser.add_argument("--kernels", default="native,int4pack")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=None, help="the native kernel's threads (default torch's)")
+    parser.add_argument("--takes", default=str(TILES_PER_TAKE), help="native: tiles a thread takes at a time, "
+                        "comma-separated (0: one fixed share per thread)")
+    parser.add_argument("--busy-cores", type=int, default=0, help="processes that spin while it times")
     args = parser.parse_args()
     hidden, width = SHAPES[args.shape]
     generator = torch.Generator().manual_seed(0)
@@ -75,21 +104,27 @@ def main() -> None:
         weights = ExpertWeights(w13=random_quantized(2 * width, hidden, spec, generator),
                                 w2=random_quantized(hidden, width, spec, generator))
         for kernel in args.kernels.split(","):
-            expert = CpuExpert(weights, dtype=torch.bfloat16, kernel=kernel)
-            used = type(expert.w13).__name__
-            for tokens in (int(t) for t in args.tokens.split(",")):
-                x = torch.randn(tokens, hidden, dtype=torch.bfloat16)
-                seconds = timed(lambda: expert(x), args.repeats)
-                floor = expert.nbytes / (memory * 1e9)
-                rows.append(dict(shape=args.shape, bits=bits, kernel=kernel, matrix=used, tokens=tokens, ms=seconds * 1e3,
-                                 floor_ms=floor * 1e3, read_mb=expert.nbytes / 1e6, of_memory_bandwidth=floor / seconds))
-            del expert
-    print(f"CPU read bandwidth, measured now: {memory:.1f} GB/s, {torch.get_num_threads()} threads")
-    print(f"{'shape':14s} {'bits':>4s} {'kernel':>9s} {'tokens':>6s} {'ms':>8s} {'floor ms':>9s} {'MB read':>8s} {'of bw':>6s}")
+            for take in ([int(t) for t in args.takes.split(",")] if kernel == "native" else [TILES_PER_TAKE]):
+                expert = CpuExpert(weights, dtype=torch.bfloat16, kernel=kernel, threads=args.threads, tiles_per_take=take)
+                used = type(expert.w13).__name__
+                for tokens in (int(t) for t in args.tokens.split(",")):
+                    x = torch.randn(tokens, hidden, dtype=torch.bfloat16)
+                    with busy_cores(args.busy_cores):
+                        seconds = timed(lambda: expert(x), args.repeats)
+                    floor = expert.nbytes / (memory * 1e9)
+                    rows.append(dict(shape=args.shape, bits=bits, kernel=kernel, take=take if kernel == "native" else None,
+                                     matrix=used, tokens=tokens, ms=seconds * 1e3, floor_ms=floor * 1e3,
+                                     read_mb=expert.nbytes / 1e6, of_memory_bandwidth=floor / seconds))
+                del expert
+    threads = args.threads or torch.get_num_threads()
+    print(f"CPU read bandwidth, measured now: {memory:.1f} GB/s; {threads} threads, {args.busy_cores} cores kept busy")
+    print(f"{'shape':14s} {'bits':>4s} {'kernel':>9s} {'take':>4s} {'tokens':>6s} {'ms':>8s} {'floor ms':>9s} "
+          f"{'MB read':>8s} {'of bw':>6s}")
     for r in rows:
-        print(f"{r['shape']:14s} {r['bits']:4d} {r['kernel']:>9s} {r['tokens']:6d} {r['ms']:8.2f} {r['floor_ms']:9.2f} "
-              f"{r['read_mb']:8.1f} {r['of_memory_bandwidth']:6.0%}")
-    print(json.dumps({"read_gbps": memory, "threads": torch.get_num_threads(), "results": rows}))
+        take = "-" if r["take"] is None else str(r["take"])
+        print(f"{r['shape']:14s} {r['bits']:4d} {r['kernel']:>9s} {take:>4s} {r['tokens']:6d} {r['ms']:8.2f} "
+              f"{r['floor_ms']:9.2f} {r['read_mb']:8.1f} {r['of_memory_bandwidth']:6.0%}")
+    print(json.dumps({"read_gbps": memory, "threads": threads, "busy_cores": args.busy_cores, "results": rows}))
 
 
 if __name__ == "__main__":

@@ -72,18 +72,21 @@ def test_every_instruction_set_gives_the_same_products(tmp_path, monkeypatch, ex
                 assert relative_error(matrix, weight, x) < BOUND, (bits, tokens, dtype)
 
 
-def test_the_products_do_not_depend_on_the_thread_count(library):
-    """Each output row is one thread's, summed in one order: bit for bit the same on 1 or 3 threads."""
+def test_the_products_do_not_depend_on_the_threads_or_their_schedule(library):
+    """Each output row is one thread's, summed in one order: bit for bit the same on 1 or 3
+    threads, each with a fixed share (0) or taking 1 or 4 tiles at a time."""
     for bits, dtype in ((2, torch.bfloat16), (4, torch.float32)):
         matrix = NativeMatrix(random_matrix(130, 1024, QuantSpec(bits, 64), seed=bits), torch.float32, library)
         x = torch.randn(5, 1024, generator=torch.Generator().manual_seed(bits)).to(dtype)
         outputs = []
         for threads in (1, 3):
-            y = torch.empty(5, 130)
-            assert library.hqq_matmul(matrix.codes.data_ptr(), matrix.scale.data_ptr(), matrix.zero.data_ptr(), bits, 64, 130,
-                                      1024, x.data_ptr(), int(dtype == torch.bfloat16), 5, y.data_ptr(), threads) == 0
-            outputs.append(y)
-        assert torch.equal(outputs[0], outputs[1]), bits
+            for tiles_per_take in (0, 1, 4):
+                y = torch.empty(5, 130)
+                assert library.hqq_matmul(matrix.codes.data_ptr(), matrix.scale.data_ptr(), matrix.zero.data_ptr(), bits,
+                                          64, 130, 1024, x.data_ptr(), int(dtype == torch.bfloat16), 5, y.data_ptr(),
+                                          threads, tiles_per_take) == 0
+                outputs.append(y)
+        assert all(torch.equal(outputs[0], y) for y in outputs[1:]), bits
 
 
 def test_a_2_bit_matrix_keeps_its_codes_at_2_bits(library):

@@ -139,7 +139,7 @@ def open_library(path: Path) -> ctypes.CDLL:
     library.hqq_matmul.restype = ctypes.c_int
     library.hqq_matmul.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64,
                                    ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64,
-                                   ctypes.c_void_p, ctypes.c_int]
+                                   ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
     return library
 
 

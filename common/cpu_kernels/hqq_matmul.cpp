@@ -384,10 +384,12 @@ int hqq_bf16_products() {
 #endif
 }
 
-// x is [T, cols], fp32 (x_is_bf16 = 0) or bf16 (1); y is [T, rows] fp32. Returns 0, or -1 for a
+// x is [T, cols], fp32 (x_is_bf16 = 0) or bf16 (1); y is [T, rows] fp32. tiles_per_take: 0 splits
+// the tiles into one share per thread, n > 0 hands them out n at a time. Returns 0, or -1 for a
 // shape the layout cannot hold (the caller checks these first).
 int hqq_matmul(const uint8_t* codes, const uint16_t* scale, const uint16_t* zero, int bits, int64_t group_size,
-               int64_t rows, int64_t cols, const void* x, int x_is_bf16, int64_t tokens, float* y, int threads) {
+               int64_t rows, int64_t cols, const void* x, int x_is_bf16, int64_t tokens, float* y, int threads,
+               int64_t tiles_per_take) {
     if ((bits != 2 && bits != 4) || group_size <= 0 || cols % group_size || group_size % BLOCK) return -1;
     const int64_t groups = cols / group_size;
 #if defined(__AVX512BF16__)
@@ -408,11 +410,24 @@ int hqq_matmul(const uint8_t* codes, const uint16_t* scale, const uint16_t* zero
     const Problem p{codes, scale, zero, group_size, rows, cols, tokens, keep_bf16 ? nullptr : x32,
                     keep_bf16 ? static_cast<const uint16_t*>(x) : nullptr, x_sums.data(), y};
     const int64_t tiles = (rows + TILE - 1) / TILE;
+    if (tiles_per_take <= 0) {
+        // each thread one contiguous share of the tiles: its codes one stream, its rows of y its own
 #pragma omp parallel num_threads(threads)
-    {
-        // each thread a contiguous range of tiles: its codes one stream, its rows of y its own
-        const int64_t count = omp_get_num_threads(), id = omp_get_thread_num();
-        for (int64_t tile = tiles * id / count; tile < tiles * (id + 1) / count; ++tile) {
+        {
+            const int64_t count = omp_get_num_threads(), id = omp_get_thread_num();
+            for (int64_t tile = tiles * id / count; tile < tiles * (id + 1) / count; ++tile) {
+                if (bits == 2) tile_all_tokens<2>(p, tile);
+                else tile_all_tokens<4>(p, tile);
+            }
+        }
+        return 0;
+    }
+    // runs of tiles_per_take tiles taken in turn: where the CPU also drives a GPU or serves a
+    // network, a thread that loses its core holds up its own run, not the whole call
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int64_t run = 0; run < (tiles + tiles_per_take - 1) / tiles_per_take; ++run) {
+        const int64_t end = std::min(tiles, (run + 1) * tiles_per_take);
+        for (int64_t tile = run * tiles_per_take; tile < end; ++tile) {
             if (bits == 2) tile_all_tokens<2>(p, tile);
             else tile_all_tokens<4>(p, tile);
         }
