@@ -144,3 +144,76 @@ def test_auto_copies_nothing_in_the_background_from_an_expert_host(store16, expe
         list(generation)
         assert all(engine.cache.resident(layer) == [] for layer in engine.config.moe_layers)
     assert generation.stats.experts_run_elsewhere > 0 and generation.stats.bytes_fetched == 0
+
+
+class _Cache:
+    """What PlacementDispatcher reads of the expert cache: the held experts and the copy backlog."""
+
+    def __init__(self, held: dict[int, list[int]], backlog: int) -> None:
+        self.held, self.loader = held, type("Loader", (), {"backlog": [None] * backlog})()
+
+    def resident(self, layer: int) -> list[int]:
+        return self.held.get(layer, [])
+
+    def copy_into_free_slots(self, layer: int, experts: list[int]) -> None:
+        pass
+
+
+class _Inner:
+    def dispatch(self, plan):
+        from coordinator.runtime.routing_plan import LayerWork
+
+        self.plan = plan
+        return LayerWork(sorted(set(plan.chosen)))
+
+
+class _Runner:
+    copies_cross_its_link = False
+
+    def seconds_per_expert(self) -> float:
+        return 0.5
+
+
+def _dispatched_guesses(copy_seconds: float, backlog: int, layer_seconds: float | None, weigh: bool = True):
+    from coordinator.runtime.counters import ExpertCounters
+    from coordinator.runtime.placement import PlacementDispatcher
+    from coordinator.runtime.routing_plan import RoutingPlan
+
+    inner, counters = _Inner(), ExpertCounters(4)
+    dispatcher = PlacementDispatcher(_Cache({1: [0, 1], 2: [7]}, backlog), inner, _Runner(), placement="auto",
+                                     copy_seconds_per_expert=copy_seconds, counters=counters, weigh_guesses=weigh)
+    dispatcher.layer_seconds = layer_seconds
+    dispatcher.dispatch(RoutingPlan(1, 1, [0, 1], {2: [7, 3, 4, 5], 3: [6]}))  # both chosen held: no miss
+    return inner.plan.guesses, counters.prefetch_left
+
+
+def test_auto_prefetches_only_the_guesses_whose_copy_lands_before_a_run_would_be_done():
+    """Layer 2 starts 0.15 s after layer 1 (the measured pace), a run takes 0.5 s: a guess is worth
+    its copy while copy_s * (copies queued before it + 1) <= 0.15 + 0.5 for layer 2 (0.8 for
+    layer 3); a held guess is always kept (its LRU place refreshed), and it queues no copy."""
+    guesses, left = _dispatched_guesses(copy_seconds=0.25, backlog=0, layer_seconds=0.15)
+    assert guesses == {2: [7, 3, 4], 3: [6]}  # 3 and 4 land at 0.25 and 0.5, 5 would at 0.75; 6 lands at 0.75
+    assert left == [0, 0, 1, 0]
+    guesses, left = _dispatched_guesses(copy_seconds=0.25, backlog=2, layer_seconds=0.15)
+    assert guesses == {2: [7], 3: [6]} and left == [0, 0, 3, 0]  # behind two queued copies
+    guesses, left = _dispatched_guesses(copy_seconds=1.0, backlog=0, layer_seconds=0.15)
+    assert guesses == {2: [7], 3: []} and left == [0, 0, 3, 1]  # a copy slower than a run: nothing to prefetch
+
+
+def test_auto_prefetches_every_guess_before_it_knows_the_pace_or_when_told_not_to_weigh():
+    every = {2: [7, 3, 4, 5], 3: [6]}
+    assert _dispatched_guesses(copy_seconds=1.0, backlog=0, layer_seconds=None)[0] == every
+    assert _dispatched_guesses(copy_seconds=1.0, backlog=0, layer_seconds=0.1, weigh=False)[0] == every
+
+
+def test_auto_with_a_slow_link_leaves_the_guesses_to_the_cpu_and_keeps_the_tokens(store16, reference_tokens):
+    """Copies made to look slower than runs: after the first decode token (which measures the
+    pace) no guess is prefetched, the uses they would have served run on the CPU, and the greedy
+    tokens are the reference's."""
+    with Engine.open(store16, cache_experts=2, placement="auto") as engine:
+        engine.moe.dispatcher.copy_seconds = 1e9
+        generation = engine.generate(PROMPT, max_new_tokens=12, stop_at_eos=False)
+        list(generation)
+    stats = generation.stats
+    assert generation.token_ids == reference_tokens
+    assert stats.prefetch_left > 0 and stats.experts_run_elsewhere > 0

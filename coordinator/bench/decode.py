@@ -73,6 +73,7 @@ class ModeResult:
     hits_per_token: float = 0.0
     misses_per_token: float = 0.0  # copied in on demand (prefetched copies are hits)
     runs_elsewhere_per_token: float = 0.0  # on this machine's CPU or on an expert host (BenchReport.runs_elsewhere_on)
+    prefetch_left_per_token: float = 0.0  # guesses placement auto left to run there: their copy would land too late
     # Bytes per token over each link: "ram" / "disk" -> device copies; an expert host's address ->
     # {"fetched": host to us, "run_sent": hidden states to it, "run_received": sums from it}.
     bytes_per_token_by_link: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -224,6 +225,7 @@ def _fill(result: ModeResult, delta: EngineSnapshot, decode_s: float, busy_s: fl
     result.hits_per_token = delta.total("hits") / tokens
     result.misses_per_token = delta.total("misses") / tokens
     result.runs_elsewhere_per_token = delta.total("runs_elsewhere") / tokens
+    result.prefetch_left_per_token = delta.total("prefetch_left") / tokens
     result.bytes_per_token_by_link = _bytes_per_link(delta, tokens)
     result.copy_wait_ms_per_token = delta.wait_s / tokens * 1000
     result.run_wait_ms_per_token = delta.run_wait_s / tokens * 1000

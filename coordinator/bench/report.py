@@ -67,11 +67,12 @@ def render(report: BenchReport) -> str:
     where = "on CPU" if report.runs_elsewhere_on == "cpu" else "on host"
     lines.append("")
     lines.append("expert uses per token by where they ran, and the token loop's waits per token:")
-    lines.append(f"{'mode':<18} {'device':>7} {'copied':>7} {'run':>7} {'copy':>8} {'run':>8} {'host':>8} {'host':>8}  bytes per token over each link")
-    lines.append(f"{'':<18} {'hit':>7} {'in':>7} {where:>7} {'wait ms':>8} {'wait ms':>8} {'call ms':>8} {'cpu ms':>8}")
+    lines.append(f"{'mode':<18} {'device':>7} {'copied':>7} {'run':>7} {'guesses':>7} {'copy':>8} {'run':>8} {'host':>8} {'host':>8}  bytes per token over each link")
+    lines.append(f"{'':<18} {'hit':>7} {'in':>7} {where:>7} {'left':>7} {'wait ms':>8} {'wait ms':>8} {'call ms':>8} {'cpu ms':>8}")
     for r in report.results:
         if not r.skipped:
             lines.append(f"{r.label:<18} {r.hits_per_token:>7.1f} {r.misses_per_token:>7.1f} {r.runs_elsewhere_per_token:>7.1f} "
+                         f"{r.prefetch_left_per_token:>7.1f} "
                          f"{r.copy_wait_ms_per_token:>8.1f} {r.run_wait_ms_per_token:>8.1f} {r.host_run_ms_per_token:>8.1f} {r.host_compute_ms_per_token:>8.1f}  "
                          f"{_links(report, r)}")
     full, naive = report.result("lru+prefetch"), report.result("naive")

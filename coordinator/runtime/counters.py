@@ -30,6 +30,8 @@ COUNTERS = (
     CounterInfo("prefetch_hits", "moe_edge_expert_prefetch_hits", "Cache hits on experts that a prefetch brought in."),
     CounterInfo("prefetch_issued", "moe_edge_expert_prefetch_issued", "Expert loads started by the prefetcher."),
     CounterInfo("prefetch_wasted", "moe_edge_expert_prefetch_wasted", "Prefetched experts evicted before any use."),
+    CounterInfo("prefetch_left", "moe_edge_expert_prefetch_left_to_run",
+                "Guesses not prefetched under placement auto: the copy would have landed too late, so a use runs where it lives."),
     CounterInfo("bytes_fetched", "moe_edge_expert_bytes_loaded", "Bytes copied into the device expert cache."),
     CounterInfo("runs_elsewhere", "moe_edge_expert_runs_elsewhere",
                 "Expert uses run where the expert lives (the coordinator's CPU) instead of on the device."),
@@ -49,6 +51,7 @@ class ExpertCounters:
         self.prefetch_hits = [0] * num_layers
         self.prefetch_issued = [0] * num_layers
         self.prefetch_wasted = [0] * num_layers
+        self.prefetch_left = [0] * num_layers  # guesses placement auto did not copy (placement.py)
         self.bytes_fetched = [0] * num_layers
         self.runs_elsewhere = [0] * num_layers  # uses that neither hit nor missed: placement ran them elsewhere
         self.wait_s = 0.0  # time the token loop waited on expert loads

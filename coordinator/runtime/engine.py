@@ -161,7 +161,8 @@ class Engine:
         if self._runner is not None:
             return
         if isinstance(self.source, (RamSource, DiskSource)):
-            self._runner = LocalCpuRunner(self.source, self.store.layout, self.dtype)
+            self._runner = LocalCpuRunner(self.source, self.store.layout, self.dtype, self.config.hidden_size)
+            self._runner.measure(min(self.store.manifest.experts))  # auto's first estimate of a run
         elif callable(getattr(self.source, "run_layer", None)):  # expert hosts run their own experts
             self._runner = HostRunner(self.source, self.fetch_loop, hidden_size=self.config.hidden_size, dtype=self.dtype)
         else:

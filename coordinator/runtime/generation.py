@@ -26,6 +26,7 @@ class GenerationStats:
     prefetch_hits: int = 0
     prefetch_issued: int = 0
     prefetch_wasted: int = 0
+    prefetch_left: int = 0  # guesses placement auto did not copy: their uses run where they live
     bytes_fetched: int = 0
     experts_run_elsewhere: int = 0  # uses that placement ran where the expert lives
     wait_s: float = 0.0  # time the token loop waited on expert loads
@@ -42,6 +43,7 @@ class GenerationStats:
         self.prefetch_hits = delta.total("prefetch_hits")
         self.prefetch_issued = delta.total("prefetch_issued")
         self.prefetch_wasted = delta.total("prefetch_wasted")
+        self.prefetch_left = delta.total("prefetch_left")
         self.bytes_fetched = delta.total("bytes_fetched")
         self.experts_run_elsewhere = delta.total("runs_elsewhere")
         self.wait_s = delta.wait_s

@@ -11,7 +11,13 @@ RunExpertsStream unless --run-experts unary). Both are `ExpertRunner`s.
           network and then the device copy), behind the loads already queued (prefetches
           included: the loader's backlog) and those this layer adds; or the run, at the
           executor's measured time per expert, behind the runs already given to it (the GPU
-          meanwhile computes the hits). A miss run on this machine's CPU while the copy link is
+          meanwhile computes the hits). The lookahead's guesses are weighed the same way before
+          they become prefetches: a guess whose copy, behind everything queued, would land later
+          than its layer starts by more than a run takes is left to run where it lives if that
+          layer does want it (and costs nothing if it does not). So the copy link is kept full
+          and never ahead of the decode by more than what a run costs, and the runner takes
+          what the link cannot bring in time, rather than the token waiting on copies as it does
+          under `copy` once the link is the bound. A miss run on this machine's CPU while the copy link is
           idle is also copied into an empty slot, if the layer has one, for its later uses: a
           cache that starts empty fills without a token waiting on a copy. Not for expert hosts:
           there the copy crosses the network the runs use and costs the host the CPU that runs
@@ -47,6 +53,7 @@ from .engine_options import PLACEMENTS
 from .moe import CacheDispatcher
 from .routing_plan import LayerWork, RoutingPlan
 
+WEIGH_GUESSES_SWITCH = "MOE_EDGE_WEIGH_GUESSES"  # 0: auto prefetches every guess, as copy does
 
 
 class ExpertRunner(Protocol):
@@ -74,8 +81,8 @@ class LocalCpuRunner:
 
     copies_cross_its_link = False  # copies take PCIe, runs this CPU's memory
 
-    def __init__(self, source, layout: BlobLayout, dtype: torch.dtype) -> None:
-        self.source, self.layout, self.dtype = source, layout, dtype
+    def __init__(self, source, layout: BlobLayout, dtype: torch.dtype, hidden_size: int) -> None:
+        self.source, self.layout, self.dtype, self.hidden_size = source, layout, dtype, hidden_size
         self._experts: dict[ExpertId, CpuExpert] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="moe-edge-cpu-experts")
         self._seconds: float | None = None  # running mean time of one expert
@@ -111,8 +118,21 @@ class LocalCpuRunner:
                                     unit="expert", disable=not progress):
                 self._experts[eid] = expert
 
+    def measure(self, eid: ExpertId, repeats: int = 3) -> float:
+        """The best time of `repeats` runs of `eid` on one zero token (repacked first, and kept):
+        what auto weighs runs by until the decode's own runs update it."""
+        expert, x = self._expert(eid), torch.zeros(1, self.hidden_size, dtype=self.dtype)
+        expert(x)  # first touch of its repacked pages
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            expert(x)
+            best = min(best, time.perf_counter() - started)
+        self._seconds = best
+        return best
+
     def seconds_per_expert(self) -> float:
-        # before the first run: about a memory read of the blob at a few GB/s, so copies are tried first
+        # before a measure or a run: about a memory read of the blob at a few GB/s, so copies are tried first
         return self._seconds if self._seconds is not None else self.layout.nbytes / 5e9
 
     def close(self) -> None:
@@ -177,19 +197,28 @@ class PlacementDispatcher:
     """A LayerDispatcher (routing_plan.py) that decides, per miss, copy or run."""
 
     def __init__(self, cache, inner: CacheDispatcher, runner: ExpertRunner, *, placement: str,
-                 copy_seconds_per_expert: float, counters: ExpertCounters) -> None:
+                 copy_seconds_per_expert: float, counters: ExpertCounters, weigh_guesses: bool | None = None) -> None:
+        """`weigh_guesses`: auto leaves to the runner the guesses the link cannot bring in time
+        (module docstring); None reads MOE_EDGE_WEIGH_GUESSES (0: every guess is prefetched)."""
         if placement not in PLACEMENTS:
             raise ConfigError(f"--placement {placement}: choose {', '.join(PLACEMENTS)}")
         self.cache, self.inner, self.runner = cache, inner, runner
         self.placement = placement
         self.copy_seconds = copy_seconds_per_expert
         self.counters = counters
+        if weigh_guesses is None:
+            weigh_guesses = os.environ.get(WEIGH_GUESSES_SWITCH, "1") != "0"
+        self.weigh_guesses = weigh_guesses
+        self.layer_seconds: float | None = None  # the decode's measured pace: seconds from one layer's plan to the next's
+        self._last_plan: tuple[int, float] | None = None  # (layer, time) of the last decode plan
 
     def dispatch(self, plan: RoutingPlan) -> LayerWork:
         if plan.tokens > 1 or self.placement == "copy":
             return self.inner.dispatch(plan)
+        self._time_layer(plan.layer)
         held = set(self.cache.resident(plan.layer))  # resident or loading: computed on the device
         misses = [e for e in plan.needed if e not in held]
+        guesses = plan.guesses
         if self.placement == "run":
             elsewhere = misses
         else:
@@ -197,10 +226,40 @@ class PlacementDispatcher:
             elsewhere = self._cheaper_to_run(misses, backlog)
             if elsewhere and backlog == 0 and not self.runner.copies_cross_its_link:  # the link is idle
                 self.cache.copy_into_free_slots(plan.layer, elsewhere)  # empty slots filled for later uses
-        on_device_plan = RoutingPlan(plan.layer, plan.tokens, [e for e in plan.chosen if e not in elsewhere], plan.guesses)
+            if self.weigh_guesses:
+                guesses = self._guesses_in_time(plan, queued=backlog + len(misses) - len(elsewhere))
+        on_device_plan = RoutingPlan(plan.layer, plan.tokens, [e for e in plan.chosen if e not in elsewhere], guesses)
         work = self.inner.dispatch(on_device_plan)
         self.counters.runs_elsewhere[plan.layer] += len(elsewhere)
         return LayerWork(work.on_device, elsewhere)
+
+    def _time_layer(self, layer: int) -> None:
+        """Update layer_seconds from the time since the previous layer's plan (within one token:
+        a lower layer means the token ended, and sampling and the head are not a layer's pace)."""
+        now = time.perf_counter()
+        if self._last_plan is not None and layer > self._last_plan[0]:
+            each = (now - self._last_plan[1]) / (layer - self._last_plan[0])
+            self.layer_seconds = each if self.layer_seconds is None else 0.9 * self.layer_seconds + 0.1 * each
+        self._last_plan = (layer, now)
+
+    def _guesses_in_time(self, plan: RoutingPlan, queued: int) -> dict[int, list[int]]:
+        """The guesses worth prefetching, behind `queued` copies: each guess not yet held is
+        kept if its copy would land no later than its layer's start plus a run's time, at the
+        pace measured so far; the others are left to the runner (counted as prefetch_left)."""
+        if self.layer_seconds is None:  # the first token: no pace to weigh by yet
+            return plan.guesses
+        run_each, kept = self.runner.seconds_per_expert(), {}
+        for later, experts in plan.guesses.items():
+            held = set(self.cache.resident(later))
+            lead = (later - plan.layer) * self.layer_seconds  # until that layer's plan, at this pace
+            kept[later] = []
+            for expert in experts:
+                if expert not in held and (queued + 1) * self.copy_seconds > lead + run_each:
+                    self.counters.prefetch_left[later] += 1
+                    continue
+                queued += expert not in held
+                kept[later].append(expert)
+        return kept
 
     def _cheaper_to_run(self, misses: list[int], backlog: int) -> list[int]:
         """Greedy: each miss to whichever queue (copies, behind `backlog` loads already queued;
