@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One GPU call for placement auto's weighed guesses (issue 9: 1.1x llama.cpp's -ncmoe 16 on random
+# routing, 1.3x copy), llama.cpp in the same call. Carry .whl (the wheels the device image
+# lacks), .peer (scripts/peer_bench.sh prepare) and the generated common/rpc/*_pb2*.py. In order:
+#   the CPU expert kernel, its threads with one fixed share each (take 0) against 4 tiles at a
+#     time (take 4), on an idle host and with one core kept busy (as the GPU loop's syncs do);
+#   the synthetic Mixtral-8x7B store (2-bit experts) in /dev/shm, beside llama.cpp's GGUF;
+#   llama-bench -ngl 99 -ncmoe 16 decode;
+#   bench lru+prefetch, K = 4, placements copy and auto; then auto with MOE_EDGE_WEIGH_GUESSES=0.
+# Each step is skipped once fewer seconds are left of LIMIT (default 575) than it needs.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/moe-edge-out}; mkdir -p "$OUT"; LIMIT=${LIMIT:-575}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+S=/dev/shm/moe-edge-mixtral; t=$SECONDS
+left() { (( SECONDS + $1 < LIMIT )) || { echo "-- skipped (time): $2"; return 1; }; }
+bench() {
+  local name=$1; shift
+  timeout $(( LIMIT - SECONDS - 5 )) python3 -m coordinator bench --store $S --device cuda --cache-experts 4 "$@" \
+    > "$OUT/$name.txt" 2> "$OUT/$name.err"; echo "[$name rc $? at $SECONDS s]"; grep -v "^ *$" "$OUT/$name.txt" | sed -n 6,40p
+  tail -2 "$OUT/$name.err"
+}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; date -u
+for busy in 0 1; do
+  timeout 60 python3 -m scripts.cpu_expert_bench --kernels native --bits 2 --tokens 1,8 --takes 0,4 --repeats 20 \
+    --busy-cores $busy > "$OUT/cpu-busy$busy.txt" 2>&1; grep -v "^{" "$OUT/cpu-busy$busy.txt" | tail -5
+done
+bash scripts/peer_bench.sh build .peer
+(python3 -m coordinator make-synthetic --shape mixtral-8x7b --expert-bits 2 --dense-bits 4 --out $S --quiet \
+   > "$OUT/make-synthetic.txt" 2>&1; echo "make-synthetic $((SECONDS - t)) s" >> "$OUT/make-synthetic.txt") &
+maker=$!
+bash scripts/peer_bench.sh gguf mixtral Q2_K | tail -1
+wait $maker; tail -1 "$OUT/make-synthetic.txt"
+left 60 llama.cpp && { bash scripts/peer_bench.sh bench "-ngl 99 -ncmoe 16 -p 0 -n 64 -r 2" | grep tg64; rm -f /tmp/peer/*.gguf; }
+left 90 placements && bench placements --modes lru+prefetch --placements copy,auto --prompt-tokens 16 --tokens 32 --profile-tokens 2
+left 60 unweighed && MOE_EDGE_WEIGH_GUESSES=0 bench unweighed --modes lru+prefetch --placements auto --prompt-tokens 16 \
+  --tokens 32 --profile-tokens 2
+rm -rf $S
+echo "end at $SECONDS s"
