@@ -1,6 +1,7 @@
 """What every kernel check module (tests/*_check.py) does with its seed: print the command that
 reruns it on the same inputs, first, and take DEVICE [SEED] from its command line (a fresh seed
-unless given, so each run draws new inputs). Not collected by pytest (no test_ prefix)."""
+unless given, so each run by hand draws new inputs; the tests give conftest.check_seed()). Not
+collected by pytest (no test_ prefix)."""
 
 from __future__ import annotations
 

@@ -4,12 +4,10 @@ for real on a GPU), it is taken only where it applies (one token with a device p
 stacked qkv, no sinks, no latent attention; CUDA with Triton; MOE_EDGE_FUSED_ATTENTION not 0),
 and on CUDA a resident decode gives the same greedy tokens with it as without."""
 
-import random
-
 import pytest
 import torch
 
-from conftest import needs_triton, requires_cuda, run_module
+from conftest import check_kernels, needs_triton, requires_cuda
 from coordinator.runtime.decoder import Decoder
 from coordinator.runtime.engine import Engine
 from coordinator.runtime.model import KVCache, fused_decode_attention
@@ -19,12 +17,8 @@ STEPS = 8
 
 
 def check(device: str) -> None:
-    """tests/decode_attention_check.py on `device` (under the interpreter on "cpu"), a fresh seed."""
-    env = {"TRITON_INTERPRET": "1"} if device == "cpu" else None
-    result = run_module("tests.decode_attention_check", device, random.randrange(2**31), env_extra=env, timeout=900)
-    print(result.stdout)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "FAIL" not in result.stdout
+    """tests/decode_attention_check.py on `device` (under the interpreter on "cpu")."""
+    check_kernels("tests.decode_attention_check", device, timeout=900)
 
 
 @needs_triton
