@@ -4,6 +4,8 @@ or the run by measured costs; greedy tokens are transformers' either way (throug
 path, float32 unquantized), every use is counted once (hits + misses + runs elsewhere), and a
 run copies nothing into the cache."""
 
+from types import SimpleNamespace
+
 import pytest
 
 from common.errors import ConfigError
@@ -150,7 +152,7 @@ class _Cache:
     """What PlacementDispatcher reads of the expert cache: the held experts and the copy backlog."""
 
     def __init__(self, held: dict[int, list[int]], backlog: int) -> None:
-        self.held, self.loader = held, type("Loader", (), {"backlog": [None] * backlog})()
+        self.held, self.loader = held, SimpleNamespace(backlog=[None] * backlog)
 
     def resident(self, layer: int) -> list[int]:
         return self.held.get(layer, [])

@@ -123,13 +123,8 @@ class LocalCpuRunner:
         what auto weighs runs by until the decode's own runs update it."""
         expert, x = self._expert(eid), torch.zeros(1, self.hidden_size, dtype=self.dtype)
         expert(x)  # first touch of its repacked pages
-        best = float("inf")
-        for _ in range(repeats):
-            started = time.perf_counter()
-            expert(x)
-            best = min(best, time.perf_counter() - started)
-        self._seconds = best
-        return best
+        self._seconds = best_seconds(lambda: expert(x), repeats)
+        return self._seconds
 
     def seconds_per_expert(self) -> float:
         # before a measure or a run: about a memory read of the blob at a few GB/s, so copies are tried first
@@ -173,12 +168,7 @@ class HostRunner:
         """The best time of `repeats` fetches of one expert from its host into host memory: what
         a copy costs before it reaches the device link (the pool counts these bytes as fetched)."""
         buffer = torch.empty(nbytes, dtype=torch.uint8)
-        best = float("inf")
-        for _ in range(repeats):
-            started = time.perf_counter()
-            self.fetch_loop.submit(self.pool.fetch_into(eid, buffer)).result()
-            best = min(best, time.perf_counter() - started)
-        return best
+        return best_seconds(lambda: self.fetch_loop.submit(self.pool.fetch_into(eid, buffer)).result(), repeats)
 
     def warm(self, experts: list[ExpertId], *, progress: bool = False, timeout_s: float = 600.0) -> None:
         """Run every expert of `experts` once on one zero token, one RunExperts call per layer
@@ -280,11 +270,20 @@ def measure_copy_seconds(device: torch.device, nbytes: int) -> float:
     pinned = device.type == "cuda"
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
     target = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    best = float("inf")
-    for _ in range(3):
-        started = time.perf_counter()
+
+    def copy() -> None:
         target.copy_(host, non_blocking=pinned)
         if pinned:
             torch.cuda.synchronize(device)
+
+    return best_seconds(copy, 3)
+
+
+def best_seconds(work, repeats: int) -> float:
+    """The shortest wall time of `repeats` calls of work(): what one costs without the noise."""
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        work()
         best = min(best, time.perf_counter() - started)
     return best
