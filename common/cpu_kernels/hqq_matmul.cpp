@@ -410,24 +410,17 @@ int hqq_matmul(const uint8_t* codes, const uint16_t* scale, const uint16_t* zero
     const Problem p{codes, scale, zero, group_size, rows, cols, tokens, keep_bf16 ? nullptr : x32,
                     keep_bf16 ? static_cast<const uint16_t*>(x) : nullptr, x_sums.data(), y};
     const int64_t tiles = (rows + TILE - 1) / TILE;
-    if (tiles_per_take <= 0) {
-        // each thread one contiguous share of the tiles: its codes one stream, its rows of y its own
-#pragma omp parallel num_threads(threads)
-        {
-            const int64_t count = omp_get_num_threads(), id = omp_get_thread_num();
-            for (int64_t tile = tiles * id / count; tile < tiles * (id + 1) / count; ++tile) {
-                if (bits == 2) tile_all_tokens<2>(p, tile);
-                else tile_all_tokens<4>(p, tile);
-            }
-        }
-        return 0;
-    }
-    // runs of tiles_per_take tiles taken in turn: where the CPU also drives a GPU or serves a
-    // network, a thread that loses its core holds up its own run, not the whole call
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-    for (int64_t run = 0; run < (tiles + tiles_per_take - 1) / tiles_per_take; ++run) {
-        const int64_t end = std::min(tiles, (run + 1) * tiles_per_take);
-        for (int64_t tile = run * tiles_per_take; tile < end; ++tile) {
+    // tiles_per_take > 0: runs of that many tiles handed out in turn, so that where the CPU also
+    // drives a GPU or serves a network a thread that loses its core holds up its own run, not the
+    // whole call; 0: one contiguous share per thread (a run each, dealt in thread order). Either
+    // way a run's codes are one stream and its rows of y its own.
+    threads = std::max(threads, 1);
+    const int64_t take = tiles_per_take > 0 ? tiles_per_take : (tiles + threads - 1) / threads;
+    omp_set_schedule(tiles_per_take > 0 ? omp_sched_dynamic : omp_sched_static, 1);
+#pragma omp parallel for num_threads(threads) schedule(runtime)
+    for (int64_t run = 0; run < (tiles + take - 1) / take; ++run) {
+        const int64_t end = std::min(tiles, (run + 1) * take);
+        for (int64_t tile = run * take; tile < end; ++tile) {
             if (bits == 2) tile_all_tokens<2>(p, tile);
             else tile_all_tokens<4>(p, tile);
         }
