@@ -127,7 +127,6 @@ def test_chunks_are_sized_by_the_capacity_alone():
 def decode_on_cuda(store, dtype: str, capacity: int, monkeypatch, fused: bool) -> tuple[list[int], torch.Tensor]:
     """Greedy STEPS of a resident decode (the whole-token graph) with MOE_EDGE_FUSED_ATTENTION on or off."""
     monkeypatch.setenv("MOE_EDGE_FUSED_ATTENTION", "1" if fused else "0")
-    device = torch.device("cuda")
     with Engine.open(store, device="cuda", dtype=dtype, cache_experts=2) as engine, torch.inference_mode():
         assert (engine.model.decode_attention is not None) == fused
         engine.use_cache_mode("resident")

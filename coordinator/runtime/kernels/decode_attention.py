@@ -38,7 +38,6 @@ C = chunks, N = positions per block."""
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton

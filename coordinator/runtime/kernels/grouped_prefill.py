@@ -44,11 +44,9 @@ import triton.language as tl
 
 from common.store.blob_layout import BlobLayout
 
-from . import GROUPED_PREFILL_SWITCH, interpreted
+from . import interpreted
 from .prefill_matmul import PrefillConfig, _accumulate, _fit_block_k, _weight_tile
 from .slot_experts import _matrix
-
-SWITCH = GROUPED_PREFILL_SWITCH  # MOE_EDGE_GROUPED_PREFILL
 
 
 @triton.jit(do_not_specialize=["num_experts"])  # (ints specialise on % 16: the offsets keep their alignment)
