@@ -17,8 +17,9 @@ import torch
 from common.errors import ExpertUnavailableError
 from common.rpc import expert_host_pb2 as pb
 from common.rpc import expert_host_pb2_grpc as pb_grpc
-from common.rpc.wire_limits import MAX_RUN_EXPERTS_BYTES
+from common.rpc.wire_limits import MAX_RUN_EXPERTS_BYTES, channel_options
 from coordinator.sources.cluster_config import PoolSettings
+from coordinator.sources.host_client import HostClient
 from expert_host_processes import expert_hosts, module_expert_hosts  # noqa: F401  (fixtures)
 from test_run_experts import HIDDEN, SETTINGS, Pool, good_request, local_sum, step
 
@@ -165,7 +166,19 @@ def test_a_stream_request_past_the_deadline_goes_to_the_replica_and_that_stream_
         pool.close()
 
 
-def test_a_host_back_after_a_crash_gets_a_new_stream(expert_hosts, store16):  # noqa: F811
+def test_a_host_back_after_a_crash_gets_a_new_stream(expert_hosts, store16, monkeypatch):  # noqa: F811
+    # The run connection's reconnect backoff made long, so that when the host is marked up (on
+    # the main connection) the run connection is surely still waiting out its backoff: the run
+    # after the restart passes only if the client renews it. (With gRPC's own backoff, at most a
+    # second, the run came in that window now and then.)
+    def with_a_long_backoff_for_runs(self, extra_options=None):
+        long_backoff = [("grpc.initial_reconnect_backoff_ms", 60_000), ("grpc.min_reconnect_backoff_ms", 60_000),
+                        ("grpc.max_reconnect_backoff_ms", 60_000)] if extra_options else []
+        # first: gRPC takes the first of two settings of one name
+        return grpc.aio.insecure_channel(self.address.grpc_target,
+                                         options=long_backoff + channel_options() + (extra_options or []))
+
+    monkeypatch.setattr(HostClient, "_open_channel", with_a_long_backoff_for_runs)
     first = expert_hosts.start(store16)
     hidden, weights = step(1, torch.float32, seed=6)
     expected = local_sum(store16, hidden, weights)
@@ -173,8 +186,9 @@ def test_a_host_back_after_a_crash_gets_a_new_stream(expert_hosts, store16):  # 
     try:
         assert torch.allclose(pool.run_layer(hidden, weights), expected, atol=1e-5, rtol=0)
         first.kill()
-        with pytest.raises(ExpertUnavailableError):
-            pool.run_layer(hidden, weights)
+        for _ in range(2):  # the first may fail on the open stream; the second, on a new connection
+            with pytest.raises(ExpertUnavailableError):
+                pool.run_layer(hidden, weights)
         assert pool.streams_open() == {first.address: False}
         again = expert_hosts.start(store16, listen=first.address)
         deadline = time.monotonic() + 20

@@ -8,7 +8,9 @@ keeping it spares the next generation's first layer the set-up), torn down by an
 call on it (the host died, stopped, missed the deadline or answered wrongly) and opened again
 at the next call, which the pool makes only to a host it has marked up again (or as the last
 try of a host marked down). A host that does not know the stream (UNIMPLEMENTED: an older
-moe-edge) gets unary RunExperts calls from then on.
+moe-edge) gets unary RunExperts calls from then on. The runs have a channel of their own; one
+still waiting out a failed connection's backoff when the main channel is connected again is
+replaced by a fresh one (the host is back; the old one would fail the next run).
 
 Knows nothing of replicas or failover (expert_pool.py does that): every failure becomes one
 HostError that names the host, what we were doing and, where it helps, what to check. Made
@@ -128,15 +130,34 @@ class HostClient:
         # TCP connection between channels to the same host otherwise). On one HTTP/2
         # connection a run's few KB queue behind the expert chunks a fetch has already written
         # to the socket; on two, the network interleaves them as it does any two flows.
-        self._run_channel = self._open_channel([("grpc.use_local_subchannel_pool", 1)])
+        self._open_run_channel()
         self._metadata = ((AUTHORIZATION_KEY, f"Bearer {credentials.token}"),) if credentials.token else ()
         self._info = pb_grpc.ExpertHostStub(self._channel).Info
         self._health = health_pb2_grpc.HealthStub(self._channel).Check
-        self._run_experts = pb_grpc.ExpertHostStub(self._run_channel).RunExperts
-        self._open_run_stream = pb_grpc.ExpertHostStub(self._run_channel).RunExpertsStream
         self._fetch = self._channel.unary_stream(
             FETCH_EXPERT_METHOD, request_serializer=pb.FetchExpertRequest.SerializeToString, response_deserializer=decode_chunk,
         )
+
+    def _open_run_channel(self) -> None:
+        self._run_channel = self._open_channel([("grpc.use_local_subchannel_pool", 1)])
+        self._run_experts = pb_grpc.ExpertHostStub(self._run_channel).RunExperts
+        self._open_run_stream = pb_grpc.ExpertHostStub(self._run_channel).RunExpertsStream
+
+    async def _renew_run_channel_if_stuck(self) -> None:
+        """A channel whose connection failed waits out gRPC's reconnect backoff (up to
+        MAX_RECONNECT_BACKOFF_MS) and fails every call meanwhile with the old error. Where the
+        run channel waits so while the main channel is connected (the host is back: it answered
+        there, which is how the pool marked it up), a fresh run channel connects now instead."""
+        if (self._run_channel.get_state() != grpc.ChannelConnectivity.TRANSIENT_FAILURE
+                or self._channel.get_state() != grpc.ChannelConnectivity.READY):
+            return
+        stale = self._run_channel
+        if self._run_stream is not None:  # it failed with the connection; let go of its call first
+            self.close_run_stream(HostCallError(f"{self}: its run connection is being renewed"))
+            await self._run_stream.ended()
+            self._run_stream = None
+        self._open_run_channel()
+        await stale.close()
 
     def _open_channel(self, extra_options: list | None = None) -> grpc.aio.Channel:
         options = channel_options() + (extra_options or [])
@@ -227,6 +248,7 @@ class HostClient:
             hidden=_tensor_bytes(hidden), weights=_tensor_bytes(weights.float()), model_id=model_id,
         )
         doing = f"running layer {layer} experts {list(experts)}"
+        await self._renew_run_channel_if_stuck()
         if self.stream_runs:
             reply = await self._run_streamed(request, doing, timeout_s)
         else:
