@@ -6,7 +6,8 @@ scale and zero per group: common/quantization.py) is repacked, exactly, for one 
 - the native one (common/cpu_kernels: C++ built on first use where it runs), NativeMatrix: 2-bit
   codes stay 2-bit, 3 and 4-bit ones become 4-bit, in tiles of 16 rows; it computes
   s * (q . x) - s * z * sum x per group in fp32, the HQQ formula w = (q - z) * s within fp32
-  rounding. The default wherever it builds and runs (CpuExpert._matrix): a 2-bit expert reads half
+  rounding (x as given, or rounded to int8 digits where cpu_kernels.x_digits says: then the codes
+  are laid out for vpdpbusd, NativeMatrix.repack_for_digits). The default wherever it builds and runs (CpuExpert._matrix): a 2-bit expert reads half
   the bytes it reads through int4pack (0.31 bytes per weight instead of 0.56), and at 3 and 4 bits
   (the same bytes either way) it was the faster of the two on a Zen 4 at 1 to 8 tokens;
 - torch's int4 weight-only matmul (`torch._weight_int4pack_mm_for_cpu`), Int4Matrix: the fallback
@@ -61,22 +62,26 @@ class Int4Matrix:
 
 class NativeMatrix:
     """One [O, I] HQQ matrix for the native kernel (common/cpu_kernels): 2-bit codes kept at 2
-    bits, 3 and 4-bit ones at 4, and the fp16 scales and zeros, in the kernel's tile layout (16
-    rows side by side, one vector lane each)."""
+    bits, 3 and 4-bit ones at 4, and the fp16 scales and zeros, in one of the kernel's tile
+    layouts (16 rows side by side, one vector lane each): layout 1 for x multiplied as given,
+    layout 2 for x as int8 digits (hqq_matmul.cpp)."""
 
     TILE = 16  # rows per tile: hqq_matmul.cpp's TILE
 
     def __init__(self, matrix: QuantizedMatrix, dtype: torch.dtype, library, *, threads: int | None = None,
-                 tiles_per_take: int = TILES_PER_TAKE) -> None:
+                 tiles_per_take: int = TILES_PER_TAKE, x_digits: int | None = None) -> None:
         """`threads`: the kernel's OpenMP threads (None: torch's intra-op count at each call);
-        `tiles_per_take`: tiles a thread takes at a time (0: one fixed share per thread)."""
+        `tiles_per_take`: tiles a thread takes at a time (0: one fixed share per thread);
+        `x_digits`: 0 (x as given), 1 or 2 (int8 digits); None: cpu_kernels.x_digits's choice."""
         self.library = library
         self.dtype = dtype
         self.threads, self.tiles_per_take = threads, tiles_per_take
+        self.x_digits = cpu_kernels.x_digits(library, dtype == torch.bfloat16, x_digits)
         self.group_size = matrix.group_size
         self.out_features, self.in_features = matrix.shape
         self.bits = 2 if matrix.bits == 2 else 4
-        self.codes = self.repack(matrix.codes(), self.bits)  # [O / 16, I / 64, 32 / p, 32] uint8
+        repack = self.repack_for_digits if self.x_digits else self.repack
+        self.codes = repack(matrix.codes(), self.bits)  # [O / 16, I / 64, 32 / p, 32] or [O / 16, I p / 32, 16, 4] uint8
         self.scale = self.tiled(matrix.scale.to(torch.float16))  # [O / 16, G, 16], owned: the blob may go
         self.zero = self.tiled(matrix.zero.to(torch.float16))  # [O / 16, G, 16]
 
@@ -104,8 +109,24 @@ class NativeMatrix:
             packed |= codes[:, :, :, j] << (bits * j)
         return packed.reshape(tiles, blocks, chunks, 2 * cls.TILE)
 
+    @classmethod
+    def repack_for_digits(cls, codes: torch.Tensor, bits: int) -> torch.Tensor:
+        """[O, I] codes -> layout 2: per tile of 16 rows (zero codes past O) and block of 32 / bits
+        columns, 64 bytes, dword i row i's, its byte k holding columns 4 j + k at bit bits * j."""
+        per_byte = 8 // bits
+        out_features, in_features = codes.shape
+        tiles, blocks = -(-out_features // cls.TILE), in_features // (4 * per_byte)
+        codes = F.pad(codes.to(torch.uint8), (0, 0, 0, tiles * cls.TILE - out_features))
+        # [tile, i, block, j, k] -> [tile, block, i, k, j]
+        codes = codes.view(tiles, cls.TILE, blocks, per_byte, 4).permute(0, 2, 1, 4, 3)
+        packed = codes[..., 0].clone()
+        for j in range(1, per_byte):
+            packed |= codes[..., j] << (bits * j)
+        return packed.contiguous()
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, I] -> [T, O] in the compute dtype (fp32 arithmetic; bf16 x is widened exactly)."""
+        """x [T, I] -> [T, O] in the compute dtype (fp32 arithmetic; bf16 x is widened exactly, or
+        rounded to int8 digits where x_digits says)."""
         if x.dtype != torch.bfloat16:
             x = x.to(torch.float32)
         x = x.contiguous()
@@ -113,7 +134,7 @@ class NativeMatrix:
         status = self.library.hqq_matmul(self.codes.data_ptr(), self.scale.data_ptr(), self.zero.data_ptr(), self.bits,
                                          self.group_size, self.out_features, self.in_features, x.data_ptr(),
                                          int(x.dtype == torch.bfloat16), x.shape[0], y.data_ptr(),
-                                         self.threads or torch.get_num_threads(), self.tiles_per_take)
+                                         self.threads or torch.get_num_threads(), self.tiles_per_take, self.x_digits)
         assert status == 0, "NativeMatrix was made for a shape the kernel refuses"
         return y.to(self.dtype)
 
@@ -151,13 +172,13 @@ class CpuExpert:
     to run on the CPU."""
 
     def __init__(self, weights: ExpertWeights, *, dtype: torch.dtype = torch.bfloat16, kernel: str | None = None,
-                 threads: int | None = None, tiles_per_take: int = TILES_PER_TAKE) -> None:
+                 threads: int | None = None, tiles_per_take: int = TILES_PER_TAKE, x_digits: int | None = None) -> None:
         """kernel: "native", "int4pack" or "auto" for quantized matrices (common/cpu_kernels);
-        None reads $MOE_EDGE_CPU_KERNEL. `threads` and `tiles_per_take`: the native kernel's
-        (NativeMatrix); torch's own matmuls use torch's threads."""
+        None reads $MOE_EDGE_CPU_KERNEL. `threads`, `tiles_per_take` and `x_digits`: the native
+        kernel's (NativeMatrix); torch's own matmuls use torch's threads."""
         self.dtype = dtype
         self.kernel = kernel
-        self.threads, self.tiles_per_take = threads, tiles_per_take
+        self.threads, self.tiles_per_take, self.x_digits = threads, tiles_per_take, x_digits
         self.w13 = self._matrix(weights.w13)  # [2F, H]: gate and up
         self.w2 = self._matrix(weights.w2)  # [H, F]
         self.b13 = None if weights.b13 is None else weights.b13.to(dtype)  # [2F]
@@ -172,7 +193,8 @@ class CpuExpert:
             # 10.8 ms and 5.0-5.7 against 10.1-12.0. MOE_EDGE_CPU_KERNEL=int4pack: torch's instead.
             library = cpu_kernels.native_library(self.kernel) if can_run_native(weight) else None
             if library is not None:
-                return NativeMatrix(weight, self.dtype, library, threads=self.threads, tiles_per_take=self.tiles_per_take)
+                return NativeMatrix(weight, self.dtype, library, threads=self.threads, tiles_per_take=self.tiles_per_take,
+                                    x_digits=self.x_digits)
             if can_run_int4(weight):
                 return Int4Matrix(weight, self.dtype)
             return PlainMatrix(weight.dequantize(torch.float32), self.dtype)  # a group size torch's kernel lacks

@@ -8,9 +8,14 @@ built on first use, seconds) and torch's int4pack (reads every code at 4 bits). 
 then the same as one JSON line. Needs only torch and numpy besides this checkout.
 
     python -m scripts.cpu_expert_bench [--shape mixtral-8x7b|qwen3-30b-a3b] [--bits 2,4] [--tokens 1,8]
-        [--kernels native,int4pack] [--repeats 20] [--threads N] [--takes 0,4] [--busy-cores N]
+        [--kernels native,int4pack] [--repeats 20] [--threads 1,16] [--takes 0,4] [--x-digits 0,1,2]
+        [--busy-cores N] [--without avx512bf16]
 
---takes: the native kernel's tiles a thread takes at a time (0: one fixed share per thread).
+--threads: the native kernel's threads, comma-separated (default torch's; the floor's read
+bandwidth is measured at each count). --takes: the native kernel's tiles a thread takes at a time
+(0: one fixed share per thread). --x-digits: x as given (0) or as 1 or 2 int8 digits
+(MOE_EDGE_CPU_X_DIGITS; AVX512-VNNI only). --without: the native kernel built without those
+instruction sets, to time here what a CPU without them would run.
 --busy-cores: that many processes spin while it times, as a GPU loop's syncs or a server's
 threads keep cores busy beside the experts."""
 
@@ -25,7 +30,8 @@ import time
 
 import torch
 
-from common.cpu_executor import TILES_PER_TAKE, CpuExpert
+from common import cpu_kernels
+from common.cpu_executor import TILES_PER_TAKE, CpuExpert, NativeMatrix
 from common.quantization import QuantizedMatrix, QuantSpec, quantized_shapes
 from common.store.blob_layout import ExpertWeights
 
@@ -73,6 +79,18 @@ def busy_cores(count: int):
             spinner.join(timeout=10)
 
 
+@contextlib.contextmanager
+def threads_of_torch(count: int):
+    """torch's intra-op threads set to `count` while the block runs (the int4pack matmul and the
+    read-bandwidth sum use them; the native kernel is told its own)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def timed(function, repeats: int) -> float:
     function()  # warm-up
     times = []
@@ -83,6 +101,22 @@ def timed(function, repeats: int) -> float:
     return statistics.median(times)
 
 
+def precision(bits: int, digits: list[int], generator: torch.Generator) -> dict[str, float]:
+    """The largest error over the largest output of a [256, 4096] matrix times 8 tokens of x, against
+    float64 products of its dequantized weight and x in fp32: for x in bf16 as given, and as each
+    count of int8 digits (0: bf16 x's own rounding)."""
+    matrix = random_quantized(256, 4096, QuantSpec(bits, 64), generator)
+    weight = matrix.dequantize(torch.float64)
+    x = torch.randn(8, 4096, generator=generator)
+    reference = x.double() @ weight.T
+    errors = {}
+    for count in digits:
+        native = NativeMatrix(matrix, torch.float32, cpu_kernels.native_library("native"), x_digits=count)
+        errors[f"x digits {count}" if count else "x as given"] = native(x).double()
+    errors["bf16 x"] = x.bfloat16().double() @ weight.T
+    return {name: ((y - reference).abs().max() / reference.abs().max()).item() for name, y in errors.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="mixtral-8x7b")
@@ -90,42 +124,67 @@ def main() -> None:
     parser.add_argument("--tokens", default="1,8")
     parser.add_argument("--kernels", default="native,int4pack")
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=None, help="the native kernel's threads (default torch's)")
+    parser.add_argument("--threads", default=None, help="the native kernel's threads, comma-separated (default torch's)")
     parser.add_argument("--takes", default=str(TILES_PER_TAKE), help="native: tiles a thread takes at a time, "
                         "comma-separated (0: one fixed share per thread)")
+    parser.add_argument("--x-digits", default="0", help="native: x as given (0) or as 1 or 2 int8 digits, "
+                        "comma-separated")
     parser.add_argument("--busy-cores", type=int, default=0, help="processes that spin while it times")
+    parser.add_argument("--without", default="", help="native: build it without these instruction sets, "
+                        "comma-separated gcc names (avx512bf16: as on a CPU without AVX512-BF16)")
     args = parser.parse_args()
+    if args.without:
+        cpu_kernels.load_built_with(tuple(f"-mno-{name}" for name in args.without.split(",")))
     hidden, width = SHAPES[args.shape]
     generator = torch.Generator().manual_seed(0)
-    memory = read_gbps()
+    thread_counts = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
+    memory = {}
+    for threads in thread_counts:
+        with threads_of_torch(threads):
+            memory[threads] = read_gbps()
     rows = []
     for bits in (int(b) for b in args.bits.split(",")):
         spec = QuantSpec(bits, 64)
         weights = ExpertWeights(w13=random_quantized(2 * width, hidden, spec, generator),
                                 w2=random_quantized(hidden, width, spec, generator))
         for kernel in args.kernels.split(","):
-            for take in ([int(t) for t in args.takes.split(",")] if kernel == "native" else [TILES_PER_TAKE]):
-                expert = CpuExpert(weights, dtype=torch.bfloat16, kernel=kernel, threads=args.threads, tiles_per_take=take)
-                used = type(expert.w13).__name__
-                for tokens in (int(t) for t in args.tokens.split(",")):
-                    x = torch.randn(tokens, hidden, dtype=torch.bfloat16)
-                    with busy_cores(args.busy_cores):
-                        seconds = timed(lambda: expert(x), args.repeats)
-                    floor = expert.nbytes / (memory * 1e9)
-                    rows.append(dict(shape=args.shape, bits=bits, kernel=kernel, take=take if kernel == "native" else None,
-                                     matrix=used, tokens=tokens, ms=seconds * 1e3, floor_ms=floor * 1e3,
-                                     read_mb=expert.nbytes / 1e6, of_memory_bandwidth=floor / seconds))
-                del expert
-    threads = args.threads or torch.get_num_threads()
-    print(f"CPU read bandwidth, measured now: {memory:.1f} GB/s; {threads} threads, {args.busy_cores} cores kept busy")
-    print(f"{'shape':14s} {'bits':>4s} {'kernel':>9s} {'take':>4s} {'tokens':>6s} {'ms':>8s} {'floor ms':>9s} "
-          f"{'MB read':>8s} {'of bw':>6s}")
+            native = kernel == "native"
+            for take in ([int(t) for t in args.takes.split(",")] if native else [TILES_PER_TAKE]):
+                for digits in ([int(d) for d in args.x_digits.split(",")] if native else [0]):
+                    expert = CpuExpert(weights, dtype=torch.bfloat16, kernel=kernel, tiles_per_take=take,
+                                       x_digits=digits if native else None)
+                    used = type(expert.w13).__name__
+                    for threads in thread_counts:
+                        for matrix in (expert.w13, expert.w2):
+                            matrix.threads = threads  # NativeMatrix's; torch's own matmuls ignore it
+                        for tokens in (int(t) for t in args.tokens.split(",")):
+                            x = torch.randn(tokens, hidden, dtype=torch.bfloat16)
+                            with busy_cores(args.busy_cores), threads_of_torch(threads):
+                                seconds = timed(lambda: expert(x), args.repeats)
+                            floor = expert.nbytes / (memory[threads] * 1e9)
+                            rows.append(dict(shape=args.shape, bits=bits, kernel=kernel, take=take if native else None,
+                                             x_digits=digits if native else None, threads=threads, matrix=used,
+                                             tokens=tokens, ms=seconds * 1e3, floor_ms=floor * 1e3,
+                                             read_mb=expert.nbytes / 1e6, of_memory_bandwidth=floor / seconds))
+                    del expert
+    library = cpu_kernels.native_library("auto")
+    print("native kernel: " + (cpu_kernels.describe(library) if library is not None else "unavailable"))
+    print("CPU read bandwidth, measured now: " + ", ".join(f"{memory[t]:.1f} GB/s on {t} threads" for t in thread_counts)
+          + f"; {args.busy_cores} cores kept busy")
+    print(f"{'shape':14s} {'bits':>4s} {'kernel':>9s} {'take':>4s} {'digits':>6s} {'threads':>7s} {'tokens':>6s} "
+          f"{'ms':>8s} {'floor ms':>9s} {'MB read':>8s} {'of bw':>6s}")
     for r in rows:
         take = "-" if r["take"] is None else str(r["take"])
-        print(f"{r['shape']:14s} {r['bits']:4d} {r['kernel']:>9s} {take:>4s} {r['tokens']:6d} {r['ms']:8.2f} "
-              f"{r['floor_ms']:9.2f} {r['read_mb']:8.1f} {r['of_memory_bandwidth']:6.0%}")
-    print(json.dumps({"read_gbps": memory, "threads": threads, "busy_cores": args.busy_cores, "results": rows}))
-
+        digits = "-" if r["x_digits"] is None else str(r["x_digits"])
+        print(f"{r['shape']:14s} {r['bits']:4d} {r['kernel']:>9s} {take:>4s} {digits:>6s} {r['threads']:7d} "
+              f"{r['tokens']:6d} {r['ms']:8.2f} {r['floor_ms']:9.2f} {r['read_mb']:8.1f} {r['of_memory_bandwidth']:6.0%}")
+    errors = {}
+    if "native" in args.kernels.split(","):
+        for bits in (int(b) for b in args.bits.split(",")):
+            errors[bits] = precision(bits, [int(d) for d in args.x_digits.split(",")], generator)
+            print(f"{bits}-bit precision (largest error / largest output, fp32 x as the reference): "
+                  + ", ".join(f"{name} {error:.1e}" for name, error in errors[bits].items()))
+    print(json.dumps({"read_gbps": memory, "busy_cores": args.busy_cores, "results": rows, "precision": errors}))
 
 if __name__ == "__main__":
     main()

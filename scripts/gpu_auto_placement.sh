@@ -3,7 +3,9 @@
 # routing, 1.3x copy), llama.cpp in the same call. Carry .whl (the wheels the device image
 # lacks), .peer (scripts/peer_bench.sh prepare) and the generated common/rpc/*_pb2*.py. In order:
 #   the CPU expert kernel, its threads with one fixed share each (take 0) against 4 tiles at a
-#     time (take 4), on an idle host and with one core kept busy (as the GPU loop's syncs do);
+#     time (take 4), x as given against one and two int8 digits (x digits 0, 1, 2), on 1, 8 and 16 threads
+#     (is it the cores or the memory?), on an idle host and with one core kept busy (as the GPU
+#     loop's syncs do);
 #   the synthetic Mixtral-8x7B store (2-bit experts) in /dev/shm, beside llama.cpp's GGUF;
 #   llama-bench -ngl 99 -ncmoe 16 decode;
 #   bench lru+prefetch, K = 4, placements copy and auto; then auto with MOE_EDGE_WEIGH_GUESSES=0.
@@ -22,9 +24,11 @@ bench() {
   tail -2 "$OUT/$name.err"
 }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; date -u
+lscpu | grep -E "^(Model name|Thread|Core|Socket|NUMA node\(s\))"
+grep -o -w -E "avx512_bf16|avx512_vnni|amx_int8" /proc/cpuinfo | sort | uniq -c
 for busy in 0 1; do
-  timeout 60 python3 -m scripts.cpu_expert_bench --kernels native --bits 2 --tokens 1,8 --takes 0,4 --repeats 20 \
-    --busy-cores $busy > "$OUT/cpu-busy$busy.txt" 2>&1; grep -v "^{" "$OUT/cpu-busy$busy.txt" | tail -5
+  timeout 120 python3 -m scripts.cpu_expert_bench --kernels native --bits 2 --tokens 1,8 --takes 0,4 --x-digits 0,1,2 \
+    --threads 1,8,16 --repeats 10 --busy-cores $busy > "$OUT/cpu-busy$busy.txt" 2>&1; grep -v "^{" "$OUT/cpu-busy$busy.txt" | tail -26
 done
 bash scripts/peer_bench.sh build .peer
 (python3 -m coordinator make-synthetic --shape mixtral-8x7b --expert-bits 2 --dense-bits 4 --out $S --quiet \

@@ -2,8 +2,9 @@
 NativeMatrix) gives what the dequantized reference matmul gives, within fp32 rounding: 2, 3 and
 4-bit codes, groups of 64 and 128, widths that are not whole 32-byte units of codes, 1 to 16
 tokens, fp32 and bf16 activations, and in each instruction set a build can choose (AVX-512 with
-and without AVX512-BF16, AVX2, plain C++). MOE_EDGE_CPU_KERNEL and a failed build pick torch's
-int4pack path instead."""
+and without AVX512-BF16, AVX2, plain C++); x as one or two int8 digits (AVX512-VNNI) gives the
+matmul of x so rounded, which is what its bound says. MOE_EDGE_CPU_KERNEL and a failed build pick
+torch's int4pack path instead."""
 
 import logging
 
@@ -84,9 +85,103 @@ def test_the_products_do_not_depend_on_the_threads_or_their_schedule(library):
                 y = torch.empty(5, 130)
                 assert library.hqq_matmul(matrix.codes.data_ptr(), matrix.scale.data_ptr(), matrix.zero.data_ptr(), bits,
                                           64, 130, 1024, x.data_ptr(), int(dtype == torch.bfloat16), 5, y.data_ptr(),
-                                          threads, tiles_per_take) == 0
+                                          threads, tiles_per_take, 0) == 0
                 outputs.append(y)
         assert all(torch.equal(outputs[0], y) for y in outputs[1:]), bits
+
+
+def x_in_digits(x: torch.Tensor, digits: int, group_size: int = 64) -> torch.Tensor:
+    """x rounded as hqq_matmul.cpp's to_digits rounds it (float32 steps, ties to even), float64."""
+    x = x.float().view(x.shape[0], -1, group_size)  # [T, G, g]
+    largest = x.abs().amax(-1, keepdim=True)
+    scale = largest / 127
+    # a division, as in C++ (127 / tensor is torch's reciprocal times 127: rounded twice)
+    inverse = torch.where(largest > 0, torch.full_like(largest, 127) / largest, torch.zeros_like(largest))
+    v = (x * inverse).clamp(-127, 127)
+    hi = torch.round(v)
+    lo = torch.round((v - hi) * 254).clamp(-127, 127) if digits == 2 else torch.zeros_like(v)
+    return (scale.double() * (hi.double() + lo.double() / 254)).view(x.shape[0], -1)
+
+
+def has_vnni() -> bool:
+    library = cpu_kernels.native_library("auto")
+    return library is not None and bool(library.hqq_int8_products())
+
+
+needs_vnni = pytest.mark.skipif(not has_vnni(), reason="x as int8 digits needs AVX512-VNNI")
+
+
+@needs_vnni
+@pytest.mark.parametrize("digits", [1, 2])
+@pytest.mark.parametrize("bits,shape", [(2, (33, 320)), (3, (7, 128)), (4, (130, 1024))])
+def test_x_as_int8_digits_gives_the_matmul_of_x_so_rounded(library, bits, shape, digits):
+    """MOE_EDGE_CPU_X_DIGITS: x rounded per group to one or two int8 digits of its largest |x| /
+    127, then the same products within fp32 rounding; the rounding itself within |x|max / 254
+    (one digit: about 5x bf16's in a product) or / 64516 (two)."""
+    quantized = random_matrix(*shape, QuantSpec(bits, 64), seed=bits)
+    weight = quantized.dequantize(torch.float64)
+    matrix = NativeMatrix(quantized, torch.float32, library, x_digits=digits)  # fp32 out: the sums themselves
+    step = 1 / (254 if digits == 1 else 64516) + 2**-22  # of |x|max: the digits' rounding, + x / sx's in fp32
+    for tokens in (1, 5, 9):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(tokens, shape[1], generator=torch.Generator().manual_seed(tokens)).to(dtype)
+            rounded = x_in_digits(x, digits)
+            largest = x.double().abs().view(tokens, -1, 64).amax(-1, keepdim=True)
+            assert ((rounded - x.double()).view(tokens, -1, 64).abs() <= largest * step).all()
+            reference = rounded @ weight.T
+            error = ((matrix(x).double() - reference).abs().max() / reference.abs().max()).item()
+            assert error < BOUND, (tokens, dtype, error)
+
+
+@needs_vnni
+def test_int8_digits_do_not_depend_on_the_threads_either(library):
+    matrix = NativeMatrix(random_matrix(130, 1024, QuantSpec(2, 64), seed=5), torch.float32, library, x_digits=2)
+    x = torch.randn(5, 1024, generator=torch.Generator().manual_seed(5)).bfloat16()
+    outputs = []
+    for threads in (1, 3):
+        for tiles_per_take in (0, 1):
+            matrix.threads, matrix.tiles_per_take = threads, tiles_per_take
+            outputs.append(matrix(x))
+    assert all(torch.equal(outputs[0], y) for y in outputs[1:])
+
+
+def test_int8_digits_are_refused_where_the_build_has_no_vnni(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOE_EDGE_CACHE_DIR", str(tmp_path))
+    library = cpu_kernels.open_library(cpu_kernels.build(cpu_kernels.compiler(), cpu_kernels.FLAGS + ("-mno-avx512vnni",)))
+    assert library.hqq_int8_products() == 0
+    quantized = random_matrix(33, 320, QuantSpec(2, 64), seed=1)
+    with pytest.raises(ConfigError, match="AVX512-VNNI"):
+        NativeMatrix(quantized, torch.bfloat16, library, x_digits=1)
+    monkeypatch.setenv("MOE_EDGE_CPU_X_DIGITS", "2")
+    with pytest.raises(ConfigError, match="MOE_EDGE_CPU_X_DIGITS=2"):
+        NativeMatrix(quantized, torch.bfloat16, library)
+    monkeypatch.delenv("MOE_EDGE_CPU_X_DIGITS")
+    assert NativeMatrix(quantized, torch.bfloat16, library).x_digits == 0  # the default here: x as given
+    y = torch.empty(1, 33)
+    x = torch.randn(1, 320)
+    assert library.hqq_matmul(0, 0, 0, 2, 64, 33, 320, x.data_ptr(), 0, 1, y.data_ptr(), 1, 0, 1) == -1
+
+
+@needs_vnni
+def test_by_default_a_bf16_expert_takes_two_digits_only_where_the_cpu_lacks_avx512_bf16(tmp_path, monkeypatch, library):
+    """There x as given goes through fp32 products, slower than two digits; with AVX512-BF16
+    it goes through vdpbf16ps, which two digits did not beat."""
+    monkeypatch.delenv("MOE_EDGE_CPU_X_DIGITS", raising=False)
+    monkeypatch.setenv("MOE_EDGE_CACHE_DIR", str(tmp_path))
+    without_bf16 = cpu_kernels.open_library(cpu_kernels.build(cpu_kernels.compiler(),
+                                                              cpu_kernels.FLAGS + ("-mno-avx512bf16",)))
+    quantized = random_matrix(33, 320, QuantSpec(2, 64), seed=1)
+    assert NativeMatrix(quantized, torch.bfloat16, without_bf16).x_digits == 2
+    assert NativeMatrix(quantized, torch.float32, without_bf16).x_digits == 0  # fp32 experts: exact
+    assert NativeMatrix(quantized, torch.bfloat16, library).x_digits == (0 if library.hqq_bf16_products() else 2)
+    monkeypatch.setenv("MOE_EDGE_CPU_X_DIGITS", "0")
+    assert NativeMatrix(quantized, torch.bfloat16, without_bf16).x_digits == 0
+
+
+def test_a_bad_x_digits_setting_is_named(monkeypatch, library):
+    monkeypatch.setenv("MOE_EDGE_CPU_X_DIGITS", "3")
+    with pytest.raises(ConfigError, match="MOE_EDGE_CPU_X_DIGITS='3'"):
+        NativeMatrix(random_matrix(33, 320, QuantSpec(2, 64), seed=1), torch.bfloat16, library)
 
 
 def test_a_2_bit_matrix_keeps_its_codes_at_2_bits(library):

@@ -9,6 +9,15 @@ MOE_EDGE_CPU_KERNEL picks the path: "native" (this kernel, an error if it cannot
 where it builds, else int4pack with one log line saying why). The build folder is
 $MOE_EDGE_CACHE_DIR, else $XDG_CACHE_HOME/moe-edge, else ~/.cache/moe-edge, then cpu_kernels/.
 
+MOE_EDGE_CPU_X_DIGITS picks how the kernel multiplies x: "0", as given (exactly); "1" or "2",
+rounded per group of 64 to that many int8 digits and multiplied through AVX512-VNNI (an error on
+a CPU without it). One digit is what llama.cpp's CPU dot products do: x within |x|max / 254 of
+itself, about 5x bf16's own rounding of x in a product; two, within |x|max / 64516, some 70x finer
+than bf16's. Unset: two digits for a bf16 expert on a CPU with AVX512-VNNI but not AVX512-BF16
+(Cascade Lake, Ice Lake), where x as given goes through fp32 products (on a Zen 4 core built so,
+1.4-1.7x slower than two digits); x as given everywhere else (with AVX512-BF16, two digits were
+no faster; one was 1.5-1.7x faster at 8 tokens, as fast at one: BENCHMARKS.md).
+
 Knows nothing of experts or stores: raw matrices in, a matrix out."""
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ SOURCE = Path(__file__).with_name("hqq_matmul.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 KERNEL_ENV = "MOE_EDGE_CPU_KERNEL"
 CHOICES = ("auto", "native", "int4pack")
+X_DIGITS_ENV = "MOE_EDGE_CPU_X_DIGITS"
 
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}  # "library": the CDLL or None, "reason": why None
@@ -42,6 +52,25 @@ def kernel_choice(choice: str | None = None) -> str:
         choice = os.environ.get(KERNEL_ENV, "auto").strip().lower() or "auto"
     if choice not in CHOICES:
         raise ConfigError(f"CPU kernel {choice!r} ({KERNEL_ENV}): choose one of {', '.join(CHOICES)}")
+    return choice
+
+
+def x_digits(library: ctypes.CDLL, bf16: bool, choice: int | None = None) -> int:
+    """The int8 digits of x for a matrix run by `library` (0: x as given) in a bf16 expert or not:
+    `choice`, else $MOE_EDGE_CPU_X_DIGITS, else the default above; checked against what the
+    library can multiply."""
+    if choice is None:
+        text = os.environ.get(X_DIGITS_ENV, "").strip()
+        if text and text not in ("0", "1", "2"):
+            raise ConfigError(f"{X_DIGITS_ENV}={text!r}: give 0 (x as given), 1 or 2 (int8 digits of x)")
+        if not text:
+            return 2 if bf16 and library.hqq_int8_products() and not library.hqq_bf16_products() else 0
+        choice = int(text)
+    if choice not in (0, 1, 2):
+        raise ConfigError(f"x digits {choice}: give 0 (x as given), 1 or 2 (int8 digits of x)")
+    if choice and not library.hqq_int8_products():
+        raise ConfigError(f"{X_DIGITS_ENV}={choice}: x as int8 digits needs AVX512-VNNI, which this CPU "
+                          f"(or the kernel's build) lacks; use 0")
     return choice
 
 
@@ -116,7 +145,8 @@ def native_library(choice: str | None = None) -> ctypes.CDLL | None:
 def describe(library: ctypes.CDLL) -> str:
     """What the build chose on this CPU, in words."""
     words = {512: "AVX-512", 256: "AVX2"}.get(library.hqq_vector_bits(), "plain C++")
-    return words + (", bf16 x through AVX512-BF16" if library.hqq_bf16_products() else "")
+    return (words + (", bf16 x through AVX512-BF16" if library.hqq_bf16_products() else "")
+            + (", int8 x through AVX512-VNNI" if library.hqq_int8_products() else ""))
 
 
 def _load() -> tuple[ctypes.CDLL | None, str]:
@@ -136,10 +166,20 @@ def open_library(path: Path) -> ctypes.CDLL:
     library = ctypes.CDLL(str(path))
     library.hqq_vector_bits.restype = ctypes.c_int
     library.hqq_bf16_products.restype = ctypes.c_int
+    library.hqq_int8_products.restype = ctypes.c_int
     library.hqq_matmul.restype = ctypes.c_int
     library.hqq_matmul.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64,
                                    ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64,
-                                   ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
+                                   ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int]
+    return library
+
+
+def load_built_with(extra_flags: tuple[str, ...]) -> ctypes.CDLL:
+    """Build with `extra_flags` too (say -mno-avx512bf16: the kernel of a CPU without it), load
+    it, and make it the one native_library() returns (benchmarks)."""
+    library = open_library(build(compiler() or "g++", FLAGS + tuple(extra_flags)))
+    with _lock:
+        _loaded["library"], _loaded["reason"] = library, ""
     return library
 
 

@@ -11,6 +11,16 @@
 // So x is broadcast, never reduced across lanes, and the group's scale multiplies 16 rows' sums in
 // one instruction: y += s * (sum_i q_i x_i) - s z * sum_i x_i, the group sums of x made once.
 //
+// Where the build has AVX512-VNNI (Zen 4, Ice Lake and later Xeons) and the caller asks for x in
+// int8 digits (x_digits = 1 or 2: common/cpu_kernels' MOE_EDGE_CPU_X_DIGITS), the codes are laid out per
+// 32 bits of a row instead ("layout 2"): per tile and block of 32 / b columns, 64 bytes, whose
+// dword i is row i's and whose byte k holds columns 4 j + k at bit b j. One shift and one mask
+// then give 16 rows' codes of 4 columns as bytes, and vpdpbusd multiplies them by 4 int8 x and
+// adds into int32: 64 products an instruction, exact, against vdpbf16ps's 32 and a vpermw per
+// 32. x is rounded per token and group to digits of its largest |x| / 127: one digit (x ~ sx hi)
+// or two (x ~ sx (hi + lo / 254), within |x|max / 64516 of x, finer than bf16's own rounding of a
+// typical x), and y = s (q . x~) - s z sum x~: the matmul of the dequantized W by that x~.
+//
 // Codes are decoded by a table lookup (a code as a number in one step: vpermps, lane i ->
 // i & mask) and multiplied by x in fp32 (bf16 x is widened, exactly). Where the build has
 // AVX512-BF16 (Zen 4, Sapphire Rapids) and x is bf16, as the executor gives it, vdpbf16ps
@@ -22,6 +32,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -104,8 +115,10 @@ struct Problem {
     int64_t group_size, rows, cols, tokens;
     const float* x;         // [T, cols] fp32 (null where x_bf16 is used)
     const uint16_t* x_bf16; // [T, cols] bf16, as given (AVX512-BF16 builds with bf16 x; else null)
-    const float* x_sums;    // [T, G]
+    const float* x_sums;    // [T, G]: sum of x (layout 1), of sx * (hi + lo / 254) (layout 2)
     float* y;               // [T, O]
+    const int8_t* digits[2];  // layout 2: x's int8 digits hi, lo, each [T, cols] (lo null for one digit)
+    const float* x_scale;     // layout 2: [T, G], sx = |x|max / 127 of the token's group
 };
 
 // A cache line of codes 4 KiB ahead of `chunk`, once per line: a thread's codes are one stream, and
@@ -196,6 +209,63 @@ void tile_bf16(const Problem& p, int64_t tile, int64_t t0) {
             }
         }
         add_group<NT, CHAINS>(p, tile, g, t0, dot, acc);
+    }
+    store_tile<NT>(p, tile, t0, acc);
+}
+#endif
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// Layout 2, x as int8 digits: per 64-byte block (16 rows x 32 / b columns), a shift and a mask
+// per 4 columns, then one vpdpbusd per token and digit, the 4 x of those columns broadcast.
+template <int BITS, int NT, int DIGITS>
+void tile_int8(const Problem& p, int64_t tile, int64_t t0) {
+    constexpr int PER_BYTE = 8 / BITS, COLUMNS = 4 * PER_BYTE, CHAINS = chains(NT);
+    constexpr int STEP = CHAINS > PER_BYTE ? CHAINS / PER_BYTE : 1;  // blocks a pass: every chain a register
+    const __m512i mask = _mm512_set1_epi8(static_cast<char>((1 << BITS) - 1));
+    const int64_t groups = p.cols / p.group_size, blocks_per_group = p.group_size / COLUMNS;
+    const uint8_t* block = p.codes + tile * (p.cols / COLUMNS) * 64;
+    __m512 acc[NT];
+    for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+        __m512i dot[DIGITS][CHAINS][NT];
+        for (int d = 0; d < DIGITS; ++d)
+            for (int c = 0; c < CHAINS; ++c)
+                for (int t = 0; t < NT; ++t) dot[d][c][t] = _mm512_setzero_si512();
+        for (int64_t b0 = g * blocks_per_group; b0 < (g + 1) * blocks_per_group; b0 += STEP) {
+#pragma GCC unroll 2
+            for (int b = 0; b < STEP; ++b, block += 64) {
+                prefetch_codes(block);
+                const __m512i codes = _mm512_loadu_si512(block);
+#pragma GCC unroll 4
+                for (int j = 0; j < PER_BYTE; ++j) {
+                    const __m512i q = _mm512_and_si512(j ? _mm512_srli_epi32(codes, BITS * j) : codes, mask);
+                    const int64_t column = (b0 + b) * COLUMNS + 4 * j;
+                    const int chain = (PER_BYTE * b + j) % CHAINS;
+                    for (int t = 0; t < NT; ++t)
+                        for (int d = 0; d < DIGITS; ++d) {
+                            int32_t four;  // the token's digits of the 4 columns, to every lane
+                            std::memcpy(&four, p.digits[d] + (t0 + t) * p.cols + column, 4);
+                            dot[d][chain][t] = _mm512_dpbusd_epi32(dot[d][chain][t], q, _mm512_set1_epi32(four));
+                        }
+                }
+            }
+        }
+        const int64_t at = (tile * groups + g) * TILE;
+        const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.scale + at)));
+        const __m512 z = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.zero + at)));
+        const __m512 sz = _mm512_mul_ps(s, z);
+        for (int t = 0; t < NT; ++t) {
+            __m512 sum[DIGITS];
+            for (int d = 0; d < DIGITS; ++d) {
+                __m512i digit_sum = dot[d][0][t];
+                for (int c = 1; c < CHAINS; ++c) digit_sum = _mm512_add_epi32(digit_sum, dot[d][c][t]);
+                sum[d] = _mm512_cvtepi32_ps(digit_sum);  // exact: |sum| < 2^24 for groups up to 8192
+            }
+            const __m512 products = DIGITS == 2 ? _mm512_fmadd_ps(sum[1], _mm512_set1_ps(1.f / 254), sum[0]) : sum[0];
+            const int64_t tg = (t0 + t) * groups + g;
+            acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(s, _mm512_set1_ps(p.x_scale[tg])), products, acc[t]);
+            acc[t] = _mm512_fnmadd_ps(sz, _mm512_set1_ps(p.x_sums[tg]), acc[t]);
+        }
     }
     store_tile<NT>(p, tile, t0, acc);
 }
@@ -333,6 +403,9 @@ constexpr int MAX_TILE = 4;  // AVX2 has 16 registers
 
 template <int BITS, int NT>
 void tile_tokens(const Problem& p, int64_t tile, int64_t t0) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    if (p.digits[0]) return p.digits[1] ? tile_int8<BITS, NT, 2>(p, tile, t0) : tile_int8<BITS, NT, 1>(p, tile, t0);
+#endif
 #if defined(__AVX512BF16__)
     if (p.x_bf16) return tile_bf16<BITS, NT>(p, tile, t0);
 #endif
@@ -357,6 +430,41 @@ void tile_all_tokens(const Problem& p, int64_t tile) {
 #endif
         }
     }
+}
+
+// x [T, cols] (fp32, or bf16 where x_is_bf16) as int8 digits per token and group: sx = |x|max / 127,
+// hi = round(x / sx), lo = round((x / sx - hi) 254) (|lo| <= 127 as |x / sx - hi| <= 1/2); and
+// per token and group sx and the sum of x~ = sx (hi + lo / 254), from the digits, so that the
+// zero's term is that of the x the products use.
+void to_digits(const void* x, bool x_is_bf16, int64_t tokens, int64_t cols, int64_t group_size, int digits,
+               int8_t* hi, int8_t* lo, float* x_scale, float* x_sums) {
+    const int64_t groups = cols / group_size;
+    std::vector<float> values(group_size);
+    for (int64_t t = 0; t < tokens; ++t)
+        for (int64_t g = 0; g < groups; ++g) {
+            const int64_t start = t * cols + g * group_size;
+            float largest = 0.f;
+            for (int64_t i = 0; i < group_size; ++i) {
+                values[i] = x_is_bf16 ? bf16_to_float(static_cast<const uint16_t*>(x)[start + i])
+                                      : static_cast<const float*>(x)[start + i];
+                largest = std::max(largest, std::fabs(values[i]));
+            }
+            const float scale = largest / 127.f, inverse = largest > 0.f ? 127.f / largest : 0.f;
+            int64_t hi_sum = 0, lo_sum = 0;
+            for (int64_t i = 0; i < group_size; ++i) {
+                const float v = std::min(127.f, std::max(-127.f, values[i] * inverse));  // the clamp: v's rounding
+                const float h = std::nearbyint(v);
+                hi[start + i] = static_cast<int8_t>(h);
+                hi_sum += static_cast<int64_t>(h);
+                if (digits == 2) {
+                    const float l = std::min(127.f, std::max(-127.f, std::nearbyint((v - h) * 254.f)));
+                    lo[start + i] = static_cast<int8_t>(l);
+                    lo_sum += static_cast<int64_t>(l);
+                }
+            }
+            x_scale[t * groups + g] = scale;
+            x_sums[t * groups + g] = scale * (static_cast<float>(hi_sum) + static_cast<float>(lo_sum) / 254.f);
+        }
 }
 
 }  // namespace
@@ -384,13 +492,25 @@ int hqq_bf16_products() {
 #endif
 }
 
+// 1 where x can be multiplied as int8 digits through vpdpbusd (AVX512-VNNI), in layout 2, else 0.
+int hqq_int8_products() {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 // x is [T, cols], fp32 (x_is_bf16 = 0) or bf16 (1); y is [T, rows] fp32. tiles_per_take: 0 splits
-// the tiles into one share per thread, n > 0 hands them out n at a time. Returns 0, or -1 for a
-// shape the layout cannot hold (the caller checks these first).
+// the tiles into one share per thread, n > 0 hands them out n at a time. x_digits: 0, the codes
+// in layout 1 and x multiplied as given; 1 or 2, the codes in layout 2 and x as that many int8
+// digits (AVX512-VNNI builds only). Returns 0, or -1 for a shape the layout cannot hold or
+// digits the build cannot multiply (the caller checks these first).
 int hqq_matmul(const uint8_t* codes, const uint16_t* scale, const uint16_t* zero, int bits, int64_t group_size,
                int64_t rows, int64_t cols, const void* x, int x_is_bf16, int64_t tokens, float* y, int threads,
-               int64_t tiles_per_take) {
+               int64_t tiles_per_take, int x_digits) {
     if ((bits != 2 && bits != 4) || group_size <= 0 || cols % group_size || group_size % BLOCK) return -1;
+    if (x_digits < 0 || x_digits > 2 || (x_digits && !hqq_int8_products())) return -1;
     const int64_t groups = cols / group_size;
 #if defined(__AVX512BF16__)
     const bool keep_bf16 = x_is_bf16;  // multiplied as given
@@ -398,17 +518,23 @@ int hqq_matmul(const uint8_t* codes, const uint16_t* scale, const uint16_t* zero
     const bool keep_bf16 = false;
 #endif
     // fp32 x as given; bf16 x as given or widened, where the build has no vdpbf16ps
-    std::vector<float> widened(x_is_bf16 && !keep_bf16 ? tokens * cols : 0), x_sums(tokens * groups);
+    std::vector<float> widened(x_is_bf16 && !keep_bf16 && !x_digits ? tokens * cols : 0), x_sums(tokens * groups);
+    std::vector<int8_t> hi(x_digits ? tokens * cols : 0), lo(x_digits == 2 ? tokens * cols : 0);
+    std::vector<float> x_scale(x_digits ? tokens * groups : 0);
     const float* x32 = x_is_bf16 ? widened.data() : static_cast<const float*>(x);
-    for (int64_t t = 0; t < tokens; ++t)
-        for (int64_t g = 0; g < groups; ++g) {
-            const int64_t start = t * cols + g * group_size;
-            if (x_is_bf16) x_sums[t * groups + g] = bf16_sum(static_cast<const uint16_t*>(x) + start, group_size,
-                                                             keep_bf16 ? nullptr : widened.data() + start);
-            else x_sums[t * groups + g] = float_sum(x32 + start, group_size);
-        }
-    const Problem p{codes, scale, zero, group_size, rows, cols, tokens, keep_bf16 ? nullptr : x32,
-                    keep_bf16 ? static_cast<const uint16_t*>(x) : nullptr, x_sums.data(), y};
+    if (x_digits)
+        to_digits(x, x_is_bf16, tokens, cols, group_size, x_digits, hi.data(), lo.data(), x_scale.data(), x_sums.data());
+    else
+        for (int64_t t = 0; t < tokens; ++t)
+            for (int64_t g = 0; g < groups; ++g) {
+                const int64_t start = t * cols + g * group_size;
+                if (x_is_bf16) x_sums[t * groups + g] = bf16_sum(static_cast<const uint16_t*>(x) + start, group_size,
+                                                                 keep_bf16 ? nullptr : widened.data() + start);
+                else x_sums[t * groups + g] = float_sum(x32 + start, group_size);
+            }
+    const Problem p{codes, scale, zero, group_size, rows, cols, tokens, keep_bf16 || x_digits ? nullptr : x32,
+                    keep_bf16 && !x_digits ? static_cast<const uint16_t*>(x) : nullptr, x_sums.data(), y,
+                    {x_digits ? hi.data() : nullptr, x_digits == 2 ? lo.data() : nullptr}, x_scale.data()};
     const int64_t tiles = (rows + TILE - 1) / TILE;
     // tiles_per_take > 0: runs of that many tiles handed out in turn, so that where the CPU also
     // drives a GPU or serves a network a thread that loses its core holds up its own run, not the
