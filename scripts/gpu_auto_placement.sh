@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU call for placement auto's weighed guesses (issue 9: 1.1x llama.cpp's -ncmoe 16 on random
 # routing, 1.3x copy), llama.cpp in the same call. Carry .whl (the wheels the device image
-# lacks), .peer (scripts/peer_bench.sh prepare) and the generated common/rpc/*_pb2*.py. In order:
+# lacks: scripts/gpu_wheels.sh), .peer (scripts/peer_bench.sh prepare) and the generated
+# common/rpc/*_pb2*.py (the install makes them; else python -m common.rpc.generate). In order:
 #   the CPU expert kernel, its threads with one fixed share each (take 0) against 4 tiles at a
 #     time (take 4), x as given against one and two int8 digits (x digits 0, 1, 2), on 1, 8 and 16 threads
 #     (is it the cores or the memory?), on an idle host and with one core kept busy (as the GPU
