@@ -9,7 +9,8 @@
 #     loop's syncs do);
 #   the synthetic Mixtral-8x7B store (2-bit experts) in /dev/shm, beside llama.cpp's GGUF;
 #   llama-bench -ngl 99 -ncmoe 16 decode;
-#   bench lru+prefetch, K = 4, placements copy and auto; then auto with MOE_EDGE_WEIGH_GUESSES=0.
+#   bench lru+prefetch, K = 4, placements copy and auto; then auto with MOE_EDGE_WEIGH_GUESSES=0;
+#   then auto with the CPU's x as one int8 digit (MOE_EDGE_CPU_X_DIGITS=1), if time is left.
 # Each step is skipped once fewer seconds are left of LIMIT (default 575) than it needs.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -40,6 +41,8 @@ wait $maker; tail -1 "$OUT/make-synthetic.txt"
 left 60 llama.cpp && { bash scripts/peer_bench.sh bench "-ngl 99 -ncmoe 16 -p 0 -n 64 -r 2" | grep tg64; rm -f /tmp/peer/*.gguf; }
 left 90 placements && bench placements --modes lru+prefetch --placements copy,auto --prompt-tokens 16 --tokens 32 --profile-tokens 2
 left 60 unweighed && MOE_EDGE_WEIGH_GUESSES=0 bench unweighed --modes lru+prefetch --placements auto --prompt-tokens 16 \
+  --tokens 32 --profile-tokens 2
+left 60 one-digit && MOE_EDGE_CPU_X_DIGITS=1 bench one-digit --modes lru+prefetch --placements auto --prompt-tokens 16 \
   --tokens 32 --profile-tokens 2
 rm -rf $S
 echo "end at $SECONDS s"
