@@ -143,13 +143,22 @@ inline void store_tile(const Problem& p, int64_t tile, int64_t t0, const __m512*
     for (int t = 0; t < NT; ++t) _mm512_mask_storeu_ps(p.y + (t0 + t) * p.rows + row0, mask, acc[t]);
 }
 
+// The 16 rows' scales s and s z of group g of the tile.
+struct GroupScales {
+    __m512 s, sz;
+};
+inline GroupScales group_scales(const Problem& p, int64_t tile, int64_t g) {
+    const int64_t at = (tile * (p.cols / p.group_size) + g) * TILE;
+    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.scale + at)));
+    const __m512 z = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.zero + at)));
+    return {s, _mm512_mul_ps(s, z)};
+}
+
 // acc[t] += s * dot[t] - s z * sum x, for group g of the tile.
 template <int NT, int CHAINS>
 inline void add_group(const Problem& p, int64_t tile, int64_t g, int64_t t0, __m512 (&dot)[CHAINS][NT], __m512* acc) {
-    const int64_t groups = p.cols / p.group_size, at = (tile * groups + g) * TILE;
-    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.scale + at)));
-    const __m512 z = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.zero + at)));
-    const __m512 sz = _mm512_mul_ps(s, z);
+    const int64_t groups = p.cols / p.group_size;
+    const auto [s, sz] = group_scales(p, tile, g);
     for (int t = 0; t < NT; ++t) {
         __m512 sum = dot[0][t];
         for (int c = 1; c < CHAINS; ++c) sum = _mm512_add_ps(sum, dot[c][t]);
@@ -250,10 +259,7 @@ void tile_int8(const Problem& p, int64_t tile, int64_t t0) {
                 }
             }
         }
-        const int64_t at = (tile * groups + g) * TILE;
-        const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.scale + at)));
-        const __m512 z = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.zero + at)));
-        const __m512 sz = _mm512_mul_ps(s, z);
+        const auto [s, sz] = group_scales(p, tile, g);
         for (int t = 0; t < NT; ++t) {
             __m512 sum[DIGITS];
             for (int d = 0; d < DIGITS; ++d) {
