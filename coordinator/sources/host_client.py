@@ -152,12 +152,16 @@ class HostClient:
                 or self._channel.get_state() != grpc.ChannelConnectivity.READY):
             return
         stale = self._run_channel
-        if self._run_stream is not None:  # it failed with the connection; let go of its call first
-            self.close_run_stream(HostCallError(f"{self}: its run connection is being renewed"))
-            await self._run_stream.ended()
-            self._run_stream = None
+        await self._end_run_stream(HostCallError(f"{self}: its run connection is being renewed"))  # it failed with it
         self._open_run_channel()
         await stale.close()
+
+    async def _end_run_stream(self, failure: HostCallError) -> None:
+        """Close the run stream, if any, and let go of its call (before its channel closes)."""
+        self.close_run_stream(failure)
+        if self._run_stream is not None:
+            await self._run_stream.ended()
+            self._run_stream = None
 
     def _open_channel(self, extra_options: list | None = None) -> grpc.aio.Channel:
         options = channel_options() + (extra_options or [])
@@ -350,9 +354,6 @@ class HostClient:
         return HostCallError(f"{self}: {reason} (while {doing})", err.code(), certificate_refused=True) if reason else None
 
     async def close(self) -> None:
-        self.close_run_stream(HostCallError(f"{self}: the client is closing", grpc.StatusCode.CANCELLED))
-        if self._run_stream is not None:
-            await self._run_stream.ended()
-            self._run_stream = None
+        await self._end_run_stream(HostCallError(f"{self}: the client is closing", grpc.StatusCode.CANCELLED))
         await self._run_channel.close()
         await self._channel.close()
