@@ -9,8 +9,10 @@
 #     loop's syncs do);
 #   the synthetic Mixtral-8x7B store (2-bit experts) in /dev/shm, beside llama.cpp's GGUF;
 #   llama-bench -ngl 99 -ncmoe 16 decode;
-#   bench lru+prefetch, K = 4, placements copy and auto; then auto with MOE_EDGE_WEIGH_GUESSES=0;
-#   then auto with the CPU's x as one int8 digit (MOE_EDGE_CPU_X_DIGITS=1), if time is left.
+#   bench lru+prefetch, K = 4, placements copy and auto (its defaults: guesses weighed against the
+#   balanced pace, x as two int8 digits where the CPU has VNNI); then auto with the guesses weighed
+#   against the measured pace (MOE_EDGE_WEIGH_GUESSES=measured), x as one digit, 15 CPU threads, x as
+#   given, while time is left. CPU_BENCH=0 leaves out the CPU kernel's times.
 # Each step is skipped once fewer seconds are left of LIMIT (default 575) than it needs.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -19,19 +21,21 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH=/tmp/site:$PWD
 S=/dev/shm/moe-edge-mixtral; t=$SECONDS
 left() { (( SECONDS + $1 < LIMIT )) || { echo "-- skipped (time): $2"; return 1; }; }
-bench() {
-  local name=$1; shift
-  timeout $(( LIMIT - SECONDS - 5 )) python3 -m coordinator bench --store $S --device cuda --cache-experts 4 "$@" \
-    > "$OUT/$name.txt" 2> "$OUT/$name.err"; echo "[$name rc $? at $SECONDS s]"; grep -v "^ *$" "$OUT/$name.txt" | sed -n 6,40p
+bench() {  # a name, the environment it runs under ("" for none), then bench's flags
+  local name=$1 vars=$2; shift 2
+  env $vars timeout $(( LIMIT - SECONDS - 5 )) python3 -m coordinator bench --store $S --device cuda --cache-experts 4 "$@" \
+    > "$OUT/$name.txt" 2> "$OUT/$name.err"; echo "[$name ($vars) rc $? at $SECONDS s]"; grep -v "^ *$" "$OUT/$name.txt" | sed -n 6,40p
   tail -2 "$OUT/$name.err"
 }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; date -u
 lscpu | grep -E "^(Model name|Thread|Core|Socket|NUMA node\(s\))"
 grep -o -w -E "avx512_bf16|avx512_vnni|amx_int8" /proc/cpuinfo | sort | uniq -c
+if [[ ${CPU_BENCH:-1} == 1 ]]; then
 for busy in 0 1; do
   timeout 120 python3 -m scripts.cpu_expert_bench --kernels native --bits 2 --tokens 1,8 --takes 0,4 --x-digits 0,1,2 \
     --threads 1,8,16 --repeats 10 --busy-cores $busy > "$OUT/cpu-busy$busy.txt" 2>&1; grep -v "^{" "$OUT/cpu-busy$busy.txt" | tail -26
 done
+fi
 bash scripts/peer_bench.sh build .peer
 (python3 -m coordinator make-synthetic --shape mixtral-8x7b --expert-bits 2 --dense-bits 4 --out $S --quiet \
    > "$OUT/make-synthetic.txt" 2>&1; echo "make-synthetic $((SECONDS - t)) s" >> "$OUT/make-synthetic.txt") &
@@ -39,10 +43,13 @@ maker=$!
 bash scripts/peer_bench.sh gguf mixtral Q2_K | tail -1
 wait $maker; tail -1 "$OUT/make-synthetic.txt"
 left 60 llama.cpp && { bash scripts/peer_bench.sh bench "-ngl 99 -ncmoe 16 -p 0 -n 64 -r 2" | grep tg64; rm -f /tmp/peer/*.gguf; }
-left 90 placements && bench placements --modes lru+prefetch --placements copy,auto --prompt-tokens 16 --tokens 32 --profile-tokens 2
-left 60 unweighed && MOE_EDGE_WEIGH_GUESSES=0 bench unweighed --modes lru+prefetch --placements auto --prompt-tokens 16 \
-  --tokens 32 --profile-tokens 2
-left 60 one-digit && MOE_EDGE_CPU_X_DIGITS=1 bench one-digit --modes lru+prefetch --placements auto --prompt-tokens 16 \
-  --tokens 32 --profile-tokens 2
+left 90 placements && bench placements "" --modes lru+prefetch --placements copy,auto --prompt-tokens 16 --tokens 32 \
+  --profile-tokens 2
+for variant in measured-pace:MOE_EDGE_WEIGH_GUESSES=measured one-digit:MOE_EDGE_CPU_X_DIGITS=1 threads15:OMP_NUM_THREADS=15 \
+               x-as-given:MOE_EDGE_CPU_X_DIGITS=0; do
+  left 60 "${variant%%:*}" && bench "${variant%%:*}" "${variant#*:}" --modes lru+prefetch --placements auto --prompt-tokens 16 \
+    --tokens 32 --profile-tokens 2
+done
+echo "== decode tok/s, each run"; grep -h -E "^lru\+prefetch" "$OUT"/*.txt | grep -v "^lru+prefetch/auto /" | awk 'NF > 8'
 rm -rf $S
 echo "end at $SECONDS s"

@@ -47,6 +47,14 @@ def test_run_places_every_decode_miss_on_the_cpu_and_copies_only_for_the_prompt(
     assert ran.bytes_fetched < copied.bytes_fetched  # decode misses ran on the CPU instead of being copied
 
 
+def test_the_cpu_time_of_runs_is_counted_for_stats_and_metrics(store16):
+    with Engine.open(store16, cache_experts=2, placement="run", prefetch=False) as engine:
+        before = engine.snapshot()
+        list(engine.generate(PROMPT, max_new_tokens=4, stop_at_eos=False))
+        spent = engine.snapshot().since(before).run_compute_seconds_by_source
+    assert spent["cpu"] > 0
+
+
 def test_quantized_experts_run_on_the_cpu_give_the_same_greedy_tokens(store4):
     assert generate(store4, cache_experts=2, placement="run")[0] == generate(store4, cache_experts=2)[0]
 
@@ -160,6 +168,9 @@ class _Cache:
     def copy_into_free_slots(self, layer: int, experts: list[int]) -> None:
         pass
 
+    def landed(self, layer: int, experts: list[int]) -> bool:
+        return set(experts) <= set(self.resident(layer))
+
 
 class _Inner:
     def dispatch(self, plan):
@@ -176,7 +187,7 @@ class _Runner:
         return 0.5
 
 
-def _dispatched_guesses(copy_seconds: float, backlog: int, layer_seconds: float | None, weigh: bool = True):
+def _dispatched_guesses(copy_seconds: float, backlog: int, layer_seconds: float | None, weigh: str | None = "balanced"):
     from coordinator.runtime.counters import ExpertCounters
     from coordinator.runtime.placement import PlacementDispatcher
     from coordinator.runtime.routing_plan import RoutingPlan
@@ -202,10 +213,70 @@ def test_auto_prefetches_only_the_guesses_whose_copy_lands_before_a_run_would_be
     assert guesses == {2: [7], 3: []} and left == [0, 0, 3, 1]  # a copy slower than a run: nothing to prefetch
 
 
+def _dispatcher(copy_seconds: float, weigh: str | None = "balanced"):
+    from coordinator.runtime.counters import ExpertCounters
+    from coordinator.runtime.placement import PlacementDispatcher
+
+    return PlacementDispatcher(_Cache({}, 0), _Inner(), _Runner(), placement="auto", copy_seconds_per_expert=copy_seconds,
+                               counters=ExpertCounters(4), weigh_guesses=weigh)
+
+
+def test_the_balanced_pace_is_where_the_link_and_the_runner_keep_up_with_each_other():
+    """A layer that waits on nothing takes g = 0.1 s, each layer brings n = 2 loads, a run takes
+    r = 0.5 s and a copy c = 0.5 s: running m of them and copying 2 - m meet at
+    0.1 + 0.5 m = 0.5 (2 - m), m = 0.9, p = 0.55 s: (g + n r) / (1 + r / c). Never longer than
+    the pace measured; "measured" weighs by that one alone."""
+    dispatcher = _dispatcher(0.5)
+    dispatcher.clear_layer_seconds, dispatcher.loads_per_layer, dispatcher.layer_seconds = 0.1, 2.0, 1.0
+    assert dispatcher.pace() == pytest.approx(0.55)
+    dispatcher.layer_seconds = 0.4
+    assert dispatcher.pace() == 0.4
+    dispatcher = _dispatcher(0.5, weigh="measured")
+    dispatcher.clear_layer_seconds, dispatcher.loads_per_layer, dispatcher.layer_seconds = 0.1, 2.0, 1.0
+    assert dispatcher.pace() == 1.0
+
+
+def test_only_layers_that_waited_on_nothing_time_the_clear_pace():
+    dispatcher = _dispatcher(0.5)
+    dispatcher._last_plan = (1, 0.0, True)
+    dispatcher._time_layer(2, 0.2)
+    assert dispatcher.clear_layer_seconds == pytest.approx(0.2) and dispatcher.layer_seconds == pytest.approx(0.2)
+    dispatcher._last_plan = (2, 0.2, False)  # layer 2 waited on a copy or a run
+    dispatcher._time_layer(3, 0.7)
+    assert dispatcher.clear_layer_seconds == pytest.approx(0.2) and dispatcher.layer_seconds == pytest.approx(0.23)
+    dispatcher._last_plan = (3, 0.7, True)
+    dispatcher._time_layer(0, 0.8)  # the next token: sampling and the head are not a layer's pace
+    assert dispatcher.clear_layer_seconds == pytest.approx(0.2) and dispatcher.layer_seconds == pytest.approx(0.23)
+
+
+def test_weighed_by_the_balanced_pace_auto_prefetches_fewer_guesses_than_by_a_pace_slowed_by_copies():
+    """Measured 1 s a layer (the decode waiting on copies), but 0.05 s a layer that waits on
+    nothing and one load a layer: the balanced pace is (0.05 + 0.5) / (1 + 0.5 / 0.25) = 0.183 s,
+    so layer 2's guesses must land by 0.683 s (3 and 4 do, 5 would at 0.75) and layer 3's by 0.867."""
+    from coordinator.runtime.counters import ExpertCounters
+    from coordinator.runtime.placement import PlacementDispatcher
+    from coordinator.runtime.routing_plan import RoutingPlan
+
+    for weigh, expected in (("measured", {2: [7, 3, 4, 5], 3: [6]}), ("balanced", {2: [7, 3, 4], 3: [6]})):
+        inner = _Inner()
+        dispatcher = PlacementDispatcher(_Cache({1: [0, 1], 2: [7]}, 0), inner, _Runner(), placement="auto",
+                                         copy_seconds_per_expert=0.25, counters=ExpertCounters(4), weigh_guesses=weigh)
+        dispatcher.layer_seconds, dispatcher.clear_layer_seconds, dispatcher.loads_per_layer = 1.0, 0.05, 1.0
+        dispatcher.dispatch(RoutingPlan(1, 1, [0, 1], {2: [7, 3, 4, 5], 3: [6]}))
+        assert inner.plan.guesses == expected, weigh
+        assert dispatcher.loads_per_layer == pytest.approx(0.9 + 0.1 * (len(expected[2]) - 1 + 1))  # the new copies
+
+
+def test_a_weighing_switch_it_does_not_know_is_refused(monkeypatch):
+    monkeypatch.setenv("MOE_EDGE_WEIGH_GUESSES", "fast")
+    with pytest.raises(ConfigError, match="MOE_EDGE_WEIGH_GUESSES=fast: choose 1, measured, 0"):
+        _dispatcher(0.5, weigh="")
+
+
 def test_auto_prefetches_every_guess_before_it_knows_the_pace_or_when_told_not_to_weigh():
     every = {2: [7, 3, 4, 5], 3: [6]}
     assert _dispatched_guesses(copy_seconds=1.0, backlog=0, layer_seconds=None)[0] == every
-    assert _dispatched_guesses(copy_seconds=1.0, backlog=0, layer_seconds=0.1, weigh=False)[0] == every
+    assert _dispatched_guesses(copy_seconds=1.0, backlog=0, layer_seconds=0.1, weigh=None)[0] == every
 
 
 def test_auto_with_a_slow_link_leaves_the_guesses_to_the_cpu_and_keeps_the_tokens(store16, reference_tokens):

@@ -13,10 +13,12 @@ MOE_EDGE_CPU_X_DIGITS picks how the kernel multiplies x: "0", as given (exactly)
 rounded per group of 64 to that many int8 digits and multiplied through AVX512-VNNI (an error on
 a CPU without it). One digit is what llama.cpp's CPU dot products do: x within |x|max / 254 of
 itself, about 5x bf16's own rounding of x in a product; two, within |x|max / 64516, some 70x finer
-than bf16's. Unset: two digits for a bf16 expert on a CPU with AVX512-VNNI but not AVX512-BF16
-(Cascade Lake, Ice Lake), where x as given goes through fp32 products (on a Zen 4 core built so,
-1.4-1.7x slower than two digits); x as given everywhere else (with AVX512-BF16, two digits were
-no faster; one was 1.5-1.7x faster at 8 tokens, as fast at one: BENCHMARKS.md).
+than bf16's. Unset: two digits for a bf16 expert on a CPU with AVX512-VNNI, x as given elsewhere
+(fp32 experts stay exact). Without AVX512-BF16 (Cascade Lake, Ice Lake) x as given goes through
+fp32 products, 1.4-1.7x slower than two digits on a Zen 4 core built so; with it, through
+vdpbf16ps, which two digits still beat 1.6x on the H200 machine's 16-core Sapphire Rapids class
+Xeon (a 2-bit Mixtral expert in 0.48 ms against 0.77, one token, 16 threads) and matched on a
+Zen 4 (BENCHMARKS.md). One digit was faster again there (0.41 ms), at 5x bf16's error.
 
 Knows nothing of experts or stores: raw matrices in, a matrix out."""
 
@@ -64,7 +66,7 @@ def x_digits(library: ctypes.CDLL, bf16: bool, choice: int | None = None) -> int
         if text and text not in ("0", "1", "2"):
             raise ConfigError(f"{X_DIGITS_ENV}={text!r}: give 0 (x as given), 1 or 2 (int8 digits of x)")
         if not text:
-            return 2 if bf16 and library.hqq_int8_products() and not library.hqq_bf16_products() else 0
+            return 2 if bf16 and library.hqq_int8_products() else 0
         choice = int(text)
     if choice not in (0, 1, 2):
         raise ConfigError(f"x digits {choice}: give 0 (x as given), 1 or 2 (int8 digits of x)")

@@ -249,11 +249,13 @@ class Engine:
             return read() if callable(read) else {}
 
         run_bytes = optional("run_bytes_by_origin")  # host -> (sent, received)
+        compute = optional("run_compute_seconds_by_origin")  # the hosts' own, or this CPU's:
+        if isinstance(self._runner, LocalCpuRunner):
+            compute = {**compute, "cpu": self._runner.compute_seconds}
         return EngineSnapshot.take(self.counters, self.source.bytes_by_origin(), self.source.blob_nbytes,
                                    optional("host_status"), optional("run_seconds_by_origin"),
                                    {host: sent + received for host, (sent, received) in run_bytes.items()},
-                                   {host: received for host, (_, received) in run_bytes.items()},
-                                   optional("run_compute_seconds_by_origin"))
+                                   {host: received for host, (_, received) in run_bytes.items()}, compute)
 
     def add_closer(self, closer: Callable[[], None]) -> None:
         """Something to stop when the engine closes (a local expert host, say)."""

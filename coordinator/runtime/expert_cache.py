@@ -290,6 +290,20 @@ class ExpertCache:
                 if slot.ticket is not None and slot.ticket.done() and slot.ticket.exception() is not None:
                     self._wait(layer, index, quiet=True)
 
+    def landed(self, layer: int, experts: list[int]) -> bool:
+        """Whether each of `experts` is in its slot of the layer now, its load and copy done (no
+        sync: the copy's event is queried): a layer whose experts all landed waits on no copy,
+        which is how placement auto times the decode's pace without the copies' waits."""
+        state = self._layers[layer]
+        for expert in experts:
+            index = state.slot_of.get(expert)
+            if index is None:
+                return False
+            slot = state.slots[index]
+            if (slot.ticket is not None and not slot.ticket.done()) or (slot.ready is not None and not slot.ready.query()):
+                return False
+        return True
+
     def resident(self, layer: int) -> list[int]:
         """Experts of a layer that are resident or loading (for tests and the live view)."""
         return list(self._layers[layer].lru)

@@ -53,7 +53,10 @@ from .engine_options import PLACEMENTS
 from .moe import CacheDispatcher
 from .routing_plan import LayerWork, RoutingPlan
 
-WEIGH_GUESSES_SWITCH = "MOE_EDGE_WEIGH_GUESSES"  # 0: auto prefetches every guess, as copy does
+# How auto weighs the lookahead's guesses: "1" (the default) against the balanced pace, "measured"
+# against the decode's measured pace, "0" not at all (every guess prefetched, as copy does)
+WEIGH_GUESSES_SWITCH = "MOE_EDGE_WEIGH_GUESSES"
+WEIGHINGS = {"1": "balanced", "measured": "measured", "0": None}
 
 
 class ExpertRunner(Protocol):
@@ -86,6 +89,7 @@ class LocalCpuRunner:
         self._experts: dict[ExpertId, CpuExpert] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="moe-edge-cpu-experts")
         self._seconds: float | None = None  # running mean time of one expert
+        self.compute_seconds = 0.0  # every run's time on the CPU (the stats' "cpu ms")
 
     def start(self, layer: int, experts: list[int], hidden: torch.Tensor, weights: torch.Tensor) -> concurrent.futures.Future:
         return self._pool.submit(self._run, layer, experts, hidden, weights)
@@ -94,7 +98,9 @@ class LocalCpuRunner:
         ready = [self._expert(ExpertId(layer, e)) for e in experts]
         started = time.perf_counter()
         out = run_experts(hidden, ready, weights)  # [T, H] float32
-        each = (time.perf_counter() - started) / len(experts)
+        spent = time.perf_counter() - started
+        self.compute_seconds += spent
+        each = spent / len(experts)
         self._seconds = each if self._seconds is None else 0.8 * self._seconds + 0.2 * each
         return out
 
@@ -187,28 +193,35 @@ class PlacementDispatcher:
     """A LayerDispatcher (routing_plan.py) that decides, per miss, copy or run."""
 
     def __init__(self, cache, inner: CacheDispatcher, runner: ExpertRunner, *, placement: str,
-                 copy_seconds_per_expert: float, counters: ExpertCounters, weigh_guesses: bool | None = None) -> None:
-        """`weigh_guesses`: auto leaves to the runner the guesses the link cannot bring in time
-        (module docstring); None reads MOE_EDGE_WEIGH_GUESSES (0: every guess is prefetched)."""
+                 copy_seconds_per_expert: float, counters: ExpertCounters, weigh_guesses: str | None = "") -> None:
+        """`weigh_guesses`: how auto leaves to the runner the guesses the link cannot bring in
+        time (module docstring): "balanced", "measured" or None (every guess is prefetched);
+        "" reads MOE_EDGE_WEIGH_GUESSES (WEIGHINGS)."""
         if placement not in PLACEMENTS:
             raise ConfigError(f"--placement {placement}: choose {', '.join(PLACEMENTS)}")
         self.cache, self.inner, self.runner = cache, inner, runner
         self.placement = placement
         self.copy_seconds = copy_seconds_per_expert
         self.counters = counters
-        if weigh_guesses is None:
-            weigh_guesses = os.environ.get(WEIGH_GUESSES_SWITCH, "1") != "0"
+        if weigh_guesses == "":
+            switch = os.environ.get(WEIGH_GUESSES_SWITCH, "1")
+            if switch not in WEIGHINGS:
+                raise ConfigError(f"{WEIGH_GUESSES_SWITCH}={switch}: choose {', '.join(WEIGHINGS)}")
+            weigh_guesses = WEIGHINGS[switch]
         self.weigh_guesses = weigh_guesses
         self.layer_seconds: float | None = None  # the decode's measured pace: seconds from one layer's plan to the next's
-        self._last_plan: tuple[int, float] | None = None  # (layer, time) of the last decode plan
+        self.clear_layer_seconds: float | None = None  # the same, from layers that waited on no copy and no run
+        self.loads_per_layer: float | None = None  # copies and runs a layer's plan starts (prefetches included)
+        self._last_plan: tuple[int, float, bool] | None = None  # (layer, time, waits on nothing) of the last plan
 
     def dispatch(self, plan: RoutingPlan) -> LayerWork:
         if plan.tokens > 1 or self.placement == "copy":
             return self.inner.dispatch(plan)
-        self._time_layer(plan.layer)
+        now = time.perf_counter()
+        self._time_layer(plan.layer, now)
         held = set(self.cache.resident(plan.layer))  # resident or loading: computed on the device
         misses = [e for e in plan.needed if e not in held]
-        guesses = plan.guesses
+        guesses, prefetches = plan.guesses, 0
         if self.placement == "run":
             elsewhere = misses
         else:
@@ -217,39 +230,64 @@ class PlacementDispatcher:
             if elsewhere and backlog == 0 and not self.runner.copies_cross_its_link:  # the link is idle
                 self.cache.copy_into_free_slots(plan.layer, elsewhere)  # empty slots filled for later uses
             if self.weigh_guesses:
-                guesses = self._guesses_in_time(plan, queued=backlog + len(misses) - len(elsewhere))
+                guesses, prefetches = self._guesses_in_time(plan, queued=backlog + len(misses) - len(elsewhere))
         on_device_plan = RoutingPlan(plan.layer, plan.tokens, [e for e in plan.chosen if e not in elsewhere], guesses)
         work = self.inner.dispatch(on_device_plan)
         self.counters.runs_elsewhere[plan.layer] += len(elsewhere)
+        loads = len(misses) + prefetches  # what this plan gives the link or the runner
+        self.loads_per_layer = loads if self.loads_per_layer is None else 0.9 * self.loads_per_layer + 0.1 * loads
+        waits_on_nothing = not elsewhere and not misses and self.cache.landed(plan.layer, plan.needed)
+        self._last_plan = (plan.layer, now, waits_on_nothing)
         return LayerWork(work.on_device, elsewhere)
 
-    def _time_layer(self, layer: int) -> None:
+    def _time_layer(self, layer: int, now: float) -> None:
         """Update layer_seconds from the time since the previous layer's plan (within one token:
-        a lower layer means the token ended, and sampling and the head are not a layer's pace)."""
-        now = time.perf_counter()
-        if self._last_plan is not None and layer > self._last_plan[0]:
-            each = (now - self._last_plan[1]) / (layer - self._last_plan[0])
-            self.layer_seconds = each if self.layer_seconds is None else 0.9 * self.layer_seconds + 0.1 * each
-        self._last_plan = (layer, now)
+        a lower layer means the token ended, and sampling and the head are not a layer's pace),
+        and clear_layer_seconds where that layer waited on nothing."""
+        if self._last_plan is None or layer <= self._last_plan[0]:
+            return
+        last_layer, last_time, waited_on_nothing = self._last_plan
+        each = (now - last_time) / (layer - last_layer)
+        self.layer_seconds = each if self.layer_seconds is None else 0.9 * self.layer_seconds + 0.1 * each
+        if waited_on_nothing and layer == last_layer + 1:
+            clear = self.clear_layer_seconds
+            self.clear_layer_seconds = each if clear is None else 0.9 * clear + 0.1 * each
 
-    def _guesses_in_time(self, plan: RoutingPlan, queued: int) -> dict[int, list[int]]:
-        """The guesses worth prefetching, behind `queued` copies: each guess not yet held is
-        kept if its copy would land no later than its layer's start plus a run's time, at the
-        pace measured so far; the others are left to the runner (counted as prefetch_left)."""
-        if self.layer_seconds is None:  # the first token: no pace to weigh by yet
-            return plan.guesses
-        run_each, kept = self.runner.seconds_per_expert(), {}
+    def pace(self) -> float | None:
+        """Seconds per layer that the guesses are weighed against. "measured": the decode's own
+        pace. "balanced": the pace at which the link and the runner share a layer's n loads
+        (copies and runs) so that each keeps up with the other. A layer that waits on nothing
+        takes g; runs of r each add to it, copies of c each overlap it. Copying n - m of them
+        while running m takes p = g + m r of decode and (n - m) c of link: they meet at
+            p = (g + n r) / (1 + r / c),
+        shorter than the measured pace whenever the link is what the decode waits on (the
+        measured pace then holds the copies' waits, and weighed by it the link stays the bound).
+        It is never planned longer than measured."""
+        if self.weigh_guesses != "balanced" or self.clear_layer_seconds is None or self.loads_per_layer is None:
+            return self.layer_seconds
+        run_each = self.runner.seconds_per_expert()
+        balanced = (self.clear_layer_seconds + self.loads_per_layer * run_each) / (1 + run_each / self.copy_seconds)
+        return balanced if self.layer_seconds is None else min(balanced, self.layer_seconds)
+
+    def _guesses_in_time(self, plan: RoutingPlan, queued: int) -> tuple[dict[int, list[int]], int]:
+        """The guesses worth prefetching, behind `queued` copies, and how many copies they add:
+        each guess not yet held is kept if its copy would land no later than its layer's start
+        plus a run's time, at pace(); the others are left to the runner (counted as prefetch_left)."""
+        pace = self.pace()
+        if pace is None:  # the first token: no pace to weigh by yet
+            return plan.guesses, sum(len(set(e) - set(self.cache.resident(l))) for l, e in plan.guesses.items())
+        run_each, kept, added = self.runner.seconds_per_expert(), {}, 0
         for later, experts in plan.guesses.items():
             held = set(self.cache.resident(later))
-            lead = (later - plan.layer) * self.layer_seconds  # until that layer's plan, at this pace
+            lead = (later - plan.layer) * pace  # until that layer's plan, at this pace
             kept[later] = []
             for expert in experts:
-                if expert not in held and (queued + 1) * self.copy_seconds > lead + run_each:
+                if expert not in held and (queued + added + 1) * self.copy_seconds > lead + run_each:
                     self.counters.prefetch_left[later] += 1
                     continue
-                queued += expert not in held
+                added += expert not in held
                 kept[later].append(expert)
-        return kept
+        return kept, added
 
     def _cheaper_to_run(self, misses: list[int], backlog: int) -> list[int]:
         """Greedy: each miss to whichever queue (copies, behind `backlog` loads already queued;

@@ -68,6 +68,10 @@ class EngineCollector(Collector):
             yield seconds
             yield sent
             yield computing
+        if "cpu" in snapshot.run_compute_seconds_by_source:  # placement run/auto on this machine's CPU
+            yield CounterMetricFamily("moe_edge_cpu_expert_run_seconds",
+                                      "Time this machine's CPU spent running experts where they live.",
+                                      value=snapshot.run_compute_seconds_by_source["cpu"])
         if snapshot.hosts_up:
             up = GaugeMetricFamily("moe_edge_host_up", "1 if the expert host answers, 0 if not.", labels=["host"])
             for host, is_up in sorted(snapshot.hosts_up.items()):
