@@ -9,7 +9,7 @@ then the same as one JSON line. Needs only torch and numpy besides this checkout
 
     python -m scripts.cpu_expert_bench [--shape mixtral-8x7b|qwen3-30b-a3b] [--bits 2,4] [--tokens 1,8]
         [--kernels native,int4pack] [--repeats 20] [--threads 1,16] [--takes 0,4] [--x-digits 0,1,2]
-        [--busy-cores N] [--without avx512bf16]
+        [--busy-cores N] [--cold 48] [--dma] [--without avx512bf16]
 
 --threads: the native kernel's threads, comma-separated (default torch's; the floor's read
 bandwidth is measured at each count). --takes: the native kernel's tiles a thread takes at a time
@@ -17,15 +17,21 @@ bandwidth is measured at each count). --takes: the native kernel's tiles a threa
 (MOE_EDGE_CPU_X_DIGITS; AVX512-VNNI only). --without: the native kernel built without those
 instruction sets, to time here what a CPU without them would run.
 --busy-cores: that many processes spin while it times, as a GPU loop's syncs or a server's
-threads keep cores busy beside the experts."""
+threads keep cores busy beside the experts. --cold N: each call runs the next of N copies of the
+expert, so that its bytes come from memory rather than the CPU's last-level cache, as in a decode
+(which never runs one expert twice in a row); one copy (the default) can sit in a large cache and
+read faster than memory. --dma: meanwhile the GPU copies pinned host memory in (CUDA), as placement
+auto's copies do while the CPU runs: both read the same memory."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import multiprocessing
 import statistics
+import threading
 import time
 
 import torch
@@ -91,6 +97,51 @@ def threads_of_torch(count: int):
         torch.set_num_threads(before)
 
 
+@contextlib.contextmanager
+def device_copies(on: bool, nbytes: int = 256 << 20):
+    """While the block runs, a thread keeps the GPU copying `nbytes` of pinned host memory in,
+    one copy after another (what the decode's copy stream does while the CPU runs experts);
+    yields the GB/s those copies moved."""
+    if not on:
+        yield {}
+        return
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    device = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    stop, moved = threading.Event(), {}
+
+    def copy_in() -> None:
+        stream, count, started = torch.cuda.Stream(), 0, time.perf_counter()
+        with torch.cuda.stream(stream):
+            while not stop.is_set():
+                device.copy_(host, non_blocking=True)
+                stream.synchronize()
+                count += 1
+        moved["gbps"] = count * nbytes / (time.perf_counter() - started) / 1e9
+
+    worker = threading.Thread(target=copy_in, daemon=True)
+    worker.start()
+    try:
+        yield moved
+    finally:
+        stop.set()
+        worker.join(timeout=30)
+
+
+def copies_of(expert: CpuExpert, count: int) -> list[CpuExpert]:
+    """`expert` and count - 1 copies of it with tensors of their own (cloned, not repacked again)."""
+    twins = [expert]
+    for _ in range(count - 1):
+        twin = copy.copy(expert)
+        for name in ("w13", "w2"):
+            matrix = copy.copy(getattr(expert, name))
+            for attribute, value in vars(matrix).items():
+                if isinstance(value, torch.Tensor):
+                    setattr(matrix, attribute, value.clone())
+            setattr(twin, name, matrix)
+        twins.append(twin)
+    return twins
+
+
 def timed(function, repeats: int) -> float:
     function()  # warm-up
     times = []
@@ -130,6 +181,9 @@ def main() -> None:
     parser.add_argument("--x-digits", default="0", help="native: x as given (0) or as 1 or 2 int8 digits, "
                         "comma-separated")
     parser.add_argument("--busy-cores", type=int, default=0, help="processes that spin while it times")
+    parser.add_argument("--cold", type=int, default=1, help="run the next of this many copies of the expert at "
+                        "each call (its bytes then come from memory, not the last-level cache)")
+    parser.add_argument("--dma", action="store_true", help="meanwhile copy pinned host memory into the GPU (CUDA)")
     parser.add_argument("--without", default="", help="native: build it without these instruction sets, "
                         "comma-separated gcc names (avx512bf16: as on a CPU without AVX512-BF16)")
     args = parser.parse_args()
@@ -154,37 +208,44 @@ def main() -> None:
                     expert = CpuExpert(weights, dtype=torch.bfloat16, kernel=kernel, tiles_per_take=take,
                                        x_digits=digits if native else None)
                     used = type(expert.w13).__name__
+                    experts = copies_of(expert, args.cold)
                     for threads in thread_counts:
-                        for matrix in (expert.w13, expert.w2):
-                            matrix.threads = threads  # NativeMatrix's; torch's own matmuls ignore it
+                        for twin in experts:
+                            for matrix in (twin.w13, twin.w2):
+                                matrix.threads = threads  # NativeMatrix's; torch's own matmuls ignore it
                         for tokens in (int(t) for t in args.tokens.split(",")):
                             x = torch.randn(tokens, hidden, dtype=torch.bfloat16)
-                            with busy_cores(args.busy_cores), threads_of_torch(threads):
-                                seconds = timed(lambda: expert(x), args.repeats)
+                            turn = iter(range(1 << 62))
+                            with busy_cores(args.busy_cores), threads_of_torch(threads), device_copies(args.dma) as dma:
+                                seconds = timed(lambda: experts[next(turn) % len(experts)](x), args.repeats)
                             floor = expert.nbytes / (memory[threads] * 1e9)
                             rows.append(dict(shape=args.shape, bits=bits, kernel=kernel, take=take if native else None,
                                              x_digits=digits if native else None, threads=threads, matrix=used,
                                              tokens=tokens, ms=seconds * 1e3, floor_ms=floor * 1e3,
-                                             read_mb=expert.nbytes / 1e6, of_memory_bandwidth=floor / seconds))
-                    del expert
+                                             read_mb=expert.nbytes / 1e6, of_memory_bandwidth=floor / seconds,
+                                             dma_gbps=dma.get("gbps")))
+                    del expert, experts
     library = cpu_kernels.native_library("auto")
     print("native kernel: " + (cpu_kernels.describe(library) if library is not None else "unavailable"))
     print("CPU read bandwidth, measured now: " + ", ".join(f"{memory[t]:.1f} GB/s on {t} threads" for t in thread_counts)
-          + f"; {args.busy_cores} cores kept busy")
+          + f"; {args.busy_cores} cores kept busy; {args.cold} copies of each expert in turn"
+          + (", the GPU copying pinned memory in meanwhile" if args.dma else ""))
     print(f"{'shape':14s} {'bits':>4s} {'kernel':>9s} {'take':>4s} {'digits':>6s} {'threads':>7s} {'tokens':>6s} "
-          f"{'ms':>8s} {'floor ms':>9s} {'MB read':>8s} {'of bw':>6s}")
+          f"{'ms':>8s} {'floor ms':>9s} {'MB read':>8s} {'of bw':>6s}" + (f" {'dma GB/s':>8s}" if args.dma else ""))
     for r in rows:
         take = "-" if r["take"] is None else str(r["take"])
         digits = "-" if r["x_digits"] is None else str(r["x_digits"])
         print(f"{r['shape']:14s} {r['bits']:4d} {r['kernel']:>9s} {take:>4s} {digits:>6s} {r['threads']:7d} "
-              f"{r['tokens']:6d} {r['ms']:8.2f} {r['floor_ms']:9.2f} {r['read_mb']:8.1f} {r['of_memory_bandwidth']:6.0%}")
+              f"{r['tokens']:6d} {r['ms']:8.2f} {r['floor_ms']:9.2f} {r['read_mb']:8.1f} {r['of_memory_bandwidth']:6.0%}"
+              + (f" {r['dma_gbps']:8.1f}" if args.dma else ""))
     errors = {}
     if "native" in args.kernels.split(","):
         for bits in (int(b) for b in args.bits.split(",")):
             errors[bits] = precision(bits, [int(d) for d in args.x_digits.split(",")], generator)
             print(f"{bits}-bit precision (largest error / largest output, fp32 x as the reference): "
                   + ", ".join(f"{name} {error:.1e}" for name, error in errors[bits].items()))
-    print(json.dumps({"read_gbps": memory, "busy_cores": args.busy_cores, "results": rows, "precision": errors}))
+    print(json.dumps({"read_gbps": memory, "busy_cores": args.busy_cores, "cold": args.cold, "dma": args.dma,
+                      "results": rows, "precision": errors}))
 
 if __name__ == "__main__":
     main()

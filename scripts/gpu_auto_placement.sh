@@ -12,7 +12,10 @@
 #   bench lru+prefetch, K = 4, placements copy and auto (its defaults: guesses weighed against the
 #   balanced pace, x as two int8 digits where the CPU has VNNI); then auto with the guesses weighed
 #   against the measured pace (MOE_EDGE_WEIGH_GUESSES=measured), x as one digit, 15 CPU threads, x as
-#   given, while time is left. CPU_BENCH=0 leaves out the CPU kernel's times.
+#   given, while time is left. CPU_BENCH=0 leaves out the CPU kernel's times; COLD=1 adds them as
+#   the decode meets them (each expert cold, then the GPU copying meanwhile, then with THP); LLAMA=0
+#   leaves out llama.cpp; PLACEMENTS_ENV sets the first bench's environment, VARIANTS the list
+#   of auto's (name:VAR=value ...).
 # Each step is skipped once fewer seconds are left of LIMIT (default 575) than it needs.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -30,23 +33,31 @@ bench() {  # a name, the environment it runs under ("" for none), then bench's f
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; date -u
 lscpu | grep -E "^(Model name|Thread|Core|Socket|NUMA node\(s\))"
 grep -o -w -E "avx512_bf16|avx512_vnni|amx_int8" /proc/cpuinfo | sort | uniq -c
+cat /sys/kernel/mm/transparent_hugepage/enabled
+if [[ ${COLD:-0} == 1 ]]; then  # the kernel as the decode runs it: each expert cold, the GPU copying meanwhile
+  for how in "" "--dma" "--dma THP_MEM_ALLOC_ENABLE=1"; do
+    env ${how#--dma} timeout 100 python3 -m scripts.cpu_expert_bench --kernels native --bits 2 --tokens 1 --x-digits 0,1,2 \
+      --threads 8,15,16 --repeats 20 --cold 40 ${how%% *} > "$OUT/cpu-cold.txt" 2>&1
+    echo "-- cold ${how:-(no dma)}"; grep -v "^{" "$OUT/cpu-cold.txt" | tail -11
+  done
+fi
 if [[ ${CPU_BENCH:-1} == 1 ]]; then
 for busy in 0 1; do
   timeout 120 python3 -m scripts.cpu_expert_bench --kernels native --bits 2 --tokens 1,8 --takes 0,4 --x-digits 0,1,2 \
     --threads 1,8,16 --repeats 10 --busy-cores $busy > "$OUT/cpu-busy$busy.txt" 2>&1; grep -v "^{" "$OUT/cpu-busy$busy.txt" | tail -26
 done
 fi
-bash scripts/peer_bench.sh build .peer
+[[ ${LLAMA:-1} == 1 ]] && bash scripts/peer_bench.sh build .peer
 (python3 -m coordinator make-synthetic --shape mixtral-8x7b --expert-bits 2 --dense-bits 4 --out $S --quiet \
    > "$OUT/make-synthetic.txt" 2>&1; echo "make-synthetic $((SECONDS - t)) s" >> "$OUT/make-synthetic.txt") &
 maker=$!
-bash scripts/peer_bench.sh gguf mixtral Q2_K | tail -1
+[[ ${LLAMA:-1} == 1 ]] && bash scripts/peer_bench.sh gguf mixtral Q2_K | tail -1
 wait $maker; tail -1 "$OUT/make-synthetic.txt"
-left 60 llama.cpp && { bash scripts/peer_bench.sh bench "-ngl 99 -ncmoe 16 -p 0 -n 64 -r 2" | grep tg64; rm -f /tmp/peer/*.gguf; }
-left 90 placements && bench placements "" --modes lru+prefetch --placements copy,auto --prompt-tokens 16 --tokens 32 \
+[[ ${LLAMA:-1} == 1 ]] && left 60 llama.cpp && { bash scripts/peer_bench.sh bench "-ngl 99 -ncmoe 16 -p 0 -n 64 -r 2" | grep tg64; rm -f /tmp/peer/*.gguf; }
+left 90 placements && bench placements "${PLACEMENTS_ENV:-}" --modes lru+prefetch --placements copy,auto --prompt-tokens 16 --tokens 32 \
   --profile-tokens 2
-for variant in measured-pace:MOE_EDGE_WEIGH_GUESSES=measured one-digit:MOE_EDGE_CPU_X_DIGITS=1 threads15:OMP_NUM_THREADS=15 \
-               x-as-given:MOE_EDGE_CPU_X_DIGITS=0; do
+for variant in ${VARIANTS:-measured-pace:MOE_EDGE_WEIGH_GUESSES=measured one-digit:MOE_EDGE_CPU_X_DIGITS=1 \
+                 threads15:OMP_NUM_THREADS=15 x-as-given:MOE_EDGE_CPU_X_DIGITS=0}; do
   left 60 "${variant%%:*}" && bench "${variant%%:*}" "${variant#*:}" --modes lru+prefetch --placements auto --prompt-tokens 16 \
     --tokens 32 --profile-tokens 2
 done
