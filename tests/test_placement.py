@@ -267,6 +267,20 @@ def test_weighed_by_the_balanced_pace_auto_prefetches_fewer_guesses_than_by_a_pa
         assert dispatcher.loads_per_layer == pytest.approx(0.9 + 0.1 * (len(expected[2]) - 1 + 1))  # the new copies
 
 
+def test_a_copy_of_a_miss_is_charged_the_delay_it_gives_the_next_layers_prefetches():
+    """Copy 0.4 s, run 0.5 s, nothing queued, misses 2 and 3: with nothing to prefetch the first
+    is copied (0.4 < 0.5) and the second run; where the plan prefetches for a later layer each
+    copy costs 0.8 (its prefetches wait behind it), so the first runs and the second is copied."""
+    from coordinator.runtime.counters import ExpertCounters
+    from coordinator.runtime.placement import PlacementDispatcher
+    from coordinator.runtime.routing_plan import RoutingPlan
+
+    for guesses, ran in (({2: [7]}, [3]), ({2: [7, 5]}, [2])):  # 7 is held; 5 is a copy to make
+        dispatcher = PlacementDispatcher(_Cache({1: [0, 1], 2: [7]}, 0), _Inner(), _Runner(), placement="auto",
+                                         copy_seconds_per_expert=0.4, counters=ExpertCounters(4), weigh_guesses=None)
+        assert dispatcher.dispatch(RoutingPlan(1, 1, [2, 3], guesses)).elsewhere == ran, guesses
+
+
 def test_a_weighing_switch_it_does_not_know_is_refused(monkeypatch):
     monkeypatch.setenv("MOE_EDGE_WEIGH_GUESSES", "fast")
     with pytest.raises(ConfigError, match="MOE_EDGE_WEIGH_GUESSES=fast: choose 1, measured, 0"):

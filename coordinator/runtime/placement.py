@@ -9,15 +9,19 @@ RunExpertsStream unless --run-experts unary). Both are `ExpertRunner`s.
     auto  each miss goes to whichever finishes first by the costs measured while running: the
           copy, at the link speed measured at start (for an expert host, its fetch over the
           network and then the device copy), behind the loads already queued (prefetches
-          included: the loader's backlog) and those this layer adds; or the run, at the
+          included: the loader's backlog) and those this layer adds, and one copy more where the
+          layer also prefetches for later ones (they start behind its copies); or the run, at the
           executor's measured time per expert, behind the runs already given to it (the GPU
           meanwhile computes the hits). The lookahead's guesses are weighed the same way before
           they become prefetches: a guess whose copy, behind everything queued, would land later
           than its layer starts by more than a run takes is left to run where it lives if that
-          layer does want it (and costs nothing if it does not). So the copy link is kept full
-          and never ahead of the decode by more than what a run costs, and the runner takes
-          what the link cannot bring in time, rather than the token waiting on copies as it does
-          under `copy` once the link is the bound. A miss run on this machine's CPU while the copy link is
+          layer does want it (and costs nothing if it does not). When the layer starts is
+          planned at the balanced pace (`pace()`: where the link and the runner keep up with
+          each other), not the measured one, which holds the copies' waits: weighed by it, the
+          link stayed the bound. So the copy link is kept busy and never ahead of the decode by
+          more than what a run costs, and the runner takes what the link cannot bring in time,
+          rather than the token waiting on copies as it does under `copy` once the link is the
+          bound. A miss run on this machine's CPU while the copy link is
           idle is also copied into an empty slot, if the layer has one, for its later uses: a
           cache that starts empty fills without a token waiting on a copy. Not for expert hosts:
           there the copy crosses the network the runs use and costs the host the CPU that runs
@@ -226,7 +230,8 @@ class PlacementDispatcher:
             elsewhere = misses
         else:
             backlog = len(self.cache.loader.backlog)
-            elsewhere = self._cheaper_to_run(misses, backlog)
+            later_copies = any(set(experts) - set(self.cache.resident(later)) for later, experts in plan.guesses.items())
+            elsewhere = self._cheaper_to_run(misses, backlog, later_copies)
             if elsewhere and backlog == 0 and not self.runner.copies_cross_its_link:  # the link is idle
                 self.cache.copy_into_free_slots(plan.layer, elsewhere)  # empty slots filled for later uses
             if self.weigh_guesses:
@@ -289,13 +294,18 @@ class PlacementDispatcher:
                 kept[later].append(expert)
         return kept, added
 
-    def _cheaper_to_run(self, misses: list[int], backlog: int) -> list[int]:
+    def _cheaper_to_run(self, misses: list[int], backlog: int, later_copies: bool = False) -> list[int]:
         """Greedy: each miss to whichever queue (copies, behind `backlog` loads already queued;
-        runs) would finish it first."""
+        runs) would finish it first, a copy charged one copy more where this plan prefetches for
+        later layers (`later_copies`): those start behind its copies, so each copy of a miss
+        delays the next layer's by its own time, while a run delays only this layer. Measured on
+        the H200 without that charge: with the link kept short of the decode, a miss met an idle
+        link, its copy (1.04 ms) beat a run (1.2 ms) and the decode waited on it, 14 a token."""
         copy_busy, run_busy, run_each = backlog * self.copy_seconds, 0.0, self.runner.seconds_per_expert()
+        delay = self.copy_seconds if later_copies else 0.0
         elsewhere = []
         for expert in misses:
-            if run_busy + run_each < copy_busy + self.copy_seconds:
+            if run_busy + run_each < copy_busy + self.copy_seconds + delay:
                 run_busy += run_each
                 elsewhere.append(expert)
             else:
