@@ -224,7 +224,7 @@ def main() -> None:
                                              tokens=tokens, ms=seconds * 1e3, floor_ms=floor * 1e3,
                                              read_mb=expert.nbytes / 1e6, of_memory_bandwidth=floor / seconds,
                                              dma_gbps=dma.get("gbps")))
-                    del expert, experts
+                    expert = experts = None  # this variant's copies freed before the next is built
     library = cpu_kernels.native_library("auto")
     print("native kernel: " + (cpu_kernels.describe(library) if library is not None else "unavailable"))
     print("CPU read bandwidth, measured now: " + ", ".join(f"{memory[t]:.1f} GB/s on {t} threads" for t in thread_counts)

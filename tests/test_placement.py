@@ -8,8 +8,11 @@ from types import SimpleNamespace
 
 import pytest
 
+from prometheus_client import CollectorRegistry, generate_latest
+
 from common.errors import ConfigError
 from coordinator.runtime.engine import Engine
+from coordinator.server.metrics import EngineCollector
 from conftest import coordinator_cli
 from expert_host_processes import expert_hosts  # noqa: F401 (a fixture)
 
@@ -52,7 +55,11 @@ def test_the_cpu_time_of_runs_is_counted_for_stats_and_metrics(store16):
         before = engine.snapshot()
         list(engine.generate(PROMPT, max_new_tokens=4, stop_at_eos=False))
         spent = engine.snapshot().since(before).run_compute_seconds_by_source
+        registry = CollectorRegistry()
+        registry.register(EngineCollector(engine))
+        metrics = generate_latest(registry).decode()
     assert spent["cpu"] > 0
+    assert "moe_edge_cpu_expert_run_seconds_total" in metrics
 
 
 def test_quantized_experts_run_on_the_cpu_give_the_same_greedy_tokens(store4):

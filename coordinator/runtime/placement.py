@@ -280,7 +280,8 @@ class PlacementDispatcher:
         plus a run's time, at pace(); the others are left to the runner (counted as prefetch_left)."""
         pace = self.pace()
         if pace is None:  # the first token: no pace to weigh by yet
-            return plan.guesses, sum(len(set(e) - set(self.cache.resident(l))) for l, e in plan.guesses.items())
+            return plan.guesses, sum(len(set(experts) - set(self.cache.resident(later)))
+                                     for later, experts in plan.guesses.items())
         run_each, kept, added = self.runner.seconds_per_expert(), {}, 0
         for later, experts in plan.guesses.items():
             held = set(self.cache.resident(later))
@@ -300,7 +301,7 @@ class PlacementDispatcher:
         later layers (`later_copies`): those start behind its copies, so each copy of a miss
         delays the next layer's by its own time, while a run delays only this layer. Measured on
         the H200 without that charge: with the link kept short of the decode, a miss met an idle
-        link, its copy (1.04 ms) beat a run (1.2 ms) and the decode waited on it, 14 a token."""
+        link, its copy (1.04 ms) beat a run (1.2 ms) and the decode waited on it, 10-14 a token."""
         copy_busy, run_busy, run_each = backlog * self.copy_seconds, 0.0, self.runner.seconds_per_expert()
         delay = self.copy_seconds if later_copies else 0.0
         elsewhere = []
