@@ -9,7 +9,7 @@ then the same as one JSON line. Needs only torch and numpy besides this checkout
 
     python -m scripts.cpu_expert_bench [--shape mixtral-8x7b|qwen3-30b-a3b] [--bits 2,4] [--tokens 1,8]
         [--kernels native,int4pack] [--repeats 20] [--threads 1,16] [--takes 0,4] [--x-digits 0,1,2]
-        [--busy-cores N] [--cold 48] [--dma] [--without avx512bf16]
+        [--busy-cores N] [--cold 48] [--dma] [--gap-ms 3 [--gap-spin]] [--without avx512bf16]
 
 --threads: the native kernel's threads, comma-separated (default torch's; the floor's read
 bandwidth is measured at each count). --takes: the native kernel's tiles a thread takes at a time
@@ -21,7 +21,11 @@ threads keep cores busy beside the experts. --cold N: each call runs the next of
 expert, so that its bytes come from memory rather than the CPU's last-level cache, as in a decode
 (which never runs one expert twice in a row); one copy (the default) can sit in a large cache and
 read faster than memory. --dma: meanwhile the GPU copies pinned host memory in (CUDA), as placement
-auto's copies do while the CPU runs: both read the same memory."""
+auto's copies do while the CPU runs: both read the same memory. --gap-ms G: the caller waits G ms
+before each call (sleeping, or spinning with --gap-spin), as the decode's runs come a few layers
+apart: the kernel's threads and the caller's core may have gone idle by then (on this project's
+noisy 2-core VM a 3 ms sleep added 0 to 0.6 ms to a 1.6-2.0 ms call from run to run: to be settled
+on a quieter machine)."""
 
 from __future__ import annotations
 
@@ -142,10 +146,21 @@ def copies_of(expert: CpuExpert, count: int) -> list[CpuExpert]:
     return twins
 
 
-def timed(function, repeats: int) -> float:
+def wait(seconds: float, spin: bool) -> None:
+    if not spin:
+        time.sleep(seconds)
+        return
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def timed(function, repeats: int, gap: float = 0.0, spin: bool = False) -> float:
     function()  # warm-up
     times = []
     for _ in range(repeats):
+        if gap:
+            wait(gap, spin)
         started = time.perf_counter()
         function()
         times.append(time.perf_counter() - started)
@@ -183,6 +198,8 @@ def main() -> None:
     parser.add_argument("--busy-cores", type=int, default=0, help="processes that spin while it times")
     parser.add_argument("--cold", type=int, default=1, help="run the next of this many copies of the expert at "
                         "each call (its bytes then come from memory, not the last-level cache)")
+    parser.add_argument("--gap-ms", type=float, default=0.0, help="wait this long before each call")
+    parser.add_argument("--gap-spin", action="store_true", help="spin through the gap rather than sleep")
     parser.add_argument("--dma", action="store_true", help="meanwhile copy pinned host memory into the GPU (CUDA)")
     parser.add_argument("--without", default="", help="native: build it without these instruction sets, "
                         "comma-separated gcc names (avx512bf16: as on a CPU without AVX512-BF16)")
@@ -217,7 +234,8 @@ def main() -> None:
                             x = torch.randn(tokens, hidden, dtype=torch.bfloat16)
                             turn = iter(range(1 << 62))
                             with busy_cores(args.busy_cores), threads_of_torch(threads), device_copies(args.dma) as dma:
-                                seconds = timed(lambda: experts[next(turn) % len(experts)](x), args.repeats)
+                                seconds = timed(lambda: experts[next(turn) % len(experts)](x), args.repeats,
+                                                args.gap_ms / 1e3, args.gap_spin)
                             floor = expert.nbytes / (memory[threads] * 1e9)
                             rows.append(dict(shape=args.shape, bits=bits, kernel=kernel, take=take if native else None,
                                              x_digits=digits if native else None, threads=threads, matrix=used,
@@ -229,6 +247,7 @@ def main() -> None:
     print("native kernel: " + (cpu_kernels.describe(library) if library is not None else "unavailable"))
     print("CPU read bandwidth, measured now: " + ", ".join(f"{memory[t]:.1f} GB/s on {t} threads" for t in thread_counts)
           + f"; {args.busy_cores} cores kept busy; {args.cold} copies of each expert in turn"
+          + (f"; {args.gap_ms} ms {'spun' if args.gap_spin else 'slept'} before each call" if args.gap_ms else "")
           + (", the GPU copying pinned memory in meanwhile" if args.dma else ""))
     print(f"{'shape':14s} {'bits':>4s} {'kernel':>9s} {'take':>4s} {'digits':>6s} {'threads':>7s} {'tokens':>6s} "
           f"{'ms':>8s} {'floor ms':>9s} {'MB read':>8s} {'of bw':>6s}" + (f" {'dma GB/s':>8s}" if args.dma else ""))
@@ -245,6 +264,7 @@ def main() -> None:
             print(f"{bits}-bit precision (largest error / largest output, fp32 x as the reference): "
                   + ", ".join(f"{name} {error:.1e}" for name, error in errors[bits].items()))
     print(json.dumps({"read_gbps": memory, "busy_cores": args.busy_cores, "cold": args.cold, "dma": args.dma,
+                      "gap_ms": args.gap_ms, "gap_spin": args.gap_spin,
                       "results": rows, "precision": errors}))
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@
 #   balanced pace, x as two int8 digits where the CPU has VNNI); then auto with the guesses weighed
 #   against the measured pace (MOE_EDGE_WEIGH_GUESSES=measured), x as one digit, 15 CPU threads, x as
 #   given, while time is left. CPU_BENCH=0 leaves out the CPU kernel's times; COLD=1 adds them as
-#   the decode meets them (each expert cold, then the GPU copying meanwhile, then with THP); LLAMA=0
+#   the decode meets them (each expert cold, then the GPU copying meanwhile, then with THP, then
+#   with 3 ms between calls, slept or spun); LLAMA=0
 #   leaves out llama.cpp; PLACEMENTS_ENV sets the first bench's environment, VARIANTS the list
 #   of auto's (name:VAR=value ...).
 # Each step is skipped once fewer seconds are left of LIMIT (default 575) than it needs.
@@ -31,7 +32,7 @@ bench() {  # a name, the environment it runs under ("" for none), then bench's f
   tail -2 "$OUT/$name.err"
 }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; date -u
-lscpu | grep -E "^(Model name|Thread|Core|Socket|NUMA node\(s\))"
+lscpu | grep -E "^(Model name|Thread|Core|Socket|NUMA node\(s\)|L2 cache|L3 cache)"
 grep -o -w -E "avx512_bf16|avx512_vnni|amx_int8" /proc/cpuinfo | sort | uniq -c
 cat /sys/kernel/mm/transparent_hugepage/enabled
 if [[ ${COLD:-0} == 1 ]]; then  # the kernel as the decode runs it: each expert cold, the GPU copying meanwhile
@@ -40,6 +41,12 @@ if [[ ${COLD:-0} == 1 ]]; then  # the kernel as the decode runs it: each expert 
       --threads 8,15,16 --repeats 20 --cold 40 ${how%% *} > "$OUT/cpu-cold.txt" 2>&1
     echo "-- cold ${how:-(no dma)}"; grep -v "^{" "$OUT/cpu-cold.txt" | tail -11
   done
+  gap() {  # runs come layers apart: have the kernel's threads gone idle? (the environment, then the gap's flags)
+    env $1 timeout 60 python3 -m scripts.cpu_expert_bench --kernels native --bits 2 --tokens 1 --x-digits 2 --threads 15 \
+      --repeats 30 --cold 40 --dma $2 > "$OUT/cpu-gap.txt" 2>&1
+    echo "-- cold --dma $1 $2"; grep -v "^{" "$OUT/cpu-gap.txt" | sed -n 4p
+  }
+  gap "" ""; gap "" "--gap-ms 3"; gap OMP_WAIT_POLICY=ACTIVE "--gap-ms 3 --gap-spin"
 fi
 if [[ ${CPU_BENCH:-1} == 1 ]]; then
 for busy in 0 1; do
