@@ -143,3 +143,19 @@ def test_a_failed_prefetch_is_retried_as_a_demand_load(cache_of):
     source.failing.clear()
     assert use(cache, 1, [2]) == {2: 18}
     assert source.fetched.count(ExpertId(1, 2)) == 2
+
+
+def test_landed_is_true_only_once_every_expert_is_in_its_slot(cache_of):
+    """What placement auto times a clear layer by: a prefetch held back at its source is
+    held but not landed; once its load is done it is; an expert not held never is."""
+    source = FakeSource()
+    cache, _ = cache_of(2, source)
+    source.gate = asyncio.Event()
+    cache.prefetch(0, [1])
+    assert cache.resident(0) == [1] and not cache.landed(0, [1])
+    cache.loader.fetch_loop.loop.call_soon_threadsafe(source.gate.set)  # the source answers now
+    deadline = time.monotonic() + 5
+    while not cache.landed(0, [1]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert cache.landed(0, [1])
+    assert not cache.landed(0, [1, 2])
