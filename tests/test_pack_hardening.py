@@ -260,3 +260,21 @@ def test_a_pack_killed_midway_leaves_a_partial_folder_the_next_pack_names(slow_m
     assert " MB)" in warnings[0] or " KB)" in warnings[0]
     assert partial.is_dir()  # named, not deleted: a pid alone does not prove the folder abandoned
     assert not (tmp_path / "other" / OWNER_FILE).exists()
+
+
+def test_a_sigterm_that_c_code_turns_into_another_error_still_stops_the_writer_as_sigterm(tmp_path):
+    """The SIGTERM handler raises inside whatever runs; a C extension (safetensors reading a
+    tensor) may report its own error in its place, which a CI run once showed as exit 3 and
+    "cannot read ... (could not determine the shape of ...)". The writer raises the stop instead."""
+    from common.store.writer import StoreWriter, WritingStopped
+
+    out = tmp_path / "store"
+    with pytest.raises(WritingStopped) as stopped:
+        with StoreWriter(out, {}):
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # the handler runs here
+            except WritingStopped:
+                raise StoreError("model.safetensors: cannot read w1 (could not determine the shape)") from None
+    assert stopped.value.exit_code == 143
+    assert not out.exists() and partial_folders(tmp_path) == []

@@ -92,6 +92,7 @@ class StoreWriter:
         self._tokenizer_files: list[str] = []
         self.tmp = partial_folder.path_for(self.out)
         self._previous_handlers: dict[int, object] = {}
+        self._stopped: WritingStopped | None = None  # set by the SIGTERM handler, whatever the code it interrupted raised
 
     def __enter__(self) -> "StoreWriter":
         self._catch_sigterm()
@@ -110,6 +111,10 @@ class StoreWriter:
             with _signals_ignored():
                 partial_folder.remove(self.tmp)
         self._restore_handlers()
+        if self._stopped is not None and not isinstance(exc, WritingStopped):
+            # The handler raised inside C code (a safetensors read, say), which reported its own
+            # error instead: the stop is what happened, and what the exit code must say.
+            raise self._stopped from None
 
     def write_layer(self, layer: int, blobs: list[torch.Tensor]) -> None:
         """The blobs of one layer's experts, in expert order, into that layer's file."""
@@ -185,7 +190,8 @@ class StoreWriter:
 
         def stop(signum, frame):
             signal.signal(signum, signal.SIG_IGN)  # one stop is enough; the clean-up runs next
-            raise WritingStopped(self.out, signum)
+            self._stopped = WritingStopped(self.out, signum)
+            raise self._stopped
 
         self._previous_handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, stop)
 
