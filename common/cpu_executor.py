@@ -88,10 +88,8 @@ class NativeMatrix:
     @classmethod
     def tiled(cls, values: torch.Tensor) -> torch.Tensor:
         """[O, G] per-row values -> [O / 16, G, 16] (rows padded with zeros to whole tiles)."""
-        out_features, groups = values.shape
-        tiles = -(-out_features // cls.TILE)
-        values = F.pad(values, (0, 0, 0, tiles * cls.TILE - out_features))
-        return values.view(tiles, cls.TILE, groups).transpose(1, 2).contiguous()
+        values, tiles = cls._whole_tiles(values)
+        return values.view(tiles, cls.TILE, values.shape[1]).transpose(1, 2).contiguous()
 
     @classmethod
     def repack(cls, codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -99,30 +97,36 @@ class NativeMatrix:
         64 columns, 32 / p chunks of 32 bytes (p = 8 / bits codes per byte), byte 2 i + e of chunk c
         holding row i's columns 2 (p c + j) + e at bit bits * j."""
         per_byte = 8 // bits
-        out_features, in_features = codes.shape
-        tiles, blocks, chunks = -(-out_features // cls.TILE), in_features // 64, 32 // per_byte
-        codes = F.pad(codes.to(torch.uint8), (0, 0, 0, tiles * cls.TILE - out_features))
+        codes, tiles = cls._whole_tiles(codes.to(torch.uint8))
+        blocks, chunks = codes.shape[1] // 64, 32 // per_byte
         # [tile, i, block, c, j, e] -> [tile, block, c, j, i, e]
         codes = codes.view(tiles, cls.TILE, blocks, chunks, per_byte, 2).permute(0, 2, 3, 4, 1, 5)
-        packed = codes[:, :, :, 0].clone()
-        for j in range(1, per_byte):
-            packed |= codes[:, :, :, j] << (bits * j)
-        return packed.reshape(tiles, blocks, chunks, 2 * cls.TILE)
+        return cls._shared_bytes(codes, bits, dim=3).reshape(tiles, blocks, chunks, 2 * cls.TILE)
 
     @classmethod
     def repack_for_digits(cls, codes: torch.Tensor, bits: int) -> torch.Tensor:
         """[O, I] codes -> layout 2: per tile of 16 rows (zero codes past O) and block of 32 / bits
         columns, 64 bytes, dword i row i's, its byte k holding columns 4 j + k at bit bits * j."""
         per_byte = 8 // bits
-        out_features, in_features = codes.shape
-        tiles, blocks = -(-out_features // cls.TILE), in_features // (4 * per_byte)
-        codes = F.pad(codes.to(torch.uint8), (0, 0, 0, tiles * cls.TILE - out_features))
+        codes, tiles = cls._whole_tiles(codes.to(torch.uint8))
+        blocks = codes.shape[1] // (4 * per_byte)
         # [tile, i, block, j, k] -> [tile, block, i, k, j]
         codes = codes.view(tiles, cls.TILE, blocks, per_byte, 4).permute(0, 2, 1, 4, 3)
-        packed = codes[..., 0].clone()
-        for j in range(1, per_byte):
-            packed |= codes[..., j] << (bits * j)
-        return packed.contiguous()
+        return cls._shared_bytes(codes, bits, dim=-1).contiguous()
+
+    @classmethod
+    def _whole_tiles(cls, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """[O, n] per-row values with zero rows added up to whole tiles of 16; and the tile count."""
+        tiles = -(-rows.shape[0] // cls.TILE)
+        return F.pad(rows, (0, 0, 0, tiles * cls.TILE - rows.shape[0])), tiles
+
+    @staticmethod
+    def _shared_bytes(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+        """The codes along `dim` (8 / bits of them) put into one byte, the j-th at bit bits * j."""
+        packed = codes.select(dim, 0).clone()
+        for j in range(1, codes.shape[dim]):
+            packed |= codes.select(dim, j) << (bits * j)
+        return packed
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, I] -> [T, O] in the compute dtype (fp32 arithmetic; bf16 x is widened exactly, or
