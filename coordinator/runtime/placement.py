@@ -39,6 +39,7 @@ Dimension legend: T = tokens, H = hidden size, n = experts run elsewhere."""
 from __future__ import annotations
 
 import concurrent.futures
+import math
 import os
 import time
 from itertools import groupby
@@ -105,7 +106,7 @@ class LocalCpuRunner:
         spent = time.perf_counter() - started
         self.compute_seconds += spent
         each = spent / len(experts)
-        self._seconds = each if self._seconds is None else 0.8 * self._seconds + 0.2 * each
+        self._seconds = running_mean(self._seconds, each, 0.2)
         return out
 
     def _expert(self, eid: ExpertId) -> CpuExpert:
@@ -163,7 +164,7 @@ class HostRunner:
         def measured(done: concurrent.futures.Future) -> None:
             if done.exception() is None:
                 each = (time.perf_counter() - started) / len(experts)
-                self._seconds = each if self._seconds is None else 0.8 * self._seconds + 0.2 * each
+                self._seconds = running_mean(self._seconds, each, 0.2)
 
         future.add_done_callback(measured)
         return future
@@ -230,18 +231,20 @@ class PlacementDispatcher:
             elsewhere = misses
         else:
             backlog = len(self.cache.loader.backlog)
-            later_copies = any(set(experts) - set(self.cache.resident(later)) for later, experts in plan.guesses.items())
+            held_later = {later: set(self.cache.resident(later)) for later in plan.guesses}
+            later_copies = any(set(experts) - held_later[later] for later, experts in plan.guesses.items())
             elsewhere = self._cheaper_to_run(misses, backlog, later_copies)
             if elsewhere and backlog == 0 and not self.runner.copies_cross_its_link:  # the link is idle
                 self.cache.copy_into_free_slots(plan.layer, elsewhere)  # empty slots filled for later uses
             if self.weigh_guesses:
-                guesses, prefetches = self._guesses_in_time(plan, queued=backlog + len(misses) - len(elsewhere))
+                guesses, prefetches = self._guesses_in_time(plan, held_later,
+                                                            queued=backlog + len(misses) - len(elsewhere))
         on_device_plan = RoutingPlan(plan.layer, plan.tokens, [e for e in plan.chosen if e not in elsewhere], guesses)
         work = self.inner.dispatch(on_device_plan)
         self.counters.runs_elsewhere[plan.layer] += len(elsewhere)
         loads = len(misses) + prefetches  # what this plan gives the link or the runner
-        self.loads_per_layer = loads if self.loads_per_layer is None else 0.9 * self.loads_per_layer + 0.1 * loads
-        waits_on_nothing = not elsewhere and not misses and self.cache.landed(plan.layer, plan.needed)
+        self.loads_per_layer = running_mean(self.loads_per_layer, loads, 0.1)
+        waits_on_nothing = not misses and self.cache.landed(plan.layer, plan.needed)  # none ran elsewhere either
         self._last_plan = (plan.layer, now, waits_on_nothing)
         return LayerWork(work.on_device, elsewhere)
 
@@ -253,10 +256,9 @@ class PlacementDispatcher:
             return
         last_layer, last_time, waited_on_nothing = self._last_plan
         each = (now - last_time) / (layer - last_layer)
-        self.layer_seconds = each if self.layer_seconds is None else 0.9 * self.layer_seconds + 0.1 * each
+        self.layer_seconds = running_mean(self.layer_seconds, each, 0.1)
         if waited_on_nothing and layer == last_layer + 1:
-            clear = self.clear_layer_seconds
-            self.clear_layer_seconds = each if clear is None else 0.9 * clear + 0.1 * each
+            self.clear_layer_seconds = running_mean(self.clear_layer_seconds, each, 0.1)
 
     def pace(self) -> float | None:
         """Seconds per layer that the guesses are weighed against. "measured": the decode's own
@@ -274,18 +276,17 @@ class PlacementDispatcher:
         balanced = (self.clear_layer_seconds + self.loads_per_layer * run_each) / (1 + run_each / self.copy_seconds)
         return balanced if self.layer_seconds is None else min(balanced, self.layer_seconds)
 
-    def _guesses_in_time(self, plan: RoutingPlan, queued: int) -> tuple[dict[int, list[int]], int]:
+    def _guesses_in_time(self, plan: RoutingPlan, held_later: dict[int, set[int]],
+                         queued: int) -> tuple[dict[int, list[int]], int]:
         """The guesses worth prefetching, behind `queued` copies, and how many copies they add:
-        each guess not yet held is kept if its copy would land no later than its layer's start
-        plus a run's time, at pace(); the others are left to the runner (counted as prefetch_left)."""
+        each guess not yet held (`held_later`: per later layer) is kept if its copy would land no
+        later than its layer's start plus a run's time, at pace(); the others are left to the
+        runner (counted as prefetch_left). Before a pace is known (the first token), every one."""
         pace = self.pace()
-        if pace is None:  # the first token: no pace to weigh by yet
-            return plan.guesses, sum(len(set(experts) - set(self.cache.resident(later)))
-                                     for later, experts in plan.guesses.items())
         run_each, kept, added = self.runner.seconds_per_expert(), {}, 0
         for later, experts in plan.guesses.items():
-            held = set(self.cache.resident(later))
-            lead = (later - plan.layer) * pace  # until that layer's plan, at this pace
+            held = held_later[later]
+            lead = math.inf if pace is None else (later - plan.layer) * pace  # until that layer's plan
             kept[later] = []
             for expert in experts:
                 if expert not in held and (queued + added + 1) * self.copy_seconds > lead + run_each:
@@ -312,6 +313,11 @@ class PlacementDispatcher:
             else:
                 copy_busy += self.copy_seconds
         return elsewhere
+
+
+def running_mean(mean: float | None, sample: float, weight: float) -> float:
+    """An exponential running mean that gives `sample` `weight` (the first sample is the mean)."""
+    return sample if mean is None else (1 - weight) * mean + weight * sample
 
 
 def measure_copy_seconds(device: torch.device, nbytes: int) -> float:
