@@ -36,17 +36,20 @@ lscpu | grep -E "^(Model name|Thread|Core|Socket|NUMA node\(s\)|L2 cache|L3 cach
 grep -o -w -E "avx512_bf16|avx512_vnni|amx_int8" /proc/cpuinfo | sort | uniq -c
 cat /sys/kernel/mm/transparent_hugepage/enabled
 if [[ ${COLD:-0} == 1 ]]; then  # the kernel as the decode runs it: each expert cold, the GPU copying meanwhile
-  for how in "" "--dma" "--dma THP_MEM_ALLOC_ENABLE=1"; do
-    env ${how#--dma} timeout 100 python3 -m scripts.cpu_expert_bench --kernels native --bits 2 --tokens 1 --x-digits 0,1,2 \
-      --threads 8,15,16 --repeats 20 --cold 40 ${how%% *} > "$OUT/cpu-cold.txt" 2>&1
-    echo "-- cold ${how:-(no dma)}"; grep -v "^{" "$OUT/cpu-cold.txt" | tail -11
-  done
-  gap() {  # runs come layers apart: have the kernel's threads gone idle? (the environment, then the gap's flags)
-    env $1 timeout 60 python3 -m scripts.cpu_expert_bench --kernels native --bits 2 --tokens 1 --x-digits 2 --threads 15 \
-      --repeats 30 --cold 40 --dma $2 > "$OUT/cpu-gap.txt" 2>&1
-    echo "-- cold --dma $1 $2"; grep -v "^{" "$OUT/cpu-gap.txt" | sed -n 4p
+  cold() {  # a title, the environment ("" for none), then the bench's flags; prints its rows
+    local title=$1 vars=$2; shift 2
+    env $vars timeout 100 python3 -m scripts.cpu_expert_bench --kernels native --bits 2 --tokens 1 --cold 40 "$@" \
+      > "$OUT/cpu-cold.txt" 2>&1
+    echo "-- cold, $title"; grep -v "^{" "$OUT/cpu-cold.txt" | sed -n '2,$p'
   }
-  gap "" ""; gap "" "--gap-ms 3"; gap OMP_WAIT_POLICY=ACTIVE "--gap-ms 3 --gap-spin"
+  grid="--x-digits 0,1,2 --threads 8,15,16 --repeats 20"
+  cold "no copies" "" $grid
+  cold "the GPU copying" "" $grid --dma
+  cold "the GPU copying, THP" THP_MEM_ALLOC_ENABLE=1 $grid --dma
+  one="--x-digits 2 --threads 15 --repeats 30 --dma"  # runs come layers apart: have the kernel's threads gone idle?
+  cold "the GPU copying, back to back" "" $one
+  cold "the GPU copying, 3 ms slept between calls" "" $one --gap-ms 3
+  cold "the GPU copying, 3 ms spun between calls, OMP_WAIT_POLICY=ACTIVE" OMP_WAIT_POLICY=ACTIVE $one --gap-ms 3 --gap-spin
 fi
 if [[ ${CPU_BENCH:-1} == 1 ]]; then
 for busy in 0 1; do
