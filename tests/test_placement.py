@@ -220,12 +220,13 @@ def test_auto_prefetches_only_the_guesses_whose_copy_lands_before_a_run_would_be
     assert guesses == {2: [7], 3: []} and left == [0, 0, 3, 1]  # a copy slower than a run: nothing to prefetch
 
 
-def _dispatcher(copy_seconds: float, weigh: str | None = "balanced"):
+def _dispatcher(copy_seconds: float, weigh: str | None = "balanced", cache: _Cache | None = None,
+                inner: _Inner | None = None):
     from coordinator.runtime.counters import ExpertCounters
     from coordinator.runtime.placement import PlacementDispatcher
 
-    return PlacementDispatcher(_Cache({}, 0), _Inner(), _Runner(), placement="auto", copy_seconds_per_expert=copy_seconds,
-                               counters=ExpertCounters(4), weigh_guesses=weigh)
+    return PlacementDispatcher(cache or _Cache({}, 0), inner or _Inner(), _Runner(), placement="auto",
+                               copy_seconds_per_expert=copy_seconds, counters=ExpertCounters(4), weigh_guesses=weigh)
 
 
 def test_the_balanced_pace_is_where_the_link_and_the_runner_keep_up_with_each_other():
@@ -260,14 +261,11 @@ def test_weighed_by_the_balanced_pace_auto_prefetches_fewer_guesses_than_by_a_pa
     """Measured 1 s a layer (the decode waiting on copies), but 0.05 s a layer that waits on
     nothing and one load a layer: the balanced pace is (0.05 + 0.5) / (1 + 0.5 / 0.25) = 0.183 s,
     so layer 2's guesses must land by 0.683 s (3 and 4 do, 5 would at 0.75) and layer 3's by 0.867."""
-    from coordinator.runtime.counters import ExpertCounters
-    from coordinator.runtime.placement import PlacementDispatcher
     from coordinator.runtime.routing_plan import RoutingPlan
 
     for weigh, expected in (("measured", {2: [7, 3, 4, 5], 3: [6]}), ("balanced", {2: [7, 3, 4], 3: [6]})):
         inner = _Inner()
-        dispatcher = PlacementDispatcher(_Cache({1: [0, 1], 2: [7]}, 0), inner, _Runner(), placement="auto",
-                                         copy_seconds_per_expert=0.25, counters=ExpertCounters(4), weigh_guesses=weigh)
+        dispatcher = _dispatcher(0.25, weigh, _Cache({1: [0, 1], 2: [7]}, 0), inner)
         dispatcher.layer_seconds, dispatcher.clear_layer_seconds, dispatcher.loads_per_layer = 1.0, 0.05, 1.0
         dispatcher.dispatch(RoutingPlan(1, 1, [0, 1], {2: [7, 3, 4, 5], 3: [6]}))
         assert inner.plan.guesses == expected, weigh
@@ -278,13 +276,10 @@ def test_a_copy_of_a_miss_is_charged_the_delay_it_gives_the_next_layers_prefetch
     """Copy 0.4 s, run 0.5 s, nothing queued, misses 2 and 3: with nothing to prefetch the first
     is copied (0.4 < 0.5) and the second run; where the plan prefetches for a later layer each
     copy costs 0.8 (its prefetches wait behind it), so the first runs and the second is copied."""
-    from coordinator.runtime.counters import ExpertCounters
-    from coordinator.runtime.placement import PlacementDispatcher
     from coordinator.runtime.routing_plan import RoutingPlan
 
     for guesses, ran in (({2: [7]}, [3]), ({2: [7, 5]}, [2])):  # 7 is held; 5 is a copy to make
-        dispatcher = PlacementDispatcher(_Cache({1: [0, 1], 2: [7]}, 0), _Inner(), _Runner(), placement="auto",
-                                         copy_seconds_per_expert=0.4, counters=ExpertCounters(4), weigh_guesses=None)
+        dispatcher = _dispatcher(0.4, None, _Cache({1: [0, 1], 2: [7]}, 0))
         assert dispatcher.dispatch(RoutingPlan(1, 1, [2, 3], guesses)).elsewhere == ran, guesses
 
 
