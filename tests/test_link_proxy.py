@@ -15,15 +15,16 @@ import pytest
 from common.errors import ConfigError
 from common.host_address import HostAddress
 from conftest import expert_host_cli
-from expert_host.link_proxy import LinkProxy, LinkShape, parse_rate
+from expert_host import link_proxy
+from expert_host.link_proxy import LinkLoop, LinkProxy, LinkShape, parse_rate
 from expert_host_processes import expert_hosts  # noqa: F401 (a fixture)
 
 
 class ProxyThread:
-    """A LinkProxy on its own event loop in a thread, in front of `to`."""
+    """A LinkProxy on its own event loop (the command's: LinkLoop) in a thread, in front of `to`."""
 
     def __init__(self, to: str, shape: LinkShape) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = LinkLoop()
         self.proxy = LinkProxy(HostAddress.parse("127.0.0.1:0", allow_any_port=True), HostAddress.parse(to), shape)
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -113,6 +114,27 @@ def test_each_round_trip_takes_at_least_the_rtt(echo):
     finally:
         proxy.close()
     assert 10 * 0.020 * 0.95 <= elapsed < 10, elapsed
+
+
+def test_the_commands_loop_waits_on_its_own_timers_and_others_on_a_thread(monkeypatch):
+    """A wait under a millisecond: on LinkLoop (select's microsecond timeout) asyncio's timer,
+    never a worker thread's sleep; on the default loop (epoll's milliseconds) a thread's."""
+    threads = []
+
+    async def thread_sleep(function, *args):
+        threads.append(args)
+        function(*args)
+
+    monkeypatch.setattr(link_proxy.asyncio, "to_thread", thread_sleep)
+    wait = lambda: link_proxy._sleep_until(time.monotonic() + 0.0002)  # noqa: E731
+    loop = LinkLoop()
+    try:
+        loop.run_until_complete(wait())
+    finally:
+        loop.close()
+    assert threads == []
+    asyncio.run(wait())
+    assert len(threads) == 1
 
 
 def test_a_coordinator_through_the_shaped_link_gets_the_in_process_tokens(store16, expert_hosts):  # noqa: F811
