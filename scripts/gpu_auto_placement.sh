@@ -12,11 +12,15 @@
 #   bench lru+prefetch, K = 4, placements copy and auto (its defaults: guesses weighed against the
 #   balanced pace, x as two int8 digits where the CPU has VNNI); then auto with the guesses weighed
 #   against the measured pace (MOE_EDGE_WEIGH_GUESSES=measured), x as one digit, 15 CPU threads, x as
-#   given, while time is left. CPU_BENCH=0 leaves out the CPU kernel's times; COLD=1 adds them as
+#   given, while time is left; LINK=1 then every expert on one expert host behind the link proxy
+#   (scripts/placement_bench.sh: LINK_RATES ["1gbit 10gbit"; "direct": no proxy], LINK_COPY_RATES [10gbit],
+#   LINK_PLACEMENTS [run,auto], LINK_TOKENS [32], LINK_VARIANTS ["link::14": name:VAR=value,...:host
+#   threads, one run of it each]); EXTRA_BENCHES="name flags...;..." more
+#   benches after the first, each with its own flags. CPU_BENCH=0 leaves out the CPU kernel's times; COLD=1 adds them as
 #   the decode meets them (each expert cold, then the GPU copying meanwhile, then with THP, then
 #   with 3 ms between calls, slept or spun); LLAMA=0
 #   leaves out llama.cpp; PLACEMENTS_ENV sets the first bench's environment, VARIANTS the list
-#   of auto's (name:VAR=value ...).
+#   of auto's (name:VAR=value,VAR=value ...).
 # Each step is skipped once fewer seconds are left of LIMIT (default 575) than it needs.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -66,9 +70,24 @@ wait $maker; tail -1 "$OUT/make-synthetic.txt"
 [[ ${LLAMA:-1} == 1 ]] && left 60 llama.cpp && { bash scripts/peer_bench.sh bench "-ngl 99 -ncmoe 16 -p 0 -n 64 -r 2" | grep tg64; rm -f /tmp/peer/*.gguf; }
 left 90 placements && bench placements "${PLACEMENTS_ENV:-}" --modes lru+prefetch --placements copy,auto --prompt-tokens 16 --tokens 32 \
   --profile-tokens 2
+if [[ ${LINK:-0} == 1 ]]; then  # every expert on one host behind the link proxy, the cache starting empty
+  for v in ${LINK_VARIANTS:-link::14}; do  # name:VAR=value,...:host threads
+    IFS=: read -r name vars threads <<< "$v"
+    left 100 "$name" || continue
+    env ${vars//,/ } timeout $(( LIMIT - SECONDS - 5 )) bash scripts/placement_bench.sh --store $S --device cuda \
+      --rates "${LINK_RATES:-1gbit 10gbit}" --copy-rates "${LINK_COPY_RATES:-10gbit}" --copy-tokens 1 --run-modes lru \
+      --run-placements ${LINK_PLACEMENTS:-run,auto} --run-tokens ${LINK_TOKENS:-32} --host-threads ${threads:-14} \
+      --work /tmp/link > "$OUT/$name.txt" 2>&1
+    echo "[$name ($vars, host threads ${threads:-14}) rc $? at $SECONDS s]"; tail -6 "$OUT/$name.txt" | head -5; rm -rf /tmp/link
+  done
+fi
+IFS=';' read -ra extra <<< "${EXTRA_BENCHES:-}"  # "name flags...;name flags...": more benches, each its own flags
+for e in "${extra[@]}"; do
+  e=${e# }; left 90 "${e%% *}" && bench "${e%% *}" "" ${e#* }
+done
 for variant in ${VARIANTS:-measured-pace:MOE_EDGE_WEIGH_GUESSES=measured one-digit:MOE_EDGE_CPU_X_DIGITS=1 \
                  threads15:OMP_NUM_THREADS=15 x-as-given:MOE_EDGE_CPU_X_DIGITS=0}; do
-  left 60 "${variant%%:*}" && bench "${variant%%:*}" "${variant#*:}" --modes lru+prefetch --placements auto --prompt-tokens 16 \
+  vars=${variant#*:}; left 60 "${variant%%:*}" && bench "${variant%%:*}" "${vars//,/ }" --modes lru+prefetch --placements auto --prompt-tokens 16 \
     --tokens 32 --profile-tokens 2
 done
 echo "== decode tok/s, each run"; grep -h -E "^lru\+prefetch" "$OUT"/*.txt | grep -v "^lru+prefetch/auto /" | awk 'NF > 8'

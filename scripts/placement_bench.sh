@@ -12,9 +12,10 @@
 #
 # Options: --store STORE (else --shape SHAPE [mixtral-8x7b] is made under --work, cut to its first
 # --layers N when given: faster, and the figures are then per N layers), --work DIR, --device,
-# --rates "R ...", --rtt-ms MS, --copy-tokens N [2], --copy-rates "R ..." [every rate: copy runs at
-# seconds per token on a slow link], --run-tokens N [16], --cache-experts K, --host-threads N [all
-# cores: on one machine the host's OpenMP threads then contend with the coordinator and the proxy],
+# --rates "R ..." (`direct`: no proxy, the host's own loopback), --rtt-ms MS, --copy-tokens N [2],
+# --copy-rates "R ..." [every rate: copy runs at seconds per token on a slow link], --run-tokens N
+# [16], --cache-experts K, --host-threads N [all cores: on one machine the host's OpenMP threads
+# then contend with the coordinator and the proxy], --run-placements "P,..." [run,auto],
 # --run-modes "M,..." [lru: with prefetch on, prefetched experts still cross the link as copies,
 # at 1 GbE seconds per token]; anything after `--` goes to every bench call. JSON per run lands
 # in --work.
@@ -24,7 +25,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
 [ -x "$PYTHON" ] || PYTHON=python3
 STORE="" SHAPE=mixtral-8x7b WORK="" DEVICE=cuda RATES="1gbit 2.5gbit 10gbit" RTT_MS=0.3
-COPY_TOKENS=2 COPY_RATES="" RUN_TOKENS=16 HOST_THREADS="" CACHE_EXPERTS=4 RUN_MODES=lru LAYERS="" EXTRA=()
+COPY_TOKENS=2 COPY_RATES="" RUN_PLACEMENTS=run,auto RUN_TOKENS=16 HOST_THREADS="" CACHE_EXPERTS=4 RUN_MODES=lru LAYERS="" EXTRA=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --store) STORE=$2; shift 2 ;;
@@ -39,9 +40,10 @@ while [ $# -gt 0 ]; do
         --run-tokens) RUN_TOKENS=$2; shift 2 ;;
         --cache-experts) CACHE_EXPERTS=$2; shift 2 ;;
         --run-modes) RUN_MODES=$2; shift 2 ;;
+        --run-placements) RUN_PLACEMENTS=$2; shift 2 ;;
         --layers) LAYERS=$2; shift 2 ;;
         --) shift; EXTRA=("$@"); break ;;
-        -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "placement_bench.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -83,24 +85,29 @@ bench() {  # bench OUT.json ARGS...: one bench through the current proxy
 }
 
 for rate in $RATES; do
-    "$PYTHON" -m expert_host link-proxy --to "$HOST" --rate "$rate" --rtt-ms "$RTT_MS" >"$WORK/proxy-$rate.log" 2>&1 &
-    PROXY_PID=$!
-    PIDS+=($PROXY_PID)
-    until grep -q "^link-proxy on " "$WORK/proxy-$rate.log"; do
-        kill -0 "$PROXY_PID" 2>/dev/null || { cat "$WORK/proxy-$rate.log" >&2; exit 1; }
-        sleep 0.2
-    done
-    PROXY=$(sed -n 's/^link-proxy on \([^ ]*\) .*/\1/p' "$WORK/proxy-$rate.log")
-    echo "== $rate, ${RTT_MS} ms round trip: link proxy $PROXY -> $HOST"
+    if [ "$rate" = direct ]; then  # no proxy: the host's own loopback, what the link adds is the rest
+        PROXY=$HOST PROXY_PID=""
+        echo "== direct: no link proxy, $HOST"
+    else
+        "$PYTHON" -m expert_host link-proxy --to "$HOST" --rate "$rate" --rtt-ms "$RTT_MS" >"$WORK/proxy-$rate.log" 2>&1 &
+        PROXY_PID=$!
+        PIDS+=($PROXY_PID)
+        until grep -q "^link-proxy on " "$WORK/proxy-$rate.log"; do
+            kill -0 "$PROXY_PID" 2>/dev/null || { cat "$WORK/proxy-$rate.log" >&2; exit 1; }
+            sleep 0.2
+        done
+        PROXY=$(sed -n 's/^link-proxy on \([^ ]*\) .*/\1/p' "$WORK/proxy-$rate.log")
+        echo "== $rate, ${RTT_MS} ms round trip: link proxy $PROXY -> $HOST"
+    fi
     if [ -z "$COPY_RATES" ] || [[ " $COPY_RATES " == *" $rate "* ]]; then
         echo "   copy: $COPY_TOKENS tokens"
         bench "$WORK/$rate-copy.json" --modes lru+prefetch --placements copy --tokens "$COPY_TOKENS" \
             --warmup-tokens 0 --profile-tokens 1
     fi
-    echo "   run, auto ($RUN_MODES): $RUN_TOKENS tokens"
-    bench "$WORK/$rate-run.json" --modes "$RUN_MODES" --placements run,auto --tokens "$RUN_TOKENS" \
+    echo "   $RUN_PLACEMENTS ($RUN_MODES): $RUN_TOKENS tokens"
+    bench "$WORK/$rate-run.json" --modes "$RUN_MODES" --placements "$RUN_PLACEMENTS" --tokens "$RUN_TOKENS" \
         --warmup-tokens 2 --profile-tokens 2
-    kill "$PROXY_PID" && wait "$PROXY_PID" 2>/dev/null || true
+    [ -z "$PROXY_PID" ] || { kill "$PROXY_PID" && wait "$PROXY_PID" 2>/dev/null || true; }
 done
 
 "$PYTHON" - "$WORK" "$RTT_MS" $RATES <<'EOF'
