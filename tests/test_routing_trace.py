@@ -63,7 +63,7 @@ def _record(store, *, prefetch: bool):
 def _recorder_for(engine: Engine) -> RoutingRecorder:
     c = engine.config
     return RoutingRecorder(moe_layers=c.moe_layers, experts=c.num_experts, top_k=c.top_k,
-                           lookahead_depth=engine.options.prefetch_depth, lookahead_width=engine.options.prefetch_width)
+                           lookahead_depth=engine.options.depth, lookahead_width=engine.options.prefetch_width)
 
 
 @pytest.fixture(scope="module")

@@ -331,7 +331,7 @@ def replay_routing(engine: Engine, routing: str | Path, *, decode_steps: int) ->
         notes.append(f"the store's {layers} layers with experts cycle the trace's {trace.moe_layers}")
     elif layers < trace.moe_layers:
         notes.append(f"the store's {layers} layers with experts take the first {layers} of the trace's {trace.moe_layers}")
-    depth = min(engine.options.prefetch_depth, trace.lookahead_depth)
+    depth = min(engine.options.depth, trace.lookahead_depth)
     notes.append(f"prefetch replays the recorded guesses to depth {depth} (of {trace.lookahead_depth} recorded), "
                  f"width {trace.lookahead_width}")
     made = trace.made_by.get("model")

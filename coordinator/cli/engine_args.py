@@ -33,7 +33,7 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     budget.add_argument("--gpu-budget-gb", type=float, metavar="G",
                         help="derive the slots per layer from a GPU memory budget in GB instead of --cache-experts")
     parser.add_argument("--prefetch-depth", type=int, default=_default("prefetch_depth"), metavar="D",
-                        help=f"layers ahead to prefetch (default {_default('prefetch_depth')})")
+                        help="layers ahead to prefetch (default 1; 2 with --placement auto)")
     from coordinator.runtime.engine_options import PLACEMENTS
 
     parser.add_argument("--placement", choices=PLACEMENTS, default=_default("placement"),

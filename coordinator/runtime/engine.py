@@ -131,7 +131,7 @@ class Engine:
                                  counters=self.counters, expert_layers=c.moe_layers)
         predictor = None
         if prefetch:
-            predictor = RouterLookahead(c, self.dense.layers, depth=self.options.prefetch_depth,
+            predictor = RouterLookahead(c, self.dense.layers, depth=self.options.depth,
                                         experts_per_layer=self.options.prefetch_width, prompt_experts_per_layer=slots)
         self.moe = MoEBlock(c, self.dense.layers, self.cache, predictor, self.quantized_linear, self.counters)
         self.moe.routing_hook = self.routing_hook
@@ -218,7 +218,7 @@ class Engine:
         `recorder.trace().write(path)` afterwards. Changes no token; replaces any replay."""
         c, options = self.config, self.options
         recorder = RoutingRecorder(moe_layers=c.moe_layers, experts=c.num_experts, top_k=c.top_k,
-                                   lookahead_depth=options.prefetch_depth if options.prefetch else 0,
+                                   lookahead_depth=options.depth if options.prefetch else 0,
                                    lookahead_width=options.prefetch_width if options.prefetch else 0,
                                    made_by=made_by)
         self._set_routing_hook(recorder)

@@ -19,6 +19,7 @@ DTYPE_NAMES = ("float32", "float16", "bfloat16")
 DEVICE_NAMES = ("cpu", "cuda")
 LOCAL_SOURCES = ("ram", "disk")
 PLACEMENTS = ("copy", "run", "auto")  # runtime/placement.py says what each does
+AUTO_PREFETCH_DEPTH = 2  # placement auto's lookahead when --prefetch-depth is not given (EngineOptions.depth)
 GPU_RESERVE_BYTES = 1 << 30  # left free by --gpu-budget-gb for activations, the KV cache and allocator slack
 
 
@@ -29,7 +30,7 @@ class EngineOptions:
     cache_experts: int = 4  # expert slots per layer on the device (clamped to the experts per layer)
     gpu_budget_gb: float | None = None  # derive cache_experts from a device memory budget instead
     prefetch: bool = True
-    prefetch_depth: int = 1  # layers ahead (clamped to the layers that follow)
+    prefetch_depth: int | None = None  # layers ahead; None: `depth`'s default (clamped to the layers that follow)
     prefetch_width: int | None = None  # experts guessed per layer ahead; default: the model's top-k
     source: str = "ram"  # ram | disk, or "custom" when Engine.open is given a source factory
     fused_kernels: bool = True  # Triton dequantize+matmul on CUDA (ignored elsewhere)
@@ -37,6 +38,17 @@ class EngineOptions:
     placement: str = "copy"  # per miss: copy into the cache, run where it lives, or auto (placement.py)
     prompt_chunk: int = 1024  # prompt tokens per pass of the prompt path: bounds its activations' memory
     progress: bool = False
+    layers_after_first: int | None = None  # set by for_model: the most layers a guess can look ahead
+
+    @property
+    def depth(self) -> int:
+        """Layers the router lookahead guesses ahead: prefetch_depth when given, else 1, or
+        AUTO_PREFETCH_DEPTH under placement auto, whose guesses that would land late run where
+        they live instead, so a longer lead turns more of them into copies in time (copy's wrong
+        guesses would take the link: BENCHMARKS.md, 2026-12-02). At most the layers that follow
+        the first, once for_model has seen the model."""
+        depth = self.prefetch_depth or (AUTO_PREFETCH_DEPTH if self.placement == "auto" else 1)
+        return depth if self.layers_after_first is None else max(1, min(depth, self.layers_after_first))
 
     def __post_init__(self) -> None:
         self.check()
@@ -51,7 +63,7 @@ class EngineOptions:
             raise ConfigError(f"--cache-experts {self.cache_experts}: needs at least 1 slot per layer")
         if self.gpu_budget_gb is not None and not self.gpu_budget_gb > 0:
             raise ConfigError(f"--gpu-budget-gb {self.gpu_budget_gb}: must be a positive number of GB")
-        if self.prefetch_depth < 1:
+        if self.prefetch_depth is not None and self.prefetch_depth < 1:
             raise ConfigError(f"--prefetch-depth {self.prefetch_depth}: must be at least 1 (use --no-prefetch to turn it off)")
         if self.prefetch_width is not None and self.prefetch_width < 1:
             raise ConfigError(f"prefetch_width {self.prefetch_width}: must be at least 1")
@@ -70,7 +82,7 @@ class EngineOptions:
             self,
             cache_experts=min(self.cache_experts, config.num_experts),
             prefetch_width=min(self.prefetch_width or config.top_k, config.num_experts),
-            prefetch_depth=max(1, min(self.prefetch_depth, config.num_layers - 1)),
+            layers_after_first=config.num_layers - 1,
         )
 
     def torch_device(self) -> "torch.device":
