@@ -12,7 +12,7 @@
 #   bench lru+prefetch, K = 4, placements copy and auto (its defaults: guesses weighed against the
 #   balanced pace, x as two int8 digits where the CPU has VNNI); then auto with the guesses weighed
 #   against the measured pace (MOE_EDGE_WEIGH_GUESSES=measured), x as one digit, 15 CPU threads, x as
-#   given, while time is left; LINK=1 then every expert on one expert host behind the link proxy
+#   given, while time is left (EXTRA_BENCHES first, then LINK); LINK=1 runs every expert on one expert host behind the link proxy
 #   (scripts/placement_bench.sh: LINK_RATES ["1gbit 10gbit"; "direct": no proxy], LINK_COPY_RATES [10gbit],
 #   LINK_PLACEMENTS [run,auto], LINK_TOKENS [32], LINK_VARIANTS ["link::14": name:VAR=value,...:host
 #   threads, one run of it each]); EXTRA_BENCHES="name flags...;..." more
@@ -70,6 +70,10 @@ wait $maker; tail -1 "$OUT/make-synthetic.txt"
 [[ ${LLAMA:-1} == 1 ]] && left 60 llama.cpp && { bash scripts/peer_bench.sh bench "-ngl 99 -ncmoe 16 -p 0 -n 64 -r 2" | grep tg64; rm -f /tmp/peer/*.gguf; }
 left 90 placements && bench placements "${PLACEMENTS_ENV:-}" --modes lru+prefetch --placements copy,auto --prompt-tokens 16 --tokens 32 \
   --profile-tokens 2
+IFS=';' read -ra extra <<< "${EXTRA_BENCHES:-}"  # "name flags...;name flags...": more benches, each its own flags
+for e in "${extra[@]}"; do
+  e=${e# }; left 90 "${e%% *}" && bench "${e%% *}" "" ${e#* }
+done
 if [[ ${LINK:-0} == 1 ]]; then  # every expert on one host behind the link proxy, the cache starting empty
   for v in ${LINK_VARIANTS:-link::14}; do  # name:VAR=value,...:host threads
     IFS=: read -r name vars threads <<< "$v"
@@ -81,10 +85,6 @@ if [[ ${LINK:-0} == 1 ]]; then  # every expert on one host behind the link proxy
     echo "[$name ($vars, host threads ${threads:-14}) rc $? at $SECONDS s]"; tail -6 "$OUT/$name.txt" | head -5; rm -rf /tmp/link
   done
 fi
-IFS=';' read -ra extra <<< "${EXTRA_BENCHES:-}"  # "name flags...;name flags...": more benches, each its own flags
-for e in "${extra[@]}"; do
-  e=${e# }; left 90 "${e%% *}" && bench "${e%% *}" "" ${e#* }
-done
 for variant in ${VARIANTS:-measured-pace:MOE_EDGE_WEIGH_GUESSES=measured one-digit:MOE_EDGE_CPU_X_DIGITS=1 \
                  threads15:OMP_NUM_THREADS=15 x-as-given:MOE_EDGE_CPU_X_DIGITS=0}; do
   vars=${variant#*:}; left 60 "${variant%%:*}" && bench "${variant%%:*}" "${vars//,/ }" --modes lru+prefetch --placements auto --prompt-tokens 16 \
