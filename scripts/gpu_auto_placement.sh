@@ -15,7 +15,8 @@
 #   given, while time is left (EXTRA_BENCHES first, then LINK); LINK=1 runs every expert on one expert host behind the link proxy
 #   (scripts/placement_bench.sh: LINK_RATES ["1gbit 10gbit"; "direct": no proxy], LINK_COPY_RATES [10gbit],
 #   LINK_PLACEMENTS [run,auto], LINK_TOKENS [32], LINK_VARIANTS ["link::14": name:VAR=value,...:host
-#   threads, one run of it each]); EXTRA_BENCHES="name flags...;..." more
+#   threads[:HOST_CPUS/COORDINATOR_CPUS, e.g. 2-15/0-1], one run of it each]); PLACEMENTS=0 leaves out
+#   the first bench (copy and auto on local RAM); EXTRA_BENCHES="name flags...;..." more
 #   benches after the first, each with its own flags. CPU_BENCH=0 leaves out the CPU kernel's times; COLD=1 adds them as
 #   the decode meets them (each expert cold, then the GPU copying meanwhile, then with THP, then
 #   with 3 ms between calls, slept or spun); LLAMA=0
@@ -68,7 +69,7 @@ maker=$!
 [[ ${LLAMA:-1} == 1 ]] && bash scripts/peer_bench.sh gguf mixtral Q2_K | tail -1
 wait $maker; tail -1 "$OUT/make-synthetic.txt"
 [[ ${LLAMA:-1} == 1 ]] && left 60 llama.cpp && { bash scripts/peer_bench.sh bench "-ngl 99 -ncmoe 16 -p 0 -n 64 -r 2" | grep tg64; rm -f /tmp/peer/*.gguf; }
-left 90 placements && bench placements "${PLACEMENTS_ENV:-}" --modes lru+prefetch --placements copy,auto --prompt-tokens 16 --tokens 32 \
+[[ ${PLACEMENTS:-1} == 1 ]] && left 90 placements && bench placements "${PLACEMENTS_ENV:-}" --modes lru+prefetch --placements copy,auto --prompt-tokens 16 --tokens 32 \
   --profile-tokens 2
 IFS=';' read -ra extra <<< "${EXTRA_BENCHES:-}"  # "name flags...;name flags...": more benches, each its own flags
 for e in "${extra[@]}"; do
@@ -76,12 +77,12 @@ for e in "${extra[@]}"; do
 done
 if [[ ${LINK:-0} == 1 ]]; then  # every expert on one host behind the link proxy, the cache starting empty
   for v in ${LINK_VARIANTS:-link::14}; do  # name:VAR=value,...:host threads
-    IFS=: read -r name vars threads <<< "$v"
+    IFS=: read -r name vars threads cpus <<< "$v"  # cpus: HOST/COORDINATOR lists (2-15/0-1), else shared
     left 100 "$name" || continue
     env ${vars//,/ } timeout $(( LIMIT - SECONDS - 5 )) bash scripts/placement_bench.sh --store $S --device cuda \
       --rates "${LINK_RATES:-1gbit 10gbit}" --copy-rates "${LINK_COPY_RATES:-10gbit}" --copy-tokens 1 --run-modes lru \
       --run-placements ${LINK_PLACEMENTS:-run,auto} --run-tokens ${LINK_TOKENS:-32} --host-threads ${threads:-14} \
-      --work /tmp/link > "$OUT/$name.txt" 2>&1
+      ${cpus:+--host-cpus ${cpus%/*} --coordinator-cpus ${cpus#*/}} --work /tmp/link > "$OUT/$name.txt" 2>&1
     echo "[$name ($vars, host threads ${threads:-14}) rc $? at $SECONDS s]"; tail -6 "$OUT/$name.txt" | head -5; rm -rf /tmp/link
   done
 fi

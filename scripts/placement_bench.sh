@@ -17,15 +17,17 @@
 # [16], --cache-experts K, --host-threads N [all cores: on one machine the host's OpenMP threads
 # then contend with the coordinator and the proxy], --run-placements "P,..." [run,auto],
 # --run-modes "M,..." [lru: with prefetch on, prefetched experts still cross the link as copies,
-# at 1 GbE seconds per token]; anything after `--` goes to every bench call. JSON per run lands
-# in --work.
+# at 1 GbE seconds per token], --host-cpus LIST / --coordinator-cpus LIST (e.g. 2-15 / 0,1: the
+# host, and the coordinator with the proxy, each kept to its own cores, so that the host's OpenMP
+# threads never take a core a hand-off waits for); anything after `--` goes to every bench call.
+# JSON per run lands in --work.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
 [ -x "$PYTHON" ] || PYTHON=python3
 STORE="" SHAPE=mixtral-8x7b WORK="" DEVICE=cuda RATES="1gbit 2.5gbit 10gbit" RTT_MS=0.3
-COPY_TOKENS=2 COPY_RATES="" RUN_PLACEMENTS=run,auto RUN_TOKENS=16 HOST_THREADS="" CACHE_EXPERTS=4 RUN_MODES=lru LAYERS="" EXTRA=()
+COPY_TOKENS=2 COPY_RATES="" RUN_PLACEMENTS=run,auto RUN_TOKENS=16 HOST_THREADS="" CACHE_EXPERTS=4 RUN_MODES=lru LAYERS="" HOST_CPUS="" COORDINATOR_CPUS="" EXTRA=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --store) STORE=$2; shift 2 ;;
@@ -42,14 +44,25 @@ while [ $# -gt 0 ]; do
         --run-modes) RUN_MODES=$2; shift 2 ;;
         --run-placements) RUN_PLACEMENTS=$2; shift 2 ;;
         --layers) LAYERS=$2; shift 2 ;;
+        --host-cpus) HOST_CPUS=$2; shift 2 ;;
+        --coordinator-cpus) COORDINATOR_CPUS=$2; shift 2 ;;
         --) shift; EXTRA=("$@"); break ;;
-        -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "placement_bench.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
 WORK=${WORK:-$(mktemp -d /tmp/placement-bench.XXXXXX)}
 mkdir -p "$WORK"
 cd "$ROOT"
+
+on_cpus() {  # on_cpus LIST COMMAND...: exec COMMAND kept to the CPUs of LIST ("" for all); run it in a
+    local cpus=$1; shift  # subshell (`&` or parentheses), whose process id COMMAND then keeps
+    [ -z "$cpus" ] && exec "$@"
+    exec "$PYTHON" -c 'import os, sys
+cpus = {c for part in sys.argv[1].split(",") for a, _, b in [part.partition("-")] for c in range(int(a), int(b or a) + 1)}
+os.sched_setaffinity(0, cpus)
+os.execvp(sys.argv[2], sys.argv[2:])' "$cpus" "$@"
+}
 
 PIDS=()
 cleanup() {
@@ -67,7 +80,7 @@ fi
 
 echo "== expert host on $STORE (log: $WORK/host.log)"
 rm -f "$WORK/host.addr"
-"$PYTHON" -m expert_host serve --store "$STORE" ${HOST_THREADS:+--threads "$HOST_THREADS"} --listen 127.0.0.1:0 --address-file "$WORK/host.addr" \
+on_cpus "$HOST_CPUS" "$PYTHON" -m expert_host serve --store "$STORE" ${HOST_THREADS:+--threads "$HOST_THREADS"} --listen 127.0.0.1:0 --address-file "$WORK/host.addr" \
     --log-level warning >"$WORK/host.log" 2>&1 &
 PIDS+=($!)
 HOST_PID=$!
@@ -80,8 +93,8 @@ echo "   serving on $HOST"
 
 bench() {  # bench OUT.json ARGS...: one bench through the current proxy
     local out=$1; shift
-    "$PYTHON" -m coordinator bench --store "$STORE" --device "$DEVICE" --hosts "$PROXY" --cache-experts "$CACHE_EXPERTS" \
-        --prompt-tokens 1 --json "$@" "${EXTRA[@]}" >"$out"
+    (on_cpus "$COORDINATOR_CPUS" "$PYTHON" -m coordinator bench --store "$STORE" --device "$DEVICE" --hosts "$PROXY" \
+        --cache-experts "$CACHE_EXPERTS" --prompt-tokens 1 --json "$@" "${EXTRA[@]}") >"$out"
 }
 
 for rate in $RATES; do
@@ -89,7 +102,7 @@ for rate in $RATES; do
         PROXY=$HOST PROXY_PID=""
         echo "== direct: no link proxy, $HOST"
     else
-        "$PYTHON" -m expert_host link-proxy --to "$HOST" --rate "$rate" --rtt-ms "$RTT_MS" >"$WORK/proxy-$rate.log" 2>&1 &
+        on_cpus "$COORDINATOR_CPUS" "$PYTHON" -m expert_host link-proxy --to "$HOST" --rate "$rate" --rtt-ms "$RTT_MS" >"$WORK/proxy-$rate.log" 2>&1 &
         PROXY_PID=$!
         PIDS+=($PROXY_PID)
         until grep -q "^link-proxy on " "$WORK/proxy-$rate.log"; do
