@@ -5,6 +5,7 @@ the host computing for real, handing a zero sum back from its worker thread (the
 compute), or answering a zero sum at once on its event loop (neither).
 
     PYTHONPATH=. python scripts/run_experts_hops.py --store STORE [--calls 400] [--experts 2]
+        [--stubs compute,worker-hop,none]
 
 One call = `--experts` experts of the store's first layer with experts on one bfloat16 token,
 repeated (the same experts: they stay in the CPU's caches, which a decode's do not). Prints the
@@ -16,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import queue
+import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from scripts.run_experts_round_trip import start_host
 
 STUBS = ("compute", "worker-hop", "none")  # what the host does for a call: see the docstring
 
@@ -75,17 +78,10 @@ def measure(store_path: str, calls: int, experts: int, stub: str) -> None:
     hidden, weights = torch.randn(1, hidden_size).to(torch.bfloat16), torch.ones(1, experts)  # [1, H], [1, n]
     folder = Path(tempfile.mkdtemp(prefix="hops-"))
     address_file = folder / "address"
-    host = subprocess.Popen([sys.executable, __file__, "--host", stub, "--store", store_path, "--listen", "127.0.0.1:0",
-                             "--address-file", str(address_file), "--log-level", "warning"])
+    host, address = start_host([sys.executable, __file__, "--host", stub, "--store", store_path, "--listen", "127.0.0.1:0",
+                                "--address-file", str(address_file), "--log-level", "warning"], address_file)
     fetch_loop = FetchLoop()
     try:
-        deadline = time.monotonic() + 120
-        while not address_file.exists():
-            if host.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the expert host did not start")
-            time.sleep(0.05)
-        address = address_file.read_text().strip()
-
         async def open_client():
             return HostClient(HostAddress.parse(address), ClientCredentials(), stream_runs=True)
 
@@ -122,6 +118,7 @@ def measure(store_path: str, calls: int, experts: int, stub: str) -> None:
         fetch_loop.close()
         host.terminate()
         host.wait(30)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def main() -> int:

@@ -79,15 +79,11 @@ async def serving(store: ExpertStore, listen: str, folder: Path, host_process: b
     TimedRunner (None for a host process, whose compute time we do not see)."""
     if host_process:
         address_file = folder / "address"
-        address_file.unlink(missing_ok=True)
-        process = subprocess.Popen([sys.executable, "-m", "expert_host", "serve", "--store", str(store.folder),
-                                    "--listen", listen, "--address-file", str(address_file), "--log-level", "warning"])
+        process, address = await asyncio.to_thread(start_host, [
+            sys.executable, "-m", "expert_host", "serve", "--store", str(store.folder), "--listen", listen,
+            "--address-file", str(address_file), "--log-level", "warning"], address_file)
         try:
-            while not address_file.exists():
-                if process.poll() is not None:
-                    raise SystemExit(f"the expert host exited with {process.returncode}")
-                await asyncio.sleep(0.05)
-            yield address_file.read_text().strip(), None
+            yield address, None
         finally:
             process.terminate()
             process.wait(30)
@@ -105,6 +101,23 @@ async def serving(store: ExpertStore, listen: str, folder: Path, host_process: b
     finally:
         await server.stop(0)
         runner.close()
+
+
+def start_host(argv: list[str], address_file: Path, timeout_s: float = 120.0) -> tuple[subprocess.Popen, str]:
+    """Start an expert host process (`argv`: its command line, which writes `address_file` once
+    it serves) and wait up to `timeout_s` for its address: the process and the address."""
+    address_file.unlink(missing_ok=True)
+    process = subprocess.Popen(argv)
+    deadline = time.monotonic() + timeout_s
+    while not address_file.exists():
+        if process.poll() is not None:
+            raise SystemExit(f"the expert host exited with {process.returncode}")
+        if time.monotonic() > deadline:
+            process.terminate()
+            process.wait(30)
+            raise SystemExit(f"the expert host did not serve within {timeout_s:g} s")
+        time.sleep(0.05)
+    return process, address_file.read_text().strip()
 
 
 async def compare(name: str, address: str, runner, calls: int, one_call) -> list[dict]:
