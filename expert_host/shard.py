@@ -30,7 +30,7 @@ from common.store.reader import ExpertStore
 log = logging.getLogger(__name__)
 # A host that stops while its shard still loads (its coordinator killed at start) removes the
 # shared file on the way out; the loading thread must not make it after that, or it outlives
-# both processes. Creating it and closing the door take this lock.
+# both processes. Creating and mapping it, and closing the door, take this lock.
 _arenas_lock = threading.Lock()
 _arenas_closed = False
 
@@ -100,18 +100,20 @@ def _shared_arena(path: Path, shape: tuple[int, int]) -> torch.Tensor:
     """A new file of the arena's size at `path`, only this user's (refused if it exists), mapped
     shared: what we write there, a coordinator that maps the file sees."""
     nbytes = shape[0] * shape[1]
+    # Made and mapped under the lock: torch.from_file opens the path with O_CREAT, so a host
+    # exit that removed the file between the two would see it made again, and left behind.
     with _arenas_lock:
         if _arenas_closed:
             raise StoreError(f"--shared-memory {path}: the host is stopping; not made")
         descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        if nbytes:  # reserved now: a full /dev/shm is an error here, not a SIGBUS at some write later
-            os.posix_fallocate(descriptor, 0, nbytes)
-    except OSError as err:
-        path.unlink(missing_ok=True)
-        raise StoreError(f"--shared-memory {path}: cannot reserve {nbytes / 1e9:.2f} GB there ({err.strerror})") from None
-    finally:
-        os.close(descriptor)
-    if nbytes == 0:
-        return torch.empty(shape, dtype=torch.uint8)
-    return torch.from_file(str(path), shared=True, size=nbytes, dtype=torch.uint8).view(shape)
+        try:
+            if nbytes:  # reserved now: a full /dev/shm is an error here, not a SIGBUS at some write later
+                os.posix_fallocate(descriptor, 0, nbytes)
+        except OSError as err:
+            path.unlink(missing_ok=True)
+            raise StoreError(f"--shared-memory {path}: cannot reserve {nbytes / 1e9:.2f} GB there ({err.strerror})") from None
+        finally:
+            os.close(descriptor)
+        if nbytes == 0:
+            return torch.empty(shape, dtype=torch.uint8)
+        return torch.from_file(str(path), shared=True, size=nbytes, dtype=torch.uint8).view(shape)

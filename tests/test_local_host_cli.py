@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -164,3 +165,27 @@ def test_a_host_stopping_while_it_loads_makes_no_shared_file_after_removing_it(t
     with pytest.raises(StoreError, match="stopping"):
         shard._shared_arena(path, (2, 4096))
     assert not path.exists()
+
+
+def test_a_host_stopping_while_its_shared_file_is_mapped_leaves_no_file(tmp_path, monkeypatch):
+    """The other side of that race: the exit comes after the loading thread made the file and
+    before it mapped it (torch.from_file opens the path with O_CREAT): the exit waits for the
+    mapping, then removes the file, and nothing makes it again."""
+    from expert_host import shard
+
+    monkeypatch.setattr(shard, "_arenas_closed", False)
+    path = tmp_path / "moe-edge-experts-test"
+    mapping, real_from_file = threading.Event(), shard.torch.from_file
+
+    def slow_from_file(*args, **kwargs):
+        mapping.set()
+        time.sleep(0.3)  # the exit's window, were the lock let go before the mapping
+        return real_from_file(*args, **kwargs)
+
+    monkeypatch.setattr(shard.torch, "from_file", slow_from_file)
+    loader = threading.Thread(target=shard._shared_arena, args=(path, (2, 4096)))
+    loader.start()
+    assert mapping.wait(10)
+    shard.close_shared_arenas(path)  # what the host's exit does
+    loader.join(10)
+    assert not loader.is_alive() and not path.exists()
