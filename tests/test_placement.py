@@ -62,6 +62,36 @@ def test_the_cpu_time_of_runs_is_counted_for_stats_and_metrics(store16):
     assert "moe_edge_cpu_expert_run_seconds_total" in metrics
 
 
+def test_cpu_runs_are_computed_on_the_thread_that_asks_for_them_or_on_a_worker_when_told(store16, reference_tokens,
+                                                                                         monkeypatch):
+    """By default a run is computed by the token loop's thread when it asks for the result (no
+    hand-off); MOE_EDGE_CPU_RUN_THREAD=1 keeps the worker thread. Same tokens either way."""
+    import threading
+
+    import torch
+
+    from coordinator.runtime.placement import LocalCpuRunner
+
+    for switch, on_caller in (("0", True), ("1", False)):
+        monkeypatch.setenv("MOE_EDGE_CPU_RUN_THREAD", switch)
+        with Engine.open(store16, cache_experts=2, placement="run", prefetch=False) as engine:
+            runner, threads = engine._runner, []
+            assert isinstance(runner, LocalCpuRunner)
+            run = runner._run
+            runner._run = lambda *args: (threads.append(threading.get_ident()), run(*args))[1]
+            hidden = torch.ones(1, engine.config.hidden_size, dtype=engine.dtype)
+            pending = runner.start(engine.config.moe_layers[0], [0, 1], hidden, torch.ones(1, 2))
+            assert pending.result().shape == (1, engine.config.hidden_size)
+            assert (threads == [threading.get_ident()]) == on_caller
+        assert generate(store16, cache_experts=2, placement="run")[0] == reference_tokens
+
+
+def test_a_cpu_run_thread_switch_it_does_not_know_is_refused(store16, monkeypatch):
+    monkeypatch.setenv("MOE_EDGE_CPU_RUN_THREAD", "yes")
+    with pytest.raises(ConfigError, match="MOE_EDGE_CPU_RUN_THREAD=yes: choose 0"):
+        generate(store16, cache_experts=2, placement="run")
+
+
 def test_quantized_experts_run_on_the_cpu_give_the_same_greedy_tokens(store4):
     assert generate(store4, cache_experts=2, placement="run")[0] == generate(store4, cache_experts=2)[0]
 

@@ -55,7 +55,7 @@ class ExpertCounters:
         self.bytes_fetched = [0] * num_layers
         self.runs_elsewhere = [0] * num_layers  # uses that neither hit nor missed: placement ran them elsewhere
         self.wait_s = 0.0  # time the token loop waited on expert loads
-        self.run_wait_s = 0.0  # time the token loop waited on experts run elsewhere, after the device's were done
+        self.run_wait_s = 0.0  # time the token loop waited on experts run elsewhere, after the device's were issued (this CPU's runs: their compute)
 
 
 @dataclass(frozen=True)

@@ -211,8 +211,9 @@ class MoEBlock:
         return self.elsewhere.start(plan.layer, work.elsewhere, x.detach().cpu(), columns)
 
     def result_elsewhere(self, pending) -> torch.Tensor:
-        """The weighted sum [T, H] float32 that start_elsewhere's future gives, waited for now
-        (the device's experts are issued); the wait is counted as counters.run_wait_s."""
+        """The weighted sum [T, H] float32 that start_elsewhere's run gives, waited for now (the
+        device's experts are issued; a run on this machine's CPU is computed now, on this thread);
+        the wait is counted as counters.run_wait_s."""
         started = time.perf_counter()
         out = pending.result()
         if self.counters is not None:

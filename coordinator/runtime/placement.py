@@ -58,16 +58,25 @@ from .engine_options import PLACEMENTS
 from .moe import CacheDispatcher
 from .routing_plan import LayerWork, RoutingPlan
 
+# "1": the CPU runner's experts run on a worker thread of their own, as before inline runs (to
+# compare the two in one bench: the hand-off to it and back measured ~0.25 ms a run)
+CPU_RUN_THREAD_SWITCH = "MOE_EDGE_CPU_RUN_THREAD"
+
 # How auto weighs the lookahead's guesses: "1" (the default) against the balanced pace, "measured"
 # against the decode's measured pace, "0" not at all (every guess prefetched, as copy does)
 WEIGH_GUESSES_SWITCH = "MOE_EDGE_WEIGH_GUESSES"
 WEIGHINGS = {"1": "balanced", "measured": "measured", "0": None}
 
 
+class PendingRun(Protocol):
+    def result(self, timeout: float | None = None) -> torch.Tensor:
+        """The run's weighted sum [T, H] float32, waited for (or computed) now."""
+
+
 class ExpertRunner(Protocol):
-    def start(self, layer: int, experts: list[int], hidden: torch.Tensor, weights: torch.Tensor) -> concurrent.futures.Future:
+    def start(self, layer: int, experts: list[int], hidden: torch.Tensor, weights: torch.Tensor) -> PendingRun:
         """Run `experts` of `layer` on hidden [T, H] (host memory) and sum their outputs with
-        weights [T, n] float32: a future of [T, H] float32 in host memory."""
+        weights [T, n] float32: something whose result() is [T, H] float32 in host memory."""
 
     def seconds_per_expert(self) -> float:
         """Measured time to run one expert (an estimate before the first run)."""
@@ -81,23 +90,45 @@ class ExpertRunner(Protocol):
     (an expert host's network): then auto copies nothing in the background."""
 
 
+class InlineRun:
+    """A run that the thread asking for its result computes itself, then: the token loop asks
+    only once it has issued the device's experts, so the CPU computes while the GPU does, with no
+    hand-off to a worker thread and back (~0.25 ms a run on the sandbox and on the H200's VM,
+    against ~1 ms of kernel)."""
+
+    __slots__ = ("_run", "_args")
+
+    def __init__(self, run, *args) -> None:
+        self._run, self._args = run, args
+
+    def result(self, timeout: float | None = None) -> torch.Tensor:
+        return self._run(*self._args)
+
+
 class LocalCpuRunner:
     """Runs experts on this machine's CPU from a local source's blobs (the RAM source's pinned
-    arena, or the store's files). Each expert is repacked for the CPU on its first run and kept:
-    about 0.31 bytes per weight for 2-bit experts on the native kernel, 0.56 at 3 or 4 bits (or on
-    int4pack), on top of the source's own copy."""
+    arena, or the store's files), on the thread that waits for them (InlineRun; a worker thread
+    of its own with MOE_EDGE_CPU_RUN_THREAD=1). Each expert is repacked for the CPU on its first
+    run and kept: about 0.31 bytes per weight for 2-bit experts on the native kernel, 0.56 at 3 or
+    4 bits (or on int4pack), on top of the source's own copy."""
 
     copies_cross_its_link = False  # copies take PCIe, runs this CPU's memory
 
     def __init__(self, source, layout: BlobLayout, dtype: torch.dtype, hidden_size: int) -> None:
         self.source, self.layout, self.dtype, self.hidden_size = source, layout, dtype, hidden_size
         self._experts: dict[ExpertId, CpuExpert] = {}
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="moe-edge-cpu-experts")
+        on_thread = os.environ.get(CPU_RUN_THREAD_SWITCH, "0")
+        if on_thread not in ("0", "1"):
+            raise ConfigError(f"{CPU_RUN_THREAD_SWITCH}={on_thread}: choose 0 (runs on the waiting thread) or 1 (a worker thread)")
+        self._pool = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="moe-edge-cpu-experts")
+                      if on_thread == "1" else None)
         self._seconds: float | None = None  # running mean time of one expert
         self.compute_seconds = 0.0  # every run's time on the CPU (the stats' "cpu ms")
 
-    def start(self, layer: int, experts: list[int], hidden: torch.Tensor, weights: torch.Tensor) -> concurrent.futures.Future:
-        return self._pool.submit(self._run, layer, experts, hidden, weights)
+    def start(self, layer: int, experts: list[int], hidden: torch.Tensor, weights: torch.Tensor) -> PendingRun:
+        if self._pool is not None:
+            return self._pool.submit(self._run, layer, experts, hidden, weights)
+        return InlineRun(self._run, layer, experts, hidden, weights)
 
     def _run(self, layer: int, experts: list[int], hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         ready = [self._expert(ExpertId(layer, e)) for e in experts]
@@ -142,7 +173,8 @@ class LocalCpuRunner:
         return self._seconds if self._seconds is not None else self.layout.nbytes / 5e9
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class HostRunner:
@@ -157,7 +189,7 @@ class HostRunner:
         self.hidden_size, self.dtype = hidden_size, dtype  # what warm sends, as the decode steps will
         self._seconds: float | None = None  # running mean time of one expert, the round trip included
 
-    def start(self, layer: int, experts: list[int], hidden: torch.Tensor, weights: torch.Tensor) -> concurrent.futures.Future:
+    def start(self, layer: int, experts: list[int], hidden: torch.Tensor, weights: torch.Tensor) -> PendingRun:
         started = time.perf_counter()
         future = self.fetch_loop.submit(self.pool.run_layer(layer, experts, hidden, weights))
 

@@ -44,7 +44,7 @@ class EngineCollector(Collector):
                                   value=snapshot.wait_s)
         yield CounterMetricFamily("moe_edge_expert_run_wait_seconds",
                                   "Time the token loop waited on experts run where they live (placement run/auto), "
-                                  "after the device's experts.", value=snapshot.run_wait_s)
+                                  "after issuing the device's experts (this CPU's runs: their compute).", value=snapshot.run_wait_s)
         by_source = CounterMetricFamily("moe_edge_source_bytes",
                                         "Expert bytes delivered per source: ram, disk, or an expert host's address.",
                                         labels=["source"])
