@@ -1,6 +1,7 @@
 """Where a RunExperts round trip's time goes, hop by hop: one host process, one client, as the
 decode makes the call (the token loop's thread handing it to the fetch loop: FetchLoop.submit)
-against the same call made on the fetch loop itself, and against grpcio's blocking stream; with
+against the same call made on the fetch loop itself, and against grpcio's blocking stream and
+blocking unary call; with
 the host computing for real, handing a zero sum back from its worker thread (the hand-off, no
 compute), or answering a zero sum at once on its event loop (neither).
 
@@ -113,6 +114,13 @@ def measure(store_path: str, calls: int, experts: int, stub: str) -> None:
 
         print(f"  grpcio's blocking stream, from this thread   {summary(timed(calls, blocking))}")
         requests.put(None)
+        unary = pb_grpc.ExpertHostStub(grpc.insecure_channel(address)).RunExperts
+
+        def blocking_unary():
+            request.request_id += 1
+            unary(request, timeout=30)
+
+        print(f"  grpcio's blocking unary call, this thread    {summary(timed(calls, blocking_unary))}")
         fetch_loop.run(client.close())
     finally:
         fetch_loop.close()

@@ -102,6 +102,8 @@ def test_tls_with_a_self_signed_ca_and_the_token_works(hosts, secrets, store4):
         hidden, weights = torch.randn(1, 128).to(torch.bfloat16), torch.ones(1, 2)  # the tiny Mixtral's hidden size
         assert loop.run(pool.run_layer(0, [0, 1], hidden, weights), timeout=30).shape == (1, 128)  # on its stream
         assert pool._hosts[0].client.run_stream_open
+        here = pool.finish_run_here(pool.start_run_here(0, [0, 1], hidden, weights))  # from this thread: TLS and token too
+        assert here.shape == (1, 128) and pool._hosts[0].client.blocking_run_stream_open
     finally:
         pool.close()
         loop.close()

@@ -132,10 +132,14 @@ def test_gpt_oss_experts_with_biases_and_the_clamped_swiglu_run_on_the_cpu_as_on
     assert ran == copied and stats.experts_run_elsewhere > 0
 
 
-def test_a_host_killed_while_it_runs_experts_costs_no_token(store16, reference_tokens, expert_hosts):  # noqa: F811
+@pytest.mark.parametrize("on_loop", ["0", "1"])
+def test_a_host_killed_while_it_runs_experts_costs_no_token(store16, reference_tokens, expert_hosts,  # noqa: F811
+                                                            on_loop, monkeypatch):
     """Issue 9: a host that dies during generation with placement run, its RunExpertsStream open,
     hands its experts' runs to a replica; the tokens are the in-process ones, and the dead host is
-    marked down."""
+    marked down. The runs sent from the token loop's thread (blocking streams, the default) and
+    through the fetch loop (MOE_EDGE_HOST_RUNS_ON_LOOP=1)."""
+    monkeypatch.setenv("MOE_EDGE_HOST_RUNS_ON_LOOP", on_loop)
     from common.host_address import HostAddress
     from coordinator.sources.cluster_config import ClusterConfig
     from coordinator.sources.expert_pool import ExpertPool
@@ -148,7 +152,8 @@ def test_a_host_killed_while_it_runs_experts_costs_no_token(store16, reference_t
         for count, _ in enumerate(generation, start=1):
             if count == 4:
                 ran_before_kill.update(engine.source.runs_by_origin())
-                stream_open = next(h.client.run_stream_open for h in engine.source._hosts if h.address == a.address)
+                client = next(h.client for h in engine.source._hosts if h.address == a.address)
+                stream_open = client.run_stream_open if on_loop == "1" else client.blocking_run_stream_open
                 a.kill()
         assert generation.token_ids == reference_tokens
         assert ran_before_kill[a.address] > 0  # A really ran experts before it died...

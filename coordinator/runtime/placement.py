@@ -62,6 +62,10 @@ from .routing_plan import LayerWork, RoutingPlan
 # compare the two in one bench: the hand-off to it and back measured ~0.25 ms a run)
 CPU_RUN_THREAD_SWITCH = "MOE_EDGE_CPU_RUN_THREAD"
 
+# "1": RunExperts calls go through the fetch loop (ExpertPool.run_layer), as before the blocking
+# streams; to compare the two in one bench
+HOST_RUNS_ON_LOOP_SWITCH = "MOE_EDGE_HOST_RUNS_ON_LOOP"
+
 # How auto weighs the lookahead's guesses: "1" (the default) against the balanced pace, "measured"
 # against the decode's measured pace, "0" not at all (every guess prefetched, as copy does)
 WEIGH_GUESSES_SWITCH = "MOE_EDGE_WEIGH_GUESSES"
@@ -178,9 +182,11 @@ class LocalCpuRunner:
 
 
 class HostRunner:
-    """Runs experts on the expert hosts that hold them: ExpertPool.run_layer, one RunExperts request
-    per layer and host (on its stream, see host_client.py), on the fetch loop; a host that fails
-    hands its experts to a replica."""
+    """Runs experts on the expert hosts that hold them, one RunExperts request per layer and host:
+    sent from the calling thread on each host's blocking stream, the replies read by the thread
+    that asks for the result (ExpertPool.start_run_here / finish_run_here: no hand-off to the
+    fetch loop and back), or, where that cannot take the layer or with MOE_EDGE_HOST_RUNS_ON_LOOP=1,
+    ExpertPool.run_layer on the fetch loop. A host that fails hands its experts to a replica."""
 
     copies_cross_its_link = True  # a copy is a fetch over the same network as the runs
 
@@ -188,9 +194,16 @@ class HostRunner:
         self.pool, self.fetch_loop = pool, fetch_loop
         self.hidden_size, self.dtype = hidden_size, dtype  # what warm sends, as the decode steps will
         self._seconds: float | None = None  # running mean time of one expert, the round trip included
+        on_loop = os.environ.get(HOST_RUNS_ON_LOOP_SWITCH, "0")
+        if on_loop not in ("0", "1"):
+            raise ConfigError(f"{HOST_RUNS_ON_LOOP_SWITCH}={on_loop}: choose 0 (from the waiting thread) or 1 (the fetch loop)")
+        self.here = on_loop == "0" and callable(getattr(pool, "start_run_here", None))
 
     def start(self, layer: int, experts: list[int], hidden: torch.Tensor, weights: torch.Tensor) -> PendingRun:
         started = time.perf_counter()
+        runs = self.pool.start_run_here(layer, experts, hidden, weights) if self.here else None
+        if runs is not None:
+            return InlineRun(self._finish_here, runs, started, len(experts))
         future = self.fetch_loop.submit(self.pool.run_layer(layer, experts, hidden, weights))
 
         def measured(done: concurrent.futures.Future) -> None:
@@ -200,6 +213,11 @@ class HostRunner:
 
         future.add_done_callback(measured)
         return future
+
+    def _finish_here(self, runs, started: float, count: int) -> torch.Tensor:
+        out = self.pool.finish_run_here(runs)
+        self._seconds = running_mean(self._seconds, (time.perf_counter() - started) / count, 0.2)
+        return out
 
     def seconds_per_expert(self) -> float:
         if self._seconds is not None:

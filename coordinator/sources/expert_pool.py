@@ -20,11 +20,15 @@ once), the replies summed. Each call is one request on the host's long-lived Run
 the failover and the counters are the same either way. A host that fails or misses the deadline is marked down as for a
 fetch and its experts move to another holder; with none left it fails at once, without the
 restart wait (the caller can fetch the experts instead), with an ExpertUnavailableError naming
-the experts and the hosts tried.
+the experts and the hosts tried. The decode does not wait for the fetch loop to make those calls:
+`start_run_here` sends them from its own thread on each host's blocking stream and
+`finish_run_here` reads the replies there (blocking_run_stream.py: no hand-off to the loop and
+back); a group whose host fails, or will not take it, goes to run_layer on the fetch loop, its
+host marked down and not tried again.
 
-Knows nothing of caches or devices. All of it runs on the fetch loop, except the few
-read-only accessors for stats and metrics (bytes_by_origin, fetches_by_origin, host_status,
-run_seconds_by_origin, run_bytes_by_origin).
+Knows nothing of caches or devices. All of it runs on the fetch loop, except start_run_here and
+finish_run_here (one thread at a time) and the few read-only accessors for stats and metrics
+(bytes_by_origin, fetches_by_origin, host_status, run_seconds_by_origin, run_bytes_by_origin).
 
 Shapes: T = tokens, H = hidden size, n = experts of a run_layer call."""
 
@@ -33,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -47,6 +52,18 @@ from .cluster_config import ClusterConfig, PoolSettings
 from .host_client import ClientCredentials, HostCallError, HostClient, HostInfo
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunsHere:
+    """A layer's RunExperts requests sent by ExpertPool.start_run_here: per host, its experts,
+    their weight columns and the request in flight; the groups that failed (host, experts,
+    columns, error: None where the host was not tried) go to run_layer."""
+    layer: int
+    hidden: torch.Tensor
+    started: float
+    sent: list = field(default_factory=list)
+    failed: list = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -288,15 +305,16 @@ class ExpertPool:
     # --- running experts on their hosts --------------------------------------------------
 
     async def run_layer(self, layer: int, experts: list[int], hidden: torch.Tensor, weights: torch.Tensor, *,
-                        timeout_s: float | None = None) -> torch.Tensor:
+                        timeout_s: float | None = None, tried: dict[_Host, str] | None = None) -> torch.Tensor:
         """sum over n of weights[:, n] * expert_n(hidden), the experts run where they live: hidden
         [T, H] on the CPU (float32, bfloat16 or float16), weights [T, n] -> [T, H] float32.
-        `timeout_s` bounds each call (default: the fetch deadline)."""
+        `timeout_s` bounds each call (default: the fetch deadline); `tried`: hosts already tried
+        for them, and why they failed (not tried again)."""
         timeout_s = self.settings.fetch_deadline_s if timeout_s is None else timeout_s
         column = {expert: n for n, expert in enumerate(experts)}
         total = torch.zeros(hidden.shape, dtype=torch.float32)  # [T, H]
         pending = list(experts)
-        tried: dict[_Host, str] = {}
+        tried = {} if tried is None else tried
         while pending:
             groups = self._group_by_host(layer, pending, exclude=set(tried))
             if not groups:
@@ -312,6 +330,72 @@ class ExpertPool:
         if pending:
             raise ExpertUnavailableError(self._run_unavailable_message(layer, pending, tried))
         return total
+
+    def start_run_here(self, layer: int, experts: list[int], hidden: torch.Tensor,
+                       weights: torch.Tensor) -> "RunsHere | None":
+        """run_layer's requests sent from this thread on the hosts' blocking streams, where every
+        expert has an up host to go to and each of those hosts takes the request; None where
+        not (the caller runs the layer through run_layer on the fetch loop). Any thread, one at
+        a time; `finish_run_here` on the same thread gives the sum."""
+        groups = self._group_by_host(layer, experts, exclude=set())
+        if sum(map(len, groups.values())) != len(experts) or not all(host.up for host in groups):
+            return None
+        column = {expert: n for n, expert in enumerate(experts)}
+        runs = RunsHere(layer, hidden, time.perf_counter())
+        for host, group in groups.items():
+            columns = weights[:, [column[e] for e in group]]
+            try:
+                sent = host.client.send_run_blocking(layer, group, hidden, columns, timeout_s=self.settings.fetch_deadline_s,
+                                                     model_id=self.model_id)
+            except HostError as err:
+                runs.failed.append((host, group, columns, err))
+                continue
+            if sent is None:  # the host's stream is not for this call
+                if not runs.sent:
+                    return None
+                runs.failed.append((host, group, columns, None))
+                continue
+            host.in_flight += 1
+            runs.sent.append((host, group, columns, sent))
+        return runs
+
+    def finish_run_here(self, runs: "RunsHere") -> torch.Tensor:
+        """The sum [T, H] float32 of what start_run_here sent, waited for on this thread. A
+        host that failed is marked down and its experts go to run_layer on the fetch loop
+        (replicas, the error it gives where none is left), that host not tried again."""
+        total = torch.zeros(runs.hidden.shape, dtype=torch.float32)  # [T, H]
+        for host, group, columns, sent in runs.sent:
+            try:
+                output = host.client.receive_run_blocking(sent)
+            except HostError as err:
+                runs.failed.append((host, group, columns, err))
+                continue
+            finally:
+                host.in_flight -= 1
+            self._count_run(host, time.perf_counter() - runs.started, runs.hidden, columns, output)
+            total += output
+        if runs.failed:
+            total += self.fetch_loop.submit(self._run_after_failures(runs)).result()
+        return total
+
+    async def _run_after_failures(self, runs: "RunsHere") -> torch.Tensor:
+        """The failed groups of a RunsHere through run_layer, their hosts marked down first."""
+        total = torch.zeros(runs.hidden.shape, dtype=torch.float32)  # [T, H]
+        for host, group, columns, err in runs.failed:
+            tried = {}
+            if err is not None:
+                tried[host] = str(err)
+                self._mark_down(host, err)
+            total += await self.run_layer(runs.layer, group, runs.hidden, columns, tried=tried)
+        return total
+
+    def _count_run(self, host: _Host, seconds: float, hidden: torch.Tensor, weights: torch.Tensor,
+                   output: torch.Tensor) -> None:
+        host.runs += 1
+        host.run_seconds += seconds
+        host.run_bytes_sent += hidden.numel() * hidden.element_size() + weights.numel() * 4
+        host.run_bytes_received += output.numel() * 4
+        host.failures = 0
 
     def _group_by_host(self, layer: int, experts: list[int], exclude: set[_Host]) -> dict[_Host, list[int]]:
         """Each expert to one holder not in `exclude`, up hosts first (a host marked down gets a
@@ -347,11 +431,7 @@ class ExpertPool:
             return None
         finally:
             host.in_flight -= 1
-        host.runs += 1
-        host.run_seconds += loop.time() - started
-        host.run_bytes_sent += hidden.numel() * hidden.element_size() + weights.numel() * 4
-        host.run_bytes_received += output.numel() * 4
-        host.failures = 0
+        self._count_run(host, loop.time() - started, hidden, weights, output)
         if not host.up:
             self._mark_up(host, "a RunExperts call to it succeeded")
         return output

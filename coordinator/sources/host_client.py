@@ -14,12 +14,15 @@ replaced by a fresh one (the host is back; the old one would fail the next run).
 
 Knows nothing of replicas or failover (expert_pool.py does that): every failure becomes one
 HostError that names the host, what we were doing and, where it helps, what to check. Made
-and used on the fetch loop only (a grpc.aio channel belongs to the event loop it was made on)."""
+and used on the fetch loop only (a grpc.aio channel belongs to the event loop it was made on),
+except `send_run_blocking` / `receive_run_blocking`: a RunExperts request from the thread that
+waits for it, on a synchronous channel and stream of their own (blocking_run_stream.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import ssl
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +41,7 @@ from common.rpc.wire_limits import AUTHORIZATION_KEY, channel_options
 from common.store.checksum import StreamingChecksum
 
 from .cluster_config import ClusterConfig
+from .blocking_run_stream import BlockingRunStream, RequestGivenUp
 from .host_call_error import HostCallError
 from .run_stream import RunStream
 from .tls_check import diagnose_tls
@@ -117,11 +121,24 @@ class ClientCredentials:
                               f"{self.cert_file} (--tls-cert)") from None
 
 
+@dataclass
+class BlockingRun:
+    """A RunExperts request in flight on a blocking stream: what its reply is checked against."""
+    stream: BlockingRunStream
+    request_id: int
+    doing: str
+    shape: torch.Size
+    timeout_s: float
+
+
 class HostClient:
     def __init__(self, address: HostAddress, credentials: ClientCredentials, *, stream_runs: bool = True) -> None:
         self.address = address
         self.stream_runs = stream_runs  # False: unary RunExperts calls (the switch, or a host without the stream)
         self._run_stream: RunStream | None = None
+        self._blocking_stream: BlockingRunStream | None = None  # runs from the token loop's thread, on
+        self._blocking_channel: grpc.Channel | None = None  # a synchronous channel of their own
+        self._blocking_lock = threading.Lock()
         self.run_compute_seconds = 0.0  # summed over answered RunExperts calls: the host's own compute time
         self.credentials = credentials
         self.tls = credentials.root_ca is not None and not address.is_unix  # a Unix socket is local: no TLS
@@ -244,13 +261,7 @@ class HostClient:
         """The weighted sum of `experts` of `layer` run on the host: hidden [T, H] (a CPU tensor
         in float32, bfloat16 or float16, which the host computes in), weights [T, n] -> [T, H]
         float32. Raises HostCallError naming the host for a failed call or a wrong answer."""
-        if hidden.dtype not in RUN_DTYPE_NAMES:
-            raise ValueError(f"run_experts: hidden is {hidden.dtype}; send one of {', '.join(RUN_DTYPE_NAMES.values())}")
-        tokens, hidden_size = hidden.shape
-        request = pb.RunExpertsRequest(
-            layer=layer, experts=list(experts), dtype=RUN_DTYPE_NAMES[hidden.dtype], shape=[tokens, hidden_size],
-            hidden=_tensor_bytes(hidden), weights=_tensor_bytes(weights.float()), model_id=model_id,
-        )
+        request = self._run_request(layer, experts, hidden, weights, model_id)
         doing = f"running layer {layer} experts {list(experts)}"
         await self._renew_run_channel_if_stuck()
         if self.stream_runs:
@@ -260,14 +271,121 @@ class HostClient:
                 reply = await self._run_experts(request, timeout=timeout_s, metadata=self._metadata)
             except grpc.aio.AioRpcError as err:
                 raise self._call_error(err, doing, timeout_s) from None
+        try:
+            return self._run_output(reply, doing, hidden.shape)
+        except HostCallError as err:
+            self.close_run_stream(err)
+            raise
+
+    @staticmethod
+    def _run_request(layer: int, experts: list[int], hidden: torch.Tensor, weights: torch.Tensor,
+                     model_id: str) -> pb.RunExpertsRequest:
+        if hidden.dtype not in RUN_DTYPE_NAMES:
+            raise ValueError(f"run_experts: hidden is {hidden.dtype}; send one of {', '.join(RUN_DTYPE_NAMES.values())}")
+        tokens, hidden_size = hidden.shape
+        return pb.RunExpertsRequest(
+            layer=layer, experts=list(experts), dtype=RUN_DTYPE_NAMES[hidden.dtype], shape=[tokens, hidden_size],
+            hidden=_tensor_bytes(hidden), weights=_tensor_bytes(weights.float()), model_id=model_id,
+        )
+
+    def _run_output(self, reply: pb.RunExpertsReply, doing: str, shape: torch.Size) -> torch.Tensor:
+        """A reply's sum [T, H] float32, checked against the request's shape (HostCallError)."""
+        tokens, hidden_size = shape
         if list(reply.shape) != [tokens, hidden_size] or len(reply.output) != tokens * hidden_size * 4:
-            error = HostCallError(f"{self}: answered {doing} with shape {list(reply.shape)} and {len(reply.output)} bytes; "
-                                  f"expected float32 [{tokens}, {hidden_size}]")
-            self.close_run_stream(error)
-            raise error
+            raise HostCallError(f"{self}: answered {doing} with shape {list(reply.shape)} and {len(reply.output)} bytes; "
+                                f"expected float32 [{tokens}, {hidden_size}]")
         self.run_compute_seconds += reply.compute_s  # what the host says it spent computing (the rest: wire, queues)
         # bytearray: torch.frombuffer wants a writable buffer; the copy is one step's activations
         return torch.frombuffer(bytearray(reply.output), dtype=torch.float32).view(tokens, hidden_size)  # [T, H]
+
+    # --- RunExperts from the waiting thread (blocking_run_stream.py) ------------------------
+
+    def send_run_blocking(self, layer: int, experts: list[int], hidden: torch.Tensor, weights: torch.Tensor, *,
+                          timeout_s: float, model_id: str = "") -> "BlockingRun | None":
+        """Start a RunExperts request on this host's blocking stream from any thread (opened
+        here, with a synchronous channel of its own, where there is none); finish it with
+        `receive_run_blocking` on the same thread. None where the stream is not for this call
+        (unary runs, or another thread's request in flight). Raises HostCallError."""
+        if not self.stream_runs:
+            return None
+        request = self._run_request(layer, experts, hidden, weights, model_id)
+        for _ in range(2):  # a second time on a new stream where this thread gave up its last request
+            with self._blocking_lock:
+                if self._blocking_stream is None or self._blocking_stream.closed:
+                    self._open_blocking_stream()
+                stream = self._blocking_stream
+            try:
+                request_id = stream.send(request, timeout_s)
+                break
+            except RequestGivenUp:
+                continue
+            except HostCallError:
+                self._drop_blocking_channel(stream)
+                raise
+        else:
+            raise HostCallError(f"{self}: its new RunExperts stream was given up at once")
+        if request_id is None:
+            return None
+        return BlockingRun(stream, request_id, f"running layer {layer} experts {list(experts)}", hidden.shape, timeout_s)
+
+    def receive_run_blocking(self, run: "BlockingRun") -> torch.Tensor:
+        """The sum [T, H] float32 of a request `send_run_blocking` started; raises HostCallError
+        (and drops the stream and its channel: the next call connects afresh, not behind a
+        failed connection's backoff)."""
+        try:
+            reply = run.stream.receive(run.request_id, run.timeout_s)
+        except HostCallError as err:  # the stream is closed
+            self._drop_blocking_channel(run.stream)
+            raise HostCallError(f"{err} (the request: {run.doing})", err.code,
+                                certificate_refused=err.certificate_refused) from None
+        if reply.error_code:  # the host refused this request; the stream goes on
+            code = _STATUS_CODES.get(reply.error_code, grpc.StatusCode.UNKNOWN)
+            raise HostCallError(f"{self}: {code.name} while {run.doing}: {reply.error_message}", code)
+        try:
+            return self._run_output(reply, run.doing, run.shape)
+        except HostCallError as err:
+            run.stream.close(err)
+            self._drop_blocking_channel(run.stream)
+            raise
+
+    def _open_blocking_stream(self) -> None:
+        if self._blocking_channel is None:
+            options = channel_options() + [("grpc.use_local_subchannel_pool", 1)]
+            if self.tls:
+                credentials = self.credentials
+                self._blocking_channel = grpc.secure_channel(self.address.grpc_target, grpc.ssl_channel_credentials(
+                    root_certificates=credentials.root_ca, private_key=credentials.private_key,
+                    certificate_chain=credentials.cert_chain), options=options)
+            else:
+                self._blocking_channel = grpc.insecure_channel(self.address.grpc_target, options=options)
+        open_stream = pb_grpc.ExpertHostStub(self._blocking_channel).RunExpertsStream
+        self._blocking_stream = BlockingRunStream(
+            lambda requests: open_stream(requests, metadata=self._metadata),
+            lambda err, timeout_s: self._call_error(err, "running experts on its RunExperts stream", timeout_s), str(self))
+
+    def _drop_blocking_channel(self, stream: BlockingRunStream) -> None:
+        with self._blocking_lock:
+            if self._blocking_stream is not stream:
+                return  # a newer stream took its place
+            channel, self._blocking_channel, self._blocking_stream = self._blocking_channel, None, None
+        if channel is not None:
+            channel.close()
+
+    def close_blocking(self, failure: HostCallError) -> None:
+        """Close the blocking stream and its channel (any thread; the client's close does it)."""
+        with self._blocking_lock:
+            stream, channel = self._blocking_stream, self._blocking_channel
+            self._blocking_stream = self._blocking_channel = None
+        if stream is not None:
+            stream.close(failure)
+        if channel is not None:
+            channel.close()
+
+    @property
+    def blocking_run_stream_open(self) -> bool:
+        """Whether a blocking RunExpertsStream (send_run_blocking) to this host is open now."""
+        stream = self._blocking_stream
+        return stream is not None and not stream.closed
 
     @property
     def run_stream_open(self) -> bool:
@@ -354,6 +472,7 @@ class HostClient:
         return HostCallError(f"{self}: {reason} (while {doing})", err.code(), certificate_refused=True) if reason else None
 
     async def close(self) -> None:
+        self.close_blocking(HostCallError(f"{self}: the client is closing", grpc.StatusCode.CANCELLED))
         await self._end_run_stream(HostCallError(f"{self}: the client is closing", grpc.StatusCode.CANCELLED))
         await self._run_channel.close()
         await self._channel.close()

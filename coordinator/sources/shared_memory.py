@@ -100,6 +100,12 @@ class SharedMemoryHostSource:
     async def run_layer(self, layer: int, experts: list[int], hidden: torch.Tensor, weights: torch.Tensor, **kwargs):
         return await self.pool.run_layer(layer, experts, hidden, weights, **kwargs)
 
+    def start_run_here(self, layer: int, experts: list[int], hidden: torch.Tensor, weights: torch.Tensor):
+        return self.pool.start_run_here(layer, experts, hidden, weights)
+
+    def finish_run_here(self, runs) -> torch.Tensor:
+        return self.pool.finish_run_here(runs)
+
     def expert_seconds(self) -> float | None:
         return self.pool.expert_seconds()
 
