@@ -31,7 +31,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.credential_files import read_pem, read_token
-from common.errors import ConfigError, HostError
+from common.errors import ConfigError
 from common.expert_id import ExpertId
 from common.host_address import HostAddress
 from common.rpc import expert_host_pb2 as pb
