@@ -1,8 +1,10 @@
 """Placement per miss: for each expert a decode step needs that is not on the device, copy it
 into the cache, or run it where it lives: on this machine's CPU (LocalCpuRunner: the CPU expert
-executor, common/cpu_executor.py, over the RAM or disk source's blobs), or on the expert host
-that holds it (HostRunner: one RunExperts request per layer and host, on the host's long-lived
-RunExpertsStream unless --run-experts unary). Both are `ExpertRunner`s.
+executor, common/cpu_executor.py, over the RAM or disk source's blobs, computed by the decode's
+own thread once it has issued the device's experts), or on the expert host that holds it
+(HostRunner: one RunExperts request per layer and host, sent from the decode's thread on a
+blocking stream per host, else on the fetch loop's long-lived RunExpertsStream, or unary calls
+with --run-experts unary). Both are `ExpertRunner`s.
 
     copy  every miss is copied into the cache (the behaviour without placement)
     run   every miss runs where it lives; the cache holds what is already resident or loading

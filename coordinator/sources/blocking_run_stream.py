@@ -91,6 +91,9 @@ class BlockingRunStream:
         finally:
             with self._lock:
                 self._in_flight = None
+        if self._timed_out:  # the reply came as the watchdog cancelled the call: a new stream takes the next request
+            self.close(HostCallError(f"{self._name}: its RunExperts stream was cancelled at a deadline",
+                                     grpc.StatusCode.DEADLINE_EXCEEDED))
         if reply.request_id != request_id:
             self.close(HostCallError(f"{self._name}: answered RunExperts request {reply.request_id} where "
                                      f"{request_id} was in flight on its stream"))

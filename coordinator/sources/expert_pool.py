@@ -355,8 +355,7 @@ class ExpertPool:
                     return None
                 runs.failed.append((host, group, columns, None))
                 continue
-            host.in_flight += 1
-            runs.sent.append((host, group, columns, sent))
+            runs.sent.append((host, group, columns, sent))  # not counted in host.in_flight: the loop's own to write
         return runs
 
     def finish_run_here(self, runs: "RunsHere") -> torch.Tensor:
@@ -370,8 +369,6 @@ class ExpertPool:
             except HostError as err:
                 runs.failed.append((host, group, columns, err))
                 continue
-            finally:
-                host.in_flight -= 1
             self._count_run(host, time.perf_counter() - runs.started, runs.hidden, columns, output)
             total += output
         if runs.failed:
