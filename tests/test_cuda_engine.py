@@ -63,3 +63,34 @@ def test_cuda_graphs_change_no_greedy_token(request, store_name, dtype):
     graphed = tokens(store, device="cuda", dtype=dtype, cache_experts=2)
     eager = tokens(store, device="cuda", dtype=dtype, cache_experts=2, cuda_graphs=False)
     assert graphed == eager
+
+
+@pytest.mark.parametrize("placement", ["run", "auto"])
+def test_placements_on_cuda_give_the_cpu_greedy_tokens(store16, placement):
+    """Misses run on this CPU from the decode's own thread (or copied, under auto) while the GPU
+    computes the hits. CPU twin: test_placement.py's greedy tests."""
+    cpu = tokens(store16, device="cpu", dtype="float32", cache_experts=8)
+    assert tokens(store16, device="cuda", dtype="float32", cache_experts=2, placement=placement) == cpu
+
+
+def test_experts_run_on_a_local_host_from_the_cuda_decode_give_the_cpu_greedy_tokens(store16):
+    """--local-host with placement run: RunExperts sent from the decode's thread over the host's
+    Unix socket, its fetches read from shared memory pinned for the GPU. CPU twin: the same in
+    test_placement.py with expert hosts."""
+    from coordinator.sources.cluster_config import ClusterConfig
+    from coordinator.sources.expert_pool import ExpertPool
+    from coordinator.sources.local_host import LocalHost
+
+    cpu = tokens(store16, device="cpu", dtype="float32", cache_experts=8)
+    host = LocalHost(store16)
+    try:
+        host.start(startup_timeout_s=120)
+        source = host.source_over(ExpertPool.source_factory(ClusterConfig(hosts=(host.address,))), pin=True)
+        with Engine.open(store16, source=source, device="cuda", dtype="float32", cache_experts=2, placement="run") as engine:
+            generation = engine.generate(PROMPT, max_new_tokens=16, stop_at_eos=False)
+            list(generation)
+            assert generation.token_ids == cpu
+            assert generation.stats.experts_run_elsewhere > 0
+            assert any(h.client.blocking_run_stream_open for h in engine.source.pool._hosts)
+    finally:
+        host.stop()
