@@ -210,16 +210,19 @@ class HostRunner:
 
         def measured(done: concurrent.futures.Future) -> None:
             if done.exception() is None:
-                each = (time.perf_counter() - started) / len(experts)
-                self._seconds = running_mean(self._seconds, each, 0.2)
+                self._measured(started, len(experts))
 
         future.add_done_callback(measured)
         return future
 
     def _finish_here(self, runs, started: float, count: int) -> torch.Tensor:
         out = self.pool.finish_run_here(runs)
-        self._seconds = running_mean(self._seconds, (time.perf_counter() - started) / count, 0.2)
+        self._measured(started, count)
         return out
+
+    def _measured(self, started: float, count: int) -> None:
+        """A call of `count` experts that began at `started` has answered: the running mean per expert."""
+        self._seconds = running_mean(self._seconds, (time.perf_counter() - started) / count, 0.2)
 
     def seconds_per_expert(self) -> float:
         if self._seconds is not None:

@@ -180,16 +180,17 @@ class HostClient:
             await self._run_stream.ended()
             self._run_stream = None
 
-    def _open_channel(self, extra_options: list | None = None) -> grpc.aio.Channel:
+    def _open_channel(self, extra_options: list | None = None, *, api=grpc.aio):
+        """A channel to the host from `api`: grpc.aio (the fetch loop's), or grpc (synchronous)."""
         options = channel_options() + (extra_options or [])
         if not self.tls:
-            return grpc.aio.insecure_channel(self.address.grpc_target, options=options)
+            return api.insecure_channel(self.address.grpc_target, options=options)
         credentials = self.credentials
         channel_credentials = grpc.ssl_channel_credentials(
             root_certificates=credentials.root_ca, private_key=credentials.private_key,
             certificate_chain=credentials.cert_chain,
         )
-        return grpc.aio.secure_channel(self.address.grpc_target, channel_credentials, options=options)
+        return api.secure_channel(self.address.grpc_target, channel_credentials, options=options)
 
     def __str__(self) -> str:
         return str(self.address)
@@ -309,21 +310,12 @@ class HostClient:
         if not self.stream_runs:
             return None
         request = self._run_request(layer, experts, hidden, weights, model_id)
-        for _ in range(2):  # a second time on a new stream where this thread gave up its last request
-            with self._blocking_lock:
-                if self._blocking_stream is None or self._blocking_stream.closed:
-                    self._open_blocking_stream()
-                stream = self._blocking_stream
-            try:
-                request_id = stream.send(request, timeout_s)
-                break
-            except RequestGivenUp:
-                continue
-            except HostCallError:
-                self._drop_blocking_channel(stream)
-                raise
-        else:
-            raise HostCallError(f"{self}: its new RunExperts stream was given up at once")
+        stream = self._blocking_stream_now()
+        try:
+            request_id = stream.send(request, timeout_s)
+        except RequestGivenUp:  # this thread's last request was never read: it closed that stream
+            stream = self._blocking_stream_now()  # a new one, with nothing in flight
+            request_id = stream.send(request, timeout_s)
         if request_id is None:
             return None
         return BlockingRun(stream, request_id, f"running layer {layer} experts {list(experts)}", hidden.shape, timeout_s)
@@ -338,9 +330,7 @@ class HostClient:
             self._drop_blocking_channel(run.stream)
             raise HostCallError(f"{err} (the request: {run.doing})", err.code,
                                 certificate_refused=err.certificate_refused) from None
-        if reply.error_code:  # the host refused this request; the stream goes on
-            code = _STATUS_CODES.get(reply.error_code, grpc.StatusCode.UNKNOWN)
-            raise HostCallError(f"{self}: {code.name} while {run.doing}: {reply.error_message}", code)
+        self._check_not_refused(reply, run.doing)
         try:
             return self._run_output(reply, run.doing, run.shape)
         except HostCallError as err:
@@ -348,16 +338,16 @@ class HostClient:
             self._drop_blocking_channel(run.stream)
             raise
 
+    def _blocking_stream_now(self) -> BlockingRunStream:
+        """The open blocking stream, opened (and its channel) where there is none or it closed."""
+        with self._blocking_lock:
+            if self._blocking_stream is None or self._blocking_stream.closed:
+                self._open_blocking_stream()
+            return self._blocking_stream
+
     def _open_blocking_stream(self) -> None:
         if self._blocking_channel is None:
-            options = channel_options() + [("grpc.use_local_subchannel_pool", 1)]
-            if self.tls:
-                credentials = self.credentials
-                self._blocking_channel = grpc.secure_channel(self.address.grpc_target, grpc.ssl_channel_credentials(
-                    root_certificates=credentials.root_ca, private_key=credentials.private_key,
-                    certificate_chain=credentials.cert_chain), options=options)
-            else:
-                self._blocking_channel = grpc.insecure_channel(self.address.grpc_target, options=options)
+            self._blocking_channel = self._open_channel([("grpc.use_local_subchannel_pool", 1)], api=grpc)
         open_stream = pb_grpc.ExpertHostStub(self._blocking_channel).RunExpertsStream
         self._blocking_stream = BlockingRunStream(
             lambda requests: open_stream(requests, metadata=self._metadata),
@@ -373,13 +363,10 @@ class HostClient:
 
     def close_blocking(self, failure: HostCallError) -> None:
         """Close the blocking stream and its channel (any thread; the client's close does it)."""
-        with self._blocking_lock:
-            stream, channel = self._blocking_stream, self._blocking_channel
-            self._blocking_stream = self._blocking_channel = None
+        stream = self._blocking_stream  # a channel is only ever open with its stream
         if stream is not None:
             stream.close(failure)
-        if channel is not None:
-            channel.close()
+            self._drop_blocking_channel(stream)
 
     @property
     def blocking_run_stream_open(self) -> bool:
@@ -414,10 +401,15 @@ class HostClient:
                 return await self._run_experts(request, timeout=timeout_s, metadata=self._metadata)
             except grpc.aio.AioRpcError as unary_err:
                 raise self._call_error(unary_err, doing, timeout_s) from None
-        if reply.error_code:  # the host refused this request; the stream goes on
+        self._check_not_refused(reply, doing)
+        return reply
+
+    def _check_not_refused(self, reply: pb.RunExpertsReply, doing: str) -> None:
+        """A streamed reply that says the host refused its request raises its status as
+        HostCallError (the stream goes on)."""
+        if reply.error_code:
             code = _STATUS_CODES.get(reply.error_code, grpc.StatusCode.UNKNOWN)
             raise HostCallError(f"{self}: {code.name} while {doing}: {reply.error_message}", code)
-        return reply
 
     def close_run_stream(self, failure: HostCallError) -> None:
         if self._run_stream is not None:
